@@ -1,0 +1,44 @@
+"""The trainer's exit codes: the contract that the operator's podFailurePolicy relies on.
+
+- 0 SUCCESS: trained and exported. The Job succeeds.
+- 10 INVALID_INPUT: permanent (bad config, missing or undecodable image, wrong model path). podFailurePolicy
+  FailJob: the job fails at once with reason InvalidInput.
+- 11 RETRYABLE: transient (storage outage after retries, a collective-communication failure). Counts against
+  backoffLimit.
+- 12 PREEMPTED: got SIGTERM and wrote a checkpoint when it could. podFailurePolicy Ignore: the pod is recreated
+  and resumes.
+
+Any other non-zero code (a crash, OOM-kill 137) is treated like RETRYABLE.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    SUCCESS = 0
+    INVALID_INPUT = 10
+    RETRYABLE = 11
+    PREEMPTED = 12
+
+
+class TrainerError(Exception):
+    """Base of errors that map to an exit code and a condition reason."""
+
+    exit_code: ExitCode = ExitCode.RETRYABLE
+    reason: str = "TrainingError"
+
+
+class InvalidInputError(TrainerError):
+    """Permanent: retrying cannot help (bad config, missing object, unreadable image, wrong model path)."""
+
+    exit_code = ExitCode.INVALID_INPUT
+    reason = "InvalidInput"
+
+
+class RetryableError(TrainerError):
+    """Transient: a new attempt may succeed."""
+
+    exit_code = ExitCode.RETRYABLE
+    reason = "RetryableError"
