@@ -151,13 +151,25 @@ install_prometheus() {
   link "$(command -v promtool)"
 }
 
+install_chromium() {
+  # Headless Debian chromium renders the HTML report in the screenshot test.
+  if ! command -v chromium >/dev/null; then
+    log "installing chromium from Debian"
+    if [[ $(id -u) == 0 ]]; then sudo=""; else sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+  fi
+  link "$(command -v chromium)"
+}
+
 what=${1:-all}
 case "$what" in
-  all) install_prometheus; install_seaweedfs; build_etcd; build_helm; build_kubernetes ;;
+  all) install_prometheus; install_chromium; install_seaweedfs; build_etcd; build_helm; build_kubernetes ;;
   etcd) build_etcd ;;
   kubernetes) build_kubernetes ;;
   helm) build_helm ;;
   seaweedfs) install_seaweedfs ;;
   prometheus) install_prometheus ;;
+  chromium) install_chromium ;;
   *) log "unknown target $what"; exit 2 ;;
 esac
