@@ -1,0 +1,51 @@
+"""Loading the base model's parts: tiny, from an object-storage folder, and the errors for a wrong path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dreambooth_trainer.components import load_components
+from dreambooth_trainer.config import BaseModelSpec
+from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_trainer.storage import ObjectStore
+from dreambooth_trainer.tiny import build_tiny_pipeline
+
+
+def test_tiny_components_are_frozen(tmp_path: Path) -> None:
+    comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), tmp_path)
+    assert (comps.model_dir / "model_index.json").is_file()
+    assert not any(p.requires_grad for p in comps.unet.parameters())
+    assert comps.noise_scheduler.config.num_train_timesteps == 1000
+    ids = comps.tokenizer("a photo of sks dog", return_tensors="pt").input_ids
+    assert comps.text_encoder(ids)[0].shape[-1] == comps.unet.config.cross_attention_dim
+
+
+def test_uri_model_is_downloaded_and_matches(tmp_path: Path) -> None:
+    store = ObjectStore()
+    src = build_tiny_pipeline(tmp_path / "build")
+    uri = (tmp_path / "bucket" / "models" / "sd").as_uri()
+    store.upload_dir(src, uri)
+    comps = load_components(BaseModelSpec(uri=uri), store, tmp_path / "cache")
+    assert comps.model_dir.is_relative_to(tmp_path / "cache")
+    ref = load_components(BaseModelSpec(tiny=True), store, tmp_path / "build-cache")
+    for a, b in zip(comps.unet.parameters(), ref.unet.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # the second load reuses the download
+    assert load_components(BaseModelSpec(uri=uri), store, tmp_path / "cache").model_dir == comps.model_dir
+
+
+def test_wrong_uri_names_it(tmp_path: Path) -> None:
+    uri = (tmp_path / "nothing-here").as_uri()
+    with pytest.raises(InvalidInputError, match="nothing-here"):
+        load_components(BaseModelSpec(uri=uri), ObjectStore(), tmp_path / "cache")
+
+
+def test_incomplete_folder_names_missing_parts(tmp_path: Path) -> None:
+    store = ObjectStore()
+    uri = (tmp_path / "bucket" / "broken").as_uri()
+    store.write_bytes(uri + "/model_index.json", b"{}")
+    store.write_bytes(uri + "/unet/config.json", b"{}")
+    with pytest.raises(InvalidInputError, match=r"broken.*missing.*vae"):
+        load_components(BaseModelSpec(uri=uri), store, tmp_path / "cache")
