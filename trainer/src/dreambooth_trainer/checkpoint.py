@@ -1,0 +1,384 @@
+"""Step checkpoints in object storage: atomic by a manifest written last, verified on load, pruned to K.
+
+A checkpoint is the folder `<checkpoint uri>/step-XXXXXXXX/` holding
+
+| file | what |
+|---|---|
+| `trainable.safetensors` | the trainable weights (`DreamBoothModule.trainable_state_dict()`) |
+| `ema.safetensors` | EMA weights, when EMA is on |
+| `optimizer.pt` | optimizer, LR scheduler and grad-scaler state dicts (`torch.load(weights_only=True)` reads it) |
+| `state.json` | global step, sampler position (epoch, index), RNG states, world size, elapsed seconds |
+| `config.json` | the resolved JobConfig |
+| `manifest.json` | written last: each file's size and sha256; only a folder whose manifest verifies is complete |
+
+Writing happens from a CPU snapshot (`Snapshot`), so the training loop is blocked only while tensors are
+copied; `AsyncCheckpointer` serializes and uploads in one background thread, at most one in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from dreambooth_trainer.logging import EventLog, utc_now_iso
+from dreambooth_trainer.logging import log as default_log
+from dreambooth_trainer.storage import ObjectStore, join_uri
+
+MANIFEST = "manifest.json"
+TRAINABLE = "trainable.safetensors"
+EMA = "ema.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+CONFIG = "config.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class CheckpointCorruptError(Exception):
+    """A checkpoint folder is incomplete or does not match its manifest."""
+
+
+class CheckpointCancelledError(Exception):
+    """The write was cancelled before its manifest was written (the folder stays incomplete)."""
+
+
+def to_cpu(obj: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor detached, cloned and on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True).contiguous()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(v) for v in obj)
+    return obj
+
+
+@dataclass
+class Snapshot:
+    """Everything a checkpoint holds, already on the CPU and detached from the training state."""
+
+    step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    ema: dict[str, torch.Tensor] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    """JSON-compatible: sampler position, RNG states, world size, elapsed seconds."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    uri: str
+    time: str
+    bytes: int = 0
+    upload_seconds: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"step": self.step, "uri": self.uri, "time": self.time}
+
+
+@dataclass
+class Loaded:
+    """A verified checkpoint read back from storage."""
+
+    info: CheckpointInfo
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+    ema: dict[str, torch.Tensor] | None
+    state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(4 * 1024 * 1024), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_files(snapshot: Snapshot, folder: Path) -> dict[str, Path]:
+    """Serialize a snapshot into local files (everything but the manifest)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    save_file(snapshot.trainable, str(folder / TRAINABLE))
+    files[TRAINABLE] = folder / TRAINABLE
+    if snapshot.ema is not None:
+        save_file(snapshot.ema, str(folder / EMA))
+        files[EMA] = folder / EMA
+    torch.save(
+        {"optimizer": snapshot.optimizer, "scheduler": snapshot.scheduler, "scaler": snapshot.scaler},
+        folder / OPTIMIZER,
+    )
+    files[OPTIMIZER] = folder / OPTIMIZER
+    state = {"formatVersion": FORMAT_VERSION, "step": snapshot.step, **snapshot.state}
+    (folder / STATE).write_text(json.dumps(state, separators=(",", ":")))
+    files[STATE] = folder / STATE
+    (folder / CONFIG).write_text(json.dumps(snapshot.config, indent=2, sort_keys=True))
+    files[CONFIG] = folder / CONFIG
+    return files
+
+
+def build_manifest(step: int, files: Mapping[str, Path]) -> dict[str, Any]:
+    return {
+        "formatVersion": FORMAT_VERSION,
+        "step": step,
+        "createdAt": utc_now_iso(),
+        "files": {
+            name: {"size": path.stat().st_size, "sha256": _sha256_file(path)} for name, path in sorted(files.items())
+        },
+    }
+
+
+class CheckpointStore:
+    """Reads, writes and prunes the checkpoints under one URI prefix."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        root_uri: str,
+        *,
+        keep: int = 2,
+        scratch: Path | None = None,
+        log: EventLog | None = None,
+    ) -> None:
+        self.store = store
+        self.root_uri = root_uri.rstrip("/")
+        self.keep = keep
+        self.scratch = scratch
+        self.log = log or default_log
+
+    def uri_for(self, step: int) -> str:
+        return join_uri(self.root_uri, step_dir_name(step))
+
+    # ----- discovery -----------------------------------------------------------------------------------
+    def folders(self) -> dict[int, set[str]]:
+        """step -> names of the files found in its folder (complete or not)."""
+        out: dict[int, set[str]] = {}
+        base = self.root_uri + "/"
+        for obj in self.store.list(self.root_uri):
+            rel = obj.uri[len(base) :] if obj.uri.startswith(base) else ""
+            top, _, name = rel.partition("/")
+            m = _STEP_DIR.match(top)
+            if m and name:
+                out.setdefault(int(m.group(1)), set()).add(name)
+        return out
+
+    def complete_steps(self) -> list[int]:
+        """Steps whose folder has a manifest (not yet verified), newest first."""
+        return sorted((s for s, names in self.folders().items() if MANIFEST in names), reverse=True)
+
+    # ----- writing -------------------------------------------------------------------------------------
+    def write(self, snapshot: Snapshot, cancel: threading.Event | None = None) -> CheckpointInfo:
+        """Serialize, upload every file, then the manifest, then prune. Raises on failure or cancel."""
+        start = time.monotonic()
+        uri = self.uri_for(snapshot.step)
+        tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{snapshot.step}-", dir=self.scratch))
+        try:
+            files = write_files(snapshot, tmp)
+            manifest = build_manifest(snapshot.step, files)
+            for name, path in files.items():
+                if cancel is not None and cancel.is_set():
+                    raise CheckpointCancelledError(uri)
+                self.store.upload_file(path, join_uri(uri, name))
+            if cancel is not None and cancel.is_set():
+                raise CheckpointCancelledError(uri)
+            self.store.write_bytes(join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        size = sum(int(f["size"]) for f in manifest["files"].values())
+        info = CheckpointInfo(snapshot.step, uri, manifest["createdAt"], size, time.monotonic() - start)
+        self.prune()
+        return info
+
+    def prune(self) -> list[int]:
+        """Delete all but the newest `keep` complete checkpoints, and incomplete folders older than the newest
+        complete one. A manifest is deleted first, so a half-deleted folder never looks complete."""
+        folders = self.folders()
+        complete = sorted((s for s, n in folders.items() if MANIFEST in n), reverse=True)
+        if not complete:
+            return []
+        newest = complete[0]
+        doomed = complete[self.keep :] + [s for s, n in folders.items() if MANIFEST not in n and s < newest]
+        for step in sorted(doomed):
+            uri = self.uri_for(step)
+            self.store.delete(join_uri(uri, MANIFEST))
+            self.store.delete_prefix(uri)
+            self.log.info("checkpoint_deleted", step=step, uri=uri)
+        return sorted(doomed)
+
+    # ----- reading -------------------------------------------------------------------------------------
+    def load(self, step: int, map_location: str | torch.device = "cpu") -> Loaded:
+        """Download and verify one checkpoint; raises CheckpointCorruptError when it does not verify."""
+        from safetensors.torch import load_file
+
+        uri = self.uri_for(step)
+        try:
+            manifest = json.loads(self.store.read_bytes(join_uri(uri, MANIFEST)))
+            entries: dict[str, dict[str, Any]] = manifest["files"]
+        except Exception as err:
+            raise CheckpointCorruptError(f"{uri}: unreadable manifest: {err}") from err
+        if int(manifest.get("step", -1)) != step:
+            raise CheckpointCorruptError(f"{uri}: manifest names step {manifest.get('step')}")
+        for required in (TRAINABLE, OPTIMIZER, STATE):
+            if required not in entries:
+                raise CheckpointCorruptError(f"{uri}: manifest lacks {required}")
+        tmp = Path(tempfile.mkdtemp(prefix=f"load-{step}-", dir=self.scratch))
+        try:
+            for name, entry in entries.items():
+                if "/" in name or name.startswith("."):
+                    raise CheckpointCorruptError(f"{uri}: bad file name {name!r} in manifest")
+                local = tmp / name
+                try:
+                    self.store.download_file(join_uri(uri, name), local)
+                except Exception as err:
+                    raise CheckpointCorruptError(f"{uri}/{name}: {err}") from err
+                size = local.stat().st_size
+                if size != int(entry["size"]):
+                    raise CheckpointCorruptError(f"{uri}/{name}: size {size} != manifest {entry['size']}")
+                if _sha256_file(local) != entry["sha256"]:
+                    raise CheckpointCorruptError(f"{uri}/{name}: sha256 does not match the manifest")
+            try:
+                trainable = load_file(str(tmp / TRAINABLE))
+                ema = load_file(str(tmp / EMA)) if EMA in entries else None
+                opt = torch.load(tmp / OPTIMIZER, map_location=map_location, weights_only=True)
+                state = json.loads((tmp / STATE).read_text())
+                config = json.loads((tmp / CONFIG).read_text()) if CONFIG in entries else {}
+            except Exception as err:
+                raise CheckpointCorruptError(f"{uri}: cannot deserialize: {err}") from err
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        info = CheckpointInfo(
+            step, uri, str(manifest.get("createdAt", "")), sum(int(e["size"]) for e in entries.values())
+        )
+        return Loaded(info, trainable, opt["optimizer"], opt.get("scheduler"), opt.get("scaler"), ema, state, config)
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> Loaded | None:
+        """The newest checkpoint that verifies; corrupt or partial ones are skipped with a warning."""
+        for step in self.complete_steps():
+            try:
+                return self.load(step, map_location)
+            except CheckpointCorruptError as err:
+                self.log.warning("checkpoint_skipped", step=step, uri=self.uri_for(step), error=str(err))
+        return None
+
+    def latest_verified_step(self) -> int | None:
+        """The step of the newest checkpoint whose files match its manifest (downloads it to check)."""
+        loaded = self.load_latest()
+        return loaded.info.step if loaded else None
+
+
+@dataclass
+class CheckpointStats:
+    written: int = 0
+    failures: int = 0
+    last: CheckpointInfo | None = None
+
+
+class AsyncCheckpointer:
+    """Uploads snapshots in one background thread, at most one in flight.
+
+    `submit()` waits for the previous upload first (that wait is part of the training stall). Callbacks run in
+    the upload thread.
+    """
+
+    def __init__(
+        self,
+        ckpt: CheckpointStore,
+        *,
+        on_complete: Callable[[CheckpointInfo], None] | None = None,
+        on_failure: Callable[[int, BaseException], None] | None = None,
+    ) -> None:
+        self.ckpt = ckpt
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self._inflight: Future[CheckpointInfo | None] | None = None
+        self._cancel = threading.Event()
+        self._on_complete = on_complete
+        self._on_failure = on_failure
+        self.stats = CheckpointStats()
+
+    def _run(self, snapshot: Snapshot) -> CheckpointInfo | None:
+        try:
+            info = self.ckpt.write(snapshot, self._cancel)
+        except BaseException as err:
+            self.stats.failures += 1
+            self.ckpt.log.warning(
+                "checkpoint_failed", step=snapshot.step, uri=self.ckpt.uri_for(snapshot.step), error=str(err)
+            )
+            if self._on_failure:
+                self._on_failure(snapshot.step, err)
+            return None
+        self.stats.written += 1
+        self.stats.last = info
+        self.ckpt.log.info(
+            "checkpoint_written",
+            step=info.step,
+            uri=info.uri,
+            bytes=info.bytes,
+            uploadSeconds=round(info.upload_seconds, 3),
+        )
+        if self._on_complete:
+            self._on_complete(info)
+        return info
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    def submit(self, snapshot: Snapshot) -> None:
+        self.wait()
+        self._inflight = self._pool.submit(self._run, snapshot)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the upload in flight; False when it is still running after `timeout` seconds."""
+        if self._inflight is None:
+            return True
+        try:
+            self._inflight.result(timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def write_sync(self, snapshot: Snapshot, deadline: float | None = None) -> CheckpointInfo | None:
+        """Write a checkpoint and wait for it until `deadline` (monotonic). On timeout the write is cancelled
+        before its manifest, so the previous checkpoint stays the valid one, and None is returned."""
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self.wait(timeout):
+            self._cancel.set()
+            return None
+        self._inflight = self._pool.submit(self._run, snapshot)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            return self._inflight.result(timeout=timeout)
+        except TimeoutError:
+            self._cancel.set()
+            return None
+
+    def close(self, wait: bool = True) -> None:
+        if not wait:
+            self._cancel.set()
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)

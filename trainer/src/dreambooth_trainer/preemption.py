@@ -1,0 +1,82 @@
+"""SIGTERM handling: a flag that the training loop polls, and a deadline for the final checkpoint.
+
+Kubernetes sends SIGTERM and kills the container `terminationGracePeriodSeconds` later. The handler only
+records the time; the loop finishes its current step, writes a checkpoint synchronously before
+`deadline()`, writes the result with status "preempted" and exits with ExitCode.PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+GRACE_ENV = "DREAMBOOTH_GRACE_SECONDS"
+DEFAULT_GRACE_SECONDS = 25.0
+# Time kept back from the grace period for writing the result and exiting.
+EXIT_MARGIN_SECONDS = 3.0
+
+
+def grace_seconds() -> float:
+    raw = os.environ.get(GRACE_ENV)
+    try:
+        return float(raw) if raw else DEFAULT_GRACE_SECONDS
+    except ValueError:
+        return DEFAULT_GRACE_SECONDS
+
+
+class Preemption:
+    """Installs SIGTERM (and SIGINT, for Ctrl-C in local runs) handlers while active."""
+
+    def __init__(self, grace: float | None = None, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.grace = grace_seconds() if grace is None else grace
+        self._signals = signals
+        self._event = threading.Event()
+        self._received_at: float | None = None
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self._received_at is None:
+            self._received_at = time.monotonic()
+            self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def install(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+    def __enter__(self) -> Preemption:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def trigger(self, name: str = "manual") -> None:
+        """Request preemption without a signal (tests, and a peer rank's request)."""
+        if self._received_at is None:
+            self._received_at = time.monotonic()
+            self.signal_name = name
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def deadline(self) -> float:
+        """The monotonic time by which the checkpoint upload must be done (now + grace when not requested)."""
+        start = self._received_at if self._received_at is not None else time.monotonic()
+        return start + max(self.grace - EXIT_MARGIN_SECONDS, 1.0)
+
+    def seconds_left(self) -> float:
+        return max(self.deadline() - time.monotonic(), 0.0)

@@ -1,0 +1,273 @@
+"""Live progress: Prometheus metrics and the `/progress` JSON, served on one port.
+
+`GET /metrics` (Prometheus text format), `GET /progress` (JSON, docs/contracts.md), `GET /healthz` ("ok").
+The server binds `DREAMBOOTH_BIND_ADDRESS` (default 0.0.0.0) port `DREAMBOOTH_METRICS_PORT` (default 8080)
+and runs in a daemon thread. Every metric carries the labels job, namespace and rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+BIND_ENV = "DREAMBOOTH_BIND_ADDRESS"
+PORT_ENV = "DREAMBOOTH_METRICS_PORT"
+DEFAULT_PORT = 8080
+PREFIX = "dreambooth_trainer"
+
+
+class Phase(StrEnum):
+    INITIALIZING = "Initializing"
+    GENERATING_PRIORS = "GeneratingPriors"
+    TRAINING = "Training"
+    CHECKPOINTING = "Checkpointing"
+    EXPORTING = "Exporting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    PREEMPTED = "Preempted"
+
+
+class Metrics:
+    """The trainer's Prometheus metrics in their own registry (so several can live in one test process)."""
+
+    def __init__(self, job: str, namespace: str, rank: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = {"job": job, "namespace": namespace, "rank": str(rank)}
+        names = list(self.labels)
+        r = self.registry
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, [*names, *extra], registry=r)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, names, registry=r)
+
+        self.step = gauge("step", "Optimizer steps completed.").labels(**self.labels)
+        self.total_steps = gauge("total_steps", "Optimizer steps the run will take.").labels(**self.labels)
+        self.loss = gauge("loss", "Training loss of the last step (mean over its micro-batches).").labels(**self.labels)
+        self.lr = gauge("learning_rate", "Learning rate of the last step (first parameter group).").labels(
+            **self.labels
+        )
+        self.steps_per_second = gauge("steps_per_second", "Optimizer steps per second (recent window).").labels(
+            **self.labels
+        )
+        self.images_per_second = gauge(
+            "images_per_second", "Training images per second on this rank (recent window)."
+        ).labels(**self.labels)
+        self.data_wait = counter("data_wait_seconds", "Seconds the loop waited for the next batch.").labels(
+            **self.labels
+        )
+        self.gpu_allocated = gauge("gpu_memory_allocated_bytes", "CUDA memory allocated by tensors.").labels(
+            **self.labels
+        )
+        self.gpu_reserved = gauge("gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator.").labels(
+            **self.labels
+        )
+        self.checkpoints = counter("checkpoints", "Complete checkpoints written.").labels(**self.labels)
+        self.checkpoint_upload_seconds = Histogram(
+            f"{PREFIX}_checkpoint_upload_seconds",
+            "Seconds to serialize and upload one checkpoint (in the background).",
+            names,
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        ).labels(**self.labels)
+        self.checkpoint_bytes = counter("checkpoint_bytes", "Bytes of complete checkpoints uploaded.").labels(
+            **self.labels
+        )
+        self.checkpoint_last_bytes = gauge("checkpoint_last_bytes", "Size of the last complete checkpoint.").labels(
+            **self.labels
+        )
+        self.checkpoint_stall_seconds = Histogram(
+            f"{PREFIX}_checkpoint_stall_seconds",
+            "Seconds the training loop was blocked per checkpoint (snapshot, and waiting for an upload in flight).",
+            names,
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        ).labels(**self.labels)
+        self.checkpoint_failures = counter("checkpoint_upload_failures", "Checkpoint writes that failed.").labels(
+            **self.labels
+        )
+        self.last_checkpoint_step = gauge("last_checkpoint_step", "Step of the newest complete checkpoint.").labels(
+            **self.labels
+        )
+        self._phase = gauge("phase", "1 for the current phase, 0 for the others.", ("phase",))
+        self.set_phase(Phase.INITIALIZING)
+
+    def set_phase(self, phase: Phase) -> None:
+        for p in Phase:
+            self._phase.labels(**self.labels, phase=p.value).set(1.0 if p is phase else 0.0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class ProgressState:
+    """What /progress reports. Updated by the loop; read by the HTTP thread under the lock."""
+
+    phase: Phase = Phase.INITIALIZING
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    steps_per_second: float | None = None
+    eta_seconds: float | None = None
+    last_checkpoint: dict[str, Any] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        with self.lock:
+            out: dict[str, Any] = {
+                "phase": self.phase.value,
+                "step": self.step,
+                "totalSteps": self.total_steps,
+                "loss": self.loss,
+                "stepsPerSecond": self.steps_per_second,
+                "etaSeconds": self.eta_seconds,
+                "lastCheckpoint": self.last_checkpoint,
+            }
+        return out
+
+    def update(self, **fields: Any) -> None:
+        with self.lock:
+            for k, v in fields.items():
+                setattr(self, k, v)
+
+
+class RateMeter:
+    """Steps and images per second over a sliding window of the last `window` steps."""
+
+    def __init__(self, window: int = 20) -> None:
+        self._times: deque[tuple[float, int]] = deque(maxlen=window + 1)
+
+    def reset(self) -> None:
+        self._times.clear()
+
+    def tick(self, images: int, now: float | None = None) -> None:
+        self._times.append((time.monotonic() if now is None else now, images))
+
+    def rates(self) -> tuple[float | None, float | None]:
+        if len(self._times) < 2:
+            return None, None
+        elapsed = self._times[-1][0] - self._times[0][0]
+        if elapsed <= 0:
+            return None, None
+        steps = len(self._times) - 1
+        images = sum(n for _, n in list(self._times)[1:])
+        return steps / elapsed, images / elapsed
+
+
+class Progress:
+    """Metrics + progress state, with one helper per event of the loop."""
+
+    def __init__(self, job: str, namespace: str, rank: int, total_steps: int) -> None:
+        self.metrics = Metrics(job, namespace, rank)
+        self.state = ProgressState(total_steps=total_steps)
+        self.metrics.total_steps.set(total_steps)
+        self.rate = RateMeter()
+
+    def set_phase(self, phase: Phase) -> None:
+        self.state.update(phase=phase)
+        self.metrics.set_phase(phase)
+
+    def on_step(self, step: int, loss: float, lr: float, images: int, data_wait: float) -> None:
+        self.rate.tick(images)
+        sps, ips = self.rate.rates()
+        total = self.state.total_steps
+        eta = (total - step) / sps if sps else None
+        self.state.update(step=step, loss=loss, lr=lr, steps_per_second=sps, eta_seconds=eta)
+        m = self.metrics
+        m.step.set(step)
+        m.loss.set(loss)
+        m.lr.set(lr)
+        if sps is not None and ips is not None:
+            m.steps_per_second.set(sps)
+            m.images_per_second.set(ips)
+        m.data_wait.inc(data_wait)
+        self._gpu_memory()
+
+    def _gpu_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.metrics.gpu_allocated.set(torch.cuda.memory_allocated())
+            self.metrics.gpu_reserved.set(torch.cuda.memory_reserved())
+
+    def on_resume(self, step: int) -> None:
+        self.state.update(step=step)
+        self.metrics.step.set(step)
+        self.rate.reset()
+
+    def on_stall(self, seconds: float) -> None:
+        self.metrics.checkpoint_stall_seconds.observe(seconds)
+
+    def on_checkpoint(self, step: int, uri: str, time_iso: str, nbytes: int, upload_seconds: float) -> None:
+        self.state.update(last_checkpoint={"step": step, "uri": uri, "time": time_iso})
+        m = self.metrics
+        m.checkpoints.inc()
+        m.checkpoint_bytes.inc(nbytes)
+        m.checkpoint_last_bytes.set(nbytes)
+        m.checkpoint_upload_seconds.observe(upload_seconds)
+        m.last_checkpoint_step.set(step)
+
+    def on_checkpoint_failure(self) -> None:
+        self.metrics.checkpoint_failures.inc()
+
+
+def _handler(progress: Progress) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, progress.metrics.exposition())
+            elif path == "/progress":
+                self._send(200, "application/json", json.dumps(progress.state.to_wire()).encode())
+            elif path == "/healthz":
+                self._send(200, "text/plain; charset=utf-8", b"ok\n")
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+        def _send(self, code: int, ctype: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # scrapes every few seconds would flood the JSON log
+
+    return Handler
+
+
+class ProgressServer:
+    """Serves a Progress on (host, port) from a daemon thread. Port 0 picks a free port (see `.port`)."""
+
+    def __init__(self, progress: Progress, host: str | None = None, port: int | None = None) -> None:
+        host = host if host is not None else os.environ.get(BIND_ENV, "0.0.0.0")  # noqa: S104 (the pod IP in k8s)
+        port = port if port is not None else int(os.environ.get(PORT_ENV, str(DEFAULT_PORT)))
+        self._server = ThreadingHTTPServer((host, port), _handler(progress))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="progress-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> ProgressServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
