@@ -1,0 +1,1 @@
+"""The `dreambooth` command line (also installed as the kubectl plugin `kubectl-dreambooth`)."""

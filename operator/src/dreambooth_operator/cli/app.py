@@ -1,0 +1,328 @@
+"""The `dreambooth` command (also `kubectl dreambooth`): run a job locally, or submit, watch and inspect jobs.
+
+Every failure is one line on stderr and a non-zero exit status (see errors.ExitStatus); --debug adds the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dreambooth_operator.api import constants as api
+from dreambooth_operator.cli import kube, localrun, manifest, present, subject
+from dreambooth_operator.cli.display import ProgressDisplay
+from dreambooth_operator.cli.errors import CliError, ExitStatus, InputError
+from dreambooth_operator.cli.sync import collect_images, sync_to_folder
+from dreambooth_operator.report import load_run, write_report
+from dreambooth_operator.report.data import looks_like_run
+
+app = typer.Typer(
+    name="dreambooth",
+    help="Run DreamBooth fine-tuning jobs locally or on Kubernetes, and inspect them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+JobFile = Annotated[Path, typer.Argument(help="A DreamBoothJob YAML file.", show_default=False)]
+Namespace = Annotated[str | None, typer.Option("--namespace", "-n", help="Namespace (default: the context's).")]
+Context = Annotated[str | None, typer.Option("--context", help="The kubeconfig context to use.")]
+Kubeconfig = Annotated[Path | None, typer.Option("--kubeconfig", help="Path of the kubeconfig (default: $KUBECONFIG).")]
+JobName = Annotated[str, typer.Argument(help="The DreamBoothJob's name.", show_default=False)]
+
+
+def _target(kubeconfig: Path | None, context: str | None, namespace: str | None) -> kube.Target:
+    return kube.connect(kubeconfig, context, namespace)
+
+
+@app.command()
+def run(
+    job_file: JobFile,
+    local: Annotated[bool, typer.Option("--local", help="Run here, without a cluster (required).")] = False,
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where storage, logs and the report go.")] = Path(
+        ".dreambooth"
+    ),
+    tiny: Annotated[bool, typer.Option("--tiny", help="Use the tiny random model whatever the spec says.")] = False,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Copy these photos to spec.instanceImages.uri first.")
+    ] = None,
+) -> None:
+    """Run a job on this machine: s3:// becomes file://WORKDIR/s3/..., progress is shown live, a report is written."""
+    if not local:
+        raise InputError("run needs --local (to run on a cluster use: dreambooth submit JOB.yaml)")
+    job = manifest.load_job_manifest(job_file)
+    note = manifest.check_schema(job_file, job)
+    err_console.print(f"{job_file}: {note}")
+    config = localrun.local_trainer_config(job, workdir, tiny=tiny)
+    if images is not None:
+        copied, skipped = sync_to_folder(collect_images(images), localrun.instance_images_dir(config))
+        err_console.print(f"images: {copied} copied, {skipped} already there")
+    with ProgressDisplay(err_console, description=job["metadata"]["name"]) as display:
+        result = localrun.run_trainer(config, workdir, display)
+    localrun.check_outcome(result)
+    output = result.output_dir
+    report = write_report(load_run(output), workdir / "report.html", title=str(job["metadata"]["name"]))
+    out.print(f"model:   {output / 'model'}")
+    out.print(f"samples: {output / 'samples'}")
+    out.print(f"report:  {report}")
+
+
+@app.command()
+def submit(
+    job_file: JobFile,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Upload these photos to spec.instanceImages.uri first.")
+    ] = None,
+    namespace: Namespace = None,
+    context: Context = None,
+    kubeconfig: Kubeconfig = None,
+) -> None:
+    """Create a DreamBoothJob on the cluster (after a server-side dry run), uploading its photos first."""
+    from dreambooth_operator.cli import s3
+
+    job = manifest.load_job_manifest(job_file)
+    target = _target(kubeconfig, context, namespace or job["metadata"].get("namespace"))
+    job["metadata"]["namespace"] = target.namespace
+    name = job["metadata"]["name"]
+    create = target.custom.create_namespaced_custom_object
+    args = (api.GROUP, api.VERSION, target.namespace, api.JOB_PLURAL, job)
+    try:
+        kube.call(target, create, *args, dry_run="All")
+    except CliError as err:
+        if err.status in (ExitStatus.NO_CLUSTER, ExitStatus.NOT_FOUND):
+            raise
+        raise InputError(
+            f"{job_file}: rejected by the API server (dry run; CRD schema and rules): {err.message}"
+        ) from err
+    if images is not None:
+        uri = job["spec"].get("instanceImages", {}).get("uri")
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            raise InputError("--images needs spec.instanceImages.uri to be an s3:// prefix")
+        uploaded, skipped = s3.upload_images(s3.client_for_job(target, job), collect_images(images), uri)
+        out.print(f"images: {uploaded} uploaded, {skipped} unchanged, to {uri}")
+    kube.call(target, create, *args)
+    ns = target.namespace
+    out.print(f"{api.JOB_KIND} {ns}/{name} created. Next:")
+    out.print(f"  kubectl get dbj {name} -n {ns}")
+    out.print(f"  dreambooth watch {name} -n {ns}")
+    out.print(f"  dreambooth logs {name} -n {ns} --follow")
+    out.print(f"  dreambooth report {name} -n {ns} -o {name}-report.html")
+
+
+@app.command("list")
+def list_(
+    all_namespaces: Annotated[
+        bool, typer.Option("--all-namespaces", "-A", help="List jobs in every namespace.")
+    ] = False,
+    namespace: Namespace = None,
+    context: Context = None,
+    kubeconfig: Kubeconfig = None,
+) -> None:
+    """List DreamBoothJobs with phase, progress, loss, restarts and age."""
+    target = _target(kubeconfig, context, namespace)
+    jobs = kube.list_jobs(target, all_namespaces)
+    if not jobs:
+        where = "any namespace" if all_namespaces else f"namespace {target.namespace}"
+        err_console.print(f"no {api.JOB_PLURAL} in {where}")
+        return
+    table = Table("NAME", "NAMESPACE", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "AGE", box=None)
+    now = datetime.now(UTC)
+    for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"]["name"])):
+        table.add_row(*present.job_row(job, now))
+    out.print(table)
+
+
+@app.command()
+def status(name: JobName, namespace: Namespace = None, context: Context = None, kubeconfig: Kubeconfig = None) -> None:
+    """Show a job's phase, progress, outputs and conditions."""
+    target = _target(kubeconfig, context, namespace)
+    job = kube.get_job(target, name)
+    details = Table(show_header=False, box=None)
+    for key, value in present.detail_rows(job):
+        details.add_row(f"[bold]{key}[/bold]", value)
+    out.print(f"[bold]{api.JOB_KIND} {target.namespace}/{name}[/bold]")
+    out.print(details)
+    rows = present.condition_rows(job)
+    if rows:
+        table = Table("TYPE", "STATUS", "REASON", "MESSAGE", "LAST TRANSITION", title="Conditions")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+
+
+def _failure_message(job: dict[str, Any]) -> str:
+    for c in present.status_of(job).get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == "Failed" and c.get("status") == "True":
+            return f"{c.get('reason', 'Failed')}: {c.get('message', '')}".rstrip(": ")
+    return str(present.status_of(job).get("message") or "failed")
+
+
+@app.command()
+def watch(
+    name: JobName,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between status reads.")] = 2.0,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Give up after this many seconds.")] = None,
+    namespace: Namespace = None,
+    context: Context = None,
+    kubeconfig: Kubeconfig = None,
+) -> None:
+    """Show a live progress bar from the job's status until it succeeds (exit 0) or fails (non-zero)."""
+    target = _target(kubeconfig, context, namespace)
+    deadline = time.monotonic() + timeout if timeout else None
+    last_phase = ""
+    with ProgressDisplay(err_console, description=name) as display:
+        while True:
+            job = kube.get_job(target, name)
+            phase = present.phase_of(job)
+            if phase != last_phase:
+                display.note(f"{name}: {phase}")
+                last_phase = phase
+            display.update(present.progress_of(job))
+            if phase in api.TERMINAL_JOB_PHASES:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise CliError(f"{name} still {phase} after {timeout:g}s")
+            time.sleep(interval)
+    if phase == api.JobPhase.FAILED:
+        raise CliError(f"{name} failed: {_failure_message(job)}", ExitStatus.JOB_FAILED)
+    outputs = present.status_of(job).get("outputs") or {}
+    out.print(f"{name} succeeded; model: {outputs.get('modelUri', '-')}")
+
+
+@app.command()
+def logs(
+    name: JobName,
+    rank: Annotated[int, typer.Option("--rank", help="The node rank (completion index) whose pod to read.")] = 0,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines until the pod ends.")] = False,
+    namespace: Namespace = None,
+    context: Context = None,
+    kubeconfig: Kubeconfig = None,
+) -> None:
+    """Print the trainer log of one rank's pod (the newest attempt)."""
+    target = _target(kubeconfig, context, namespace)
+    kube.get_job(target, name)
+    pods = kube.call(
+        target, target.core.list_namespaced_pod, target.namespace, label_selector=f"{api.LABEL_JOB_NAME}={name}"
+    ).items
+    index_key = "batch.kubernetes.io/job-completion-index"
+
+    def rank_of(pod: Any) -> str | None:
+        meta = pod.metadata
+        return (meta.labels or {}).get(index_key) or (meta.annotations or {}).get(index_key)
+
+    mine = [p for p in pods if rank_of(p) == str(rank)]
+    if not mine:
+        raise CliError(f"no pod of {name} with rank {rank} yet (found {len(pods)} pods)", ExitStatus.NOT_FOUND)
+
+    def newest(pod: Any) -> tuple[int, datetime]:
+        attempt = (pod.metadata.labels or {}).get(api.LABEL_ATTEMPT, "0")
+        created = pod.metadata.creation_timestamp or datetime.min.replace(tzinfo=UTC)
+        return (int(attempt) if str(attempt).isdigit() else 0, created)
+
+    pod = max(mine, key=newest)
+    container = pod.spec.containers[0].name
+    response = kube.call(
+        target,
+        target.core.read_namespaced_pod_log,
+        pod.metadata.name,
+        target.namespace,
+        container=container,
+        follow=follow,
+        _preload_content=False,
+        _request_timeout=None if follow else kube.REQUEST_TIMEOUT_SECONDS,
+    )
+    try:
+        for chunk in response.stream(4096):
+            sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+    finally:
+        response.release_conn()
+
+
+@app.command()
+def report(
+    source: Annotated[str, typer.Argument(help="A job name, or a local run folder (workdir or output).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The HTML file to write.")] = None,
+    namespace: Namespace = None,
+    context: Context = None,
+    kubeconfig: Kubeconfig = None,
+) -> None:
+    """Write a self-contained HTML report: config, loss and LR plots, samples per step, checkpoints, timings."""
+    folder = Path(source)
+    if folder.is_dir():
+        run_dir = localrun.output_dir_of(folder)
+        if not looks_like_run(run_dir):
+            raise InputError(f"{folder}: no run outputs here (metrics.jsonl, config.json, result.json or samples/)")
+        path = write_report(load_run(run_dir), output or folder / "report.html")
+        out.print(f"report: {path}")
+        return
+    from dreambooth_operator.cli import s3
+
+    target = _target(kubeconfig, context, namespace)
+    job = kube.get_job(target, source)
+    uri = str(job.get("spec", {}).get("output", {}).get("uri", ""))
+    destination = output or Path(f"{source}-report.html")
+    if uri.startswith("file://"):
+        path = write_report(load_run(localrun.uri_to_path(uri)), destination, title=source)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
+            run_dir = s3.download_run(s3.client_for_job(target, job), uri, Path(tmp))
+            path = write_report(load_run(run_dir), destination, title=source)
+    out.print(f"report: {path}")
+
+
+@app.command("demo-subject", hidden=True)
+def demo_subject(
+    folder: Annotated[Path, typer.Argument(help="Where to write the PNGs.")],
+    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 64,
+    count: Annotated[int, typer.Option(help="How many poses (at most 6).")] = 6,
+) -> None:
+    """Draw the demo's synthetic subject (a coloured geometric toy at a few poses)."""
+    paths = subject.write_subject(folder, size=size, count=count)
+    out.print(f"wrote {len(paths)} images to {folder}")
+
+
+def _prog_name() -> str:
+    name = Path(sys.argv[0]).name
+    return "kubectl dreambooth" if name.startswith("kubectl-") else "dreambooth"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors and exit statuses; `--debug` anywhere adds tracebacks."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name=_prog_name(), standalone_mode=False)
+    except CliError as err:
+        if debug:
+            traceback.print_exc()
+        err_console.print(f"error: {err.message}", markup=False, soft_wrap=True)
+        sys.exit(int(err.status))
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as err:
+        if debug:
+            raise
+        err_console.print(
+            f"error: {type(err).__name__}: {err} (run with --debug for a traceback)", markup=False, soft_wrap=True
+        )
+        sys.exit(int(ExitStatus.ERROR))

@@ -1,0 +1,85 @@
+"""The trainer's stdout: one JSON object per line (docs/contracts.md, Logs). Pure parsing and progress state."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+STEP_EVENT = "step"
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """The JSON object on a line, or None for anything else (the trainer's libraries print plain text too)."""
+    text = line.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+@dataclass
+class Progress:
+    """The latest training progress, updated from `step` events (and from a DreamBoothJob's status.progress)."""
+
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    steps_per_second: float | None = None
+    eta_seconds: float | None = None
+    phase: str | None = None
+
+    def update(self, event: dict[str, Any]) -> bool:
+        """Apply a step event or a /progress-like document; True when it carried progress."""
+        step = event.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            return False
+        if event.get("event") not in (None, STEP_EVENT):
+            return False
+        self.step = step
+        total = event.get("totalSteps")
+        if isinstance(total, int) and not isinstance(total, bool):
+            self.total_steps = total
+        self.loss = _num(event.get("loss"))
+        self.lr = _num(event.get("lr"))
+        self.steps_per_second = _num(event.get("stepsPerSecond"))
+        self.eta_seconds = _num(event.get("etaSeconds"))
+        if isinstance(event.get("phase"), str):
+            self.phase = event["phase"]
+        return True
+
+    def describe(self) -> str:
+        """One plain line: `step 12/40 loss 0.1234 lr 1e-04 3.10 it/s eta 9s`."""
+        parts = [f"step {self.step}/{self.total_steps}" if self.total_steps else f"step {self.step}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.2e}")
+        if self.steps_per_second is not None:
+            parts.append(f"{self.steps_per_second:.2f} it/s")
+        if self.eta_seconds is not None:
+            parts.append(f"eta {self.eta_seconds:.0f}s")
+        return " ".join(parts)
+
+
+NOTABLE_EVENTS = frozenset({"resumed", "checkpoint_written", "checkpoint", "validation", "exported", "preempted"})
+
+
+def is_notable(event: dict[str, Any]) -> bool:
+    """Events worth a line of their own above the progress bar: warnings, errors and milestones."""
+    return event.get("level") in ("warning", "error", "critical") or event.get("event") in NOTABLE_EVENTS
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("ts", "level", "event"))
+    return f"[{event.get('level', 'info')}] {event.get('event', '')} {details}".rstrip()

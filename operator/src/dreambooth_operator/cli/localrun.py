@@ -1,0 +1,206 @@
+"""`dreambooth run JOB.yaml --local`: the same job YAML, without a cluster.
+
+The trainer runs as a subprocess (`dreambooth-train`; the operator package never imports it). s3:// URIs are
+rewritten to file://<workdir>/s3/<bucket>/<key>, so outputs, checkpoints and the class-image cache land in the
+workdir, and re-running the same command resumes from the newest checkpoint there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from dreambooth_operator.cli.display import ProgressDisplay
+from dreambooth_operator.cli.errors import CliError, ExitStatus, InputError
+from dreambooth_operator.cli.events import Progress, describe_event, is_notable, parse_line
+from dreambooth_operator.trainer_config import build_trainer_config
+
+TRAINER_COMMAND = "dreambooth-train"
+RUN_RECORD = "run.json"
+"""Written into the workdir: where the outputs of the local run are (so `dreambooth report DIR` finds them)."""
+INVALID_INPUT_EXIT = 10  # trainer/src/dreambooth_trainer/exitcodes.py: ExitCode.INVALID_INPUT
+PREEMPTED_EXIT = 12  # ExitCode.PREEMPTED: SIGTERM handled, checkpoint written
+
+
+def to_local_uri(uri: str, workdir: Path) -> str:
+    """s3://bucket/key -> file://<workdir>/s3/bucket/key; other URIs unchanged."""
+    if not uri.startswith("s3://"):
+        return uri
+    return (workdir.resolve() / "s3" / uri.removeprefix("s3://")).as_uri()
+
+
+def localize(value: Any, workdir: Path) -> Any:
+    """A copy of a JSON-like value with every s3:// string rewritten for the workdir."""
+    if isinstance(value, dict):
+        return {k: localize(v, workdir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [localize(v, workdir) for v in value]
+    if isinstance(value, str):
+        return to_local_uri(value, workdir)
+    return value
+
+
+def uri_to_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise CliError(f"{uri}: not a local file:// URI")
+    return Path(unquote(parsed.path))
+
+
+def prepare_local_job(job: dict[str, Any], workdir: Path, *, tiny: bool) -> dict[str, Any]:
+    """The job as it runs locally: storage rewritten to the workdir, the tiny model when asked or unnamed."""
+    local = copy.deepcopy(job)
+    spec = localize(local.get("spec", {}), workdir)
+    spec.pop("storage", None)  # endpoint and credentials are for S3; everything is file:// now
+    if tiny or not spec.get("baseModel"):
+        spec["baseModel"] = {"tiny": True}
+    local["spec"] = spec
+    return local
+
+
+def local_trainer_config(job: dict[str, Any], workdir: Path, *, tiny: bool) -> dict[str, Any]:
+    return build_trainer_config(prepare_local_job(job, workdir, tiny=tiny))
+
+
+def instance_images_dir(config: dict[str, Any]) -> Path:
+    images = config.get("instanceImages", {})
+    uri = images.get("uri") if isinstance(images, dict) else None
+    if not isinstance(uri, str):
+        raise InputError("--images needs spec.instanceImages.uri (a prefix), not a list of files")
+    return uri_to_path(uri)
+
+
+def trainer_command() -> list[str]:
+    """`dreambooth-train` next to this Python (the venv), else from PATH."""
+    beside = Path(sys.executable).parent / TRAINER_COMMAND
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which(TRAINER_COMMAND)
+    if found is None:
+        raise CliError(f"{TRAINER_COMMAND} not found: install the dreambooth-trainer package (make install)")
+    return [found]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    workdir: Path
+    config: dict[str, Any]
+    exit_code: int
+    termination: dict[str, Any]
+
+    @property
+    def output_dir(self) -> Path:
+        return uri_to_path(str(self.config["output"]["uri"]))
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "train.log"
+
+
+def read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_trainer(config: dict[str, Any], workdir: Path, display: ProgressDisplay) -> LocalRun:
+    """Run the trainer to its end, feeding the display; Ctrl-C sends SIGTERM so that it checkpoints first."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = workdir / "scratch"
+    scratch.mkdir(exist_ok=True)
+    termination_path = workdir / "termination-log"
+    termination_path.unlink(missing_ok=True)
+    config_path = workdir / "job.json"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (workdir / RUN_RECORD).write_text(
+        json.dumps({"outputUri": config["output"]["uri"], "config": str(config_path)}, indent=2) + "\n"
+    )
+    env = {
+        **os.environ,
+        "DREAMBOOTH_CONFIG": str(config_path.resolve()),
+        "DREAMBOOTH_WORKDIR": str(scratch.resolve()),
+        "TERMINATION_MESSAGE_PATH": str(termination_path.resolve()),
+        "DREAMBOOTH_BIND_ADDRESS": "127.0.0.1",
+        "DREAMBOOTH_METRICS_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    progress = Progress()
+    with (workdir / "train.log").open("a", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            trainer_command(),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # Ctrl-C reaches only us; we forward SIGTERM so the trainer checkpoints
+        )
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                log.write(line)
+                event = parse_line(line)
+                if event is None:
+                    continue
+                if progress.update(event):
+                    display.update(progress)
+                elif is_notable(event):
+                    display.note(describe_event(event))
+            exit_code = process.wait()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGTERM)
+            display.note("interrupted: the trainer is writing a checkpoint; run the same command again to resume")
+            exit_code = process.wait()
+        display.update(progress, force=True)
+    termination = read_json_file(termination_path)
+    return LocalRun(workdir, config, exit_code, termination)
+
+
+def check_outcome(run: LocalRun) -> None:
+    """Raise a one-line CliError unless the trainer succeeded."""
+    if run.exit_code == 0:
+        return
+    message = str(run.termination.get("message") or "")
+    reason = str(run.termination.get("reason") or "")
+    if not message:
+        tail = [ln.strip() for ln in run.log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+        message = tail[0] if tail else "no message"
+    if run.exit_code == INVALID_INPUT_EXIT:
+        raise CliError(f"invalid job (checked by the trainer): {message}", ExitStatus.INVALID_INPUT)
+    if run.exit_code == PREEMPTED_EXIT:
+        raise CliError(
+            f"training stopped at a checkpoint ({message or 'preempted'}); run the same command to resume",
+            ExitStatus.JOB_FAILED,
+        )
+    label = f", {reason}" if reason else ""
+    raise CliError(
+        f"training failed (exit {run.exit_code}{label}): {message} (log: {run.log_path})", ExitStatus.JOB_FAILED
+    )
+
+
+def output_dir_of(path: Path) -> Path:
+    """A run's output folder from a workdir (its run.json) or the output folder itself."""
+    record = read_json_file(path / RUN_RECORD)
+    uri = record.get("outputUri")
+    if isinstance(uri, str):
+        return uri_to_path(uri)
+    return path

@@ -1,0 +1,93 @@
+"""The trainer's JSON lines -> progress; status formatting for list/status/watch."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from dreambooth_operator.cli import present
+from dreambooth_operator.cli.events import Progress, describe_event, is_notable, parse_line
+
+
+@pytest.mark.parametrize(
+    ("line", "parsed"),
+    [
+        ('{"event": "step", "step": 3}\n', {"event": "step", "step": 3}),
+        ("Loading pipeline components...: 100%", None),
+        ("{not json", None),
+        ("[1, 2]", None),
+        ("", None),
+    ],
+)
+def test_parse_line(line: str, parsed: dict | None) -> None:
+    assert parse_line(line) == parsed
+
+
+def test_step_events_update_progress() -> None:
+    p = Progress()
+    event = {
+        "ts": "2026-11-27T00:00:00Z",
+        "level": "info",
+        "event": "step",
+        "step": 12,
+        "totalSteps": 40,
+        "loss": 0.1234,
+        "lr": 1e-4,
+        "stepsPerSecond": 3.1,
+        "etaSeconds": 9.0,
+    }
+    assert p.update(event)
+    assert p.describe() == "step 12/40 loss 0.1234 lr 1.00e-04 3.10 it/s eta 9s"
+    assert not p.update({"event": "resumed", "step": 10, "uri": "file:///c"})
+    assert p.step == 12
+    assert not p.update({"event": "step"})
+
+
+def test_notable_events() -> None:
+    assert is_notable({"event": "resumed", "step": 10})
+    assert is_notable({"event": "anything", "level": "warning"})
+    assert not is_notable({"event": "step", "level": "info"})
+    assert describe_event({"ts": "t", "level": "info", "event": "resumed", "step": 10}) == "[info] resumed step=10"
+
+
+def job(status: dict | None = None) -> dict:
+    return {
+        "metadata": {"name": "toy", "namespace": "ml", "creationTimestamp": "2026-11-27T00:00:00Z"},
+        "spec": {"training": {"maxSteps": 800}},
+        **({"status": status} if status is not None else {}),
+    }
+
+
+def test_job_row_before_any_status() -> None:
+    now = datetime(2026, 11, 27, 0, 2, 5, tzinfo=UTC)
+    assert present.job_row(job(), now) == ["toy", "ml", "Pending", "0/800", "-", "0", "2m"]
+
+
+def test_job_row_and_details_from_status() -> None:
+    status = {
+        "phase": "Running",
+        "attempt": 1,
+        "progress": {"step": 412, "totalSteps": 800, "loss": 0.11, "stepsPerSecond": 4.2, "etaSeconds": 92.0},
+        "restarts": {"preemptions": 2, "failures": 1},
+        "lastCheckpoint": {"step": 400, "uri": "s3://b/out/checkpoints/step-00000400"},
+        "outputs": {"modelUri": "s3://b/out/model", "evaluation": {"clipScore": 0.3}},
+        "conditions": [
+            {"type": "Running", "status": "True", "reason": "Training", "message": "", "lastTransitionTime": "t"},
+        ],
+    }
+    now = datetime(2026, 11, 28, 1, 0, 0, tzinfo=UTC)
+    assert present.job_row(job(status), now) == ["toy", "ml", "Running", "412/800", "0.1100", "3", "1d"]
+    details = dict(present.detail_rows(job(status)))
+    assert details["progress"] == "step 412/800 loss 0.1100 4.20 it/s eta 92s"
+    assert details["restarts"] == "failures 1, preemptions 2"
+    assert details["last checkpoint"] == "step 400 s3://b/out/checkpoints/step-00000400"
+    assert details["modelUri"] == "s3://b/out/model"
+    assert details["evaluation clipScore"] == "0.3"
+    assert present.condition_rows(job(status)) == [["Running", "True", "Training", "", "t"]]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(5, "5s"), (90, "1m"), (7200, "2h"), (200000, "2d")])
+def test_age(seconds: int, text: str) -> None:
+    now = datetime.fromtimestamp(1_800_000_000 + seconds, UTC)
+    created = datetime.fromtimestamp(1_800_000_000, UTC).isoformat()
+    assert present.age(created, now) == text
