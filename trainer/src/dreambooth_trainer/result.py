@@ -53,13 +53,17 @@ def encode_termination_message(doc: dict[str, Any], limit: int = MAX_TERMINATION
     rest = dict(doc, message="")
     room = limit - len(json.dumps(rest, separators=(",", ":")).encode()) - 3
     if room > 0:
-        # Shrink by characters until the escaped JSON fits (escapes and UTF-8 make bytes != characters).
-        cut = min(len(message), room)
-        while cut > 0:
-            data = json.dumps(dict(doc, message=message[:cut] + "..."), separators=(",", ":")).encode()
-            if len(data) <= limit:
-                return data
-            cut -= max(1, (len(data) - limit) // 2)
+        # Binary search for the longest prefix whose escaped JSON fits (escapes and UTF-8 make bytes != chars).
+        lo, hi, best = 1, min(len(message), room), b""
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            candidate = json.dumps(dict(doc, message=message[:mid] + "..."), separators=(",", ":")).encode()
+            if len(candidate) <= limit:
+                lo, best = mid + 1, candidate
+            else:
+                hi = mid - 1
+        if best:
+            return best
     data = json.dumps({k: v for k, v in doc.items() if k != "message"}, separators=(",", ":")).encode()
     if len(data) <= limit:
         return data
