@@ -1,0 +1,191 @@
+"""The Dockerfiles agree with the packages, the operator's settings and the Helm chart.
+
+No Docker engine runs here: these tests read the files. They check that every command a Dockerfile runs is a
+console script of our packages, that exposed ports are the ones the operator and the chart use, and that
+default image names agree between the chart, the operator's settings and the images' labels.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+import yaml
+from dreambooth_operator import settings
+from dreambooth_operator.api import constants as api
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = {"operator": ROOT / "images/operator/Dockerfile", "trainer": ROOT / "images/trainer/Dockerfile"}
+CHART = ROOT / "charts/dreambooth-operator"
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with line continuations joined and comments dropped."""
+    joined: list[str] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    result = []
+    for line in joined:
+        word, _, rest = line.partition(" ")
+        result.append((word.upper(), rest.strip()))
+    return result
+
+
+def console_scripts() -> set[str]:
+    scripts: set[str] = set()
+    for project in ("operator", "trainer"):
+        data = tomllib.loads((ROOT / project / "pyproject.toml").read_text())
+        scripts |= set(data["project"]["scripts"])
+    return scripts
+
+
+def commands_named(path: Path) -> set[str]:
+    """Our commands that the image runs: dreambooth* words in RUN, CMD and ENTRYPOINT."""
+    found: set[str] = set()
+    for word, args in instructions(path):
+        if word in ("RUN", "CMD", "ENTRYPOINT"):
+            found |= set(re.findall(r"(?:^|[\s/\"\[])(dreambooth[a-z-]*)(?=[\s\"\],]|$)", args))
+    return found
+
+
+def entrypoint(path: Path) -> list[str]:
+    (args,) = [a for w, a in instructions(path) if w == "ENTRYPOINT"]
+    parsed = yaml.safe_load(args)
+    assert isinstance(parsed, list), "ENTRYPOINT must use the exec form"
+    return parsed
+
+
+def exposed(path: Path) -> set[int]:
+    return {int(p.split("/")[0]) for w, a in instructions(path) if w == "EXPOSE" for p in a.split()}
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_every_command_is_a_console_script(image: str) -> None:
+    named = commands_named(IMAGES[image])
+    assert named, "the Dockerfile runs none of our commands"
+    assert named <= console_scripts(), named - console_scripts()
+
+
+def test_entry_points() -> None:
+    assert entrypoint(IMAGES["operator"]) == ["dreambooth-operator"]
+    assert entrypoint(IMAGES["trainer"]) == ["dreambooth-train"]
+    # The same image serves: the build checks that the serving command exists too.
+    assert "dreambooth-serve" in commands_named(IMAGES["trainer"])
+    assert settings.OperatorSettings().trainer_command[0] in console_scripts()
+
+
+def test_exposed_ports_match_the_operator_constants() -> None:
+    assert exposed(IMAGES["operator"]) == {settings.OPERATOR_METRICS_PORT, settings.OPERATOR_HEALTH_PORT}
+    assert exposed(IMAGES["trainer"]) == {settings.TRAINER_METRICS_PORT}
+    env = " ".join(a for w, a in instructions(IMAGES["trainer"]) if w == "ENV")
+    assert f"DREAMBOOTH_METRICS_PORT={settings.TRAINER_METRICS_PORT}" in env
+    documented = re.search(r"`DREAMBOOTH_METRICS_PORT`[^\n]*default (\d+)", (ROOT / "docs/contracts.md").read_text())
+    assert documented is not None
+    assert int(documented.group(1)) == settings.TRAINER_METRICS_PORT
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_multi_stage_pinned_non_root(image: str) -> None:
+    steps = instructions(IMAGES[image])
+    bases = [a.split()[0] for w, a in steps if w == "FROM"]
+    assert len(bases) >= 2, "multi-stage build expected"
+    for base in bases:
+        assert re.search(r":[0-9][\w.-]*$", base), f"{base} is not pinned to a version tag"
+    users = [a for w, a in steps if w == "USER"]
+    assert users
+    assert re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", users[-1]), "run as a numeric non-root uid"
+    labels = " ".join(a for w, a in steps if w == "LABEL")
+    assert f'org.opencontainers.image.version="{settings.VERSION}"' in labels
+
+
+def test_python_versions_agree_with_the_lock() -> None:
+    lock_header = (ROOT / "requirements/dev.lock").read_text().splitlines()[1]
+    version = re.search(r"--python-version (\d+\.\d+)", lock_header)
+    assert version is not None
+    minor = version.group(1)
+    assert f"FROM python:{minor}." in IMAGES["operator"].read_text()
+    assert f"uv python install {minor}." in IMAGES["trainer"].read_text()
+    for project in ("operator", "trainer"):
+        data = tomllib.loads((ROOT / project / "pyproject.toml").read_text())
+        assert data["project"]["version"] == settings.VERSION
+
+
+def test_dockerignore_keeps_what_the_dockerfiles_copy() -> None:
+    rules = [
+        r.strip() for r in (ROOT / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")
+    ]
+
+    def included(path: str) -> bool:
+        keep = True
+        for rule in rules:
+            negate = rule.startswith("!")
+            pattern = rule.removeprefix("!")
+            if fnmatch(path, pattern) or fnmatch(path, pattern.rstrip("*").rstrip("/") + "/*") or path == pattern:
+                keep = negate
+        return keep
+
+    for dockerfile in IMAGES.values():
+        for word, args in instructions(dockerfile):
+            if word == "COPY" and not args.startswith("--from"):
+                source = args.split()[0]
+                probe = source if source.endswith((".toml", ".lock")) else f"{source}/src/x.py"
+                if source in ("operator", "trainer"):
+                    assert included(f"{source}/pyproject.toml")
+                assert included(probe), f"{dockerfile.name}: COPY {source} is excluded by .dockerignore"
+    assert not included("trainer/src/dreambooth_trainer/__pycache__/x.pyc")
+    assert not included(".venv/bin/python")
+
+
+def test_default_images_agree_with_the_settings() -> None:
+    defaults = settings.OperatorSettings()
+    assert defaults.trainer_image == f"{api.IMAGE_REPOSITORY}/trainer:{settings.VERSION}"
+
+
+def render_chart() -> list[dict]:
+    helm = shutil.which("helm") or str(ROOT / ".tools/bin/helm")
+    if not (CHART / "Chart.yaml").is_file() or not Path(helm).exists():
+        pytest.skip("chart or helm not available yet")
+    result = subprocess.run(
+        [helm, "template", "dbo", str(CHART), "--namespace", "dreambooth-system"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return [d for d in yaml.safe_load_all(result.stdout) if isinstance(d, dict)]
+
+
+def test_chart_uses_the_images_ports_and_names() -> None:
+    docs = render_chart()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    deployments = [d for d in docs if d.get("kind") == "Deployment"]
+    assert len(deployments) == 1
+    (container,) = [
+        c for c in deployments[0]["spec"]["template"]["spec"]["containers"] if "operator" in c.get("image", "")
+    ]
+    assert container["image"] == f"{api.IMAGE_REPOSITORY}/operator:{chart['appVersion']}"
+    assert chart["appVersion"] == settings.VERSION
+    ports = {p["containerPort"] for p in container.get("ports", [])}
+    assert ports <= exposed(IMAGES["operator"])
+    assert settings.OPERATOR_METRICS_PORT in ports
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    trainer_image = env.get("DREAMBOOTH_OPERATOR_TRAINER_IMAGE", settings.OperatorSettings().trainer_image)
+    assert trainer_image == f"{api.IMAGE_REPOSITORY}/trainer:{chart['appVersion']}"
+    probe = container.get("livenessProbe", {}).get("httpGet", {})
+    if probe:
+        assert probe["port"] in (settings.OPERATOR_HEALTH_PORT, "health", "healthz")
