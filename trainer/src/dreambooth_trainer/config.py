@@ -129,6 +129,9 @@ class InstanceImagesSpec(Model):
     """An explicit list of image URIs, used instead of `uri`."""
     prompt: str = Field(min_length=1, max_length=1000)
     """The instance prompt with the identifier token, for example "a photo of sks dog"."""
+    identifier: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^\S+$")
+    """The identifier token that names the subject, for example sks; it must appear in `prompt`. When null it is
+    the words of `prompt` that the class prompt lacks. Sidecar captions must contain it."""
     captions: bool = False
     """Use a sidecar .txt file next to each image as its caption (it must contain the identifier token)."""
     min_images: int = Field(default=1, ge=1, le=1000)
@@ -144,6 +147,8 @@ class InstanceImagesSpec(Model):
     def _one_source(self) -> Self:
         if (self.uri is None) == (self.files is None):
             raise ValueError("instanceImages needs exactly one of uri or files")
+        if self.identifier is not None and self.identifier not in self.prompt.split():
+            raise ValueError(f"instanceImages.identifier {self.identifier!r} must be a word of instanceImages.prompt")
         return self
 
 
