@@ -66,8 +66,9 @@ test: install binaries lint ## Everything CI runs: lint, then unit + integration
 	$(PY) -m pytest -m "unit or integration or e2e" tests $(PYTEST_ARGS)
 
 .PHONY: demo
-demo: install ## Run a real DreamBooth job locally on the tiny model (file:// storage)
-	$(VENV)/bin/dreambooth run examples/demo-job.yaml --local --workdir .demo
+demo: install ## Run a real DreamBooth job locally on the tiny model (file:// storage); writes .demo/report.html
+	$(VENV)/bin/dreambooth demo-subject .demo/subject
+	$(VENV)/bin/dreambooth run examples/demo-job.yaml --local --workdir .demo --images .demo/subject
 
 .PHONY: bench
 bench: install binaries ## Benchmarks; JSON results under bench/results/

@@ -123,6 +123,9 @@ def test_python_versions_agree_with_the_lock() -> None:
     for project in ("operator", "trainer"):
         data = tomllib.loads((ROOT / project / "pyproject.toml").read_text())
         assert data["project"]["version"] == settings.VERSION
+    uv = re.search(r"UV_VERSION=([\d.]+)", (ROOT / "tests/infra/install-venv.sh").read_text())
+    assert uv is not None
+    assert f"ghcr.io/astral-sh/uv:{uv.group(1)} " in IMAGES["trainer"].read_text()
 
 
 def test_dockerignore_keeps_what_the_dockerfiles_copy() -> None:
