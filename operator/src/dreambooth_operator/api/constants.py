@@ -1,0 +1,157 @@
+"""Names shared by the API types, the operator and the tests: group, version, kinds, labels, phases, conditions.
+
+Everything the operator writes into a custom resource's status, or onto a child object's labels, is named here
+so that the operator, the CLI and the tests agree on one spelling.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+GROUP: Final = "dreambooth.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+
+# DreamBoothJob
+JOB_KIND: Final = "DreamBoothJob"
+JOB_PLURAL: Final = "dreamboothjobs"
+JOB_SINGULAR: Final = "dreamboothjob"
+JOB_SHORT_NAMES: Final = ("dbj",)
+
+# InferenceService
+INFERENCE_KIND: Final = "InferenceService"
+INFERENCE_PLURAL: Final = "inferenceservices"
+INFERENCE_SINGULAR: Final = "inferenceservice"
+INFERENCE_SHORT_NAMES: Final = ("dbis",)
+
+# `kubectl get dreambooth` lists both kinds.
+CATEGORIES: Final = ("dreambooth",)
+
+# Labels the operator puts on every child object.
+LABEL_PREFIX: Final = GROUP
+LABEL_JOB_NAME: Final = f"{GROUP}/job-name"
+"""The DreamBoothJob that owns a child (ConfigMap, Service, batch Job, pods)."""
+LABEL_INFERENCE_NAME: Final = f"{GROUP}/inference-service"
+"""The InferenceService that owns a child (Deployment, Service, pods)."""
+LABEL_COMPONENT: Final = f"{GROUP}/component"
+"""What a child is: one of `Component`."""
+LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
+"""The gang attempt (0-based) of a training batch Job and its pods."""
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "dreambooth-operator"
+
+# Kueue: this label on a DreamBoothJob is copied onto its batch Job, which Kueue then admits (it unsuspends it).
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_CLASS_LABEL: Final = "kueue.x-k8s.io/priority-class"
+
+# The default operator and trainer images (tags are the chart's appVersion; see docs/contracts.md).
+IMAGE_REPOSITORY: Final = "ghcr.io/dreambooth-operator"
+DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
+
+
+class Component(StrEnum):
+    """Values of the `dreambooth.dev/component` label."""
+
+    TRAINER = "trainer"
+    INFERENCE = "inference"
+
+
+class JobPhase(StrEnum):
+    """`status.phase` of a DreamBoothJob."""
+
+    PENDING = "Pending"
+    """Accepted; children not created yet or pods not scheduled."""
+    QUEUED = "Queued"
+    """The batch Job exists but is suspended by a queue (Kueue) waiting for admission."""
+    INITIALIZING = "Initializing"
+    """Pods are running and loading the model, images or class priors; no training step yet."""
+    RUNNING = "Running"
+    """Training steps are being taken."""
+    SUCCEEDED = "Succeeded"
+    """The model was exported; `status.outputs` says where."""
+    FAILED = "Failed"
+    """Permanently failed; the Failed condition says why."""
+    SUSPENDED = "Suspended"
+    """`spec.runPolicy.suspend` is true; pods are deleted and the job resumes from its last checkpoint later."""
+
+
+TERMINAL_JOB_PHASES: Final = frozenset({JobPhase.SUCCEEDED, JobPhase.FAILED})
+
+
+class InferencePhase(StrEnum):
+    """`status.phase` of an InferenceService."""
+
+    PENDING = "Pending"
+    """Waiting for the model (for example the source job has not succeeded yet) or for pods to be scheduled."""
+    LOADING = "Loading"
+    """Pods are running and loading the model; not ready yet."""
+    READY = "Ready"
+    """At least one replica is ready and serves requests at `status.url`."""
+    FAILED = "Failed"
+    """The service cannot become ready (bad model, source job failed); the Ready condition says why."""
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class JobConditionType(StrEnum):
+    """Condition types of a DreamBoothJob."""
+
+    VALID = "Valid"
+    """The spec passed the operator's validation (beyond what the CRD schema checks)."""
+    QUEUED = "Queued"
+    """True while waiting for a queue to admit the job."""
+    RUNNING = "Running"
+    """True while the training pods run (Initializing or Running phase)."""
+    CHECKPOINTED = "Checkpointed"
+    """True once a complete checkpoint exists; the message names it."""
+    SUSPENDED = "Suspended"
+    """True while the job is suspended."""
+    SUCCEEDED = "Succeeded"
+    """True once the model is exported."""
+    FAILED = "Failed"
+    """True once the job failed permanently."""
+
+
+class InferenceConditionType(StrEnum):
+    """Condition types of an InferenceService."""
+
+    MODEL_RESOLVED = "ModelResolved"
+    """The model URI is known (from `modelUri`, or the source job succeeded)."""
+    READY = "Ready"
+    """At least one replica is ready."""
+
+
+class Reason(StrEnum):
+    """Condition reasons (CamelCase, as Kubernetes expects), also used as event reasons."""
+
+    # DreamBoothJob
+    SPEC_VALID = "SpecValid"
+    INVALID_SPEC = "InvalidSpec"
+    INVALID_INPUT = "InvalidInput"
+    WAITING_FOR_ADMISSION = "WaitingForAdmission"
+    ADMITTED = "Admitted"
+    PODS_PENDING = "PodsPending"
+    PODS_RUNNING = "PodsRunning"
+    TRAINING = "Training"
+    CHECKPOINT_WRITTEN = "CheckpointWritten"
+    PREEMPTED = "Preempted"
+    RETRYING = "Retrying"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SUSPENDED_BY_USER = "SuspendedByUser"
+    RESUMED = "Resumed"
+    TRAINING_COMPLETED = "TrainingCompleted"
+    CHILD_DELETED = "ChildDeleted"
+    # InferenceService
+    MODEL_URI_SET = "ModelUriSet"
+    WAITING_FOR_JOB = "WaitingForJob"
+    SOURCE_JOB_NOT_FOUND = "SourceJobNotFound"
+    SOURCE_JOB_FAILED = "SourceJobFailed"
+    REPLICAS_READY = "ReplicasReady"
+    REPLICAS_NOT_READY = "ReplicasNotReady"
+    SCALED_TO_ZERO = "ScaledToZero"

@@ -1,0 +1,201 @@
+"""The InferenceService API: serve a trained model (plus LoRA adapters) with the trainer image's sampling server."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Final
+
+from pydantic import ConfigDict, Field
+
+from dreambooth_operator.api.common import (
+    ApiModel,
+    Condition,
+    ContainerResources,
+    DnsLabel,
+    DnsSubdomain,
+    PodTemplateOverrides,
+    StorageSpec,
+    Uri,
+    cel,
+    validations,
+)
+from dreambooth_operator.api.constants import InferencePhase
+
+# Spec fields (dotted, camelCase) whose schema comes from a trainer model, as for DreamBoothJob.
+TRAINER_SECTIONS: Final = {"model.baseModel": "BaseModelSpec"}
+
+
+class Scheduler(StrEnum):
+    """Samplers the server offers (the trainer's `Sampler` values; a unit test keeps them equal)."""
+
+    DDIM = "ddim"
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler_ancestral"
+    DPM_SOLVER = "dpm_solver"
+    PNDM = "pndm"
+
+
+class ModelSource(ApiModel):
+    """Which model to serve: the output of a DreamBoothJob, or a model URI."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.fromJob) != has(self.modelUri)", "model needs exactly one of fromJob or modelUri"),
+            cel(
+                "!has(self.baseModel) || has(self.modelUri)",
+                "model.baseModel goes with modelUri (with fromJob the job's base model is used)",
+            ),
+        )
+    )
+
+    from_job: DnsSubdomain | None = None
+    """A DreamBoothJob in the same namespace; its model is served once the job has succeeded."""
+    model_uri: Uri | None = None
+    """A model in object storage: a diffusers folder, or a LoRA output (then baseModel is needed)."""
+    base_model: dict[str, Any] | None = None
+    """The base model that a LoRA-only modelUri was trained from (same form as a DreamBoothJob's baseModel)."""
+
+
+class Adapter(ApiModel):
+    """A LoRA adapter loaded on top of the model; requests choose adapters by name."""
+
+    name: DnsLabel
+    """The adapter's name, unique in the list."""
+    uri: Uri
+    """The LoRA weights folder (a DreamBoothJob's <output>/lora)."""
+    weight: float = Field(default=1.0, ge=-10.0, le=10.0)
+    """The default scale of the adapter."""
+
+
+class Scaling(ApiModel):
+    """A fixed number of replicas, or autoscaling between minReplicas and maxReplicas. One replica when empty."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.replicas) || (!has(self.minReplicas) && !has(self.maxReplicas))",
+                "scaling.replicas cannot be combined with minReplicas or maxReplicas",
+            ),
+            cel(
+                "has(self.minReplicas) == has(self.maxReplicas)",
+                "scaling.minReplicas and scaling.maxReplicas go together",
+            ),
+            cel(
+                "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+                "scaling.minReplicas may not exceed scaling.maxReplicas",
+            ),
+            cel(
+                "!has(self.targetInflightRequests) || has(self.maxReplicas)",
+                "scaling.targetInflightRequests needs minReplicas and maxReplicas",
+            ),
+        )
+    )
+
+    replicas: int | None = Field(default=None, ge=0, le=1000)
+    """A fixed number of replicas (0 stops serving but keeps the object)."""
+    min_replicas: int | None = Field(default=None, ge=1, le=1000)
+    """The fewest replicas when autoscaling."""
+    max_replicas: int | None = Field(default=None, ge=1, le=1000)
+    """The most replicas when autoscaling."""
+    target_inflight_requests: int | None = Field(default=None, ge=1, le=1000)
+    """Autoscaling target: average in-flight requests per replica (2 when unset)."""
+
+
+class InferenceResources(ContainerResources):
+    """GPUs and per-pod resources of each replica."""
+
+    gpus: int = Field(default=1, ge=0, le=16)
+    """GPUs per replica (0 serves on CPU, slowly; for tests)."""
+
+
+class ServerLimits(ApiModel):
+    """Limits and defaults of the sampling server; requests beyond a limit are rejected with HTTP 400."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.defaultSteps) || !has(self.maxSteps) || self.defaultSteps <= self.maxSteps",
+                "server.defaultSteps may not exceed server.maxSteps",
+            ),
+        )
+    )
+
+    max_batch_size: int = Field(default=4, ge=1, le=64)
+    """Images generated together in one forward pass (requests are batched up to this)."""
+    max_images_per_request: int = Field(default=4, ge=1, le=64)
+    """The most images one request may ask for."""
+    max_steps: int = Field(default=50, ge=1, le=1000)
+    """The most sampling steps one request may ask for."""
+    max_resolution: int = Field(default=768, ge=64, le=2048, multiple_of=8)
+    """The largest width or height one request may ask for (a multiple of 8)."""
+    default_scheduler: Scheduler = Scheduler.EULER
+    """The sampler used when a request names none."""
+    default_steps: int = Field(default=25, ge=1, le=1000)
+    """Sampling steps when a request names none."""
+    default_guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    """Classifier-free guidance scale when a request names none."""
+
+
+class SecretKeySelector(ApiModel):
+    """A key of a Secret in the same namespace."""
+
+    name: DnsSubdomain
+    """The Secret's name."""
+    key: str = Field(default="token", min_length=1, max_length=253)
+    """The key in the Secret."""
+
+
+class AuthSpec(ApiModel):
+    """Request authentication. Without it the server accepts every request."""
+
+    bearer_token_secret: SecretKeySelector
+    """Requests must send `Authorization: Bearer <token>` with the token in this Secret."""
+
+
+class InferenceServiceSpec(ApiModel):
+    """Serve a Stable Diffusion model over HTTP with the trainer image's sampling server."""
+
+    model: ModelSource
+    """The model to serve."""
+    adapters: list[Adapter] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """LoRA adapters loaded on top of the model."""
+    scaling: Scaling = Field(default_factory=Scaling)
+    """Replicas or autoscaling."""
+    resources: InferenceResources = Field(default_factory=InferenceResources)
+    """GPUs and per-pod resources."""
+    server: ServerLimits = Field(default_factory=ServerLimits)
+    """Server limits and request defaults."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """Object-storage connection settings and credentials (to load the model and adapters)."""
+    auth: AuthSpec | None = None
+    """Bearer-token authentication."""
+    pod_template: PodTemplateOverrides | None = None
+    """Overrides for the server pods."""
+
+
+class InferenceServiceStatus(ApiModel):
+    """The observed state of an InferenceService, written by the operator through the status subresource."""
+
+    phase: InferencePhase | None = None
+    """Pending, Loading, Ready or Failed."""
+    message: str | None = Field(default=None, max_length=4096)
+    """A human-readable summary of the current state."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Standard conditions: ModelResolved, Ready."""
+    replicas: int = Field(default=0, ge=0)
+    """Replicas that exist."""
+    ready_replicas: int = Field(default=0, ge=0)
+    """Replicas that are ready to serve (the Ready printer column)."""
+    url: str | None = Field(default=None, max_length=1024)
+    """The in-cluster URL of the server, for example http://<name>.<namespace>.svc:8080."""
+    model_uri: str | None = Field(default=None, max_length=1024)
+    """The model being served (resolved from fromJob or modelUri)."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the status was computed from."""

@@ -1,0 +1,244 @@
+"""The DreamBoothJob API: the operator-owned parts of the spec, and the status (the operator's contract).
+
+The trainer-owned sections (baseModel, instanceImages, priorPreservation, training, output) are plain dicts
+here: the operator passes them through to the trainer unchanged, and their CRD schema is generated from the
+trainer's config models (see `TRAINER_SECTIONS` and `dreambooth_operator.api.generate`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+
+from pydantic import ConfigDict, Field
+
+from dreambooth_operator.api.common import (
+    ApiModel,
+    CelRule,
+    Condition,
+    ContainerResources,
+    PodTemplateOverrides,
+    StorageSpec,
+    cel,
+    immutable,
+    validations,
+)
+from dreambooth_operator.api.constants import JobPhase
+
+# Spec field (camelCase) -> the trainer model (in dreambooth_trainer.config) that defines its schema.
+TRAINER_SECTIONS: Final = {
+    "baseModel": "BaseModelSpec",
+    "instanceImages": "InstanceImagesSpec",
+    "priorPreservation": "PriorPreservationSpec",
+    "training": "TrainingConfig",
+    "output": "OutputSpec",
+}
+
+# CEL rules for the trainer's cross-field validators (same messages as the trainer's), keyed by trainer model.
+# The trainer validates again at start-up; these make `kubectl apply` fail fast with the same words.
+# Rules guard defaulted fields with has(): the API server checks a CRD's `default: {}` against the rules
+# before nested defaults are filled in (at run time every defaulted field is present).
+TRAINER_RULES: Final[dict[str, list[CelRule]]] = {
+    "BaseModelSpec": [
+        cel(
+            "(has(self.id) ? 1 : 0) + (has(self.uri) ? 1 : 0) + ((has(self.tiny) && self.tiny) ? 1 : 0) == 1",
+            "baseModel needs exactly one of id, uri or tiny: true",
+        )
+    ],
+    "InstanceImagesSpec": [
+        cel("has(self.uri) != has(self.files)", "instanceImages needs exactly one of uri or files"),
+    ],
+    "PriorPreservationSpec": [
+        cel(
+            "!has(self.enabled) || !self.enabled || has(self.classPrompt)",
+            "priorPreservation.classPrompt is required when prior preservation is enabled",
+        )
+    ],
+    "TrainingConfig": [
+        cel(
+            "!has(self.lora) || !has(self.method) || self.method == 'lora'",
+            "training.lora is only allowed with method: lora",
+        ),
+    ],
+}
+
+# Which spec fields may change after creation. Changing what is trained (or where it goes) would mix two
+# different runs in one checkpoint history, so those are immutable; where and how pods run (podTemplate,
+# storage connection settings) and the run policy (suspend, deadlines, backoffLimit, TTL) may change.
+# podTemplate changes apply from the next attempt (the next gang restart or resume). The sections with
+# defaults are always present after defaulting, so `self == oldSelf` on each also rejects removing one.
+IMMUTABLE_FIELDS: Final = (
+    "baseModel",
+    "instanceImages",
+    "priorPreservation",
+    "training",
+    "output",
+    "resources",
+)
+
+SPEC_RULES: Final = [
+    cel(
+        "!('lora' in self.output.formats) || self.training.method == 'lora'",
+        "output.formats may contain lora only with training.method: lora",
+    ),
+    cel(
+        "self.resources.nodes <= 1 || has(self.output.checkpointUri)",
+        "multi-node jobs (resources.nodes > 1) need output.checkpointUri",
+    ),
+]
+
+
+class JobResources(ContainerResources):
+    """How many nodes and GPUs the job uses, and each pod's CPU, memory and shared memory."""
+
+    nodes: int = Field(default=1, ge=1, le=256)
+    """Number of nodes (pods in the Indexed Job); more than one runs distributed data parallel training."""
+    gpus_per_node: int = Field(default=1, ge=0, le=16)
+    """GPUs per node; one training process per GPU (0 runs one CPU process, for tests)."""
+
+
+class RunPolicy(ApiModel):
+    """How the job runs and retries. Every field may change while the job runs."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Retryable failures (not preemptions) allowed before the job fails; each restarts from the last checkpoint."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the job when it has run this long (Suspended time excluded)."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the job's pods and batch Job this long after it finished (the DreamBoothJob and its outputs stay)."""
+    suspend: bool = False
+    """Suspend the job: its pods are deleted, and setting it back to false resumes from the last checkpoint."""
+
+
+class DreamBoothJobSpec(ApiModel):
+    """A DreamBooth fine-tuning run: what to train (trainer sections) and where and how it runs."""
+
+    model_config = ConfigDict(json_schema_extra=validations(*SPEC_RULES))
+
+    base_model: dict[str, Any] = Field(json_schema_extra=validations(immutable("baseModel")))
+    """The Stable Diffusion base model (trainer section)."""
+    instance_images: dict[str, Any] = Field(json_schema_extra=validations(immutable("instanceImages")))
+    """The subject's photos and instance prompt (trainer section)."""
+    prior_preservation: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra=validations(immutable("priorPreservation"))
+    )
+    """Prior preservation with generated class images (trainer section)."""
+    training: dict[str, Any] = Field(default_factory=dict, json_schema_extra=validations(immutable("training")))
+    """Training hyper-parameters (trainer section)."""
+    output: dict[str, Any] = Field(json_schema_extra=validations(immutable("output")))
+    """Where the model goes and in which formats (trainer section)."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """Object-storage connection settings and credentials."""
+    resources: JobResources = Field(default_factory=JobResources, json_schema_extra=validations(immutable("resources")))
+    """Nodes, GPUs and per-pod resources."""
+    pod_template: PodTemplateOverrides | None = None
+    """Overrides for the training pods (image, scheduling, env, labels); applied from the next attempt."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Retries, deadlines, TTL and suspension."""
+
+    def trainer_config(self, name: str, namespace: str) -> dict[str, Any]:
+        """The trainer's JobConfig document (DREAMBOOTH_CONFIG): trainer sections passed through unchanged."""
+        storage: dict[str, Any] = {"addressingStyle": self.storage.addressing_style.value}
+        if self.storage.endpoint is not None:
+            storage["endpoint"] = self.storage.endpoint
+        if self.storage.region is not None:
+            storage["region"] = self.storage.region
+        return {
+            "name": name,
+            "namespace": namespace,
+            "baseModel": self.base_model,
+            "instanceImages": self.instance_images,
+            "priorPreservation": self.prior_preservation,
+            "training": self.training,
+            "output": self.output,
+            "storage": storage,
+        }
+
+
+class Progress(ApiModel):
+    """Training progress, from the trainer's /progress endpoint on rank 0."""
+
+    step: int = Field(default=0, ge=0)
+    """Optimizer steps done."""
+    total_steps: int = Field(default=0, ge=0)
+    """Optimizer steps in all (training.maxSteps)."""
+    loss: float | None = None
+    """The latest (smoothed) training loss."""
+    steps_per_second: float | None = Field(default=None, ge=0)
+    """Recent training speed."""
+    eta_seconds: float | None = Field(default=None, ge=0)
+    """Estimated seconds until training finishes."""
+    stage: str | None = Field(default=None, max_length=64)
+    """The trainer's own stage: Initializing, GeneratingPriors, Training, Checkpointing, Exporting."""
+    updated_at: datetime | None = None
+    """When the operator last read progress."""
+
+
+class Restarts(ApiModel):
+    """How often the gang of training pods was restarted, by cause."""
+
+    preemptions: int = Field(default=0, ge=0)
+    """Restarts after a pod was preempted or evicted (these never use up backoffLimit)."""
+    failures: int = Field(default=0, ge=0)
+    """Restarts after a retryable failure (these count against backoffLimit)."""
+    total: int = Field(default=0, ge=0)
+    """preemptions + failures (the Restarts printer column)."""
+
+
+class CheckpointRef(ApiModel):
+    """A complete checkpoint."""
+
+    step: int = Field(ge=0)
+    """The optimizer step it was written at."""
+    uri: str = Field(max_length=1024)
+    """Its folder in object storage."""
+    time: datetime | None = None
+    """When it was completed."""
+
+
+class Outputs(ApiModel):
+    """Where the results are."""
+
+    model_uri: str | None = Field(default=None, max_length=1024)
+    """The exported model (the diffusers folder, or the LoRA weights folder for LoRA-only output)."""
+    samples_uri: str | None = Field(default=None, max_length=1024)
+    """The validation samples."""
+    evaluation: dict[str, float] | None = None
+    """Evaluation scores by metric name (for example clipScore), when evaluation ran."""
+
+
+class DreamBoothJobStatus(ApiModel):
+    """The observed state of a DreamBoothJob, written by the operator through the status subresource."""
+
+    phase: JobPhase | None = None
+    """Pending, Queued, Initializing, Running, Succeeded, Failed or Suspended."""
+    message: str | None = Field(default=None, max_length=4096)
+    """A human-readable summary of the current state (for example why it failed)."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Standard conditions: Valid, Queued, Running, Checkpointed, Suspended, Succeeded, Failed."""
+    progress: Progress | None = None
+    """Training progress."""
+    progress_text: str | None = Field(default=None, max_length=64)
+    """step/totalSteps, for example "412/800" (the Progress printer column)."""
+    restarts: Restarts = Field(default_factory=Restarts)
+    """Gang restarts by cause."""
+    attempt: int = Field(default=0, ge=0)
+    """The current attempt (0-based); each gang restart starts a new one."""
+    last_checkpoint: CheckpointRef | None = None
+    """The newest complete checkpoint; a restarted attempt resumes from it."""
+    outputs: Outputs | None = None
+    """Where the model and samples are (set when the job succeeded)."""
+    start_time: datetime | None = None
+    """When the first attempt started running."""
+    completion_time: datetime | None = None
+    """When the job succeeded or failed."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the status was computed from."""
+
+
+def progress_text(step: int, total_steps: int) -> str:
+    """The Progress printer column text, for example "412/800"."""
+    return f"{step}/{total_steps}"
