@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
 from dreambooth_trainer.storage import ObjectStore, join_uri
@@ -321,9 +322,11 @@ class AsyncCheckpointer:
         self._on_failure = on_failure
         self.stats = CheckpointStats()
 
-    def _run(self, snapshot: Snapshot) -> CheckpointInfo | None:
+    def _run(self, snapshot: Snapshot, after: Callable[[], None] | None = None) -> CheckpointInfo | None:
         try:
             info = self.ckpt.write(snapshot, self._cancel)
+            if after is not None:
+                after()
         except BaseException as err:
             self.stats.failures += 1
             self.ckpt.log.warning(
@@ -349,9 +352,11 @@ class AsyncCheckpointer:
     def busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
 
-    def submit(self, snapshot: Snapshot) -> None:
+    def submit(self, snapshot: Snapshot, after: Callable[[], None] | None = None) -> None:
+        """Start writing `snapshot` after the upload in flight; `after` runs in the upload thread once the
+        checkpoint is complete (a failure in it counts as a failed checkpoint write)."""
         self.wait()
-        self._inflight = self._pool.submit(self._run, snapshot)
+        self._inflight = self._pool.submit(self._run, snapshot, after)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the upload in flight; False when it is still running after `timeout` seconds."""

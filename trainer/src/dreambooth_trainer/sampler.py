@@ -74,8 +74,15 @@ class ResumableSampler:
 
     def next_batch(self) -> list[int]:
         """This rank's item indices for the next micro-batch; advances by one global batch."""
+        return [item for _epoch, item in self.next_batch_with_epochs()]
+
+    def next_batch_with_epochs(self) -> list[tuple[int, int]]:
+        """Like `next_batch`, with each item's epoch (datasets pick per-epoch crops and flips with it)."""
         start = self.position + self.rank * self.per_rank_batch
-        batch = [self.item_at(start + i) for i in range(self.per_rank_batch)]
+        batch = []
+        for i in range(self.per_rank_batch):
+            epoch, index = divmod(start + i, self.num_items)
+            batch.append((epoch, int(self.permutation(epoch)[index])))
         self.position += self.global_batch
         return batch
 
