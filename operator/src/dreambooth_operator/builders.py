@@ -1,0 +1,292 @@
+"""Pure builders: a DreamBoothJob -> its children (ConfigMap, headless Service, Indexed batch/v1 Job).
+
+Each builder takes the custom resource as a plain dict (as kopf passes it) and returns a complete manifest
+with the owner reference set (``kopf.adopt``); nothing here talks to the API server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final, cast
+
+import kopf
+
+from dreambooth_operator import names
+from dreambooth_operator.api.constants import (
+    KUEUE_PRIORITY_CLASS_LABEL,
+    KUEUE_QUEUE_LABEL,
+    LABEL_ATTEMPT,
+    LABEL_COMPONENT,
+    LABEL_JOB_NAME,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    Component,
+)
+from dreambooth_operator.api.job import DreamBoothJobSpec
+from dreambooth_operator.exitcodes import INVALID_INPUT, PREEMPTED
+from dreambooth_operator.settings import TRAINER_MASTER_PORT, TRAINER_METRICS_PORT, OperatorSettings
+from dreambooth_operator.trainer_config import CONFIG_KEY, render_trainer_config
+
+CONTAINER_NAME: Final = "trainer"
+COMPLETION_INDEX_ANNOTATION: Final = "batch.kubernetes.io/job-completion-index"
+# The Job controller labels each pod with its completion index: this is the rank label.
+RANK_LABEL: Final = "batch.kubernetes.io/job-completion-index"
+SHM_VOLUME: Final = "dshm"
+METRICS_PORT_NAME: Final = "metrics"
+MASTER_PORT_NAME: Final = "rendezvous"
+# Env names the operator sets; spec.podTemplate.env may not set them (validation.py).
+RESERVED_ENV: Final = frozenset(
+    {
+        "DREAMBOOTH_CONFIG",
+        "DREAMBOOTH_ATTEMPT",
+        "DREAMBOOTH_BIND_ADDRESS",
+        "DREAMBOOTH_METRICS_PORT",
+        "DREAMBOOTH_GRACE_SECONDS",
+        "PET_NNODES",
+        "PET_NPROC_PER_NODE",
+        "PET_NODE_RANK",
+        "PET_MASTER_ADDR",
+        "PET_MASTER_PORT",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "NODE_RANK",
+    }
+)
+
+
+def parse_spec(job: Mapping[str, Any]) -> DreamBoothJobSpec:
+    """The spec with the operator-owned defaults filled in."""
+    return DreamBoothJobSpec.model_validate(job.get("spec") or {})
+
+
+def _name(job: Mapping[str, Any]) -> str:
+    return str(job["metadata"]["name"])
+
+
+def child_labels(job: Mapping[str, Any], component: Component = Component.TRAINER) -> dict[str, str]:
+    """Labels on every child: the selector the operator and `kubectl get -l` use."""
+    return {LABEL_JOB_NAME: _name(job), LABEL_COMPONENT: component.value, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _adopt(child: dict[str, Any], job: Mapping[str, Any]) -> dict[str, Any]:
+    # kopf.adopt sets the namespace, a controller ownerReference (blockOwnerDeletion) and copies the owner's
+    # labels that the child does not set itself (so a Kueue queue-name label reaches the batch Job).
+    kopf.adopt(child, owner=cast("kopf.Body", dict(job)))
+    return child
+
+
+def build_configmap(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer's JobConfig as JSON, given to the container as DREAMBOOTH_CONFIG (configMapKeyRef)."""
+    return _adopt(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": names.configmap_name(_name(job)), "labels": child_labels(job)},
+            "data": {CONFIG_KEY: render_trainer_config(job)},
+        },
+        job,
+    )
+
+
+def build_service(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The headless Service behind the pods' `<hostname>.<subdomain>` names (rank 0 is the rendezvous)."""
+    return _adopt(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": names.service_name(_name(job)), "labels": child_labels(job)},
+            "spec": {
+                "clusterIP": "None",
+                # Ranks must resolve each other before any of them is ready.
+                "publishNotReadyAddresses": True,
+                "selector": {LABEL_JOB_NAME: _name(job), LABEL_COMPONENT: Component.TRAINER.value},
+                "ports": [
+                    {"name": MASTER_PORT_NAME, "port": TRAINER_MASTER_PORT, "targetPort": TRAINER_MASTER_PORT},
+                    {"name": METRICS_PORT_NAME, "port": TRAINER_METRICS_PORT, "targetPort": TRAINER_METRICS_PORT},
+                ],
+            },
+        },
+        job,
+    )
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _env(job: Mapping[str, Any], spec: DreamBoothJobSpec, attempt: int, settings: OperatorSettings) -> list[Any]:
+    name = _name(job)
+    nodes = spec.resources.nodes
+    nproc = max(1, spec.resources.gpus_per_node)
+    master = names.master_address(name, attempt)
+    rank_path = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+    grace = max(1, settings.termination_grace_seconds - settings.grace_margin_seconds)
+    env: list[dict[str, Any]] = [
+        {
+            "name": "DREAMBOOTH_CONFIG",
+            "valueFrom": {"configMapKeyRef": {"name": names.configmap_name(name), "key": CONFIG_KEY}},
+        },
+        {"name": "DREAMBOOTH_ATTEMPT", "value": str(attempt)},
+        _field_env("DREAMBOOTH_BIND_ADDRESS", "status.podIP"),
+        {"name": "DREAMBOOTH_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
+        {"name": "DREAMBOOTH_GRACE_SECONDS", "value": str(grace)},
+        {"name": "PET_NNODES", "value": str(nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(nproc)},
+        _field_env("PET_NODE_RANK", rank_path),
+        {"name": "PET_MASTER_ADDR", "value": master},
+        {"name": "PET_MASTER_PORT", "value": str(TRAINER_MASTER_PORT)},
+        {"name": "MASTER_ADDR", "value": master},
+        {"name": "MASTER_PORT", "value": str(TRAINER_MASTER_PORT)},
+        {"name": "WORLD_SIZE", "value": str(nodes * nproc)},
+        _field_env("NODE_RANK", rank_path),
+    ]
+    creds = spec.storage.credentials_secret
+    if creds is not None:
+        keys = [("AWS_ACCESS_KEY_ID", creds.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key_key)]
+        if creds.session_token_key:
+            keys.append(("AWS_SESSION_TOKEN", creds.session_token_key))
+        env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}} for var, key in keys]
+    overrides = spec.pod_template.env if spec.pod_template and spec.pod_template.env else []
+    user = [e.to_wire() for e in overrides]
+    user_names = {e["name"] for e in user}
+    return [e for e in env if e["name"] not in user_names] + user
+
+
+def _resources(spec: DreamBoothJobSpec, settings: OperatorSettings) -> dict[str, Any]:
+    res = spec.resources
+    requests: dict[str, Any] = {}
+    if res.cpu is not None:
+        requests["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        requests["memory"] = str(res.memory)
+    limits = dict(requests)
+    if res.gpus_per_node > 0:
+        gpu_resource = res.gpu_resource_name or settings.gpu_resource_name
+        limits[gpu_resource] = str(res.gpus_per_node)
+        requests[gpu_resource] = str(res.gpus_per_node)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+RESTRICTED_CONTAINER_SECURITY: Final[dict[str, Any]] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def build_pod_template(
+    job: Mapping[str, Any], spec: DreamBoothJobSpec, attempt: int, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The training pod of one attempt (every rank; the rank comes from the completion index)."""
+    name = _name(job)
+    overrides = spec.pod_template
+    labels = {**(overrides.labels if overrides and overrides.labels else {})}
+    labels.update({**child_labels(job), LABEL_ATTEMPT: str(attempt)})
+    metadata: dict[str, Any] = {"labels": labels}
+    if overrides and overrides.annotations:
+        metadata["annotations"] = dict(overrides.annotations)
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if spec.resources.shared_memory is not None:
+        shm["sizeLimit"] = str(spec.resources.shared_memory)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": (overrides.image if overrides and overrides.image else settings.trainer_image),
+        "command": list(settings.trainer_command),
+        "env": _env(job, spec, attempt, settings),
+        "ports": [
+            {"name": METRICS_PORT_NAME, "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"},
+            {"name": MASTER_PORT_NAME, "containerPort": TRAINER_MASTER_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "resources": _resources(spec, settings),
+        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}],  # noqa: S108 - the pod's shared memory, not a temp file,
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if overrides and overrides.image_pull_policy:
+        container["imagePullPolicy"] = overrides.image_pull_policy.value
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": names.service_name(name),
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}],
+    }
+    if overrides:
+        wire = overrides.to_wire()
+        for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"):
+            if key in wire:
+                pod_spec[key] = wire[key]
+        if overrides.service_account_name:
+            pod_spec["serviceAccountName"] = overrides.service_account_name
+    return {"metadata": metadata, "spec": pod_spec}
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Preemption never uses up backoffLimit; invalid input fails the Job at once (docs/contracts.md)."""
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [INVALID_INPUT]},
+            },
+            {
+                "action": "Ignore",
+                "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [PREEMPTED]},
+            },
+        ]
+    }
+
+
+def is_queued_by_kueue(job: Mapping[str, Any]) -> bool:
+    return KUEUE_QUEUE_LABEL in (job.get("metadata", {}).get("labels") or {})
+
+
+def build_batch_job(job: Mapping[str, Any], attempt: int, settings: OperatorSettings) -> dict[str, Any]:
+    """The Indexed batch/v1 Job of one gang attempt.
+
+    Single-node jobs leave retries to the Job controller (backoffLimit, podFailurePolicy). Multi-node jobs
+    restart the whole gang instead, so their Job never retries a rank (backoffLimit 0): the operator deletes
+    the attempt and creates the next one.
+    """
+    spec = parse_spec(job)
+    nodes = spec.resources.nodes
+    labels = {**child_labels(job), LABEL_ATTEMPT: str(attempt)}
+    owner_labels = job.get("metadata", {}).get("labels") or {}
+    for key in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_CLASS_LABEL):
+        if key in owner_labels:
+            labels[key] = owner_labels[key]
+    # Kueue admits a queued Job by unsuspending it; the user's suspend wins in both cases.
+    suspend = spec.run_policy.suspend or is_queued_by_kueue(job)
+    return _adopt(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": names.batch_job_name(_name(job), attempt), "labels": labels},
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": nodes,
+                "parallelism": nodes,
+                "backoffLimit": spec.run_policy.backoff_limit if nodes == 1 else 0,
+                "podFailurePolicy": pod_failure_policy(),
+                # A replacement pod starts only after the old one has finished writing its checkpoint.
+                "podReplacementPolicy": "Failed",
+                "suspend": suspend,
+                "template": build_pod_template(job, spec, attempt, settings),
+            },
+        },
+        job,
+    )

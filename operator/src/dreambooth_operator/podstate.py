@@ -1,0 +1,144 @@
+"""Pure readers of observed pod and batch Job state (plain dicts as the API returns them)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from dreambooth_operator.builders import CONTAINER_NAME, RANK_LABEL
+
+IMAGE_PULL_REASONS: Final = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"}
+)
+TERMINAL_POD_PHASES: Final = frozenset({"Succeeded", "Failed"})
+
+
+def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return obj.get("status") or {}
+
+
+def pod_uid(pod: Mapping[str, Any]) -> str:
+    return str(pod.get("metadata", {}).get("uid", ""))
+
+
+def pod_rank(pod: Mapping[str, Any]) -> int | None:
+    labels = pod.get("metadata", {}).get("labels") or {}
+    value = labels.get(RANK_LABEL)
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    value = value if value is not None else annotations.get(RANK_LABEL)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def pod_phase(pod: Mapping[str, Any]) -> str:
+    return str(_status(pod).get("phase") or "Pending")
+
+
+def is_terminal(pod: Mapping[str, Any]) -> bool:
+    return pod_phase(pod) in TERMINAL_POD_PHASES
+
+
+def is_active(pod: Mapping[str, Any]) -> bool:
+    """Not finished yet (running, pending, or terminating)."""
+    return not is_terminal(pod)
+
+
+def has_condition(obj: Mapping[str, Any], type_: str, status: str = "True") -> bool:
+    return any(c.get("type") == type_ and c.get("status") == status for c in _status(obj).get("conditions") or [])
+
+
+def condition(obj: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in _status(obj).get("conditions") or [] if c.get("type") == type_), None)
+
+
+def is_disrupted(pod: Mapping[str, Any]) -> bool:
+    """Evicted or preempted (the DisruptionTarget condition that the podFailurePolicy ignores)."""
+    return has_condition(pod, "DisruptionTarget")
+
+
+def trainer_state(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    for cs in _status(pod).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER_NAME:
+            return cs.get("state") or {}
+    return {}
+
+
+def terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    term = trainer_state(pod).get("terminated")
+    return term if isinstance(term, Mapping) else None
+
+
+def exit_code(pod: Mapping[str, Any]) -> int | None:
+    term = terminated(pod)
+    if term is None or term.get("exitCode") is None:
+        return None
+    return int(term["exitCode"])
+
+
+def termination_message(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer's termination message (docs/contracts.md): JSON, or plain text under "message"."""
+    term = terminated(pod)
+    raw = (term or {}).get("message") or ""
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"message": raw.strip()[-1024:]}
+    return doc if isinstance(doc, dict) else {"message": str(doc)}
+
+
+def waiting_reason(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    waiting = trainer_state(pod).get("waiting")
+    if isinstance(waiting, Mapping) and waiting.get("reason"):
+        return str(waiting["reason"]), str(waiting.get("message") or "")
+    return None
+
+
+def image_pull_failure(pod: Mapping[str, Any]) -> str | None:
+    """The message when the trainer image cannot be pulled."""
+    waiting = waiting_reason(pod)
+    if waiting and waiting[0] in IMAGE_PULL_REASONS:
+        return f"{waiting[0]}: {waiting[1]}".rstrip(": ")
+    return None
+
+
+def unschedulable(pod: Mapping[str, Any]) -> str | None:
+    """The scheduler's message when the pod cannot be placed."""
+    cond = condition(pod, "PodScheduled")
+    if cond and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+        return str(cond.get("message") or "no node fits the pod")
+    return None
+
+
+def is_running(pod: Mapping[str, Any]) -> bool:
+    return pod_phase(pod) == "Running" and not pod.get("metadata", {}).get("deletionTimestamp")
+
+
+def pod_ip(pod: Mapping[str, Any]) -> str | None:
+    ip = _status(pod).get("podIP")
+    return str(ip) if ip else None
+
+
+def job_finished(batch_job: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+    """("Complete" | "Failed", condition) once the batch Job has finished."""
+    for type_ in ("Complete", "Failed"):
+        cond = condition(batch_job, type_)
+        if cond and cond.get("status") == "True":
+            return type_, cond
+    return None
+
+
+def job_suspended(batch_job: Mapping[str, Any]) -> bool:
+    return bool((batch_job.get("spec") or {}).get("suspend"))
+
+
+def job_failed_count(batch_job: Mapping[str, Any]) -> int:
+    return int(_status(batch_job).get("failed") or 0)
+
+
+def is_deleting(obj: Mapping[str, Any]) -> bool:
+    return bool(obj.get("metadata", {}).get("deletionTimestamp"))

@@ -1,0 +1,1 @@
+"""Pure policies applied by the reconcile loop, one concern per module (as JobSet does)."""

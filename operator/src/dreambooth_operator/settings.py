@@ -1,0 +1,77 @@
+"""Operator configuration: environment variables with the prefix ``DREAMBOOTH_OPERATOR_``.
+
+Every value has a default that works in a cluster; the Helm chart sets the ones a platform usually changes
+(watched namespaces, trainer image, log format, peering). Lists are JSON in the environment, for example
+``DREAMBOOTH_OPERATOR_NAMESPACES='["team-a","team-b"]'``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dreambooth_operator.api.constants import DEFAULT_GPU_RESOURCE, IMAGE_REPOSITORY
+
+VERSION = "0.1.0"
+
+# Ports (docs/contracts.md). The trainer's /metrics, /progress and /healthz port is part of the trainer contract.
+TRAINER_METRICS_PORT = 8080
+TRAINER_MASTER_PORT = 29500
+OPERATOR_METRICS_PORT = 8000
+OPERATOR_HEALTH_PORT = 8081
+
+
+class OperatorSettings(BaseSettings):
+    """Settings of one operator process."""
+
+    model_config = SettingsConfigDict(env_prefix="DREAMBOOTH_OPERATOR_", extra="ignore")
+
+    namespaces: list[str] = Field(default_factory=list)
+    """Namespaces to watch; empty watches the whole cluster."""
+    standalone: bool = False
+    """Run without peering (a single replica, or tests). With peering, only one replica handles each object."""
+    peering_name: str = "dreambooth-operator"
+    """The kopf peering object shared by the replicas of one deployment."""
+    priority: int = 0
+    """This replica's peering priority (the highest one handles the objects; equal ones pause each other)."""
+    log_format: Literal["json", "plain", "full"] = "json"
+    """Log format: JSON lines in production, plain text in development."""
+    verbose: bool = False
+    """Debug logging."""
+    metrics_port: int = OPERATOR_METRICS_PORT
+    """Port of the operator's own Prometheus /metrics (0 turns it off)."""
+    health_port: int = OPERATOR_HEALTH_PORT
+    """Port of kopf's liveness endpoint /healthz (0 turns it off)."""
+    bind_address: str = "0.0.0.0"  # noqa: S104 - an in-cluster server must listen on the pod IP
+    """Address the metrics and liveness servers bind."""
+
+    trainer_image: str = f"{IMAGE_REPOSITORY}/trainer:{VERSION}"
+    """The default trainer image (spec.podTemplate.image overrides it)."""
+    trainer_command: list[str] = Field(default_factory=lambda: ["dreambooth-train"])
+    """The trainer container's command."""
+    gpu_resource_name: str = DEFAULT_GPU_RESOURCE
+    """The extended resource that counts GPUs (spec.resources.gpuResourceName overrides it)."""
+    termination_grace_seconds: int = Field(default=120, ge=10)
+    """Pod grace period: the time a preempted trainer has to write its last checkpoint."""
+    grace_margin_seconds: int = Field(default=10, ge=0)
+    """Part of the grace period kept back from the trainer (DREAMBOOTH_GRACE_SECONDS = grace - margin)."""
+    default_backoff_limit: int = Field(default=3, ge=0)
+    """Retries of non-preemption failures when spec.runPolicy.backoffLimit is absent."""
+
+    reconcile_interval_seconds: float = Field(default=12.0, gt=0)
+    """How often each active job is reconciled (and rank 0's /progress polled) without any event."""
+    progress_concurrency: int = Field(default=16, ge=1)
+    """At most this many /progress requests in flight at once across all jobs."""
+    progress_timeout_seconds: float = Field(default=3.0, gt=0)
+    """Timeout of one /progress request."""
+
+    watch_server_timeout_seconds: int = Field(default=300, ge=10)
+    """Server-side timeout of each watch request (the API server ends the watch; kopf restarts it)."""
+    watch_client_timeout_seconds: int = Field(default=330, ge=10)
+    """Client-side timeout of each watch request (catches silently dead connections)."""
+    connect_timeout_seconds: int = Field(default=30, ge=1)
+    """TCP connect timeout to the API server."""
+    request_timeout_seconds: int = Field(default=60, ge=1)
+    """Timeout of each non-watch API request."""

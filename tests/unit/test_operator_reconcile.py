@@ -1,0 +1,272 @@
+"""The pure reconcile state machine: observed job + children -> status, actions, events."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from dreambooth_operator.reconcile import Action, ActionKind, Observed, Plan, ProgressSample, reconcile
+from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
+
+NOW = T0 + timedelta(seconds=30)
+
+
+def run(
+    job: dict[str, Any],
+    batch_jobs: list[dict[str, Any]] | None = None,
+    pods: list[dict[str, Any]] | None = None,
+    now: Any = NOW,
+    progress: ProgressSample | None = None,
+) -> Plan:
+    return reconcile(Observed(job=job, batch_jobs=batch_jobs or [], pods=pods or [], now=now, progress=progress))
+
+
+def cond(plan: Plan, type_: str) -> tuple[str, str] | None:
+    c = next((c for c in plan.status.conditions if c.type == type_), None)
+    return (c.status.value, c.reason) if c else None
+
+
+def reasons(plan: Plan) -> list[tuple[str, str]]:
+    return [(e.type, e.reason) for e in plan.events]
+
+
+def after(job: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """The job as it looks once the plan's status (and annotation) were written."""
+    job = {**job, "status": plan.status_wire()}
+    if plan.counted_pods is not None:
+        import json
+
+        job["metadata"] = {
+            **job["metadata"],
+            "annotations": {"dreambooth.dev/counted-preemptions": json.dumps(plan.counted_pods)},
+        }
+    return job
+
+
+def test_new_job_creates_attempt_zero() -> None:
+    plan = run(make_job().obj())
+    assert plan.actions == [Action(ActionKind.CREATE_ATTEMPT, attempt=0)]
+    assert plan.status.phase == "Pending"
+    assert plan.status.start_time == NOW
+    assert plan.status.observed_generation == 1
+    assert cond(plan, "Valid") == ("True", "SpecValid")
+    assert reasons(plan) == [("Normal", "SpecValid")]
+
+
+def test_invalid_spec_fails_without_children() -> None:
+    plan = run(make_job("x" * 60).obj())
+    assert plan.actions == []
+    assert plan.status.phase == "Failed"
+    assert cond(plan, "Failed") == ("True", "InvalidSpec")
+    assert ("Warning", "InvalidSpec") in reasons(plan)
+    assert plan.finished
+
+
+def test_status_written_twice_is_stable_and_emits_no_new_events() -> None:
+    job = make_job().obj()
+    first = run(job)
+    second = run(after(job, first), [make_batch_job(job).obj()], [make_pod(job).obj()])
+    third = run(after(job, second), [make_batch_job(job).obj()], [make_pod(job).obj()])
+    assert third.status == second.status
+    assert third.events == []
+    assert third.actions == []
+
+
+def test_unschedulable_and_image_pull_are_reported() -> None:
+    job = make_job().status(attempt=0, phase="Pending", startTime=iso(T0)).obj()
+    plan = run(job, [make_batch_job(job).obj()], [make_pod(job).unschedulable().obj()])
+    assert plan.status.phase == "Pending"
+    assert cond(plan, "Running") == ("False", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in (plan.status.message or "")
+    assert ("Warning", "Unschedulable") in reasons(plan)
+    plan = run(job, [make_batch_job(job).obj()], [make_pod(job).image_pull("ErrImagePull", "not found").obj()])
+    assert cond(plan, "Running") == ("False", "ImagePullFailed")
+    assert "ErrImagePull: not found" in (plan.status.message or "")
+
+
+def test_running_pod_is_initializing_until_progress_says_training() -> None:
+    job = make_job().status(attempt=0, phase="Pending", startTime=iso(T0)).obj()
+    pod = make_pod(job).running().obj()
+    plan = run(job, [make_batch_job(job).obj()], [pod])
+    assert plan.status.phase == "Initializing"
+    assert cond(plan, "Running") == ("True", "PodsRunning")
+    sample = ProgressSample(
+        attempt=0,
+        pod_uid=pod["metadata"]["uid"],
+        pod_start=T0,
+        data={
+            "phase": "Training",
+            "step": 5,
+            "totalSteps": 10,
+            "loss": 0.2,
+            "stepsPerSecond": 2.0,
+            "etaSeconds": 2.5,
+            "lastCheckpoint": {"step": 4, "uri": "s3://b/ckpt/step-00000004", "time": iso(T0)},
+        },
+        at=NOW,
+    )
+    plan = run(job, [make_batch_job(job).obj()], [pod], progress=sample)
+    assert plan.status.phase == "Running"
+    assert plan.status.progress_text == "5/10"
+    assert plan.status.progress is not None
+    assert plan.status.progress.loss == 0.2
+    assert plan.status.last_checkpoint is not None
+    assert plan.status.last_checkpoint.step == 4
+    assert cond(plan, "Checkpointed") == ("True", "CheckpointWritten")
+    # A stale sample with a lower step from the same pod never moves progress back.
+    stale = ProgressSample(0, pod["metadata"]["uid"], T0, {"phase": "Training", "step": 3, "totalSteps": 10}, NOW)
+    again = run(after(job, plan), [make_batch_job(job).obj()], [pod], progress=stale)
+    assert again.status.progress is not None
+    assert again.status.progress.step == 5
+    # A sample from another attempt is ignored.
+    other = ProgressSample(1, pod["metadata"]["uid"], T0, {"step": 9, "totalSteps": 10}, NOW)
+    assert run(after(job, plan), [make_batch_job(job).obj()], [pod], progress=other).status.progress_text == "5/10"
+
+
+def test_success_sets_outputs_and_is_sticky() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    message = {"status": "succeeded", "modelUri": "s3://bucket/out/cat/model", "steps": 10, "finalLoss": 0.1}
+    plan = run(job, [make_batch_job(job).complete().obj()], [make_pod(job).exited(0, message).obj()])
+    assert plan.status.phase == "Succeeded"
+    assert plan.status.outputs is not None
+    assert plan.status.outputs.model_uri == "s3://bucket/out/cat/model"
+    assert plan.status.outputs.samples_uri == "s3://bucket/out/cat/samples"
+    assert plan.status.completion_time == NOW
+    assert plan.status.progress_text == "10/10"
+    assert ("Normal", "TrainingCompleted") in reasons(plan)
+    assert plan.finished
+    # Terminal phases never change, whatever is observed later.
+    later = run(after(job, plan), [make_batch_job(job).failed().obj()], [])
+    assert later.status == plan.status
+    assert later.events == []
+
+
+def test_invalid_input_fails_at_once_with_the_trainer_message() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    pod = make_pod(job).exited(10, {"status": "failed", "reason": "InvalidInput", "message": "cat3.jpg is bad"})
+    plan = run(job, [make_batch_job(job).failed("PodFailurePolicy", "x").obj()], [pod.obj()])
+    assert plan.status.phase == "Failed"
+    assert cond(plan, "Failed") == ("True", "InvalidInput")
+    assert plan.status.message == "cat3.jpg is bad"
+
+
+def test_single_node_backoff_limit_exceeded() -> None:
+    job = make_job().run_policy(backoffLimit=1).status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    batch = make_batch_job(job).failed().failed_count(2).obj()
+    plan = run(job, [batch], [make_pod(job).exited(11).obj()])
+    assert plan.status.phase == "Failed"
+    assert cond(plan, "Failed") == ("True", "BackoffLimitExceeded")
+    assert plan.status.restarts.failures == 2
+    assert plan.status.restarts.total == 2
+
+
+def test_single_node_preemption_is_counted_once() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    evicted = make_pod(job, uid="p1").running().disrupted().deleting().obj()
+    plan = run(job, [make_batch_job(job).obj()], [evicted])
+    assert plan.status.restarts.preemptions == 1
+    assert plan.counted_pods == ["p1"]
+    assert cond(plan, "Running") == ("False", "Preempted")
+    assert ("Warning", "Preempted") in reasons(plan)
+    replacement = make_pod(job, uid="p2").running().obj()
+    again = run(after(job, plan), [make_batch_job(job).obj()], [evicted, replacement])
+    assert again.status.restarts.preemptions == 1
+    assert again.counted_pods is None
+    assert again.status.phase == "Initializing"
+    assert cond(again, "Running") == ("True", "Resumed")
+
+
+def test_multi_node_gang_restart_waits_for_old_pods_then_creates_the_next_attempt() -> None:
+    job = make_job().nodes(2).status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    rank0 = make_pod(job, 0, 0).running().obj()
+    rank1 = make_pod(job, 0, 1).running().disrupted().deleting().obj()
+    plan = run(job, [make_batch_job(job, 0).obj()], [rank0, rank1])
+    assert plan.actions == [Action(ActionKind.DELETE_BATCH_JOB, name="cat-a0")]
+    assert plan.status.attempt == 1
+    assert plan.status.restarts.preemptions == 1
+    assert plan.status.restarts.failures == 0
+    assert cond(plan, "Running") == ("False", "Preempted")
+    job = after(job, plan)
+    # The old attempt is still stopping (its pods write a checkpoint): wait.
+    waiting = run(job, [make_batch_job(job, 0).deleting().obj()], [rank0])
+    assert waiting.actions == []
+    assert waiting.status.attempt == 1
+    assert waiting.status.restarts.preemptions == 1
+    # Old pods gone: create attempt 1.
+    plan = run(job, [], [])
+    assert plan.actions == [Action(ActionKind.CREATE_ATTEMPT, attempt=1)]
+
+
+def test_multi_node_failures_count_against_backoff_limit() -> None:
+    job = make_job().nodes(2).run_policy(backoffLimit=1)
+    job = job.status(attempt=1, phase="Running", startTime=iso(T0), restarts={"failures": 1, "total": 1}).obj()
+    plan = run(job, [make_batch_job(job, 1).obj()], [make_pod(job, 1, 0).exited(11, "nccl timeout").obj()])
+    assert plan.status.phase == "Failed"
+    assert cond(plan, "Failed") == ("True", "BackoffLimitExceeded")
+    assert "nccl timeout" in (plan.status.message or "")
+    assert Action(ActionKind.DELETE_BATCH_JOB, name="cat-a1") in plan.actions
+
+
+def test_suspend_and_resume() -> None:
+    job = make_job().suspend().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    plan = run(job, [make_batch_job(job).obj()], [make_pod(job).running().obj()])
+    assert plan.actions == [Action(ActionKind.SET_SUSPEND, name="cat-a0", suspend=True)]
+    assert plan.status.phase == "Suspended"
+    assert cond(plan, "Suspended") == ("True", "SuspendedByUser")
+    resumed_job = after(job, plan)
+    resumed_job["spec"]["runPolicy"]["suspend"] = False
+    later = NOW + timedelta(seconds=100)
+    plan = run(resumed_job, [make_batch_job(job).suspended().obj()], [], now=later)
+    assert plan.actions == [Action(ActionKind.SET_SUSPEND, name="cat-a0", suspend=False)]
+    assert cond(plan, "Suspended") == ("False", "Resumed")
+    assert ("Normal", "Resumed") in reasons(plan)
+    assert plan.status.start_time == later  # suspended time does not count against the deadline
+
+
+def test_kueue_job_is_queued_until_admitted() -> None:
+    job = make_job().queue("gpu").obj()
+    plan = run(job)
+    assert plan.actions == [Action(ActionKind.CREATE_ATTEMPT, attempt=0)]
+    assert plan.status.phase == "Queued"
+    job = after(job, plan)
+    plan = run(job, [make_batch_job(job).suspended().obj()], [])
+    assert plan.actions == []
+    assert plan.status.phase == "Queued"
+    assert cond(plan, "Queued") == ("True", "WaitingForAdmission")
+    plan = run(after(job, plan), [make_batch_job(job).obj()], [make_pod(job).obj()])
+    assert plan.status.phase == "Pending"
+    assert cond(plan, "Queued") == ("False", "Admitted")
+
+
+def test_deadline_exceeded_stops_the_pods_and_fails() -> None:
+    job = make_job().run_policy(activeDeadlineSeconds=20).status(attempt=0, phase="Running", startTime=iso(T0))
+    plan = run(job.obj(), [make_batch_job(job.obj()).obj()], [make_pod(job.obj()).running().obj()])
+    assert plan.status.phase == "Failed"
+    assert cond(plan, "Failed") == ("True", "DeadlineExceeded")
+    assert plan.actions == [Action(ActionKind.DELETE_BATCH_JOB, name="cat-a0")]
+    early = run(job.obj(), [make_batch_job(job.obj()).obj()], [], now=T0 + timedelta(seconds=5))
+    assert early.requeue_after == 15
+
+
+def test_ttl_deletes_children_once_due_and_keeps_the_job() -> None:
+    job = make_job().run_policy(ttlSecondsAfterFinished=60)
+    job = job.status(phase="Succeeded", completionTime=iso(T0), startTime=iso(T0)).obj()
+    children = [make_batch_job(job).complete().obj()]
+    early = run(job, children, [], now=T0 + timedelta(seconds=10))
+    assert early.actions == []
+    assert early.requeue_after == 50
+    due = run(job, children, [], now=T0 + timedelta(seconds=61))
+    assert due.actions == [Action(ActionKind.DELETE_CHILDREN, name="cat")]
+    assert ("Normal", "ChildrenDeleted") in reasons(due)
+    assert due.status.phase == "Succeeded"
+    done = run(job, [], [], now=T0 + timedelta(seconds=70))
+    assert done.actions == []
+    assert done.finished
+
+
+def test_stale_generation_changes_nothing() -> None:
+    job = make_job().generation(1).status(observedGeneration=2, phase="Running", attempt=0).obj()
+    plan = run(job, [make_batch_job(job).complete().obj()], [])
+    assert plan.actions == []
+    assert plan.events == []
+    assert plan.status.phase == "Running"
