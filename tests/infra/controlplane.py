@@ -1,0 +1,357 @@
+"""The test control plane: etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback.
+
+`start_cluster(work_dir, log_dir)` returns a ready `Cluster`: RBAC is on, the admin token is in
+`system:masters`, the restricted token has no bindings, and the controllers that the operator relies on
+(jobs, replicasets, deployments, garbage collection, namespaces, service accounts) are running.
+There are no nodes: pods stay Pending until the test node agent (tests/nodeagent) registers some.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tests.infra.etcd import Etcd, start_etcd
+from tests.infra.kubeconfig import TokenUser, token_auth_file, write_kubeconfig
+from tests.infra.pki import ControlPlanePki, write_control_plane_pki
+from tests.infra.processes import (
+    TOOLS_BIN,
+    ManagedProcess,
+    free_ports,
+    http_get,
+    start_process,
+    stop_all,
+    tool,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+STARTUP_TIMEOUT_S = 180.0
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+KUBERNETES_SERVICE_IP = "10.0.0.1"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+ADMIN_USER = "dbo-admin"
+RESTRICTED_USER = "dbo-restricted"
+
+# The controllers the operator and its tests depend on; the rest (node lifecycle, volumes, cloud, ...) would
+# only cost CPU, and node-lifecycle would fight the fake nodes of the node agent.
+CONTROLLERS = (
+    "job-controller",
+    "replicaset-controller",
+    "deployment-controller",
+    "garbage-collector-controller",
+    "namespace-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "root-ca-certificate-publisher-controller",
+    "clusterrole-aggregation-controller",
+    "endpointslice-controller",
+    "pod-garbage-collector-controller",
+    "disruption-controller",
+    "ttl-after-finished-controller",
+)
+
+
+@dataclass
+class Cluster:
+    """A running test control plane. Use `kubectl(...)` or `api_client()`; both act as the admin.
+
+    Attributes:
+        server: the kube-apiserver URL (https://127.0.0.1:<port>).
+        kubeconfig: admin kubeconfig (user `dbo-admin`, group `system:masters`).
+        restricted_kubeconfig: kubeconfig of `dbo-restricted`, a user with no RBAC bindings.
+        admin_token / restricted_token: their bearer tokens.
+        ca_file: the CA that signed the apiserver serving certificate.
+        log_dir: where every server logs (`<name>.log`).
+        version: the server's gitVersion, e.g. "v1.36.3".
+    """
+
+    server: str
+    kubeconfig: Path
+    restricted_kubeconfig: Path
+    admin_token: str
+    restricted_token: str
+    ca_file: Path
+    log_dir: Path
+    pki: ControlPlanePki
+    etcd: Etcd
+    processes: list[ManagedProcess] = field(default_factory=list)
+    admin_user: str = ADMIN_USER
+    restricted_user: str = RESTRICTED_USER
+    service_cluster_ip_range: str = SERVICE_CLUSTER_IP_RANGE
+
+    def kubectl(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        kubeconfig: Path | None = None,
+        timeout: float = 120.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `kubectl --kubeconfig <admin or given> *args`; text output; raise on failure when `check`.
+
+        The raised `subprocess.CalledProcessError` message includes stdout and stderr.
+        """
+        argv = [str(tool("kubectl")), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        env = {**os.environ, "PATH": f"{TOOLS_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        result = subprocess.run(
+            argv, input=input, capture_output=True, text=True, check=False, timeout=timeout, env=env
+        )
+        if check and result.returncode != 0:
+            raise KubectlError(result)
+        return result
+
+    def configuration(self, token: str | None = None) -> Any:
+        """A `kubernetes.client.Configuration` for this server (admin token unless `token` is given)."""
+        from kubernetes import client
+
+        config = client.Configuration()
+        config.host = self.server
+        config.ssl_ca_cert = str(self.ca_file)
+        config.verify_ssl = True
+        config.api_key = {"authorization": f"Bearer {token or self.admin_token}"}
+        return config
+
+    def api_client(self, token: str | None = None) -> ApiClient:
+        """A new `kubernetes.client.ApiClient` acting as the admin (or as the owner of `token`)."""
+        from kubernetes import client
+
+        return client.ApiClient(self.configuration(token))
+
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses that talk to this cluster (KUBECONFIG, PATH with .tools/bin)."""
+        return {"KUBECONFIG": str(self.kubeconfig), "PATH": f"{TOOLS_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def readyz(self) -> bool:
+        status, body = http_get(
+            f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.admin_token}"}, insecure=True
+        )
+        return status == 200 and body.strip() == "ok"
+
+    def create_namespace(self, prefix: str = "t", *, timeout: float = 120.0) -> str:
+        """Create a namespace with a unique name and wait for its `default` ServiceAccount; return the name."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.kubectl("create", "namespace", name)
+
+        def has_default_sa() -> bool:
+            result = self.kubectl("get", "serviceaccount", "default", "-n", name, "-o", "name", check=False)
+            return result.returncode == 0
+
+        wait_until(has_default_sa, what=f"ServiceAccount default in namespace {name}", timeout=timeout)
+        return name
+
+    def delete_namespace(self, name: str, *, wait: bool = False) -> None:
+        """Delete a namespace (and optionally wait until it is gone)."""
+        self.kubectl("delete", "namespace", name, "--ignore-not-found", f"--wait={str(wait).lower()}", "--timeout=120s")
+
+    def stop(self) -> None:
+        stop_all(self.processes)
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl failed; `str()` shows the command, exit code, stdout and stderr."""
+
+    def __init__(self, result: subprocess.CompletedProcess[str]) -> None:
+        super().__init__(result.returncode, result.args, result.stdout, result.stderr)
+
+    def __str__(self) -> str:
+        cmd = " ".join(str(a) for a in self.cmd)
+        return f"{cmd} exited with {self.returncode}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+
+def apiserver_args(
+    *,
+    etcd_url: str,
+    port: int,
+    pki: ControlPlanePki,
+    token_file: Path,
+    cert_dir: Path,
+) -> list[str]:
+    """kube-apiserver flags for a loopback test server with RBAC and static tokens."""
+    return [
+        f"--etcd-servers={etcd_url}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--cert-dir={cert_dir}",
+        f"--tls-cert-file={pki.serving_cert}",
+        f"--tls-private-key-file={pki.serving_key}",
+        f"--client-ca-file={pki.ca_cert}",
+        f"--requestheader-client-ca-file={pki.front_proxy_ca_cert}",
+        "--requestheader-allowed-names=front-proxy-client",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki.front_proxy_client_cert}",
+        f"--proxy-client-key-file={pki.front_proxy_client_key}",
+        "--authorization-mode=Node,RBAC",
+        f"--token-auth-file={token_file}",
+        f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+        f"--service-account-key-file={pki.sa_public_key}",
+        f"--service-account-signing-key-file={pki.sa_private_key}",
+        f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
+        f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+        # The node agent serves the kubelet API (logs) on the node's InternalIP (127.0.0.x).
+        "--kubelet-preferred-address-types=InternalIP",
+        "--allow-privileged=true",
+        # The `kubernetes` Endpoints would hold 127.0.0.1, which Endpoints validation rejects: skip them.
+        "--endpoint-reconciler-type=none",
+        # One client (the tests) and 2 shared cores: fairness queuing only costs CPU here.
+        "--enable-priority-and-fairness=false",
+        "--profiling=false",
+        "--event-ttl=1h",
+        "--v=1",
+    ]
+
+
+def controller_manager_args(*, kubeconfig: Path, port: int, pki: ControlPlanePki, cert_dir: Path) -> list[str]:
+    return [
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--cert-dir={cert_dir}",
+        "--leader-elect=false",
+        f"--controllers={','.join(CONTROLLERS)}",
+        # Each controller acts as its own ServiceAccount, as in kubeadm clusters (so RBAC bugs show up here).
+        "--use-service-account-credentials=true",
+        f"--service-account-private-key-file={pki.sa_private_key}",
+        f"--root-ca-file={pki.ca_cert}",
+        f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+        # React quickly: tests wait on garbage collection and pod cleanup.
+        "--terminated-pod-gc-threshold=100",
+        "--profiling=false",
+        "--v=1",
+    ]
+
+
+def scheduler_args(*, kubeconfig: Path, port: int, cert_dir: Path) -> list[str]:
+    return [
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--cert-dir={cert_dir}",
+        "--leader-elect=false",
+        "--profiling=false",
+        "--v=1",
+    ]
+
+
+def _healthz(port: int) -> bool:
+    status, body = http_get(f"https://127.0.0.1:{port}/healthz", insecure=True, timeout=3.0)
+    return status == 200 and body.strip() == "ok"
+
+
+@contextlib.contextmanager
+def running_cluster(work_dir: Path, log_dir: Path, *, timeout: float = STARTUP_TIMEOUT_S) -> Iterator[Cluster]:
+    """Start the control plane, yield it when ready, stop it afterwards (also when start-up fails)."""
+    procs: list[ManagedProcess] = []
+    try:
+        cluster = start_cluster(work_dir, log_dir, procs, timeout)
+        yield cluster
+    finally:
+        stop_all(procs)
+
+
+def start_cluster(
+    work_dir: Path, log_dir: Path, procs: list[ManagedProcess], timeout: float = STARTUP_TIMEOUT_S
+) -> Cluster:
+    """Start the control plane and return it when ready.
+
+    Every process started is appended to `procs` as soon as it starts, so the caller can stop them all even
+    when start-up fails half-way (`running_cluster` does that for you).
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    etcd = start_etcd(work_dir / "etcd", log_dir)
+    procs.append(etcd.process)
+    # Key generation overlaps with etcd start-up.
+    pki = write_control_plane_pki(work_dir / "pki", service_ip=KUBERNETES_SERVICE_IP)
+    admin = TokenUser.new(ADMIN_USER, ("system:masters",))
+    restricted = TokenUser.new(RESTRICTED_USER)
+    kcm_user = TokenUser.new("system:kube-controller-manager")
+    sched_user = TokenUser.new("system:kube-scheduler")
+    token_file = work_dir / "tokens.csv"
+    token_file.write_text(token_auth_file([admin, restricted, kcm_user, sched_user]))
+    token_file.chmod(0o600)
+    api_port, kcm_port, sched_port = free_ports(3)
+    server = f"https://127.0.0.1:{api_port}"
+    etcd.wait_ready(timeout)
+
+    apiserver = start_process(
+        "kube-apiserver",
+        [
+            tool("kube-apiserver"),
+            *apiserver_args(
+                etcd_url=etcd.client_url,
+                port=api_port,
+                pki=pki,
+                token_file=token_file,
+                cert_dir=work_dir / "apiserver-certs",
+            ),
+        ],
+        log_dir=log_dir,
+    )
+    procs.append(apiserver)
+    cluster = Cluster(
+        server=server,
+        kubeconfig=write_kubeconfig(work_dir / "admin.kubeconfig", server, pki.ca_cert, admin.token, user=admin.name),
+        restricted_kubeconfig=write_kubeconfig(
+            work_dir / "restricted.kubeconfig", server, pki.ca_cert, restricted.token, user=restricted.name
+        ),
+        admin_token=admin.token,
+        restricted_token=restricted.token,
+        ca_file=pki.ca_cert,
+        log_dir=log_dir,
+        pki=pki,
+        etcd=etcd,
+        processes=procs,
+    )
+    apiserver.wait_ready(cluster.readyz, what=f"kube-apiserver {server}/readyz", timeout=timeout)
+
+    kcm_config = write_kubeconfig(work_dir / "kcm.kubeconfig", server, pki.ca_cert, kcm_user.token, user=kcm_user.name)
+    sched_config = write_kubeconfig(
+        work_dir / "scheduler.kubeconfig", server, pki.ca_cert, sched_user.token, user=sched_user.name
+    )
+    kcm = start_process(
+        "kube-controller-manager",
+        [
+            tool("kube-controller-manager"),
+            *controller_manager_args(kubeconfig=kcm_config, port=kcm_port, pki=pki, cert_dir=work_dir / "kcm-certs"),
+        ],
+        log_dir=log_dir,
+    )
+    procs.append(kcm)
+    scheduler = start_process(
+        "kube-scheduler",
+        [
+            tool("kube-scheduler"),
+            *scheduler_args(kubeconfig=sched_config, port=sched_port, cert_dir=work_dir / "sched-certs"),
+        ],
+        log_dir=log_dir,
+    )
+    procs.append(scheduler)
+    # Both were started before either is waited for, so these waits overlap.
+    for proc, port in ((kcm, kcm_port), (scheduler, sched_port)):
+        proc.wait_ready(
+            functools.partial(_healthz, port), what=f"{proc.name} https://127.0.0.1:{port}/healthz", timeout=timeout
+        )
+
+    # The serviceaccount controller works: pods can be created in `default`.
+    def default_sa() -> bool:
+        return cluster.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0
+
+    kcm.wait_ready(default_sa, what="ServiceAccount default/default (serviceaccount controller)", timeout=timeout)
+    return cluster
