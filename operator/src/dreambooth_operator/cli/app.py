@@ -33,8 +33,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (scripts, tests) is never wrapped: tables and paths stay one line each.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 4096)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 4096)
 
 JobFile = Annotated[Path, typer.Argument(help="A DreamBoothJob YAML file.", show_default=False)]
 Namespace = Annotated[str | None, typer.Option("--namespace", "-n", help="Namespace (default: the context's).")]
@@ -137,7 +138,7 @@ def list_(
         where = "any namespace" if all_namespaces else f"namespace {target.namespace}"
         err_console.print(f"no {api.JOB_PLURAL} in {where}")
         return
-    table = Table("NAME", "NAMESPACE", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "AGE", box=None)
+    table = Table("NAME", "NAMESPACE", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "AGE", box=None, pad_edge=False)
     now = datetime.now(UTC)
     for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"]["name"])):
         table.add_row(*present.job_row(job, now))
@@ -149,7 +150,7 @@ def status(name: JobName, namespace: Namespace = None, context: Context = None, 
     """Show a job's phase, progress, outputs and conditions."""
     target = _target(kubeconfig, context, namespace)
     job = kube.get_job(target, name)
-    details = Table(show_header=False, box=None)
+    details = Table(show_header=False, box=None, pad_edge=False)
     for key, value in present.detail_rows(job):
         details.add_row(f"[bold]{key}[/bold]", value)
     out.print(f"[bold]{api.JOB_KIND} {target.namespace}/{name}[/bold]")
