@@ -29,7 +29,7 @@ def test_capture_restore_continues_every_stream_exactly() -> None:
     assert [_draw() for _ in range(3)] == expected
 
 
-def test_seed_step_depends_on_seed_rank_and_step() -> None:
+def test_seed_step_depends_on_seed_slot_and_step() -> None:
     rng.seed_step(1, 0, 5)
     a = _draw()
     rng.seed_step(1, 0, 5)

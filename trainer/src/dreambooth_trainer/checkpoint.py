@@ -198,6 +198,8 @@ class CheckpointStore:
         """Serialize, upload every file, then the manifest, then prune. Raises on failure or cancel."""
         start = time.monotonic()
         uri = self.uri_for(snapshot.step)
+        # Rewriting a step (its earlier write did not verify): invalidate the old manifest first.
+        self.store.delete(join_uri(uri, MANIFEST))
         tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{snapshot.step}-", dir=self.scratch))
         try:
             files = write_files(snapshot, tmp)

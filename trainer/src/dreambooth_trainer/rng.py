@@ -2,9 +2,11 @@
 
 Exact resume needs the same random stream after a restart. Two mechanisms give it:
 
-- `seed_step(seed, rank, step)` reseeds python, numpy and torch (CPU and CUDA) at the start of every optimizer
-  step from (seed, rank, step). Every step's randomness (noise, timesteps, dropout, crops, flips) is then a pure
-  function of those three numbers, whatever happened before, on any number of ranks.
+- `seed_step(seed, slot, step)` reseeds python, numpy and torch (CPU and CUDA) before every micro-batch from
+  (seed, slot, step), where slot = micro-batch index x world size + rank. Every micro-batch's randomness (noise,
+  timesteps, dropout) is then a pure function of those numbers, whatever happened before. The slot also makes
+  W ranks with batch B draw exactly what one process with batch B and W accumulation steps draws, so the two
+  runs agree up to floating-point summation order.
 - `capture()`/`restore()` save and load every generator's full state as JSON (no pickle) in the checkpoint,
   so code that draws random numbers outside the step (validation sampling) also continues where it stopped.
 """
@@ -34,9 +36,9 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def seed_step(seed: int, rank: int, step: int) -> None:
-    """Reseed every generator for one optimizer step of one rank."""
-    seed_all(derive_seed(seed, rank, step))
+def seed_step(seed: int, slot: int, step: int) -> None:
+    """Reseed every generator for one micro-batch `slot` (micro index x world size + rank) of an optimizer step."""
+    seed_all(derive_seed(seed, slot, step))
 
 
 def _tensor_to_b64(t: torch.Tensor) -> str:

@@ -4,7 +4,7 @@
 `trainable_state_dict()` and `load_trainable_state_dict()` (the `DreamBoothModule`) over an indexable dataset.
 What it guarantees:
 
-- Exact resume. Every optimizer step reseeds python/numpy/torch from (seed, rank, step) (`rng.seed_step`),
+- Exact resume. Every micro-batch reseeds python/numpy/torch from (seed, slot, step) (`rng.seed_step`),
   the sampler's position is a function of the step, and the checkpoint restores weights, optimizer, LR
   scheduler, grad scaler and RNG states. A run stopped at step k and resumed in a new process ends with the
   same weights as an uninterrupted run (bitwise on CPU; tests/integration/test_trainer_resume.py).
@@ -244,6 +244,17 @@ class TrainLoop:
                 self.progress.state.update(last_checkpoint=loaded.info.to_wire())
         return step
 
+    def trainable_digest(self) -> str:
+        """sha256 over the trainable tensors (names, dtypes, bytes): equal on every rank of a healthy DDP run."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.module.trainable_state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
     def _load_metrics(self, step: int) -> None:
         try:
             text = self.store.read_bytes(self.metrics_uri).decode()
@@ -317,10 +328,10 @@ class TrainLoop:
         """One optimizer step (all micro-batches) starting at `step`; returns (mean loss, data-wait seconds)."""
         fabric = self.fabric
         accum = self.t.gradient_accumulation
-        rng.seed_step(self.t.seed, self.rank, step)
         data_wait = 0.0
         total = 0.0
         for micro in range(accum):
+            rng.seed_step(self.t.seed, micro * self.world + self.rank, step)
             t0 = time.monotonic()
             batch = self._fetch()
             data_wait += time.monotonic() - t0
@@ -374,6 +385,9 @@ class TrainLoop:
         losses: list[tuple[int, float]] = []
         self.model.train()
         step = start_step
+        _, (stop_now,) = self._agree(0.0, self.preemption.requested)
+        if stop_now:  # stopped during setup: nothing new to save
+            return self._preempted(step, None, resumed_from, [])
         while step < t.max_steps:
             local_loss, data_wait = self.train_step(step)
             step += 1
@@ -387,6 +401,7 @@ class TrainLoop:
             if step < t.max_steps and (due.by_steps(step) or time_due):
                 self._checkpoint_async(step)
                 due.reset()
+        self.log.info("training_finished", step=step, trainableDigest=self.trainable_digest())
         # A final checkpoint lets a retry after a failed export skip training.
         if resumed_from != step:
             info = self.checkpoint_sync(step, None)
@@ -407,7 +422,9 @@ class TrainLoop:
                 signal=self.preemption.signal_name,
                 secondsLeft=round(self.preemption.seconds_left(), 2),
             )
-        info = self.checkpoint_sync(step, deadline)
+        info = None
+        if step != (resumed_from or 0):
+            info = self.checkpoint_sync(step, deadline)
         if info is not None:
             self.last_checkpoint = info
             try:
@@ -421,3 +438,278 @@ class TrainLoop:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close(wait=True)
+
+
+# ----- a whole run ---------------------------------------------------------------------------------------------
+WORKDIR_ENV = "DREAMBOOTH_WORKDIR"
+ATTEMPT_ENV = "DREAMBOOTH_ATTEMPT"
+
+
+@dataclass
+class JobContext:
+    """What one process of a run shares between its phases."""
+
+    config: JobConfig
+    store: ObjectStore
+    workdir: Path
+    preemption: Preemption
+    log: EventLog
+    progress: Progress
+    fabric: Any
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_main(self) -> bool:
+        return int(self.fabric.global_rank) == 0
+
+
+def fabric_precision(config: JobConfig, cuda: bool) -> str:
+    from dreambooth_trainer.config import MixedPrecision
+
+    mp = config.training.mixed_precision
+    if mp is MixedPrecision.NO or not cuda:
+        return "32-true"
+    return "16-mixed" if mp is MixedPrecision.FP16 else "bf16-mixed"
+
+
+def make_fabric(config: JobConfig, *, local: bool = False) -> Any:
+    """A Fabric for this process: DDP over PET_NNODES x PET_NPROC_PER_NODE (gloo on CPU), or one process."""
+    from lightning_fabric import Fabric
+    from lightning_fabric.strategies import DDPStrategy
+
+    from dreambooth_trainer.distributed import read_env
+
+    dist = read_env({} if local else None)
+    cuda = torch.cuda.is_available()
+    strategy: Any = "auto"
+    if dist.is_distributed:
+        for key, value in dist.lightning_env().items():
+            os.environ.setdefault(key, value)
+        t = config.training
+        strategy = DDPStrategy(
+            process_group_backend="nccl" if cuda else "gloo",
+            find_unused_parameters=bool(t.train_text_encoder and t.text_encoder_steps is not None),
+        )
+    return Fabric(
+        accelerator="cuda" if cuda else "cpu",
+        devices=dist.procs_per_node,
+        num_nodes=dist.num_nodes,
+        strategy=strategy,
+        precision=fabric_precision(config, cuda),  # type: ignore[arg-type]
+    )
+
+
+def build_dataset(ctx: JobContext, components: Any) -> Any:
+    """Instance images (and class priors), as a DreamBoothDataset."""
+    from dreambooth_trainer.data import DreamBoothDataset, load_instance_examples
+
+    cfg = ctx.config
+    t = cfg.training
+    pp = cfg.prior_preservation
+    instances = load_instance_examples(cfg.instance_images, ctx.store, t.resolution, pp.class_prompt)
+    classes = class_images(ctx, components) if pp.enabled else None
+    return DreamBoothDataset(
+        instances,
+        components.tokenizer,
+        t.resolution,
+        classes=classes,
+        crop=cfg.instance_images.crop,
+        flip=cfg.instance_images.flip,
+        seed=t.seed,
+    )
+
+
+def class_images(ctx: JobContext, components: Any) -> Any:
+    """Class-prior examples: generated (split across ranks) or reused from the content-addressed cache."""
+    from dreambooth_trainer import priors
+
+    ctx.progress.set_phase(Phase.GENERATING_PRIORS)
+    ctx.log.info("priors_started", count=ctx.config.prior_preservation.num_images)
+    examples = priors.class_examples_for_job(
+        ctx.config,
+        components,
+        ctx.store,
+        rank=int(ctx.fabric.global_rank),
+        world_size=int(ctx.fabric.world_size),
+        barrier=ctx.fabric.barrier,
+        device=ctx.fabric.device,
+    )
+    ctx.log.info("priors_ready", count=len(examples))
+    return examples
+
+
+def prepare_caches(ctx: JobContext, module: Any, dataset: Any) -> None:
+    """Encode latents and prompts once when the VAE (and the text encoder) are frozen."""
+    if not ctx.config.training.cache_latents:
+        return
+    device = ctx.fabric.device
+    module.vae.to(device)
+    n = dataset.cache_latents(module.vae, device=device) if dataset.can_cache_latents else 0
+    m = 0
+    if not module.trains_text_encoder:
+        module.text_encoder.to(device)
+        m = dataset.cache_text_embeddings(module.text_encoder, device=device)
+    ctx.log.info("caches_ready", latents=n, promptEmbeddings=m)
+
+
+def run_job(
+    config: JobConfig,
+    *,
+    preemption: Preemption,
+    log: EventLog | None = None,
+    workdir: Path | None = None,
+    local: bool = False,
+    fabric: Any = None,
+    serve: bool = True,
+) -> tuple[str, dict[str, Any]]:
+    """Train, validate and export one job. Returns (status, result document); raises TrainerError subclasses."""
+    from dreambooth_trainer.components import load_components
+    from dreambooth_trainer.module import DreamBoothModule
+    from dreambooth_trainer.progress import ProgressServer
+
+    log = log or default_log
+    fabric = fabric or make_fabric(config, local=local)
+    fabric.launch()
+    rank = int(fabric.global_rank)
+    log.bind(rank=rank, attempt=int(os.environ.get(ATTEMPT_ENV, "0") or 0))
+    progress = Progress(config.name, config.namespace, rank, config.training.max_steps)
+    server = None
+    if serve and int(fabric.local_rank) == 0:
+        host = "127.0.0.1" if local and not os.environ.get("DREAMBOOTH_BIND_ADDRESS") else None
+        server = ProgressServer(progress, host=host).start()
+        log.info("progress_server", port=server.port)
+    scratch = Path(workdir or os.environ.get(WORKDIR_ENV) or Path.cwd() / ".dreambooth")
+    scratch = scratch / f"rank-{rank}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    store = _store(config)
+    ctx = JobContext(config, store, scratch, preemption, log, progress, fabric)
+    try:
+        return _run(ctx, load_components, DreamBoothModule)
+    except BaseException:
+        progress.set_phase(Phase.FAILED)
+        raise
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _store(config: JobConfig) -> ObjectStore:
+    return ObjectStore(config.storage)
+
+
+def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, dict[str, Any]]:
+    from dreambooth_trainer.result import RunResult
+
+    cfg = ctx.config
+    t = cfg.training
+    fabric = ctx.fabric
+    log = ctx.log
+    if ctx.is_main:
+        ctx.store.write_bytes(join_uri(cfg.output.uri, "config.json"), json.dumps(cfg.to_wire(), indent=2).encode())
+        log.info("started", job=cfg.name, totalSteps=t.max_steps, worldSize=int(fabric.world_size))
+    rng.seed_all(t.seed)
+    components = load_components(cfg.base_model, ctx.store, ctx.workdir.parent / "models")
+    dataset = build_dataset(ctx, components)
+    rng.seed_all(t.seed)
+    module = module_cls(components, t, prior_loss_weight=cfg.prior_preservation.loss_weight)
+    frozen_dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(
+        fabric_precision(cfg, torch.cuda.is_available())
+    )
+    if frozen_dtype is not None:
+        module.cast_frozen(frozen_dtype)
+    prepare_caches(ctx, module, dataset)
+    validator = _validator(ctx, module)
+    loop = TrainLoop(
+        fabric=fabric,
+        config=cfg,
+        module=module,
+        dataset=dataset,
+        collate=_collate(),
+        store=ctx.store,
+        progress=ctx.progress,
+        preemption=ctx.preemption,
+        log=log,
+        scratch=ctx.workdir,
+        on_step_end=validator,
+    )
+    try:
+        outcome = loop.run()
+    finally:
+        loop.close()
+    duration = time.monotonic() - ctx.started
+    last = outcome.last_checkpoint.to_wire() if outcome.last_checkpoint else None
+    if outcome.status == "preempted":
+        result = RunResult(
+            status="preempted",
+            reason="Preempted",
+            message=f"stopped at step {outcome.step} by {ctx.preemption.signal_name or 'a signal'}",
+            steps=outcome.step,
+            final_loss=outcome.final_loss,
+            duration_seconds=duration,
+            last_checkpoint=last,
+        )
+        log.info("preempted", step=outcome.step, lastCheckpoint=last)
+        return "preempted", result.to_wire()
+    model_uri = None
+    if ctx.is_main:
+        ctx.progress.set_phase(Phase.EXPORTING)
+        model_uri = _export(ctx, module)
+    fabric.barrier()
+    final_loss = outcome.final_loss
+    if final_loss is None:
+        final_loss = _last_logged_loss(loop)
+    result = RunResult(
+        status="succeeded",
+        model_uri=model_uri,
+        samples_uri=join_uri(cfg.output.uri, "samples") if cfg.training.validation.prompts else None,
+        steps=outcome.step,
+        final_loss=final_loss,
+        duration_seconds=duration,
+        last_checkpoint=last,
+    )
+    ctx.progress.set_phase(Phase.SUCCEEDED)
+    return "succeeded", result.to_wire()
+
+
+def _last_logged_loss(loop: TrainLoop) -> float | None:
+    if not loop.metrics_lines:
+        return None
+    value = json.loads(loop.metrics_lines[-1]).get("loss")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _collate() -> Callable[[list[Any]], Any]:
+    from dreambooth_trainer.data import collate_fn
+
+    return collate_fn
+
+
+def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
+    """Rank 0 samples the validation prompts every `intervalSteps` (and at the last step)."""
+    v = ctx.config.training.validation
+    if not v.prompts or not ctx.is_main:
+        return None
+    try:
+        from dreambooth_trainer import validation
+    except ImportError:
+        ctx.log.warning("validation_unavailable")
+        return None
+    total = ctx.config.training.max_steps
+
+    def hook(step: int) -> None:
+        if step % v.interval_steps == 0 or step == total:
+            uris = validation.sample_and_upload(ctx.config, module, ctx.store, step)
+            ctx.log.info("validation", step=step, images=len(uris))
+
+    return hook
+
+
+def _export(ctx: JobContext, module: Any) -> str | None:
+    try:
+        from dreambooth_trainer import export
+    except ImportError:
+        ctx.log.warning("export_unavailable")
+        return None
+    uri: str | None = export.export_model(ctx.config, module, ctx.store, ctx.workdir)
+    ctx.log.info("exported", uri=uri, formats=[f.value for f in ctx.config.output.formats])
+    return uri

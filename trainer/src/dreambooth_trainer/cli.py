@@ -1,0 +1,120 @@
+"""`dreambooth-train [--config FILE] [--local]`: run one training job and exit with its exit code.
+
+The config comes from FILE or `DREAMBOOTH_CONFIG` (docs/contracts.md). Log lines are JSON on stdout. The outcome
+goes to the termination message (`TERMINATION_MESSAGE_PATH`) and, when the output location is reachable, to
+`<output.uri>/result.json`. Exit codes (exitcodes.py): 0 success, 10 invalid input, 11 retryable, 12 preempted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from dreambooth_trainer.config import ConfigError, JobConfig, load_job_config
+from dreambooth_trainer.exitcodes import ExitCode, TrainerError
+from dreambooth_trainer.logging import log
+from dreambooth_trainer.preemption import Preemption
+from dreambooth_trainer.result import RunResult, write_termination_message
+
+EXIT_BY_STATUS = {"succeeded": ExitCode.SUCCESS, "preempted": ExitCode.PREEMPTED}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="dreambooth-train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, help="a JobConfig JSON/YAML file (default: $DREAMBOOTH_CONFIG)")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="one process on this machine: ignore PET_*/WORLD_SIZE, serve progress on 127.0.0.1, "
+        "termination message to <workdir>/termination-log unless TERMINATION_MESSAGE_PATH is set",
+    )
+    p.add_argument("--workdir", type=Path, help="local scratch folder (default: $DREAMBOOTH_WORKDIR or ./.dreambooth)")
+    return p.parse_args(argv)
+
+
+def classify(err: BaseException) -> tuple[ExitCode, str]:
+    """The exit code and condition reason of an error."""
+    if isinstance(err, ConfigError):
+        return ExitCode.INVALID_INPUT, "InvalidInput"
+    if isinstance(err, TrainerError):
+        return err.exit_code, err.reason
+    try:
+        from botocore.exceptions import BotoCoreError, EndpointConnectionError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:  # pragma: no cover - botocore is a dependency
+        return ExitCode.RETRYABLE, "TrainingError"
+    if isinstance(err, BotoConnectionError | EndpointConnectionError | BotoCoreError):
+        return ExitCode.RETRYABLE, "StorageUnavailable"
+    if _is_collective_failure(err):
+        return ExitCode.RETRYABLE, "CollectiveFailure"
+    return ExitCode.RETRYABLE, "TrainingError"
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}".lower()
+    return any(s in text for s in ("gloo", "nccl", "distbackenderror", "connection reset", "broken pipe"))
+
+
+def _write_result(config: JobConfig | None, doc: dict[str, Any], is_main: bool) -> None:
+    if not is_main:
+        return
+    write_termination_message(doc)
+    if config is None:
+        return
+    try:
+        import json
+
+        from dreambooth_trainer.storage import ObjectStore, join_uri
+
+        ObjectStore(config.storage).write_bytes(join_uri(config.output.uri, "result.json"), json.dumps(doc).encode())
+    except Exception as err:
+        log.warning("result_upload_failed", error=str(err))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = args.workdir or (Path(os.environ["DREAMBOOTH_WORKDIR"]) if os.environ.get("DREAMBOOTH_WORKDIR") else None)
+    if args.local and not os.environ.get("TERMINATION_MESSAGE_PATH"):
+        base = workdir or Path.cwd() / ".dreambooth"
+        base.mkdir(parents=True, exist_ok=True)
+        os.environ["TERMINATION_MESSAGE_PATH"] = str(base / "termination-log")
+    # Ranks other than 0 only log; rank 0 owns the termination message and result.json.
+    is_main = os.environ.get("LOCAL_RANK", "0") == "0" and (
+        args.local or os.environ.get("PET_NODE_RANK", os.environ.get("NODE_RANK", "0")) == "0"
+    )
+    config: JobConfig | None = None
+    with Preemption() as preemption:
+        try:
+            config = load_job_config(args.config)
+            log.bind(job=config.name)
+            from dreambooth_trainer.train import run_job
+
+            status, doc = run_job(config, preemption=preemption, log=log, workdir=workdir, local=args.local)
+        except Exception as err:
+            code, reason = classify(err)
+            message = str(err) or type(err).__name__
+            log.error(
+                "failed",
+                reason=reason,
+                message=message,
+                exitCode=int(code),
+                traceback=traceback.format_exception(err)[-3:] if code is not ExitCode.INVALID_INPUT else None,
+            )
+            _write_result(config, RunResult(status="failed", reason=reason, message=message).to_wire(), is_main)
+            return int(code)
+    _write_result(config, doc, is_main)
+    code = EXIT_BY_STATUS.get(status, ExitCode.RETRYABLE)
+    log.info("finished", status=status, exitCode=int(code), **{k: v for k, v in doc.items() if k != "status"})
+    return int(code)
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
