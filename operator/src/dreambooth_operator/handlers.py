@@ -1,0 +1,295 @@
+"""Thin kopf handlers: observe (indexes), reconcile (pure), act (kube.py), write status once, then events.
+
+Shape: one kopf daemon per DreamBoothJob runs its reconcile loop, so exactly one writer updates each job and
+reconciles never race. The loop wakes when the job or one of its batch Jobs or pods changes (event handlers
+poke it), and at least every `reconcile_interval_seconds` (to poll rank 0's /progress and to honour deadlines
+and TTLs). The children are observed through kopf indexes (in-memory, kept current by watches), so a
+reconcile lists nothing. The startup handler that holds every kopf setting is in `main.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import kopf
+from kubernetes import client
+
+from dreambooth_operator import kube, names, podstate
+from dreambooth_operator.api.constants import GROUP, JOB_PLURAL, LABEL_ATTEMPT, LABEL_JOB_NAME, VERSION, JobPhase
+from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
+from dreambooth_operator.metrics import OperatorMetrics
+from dreambooth_operator.progress import ProgressPoller
+from dreambooth_operator.reconcile import (
+    COUNTED_PODS_ANNOTATION,
+    ActionKind,
+    Observed,
+    Plan,
+    ProgressSample,
+    now_utc,
+    parse_status,
+    reconcile,
+)
+from dreambooth_operator.settings import OperatorSettings
+
+CHILD_LABELS = {LABEL_JOB_NAME: kopf.PRESENT}
+Key = tuple[str, str]
+
+
+@dataclass
+class OperatorState:
+    """What the handlers share; created by the startup handler and kept in kopf's memo."""
+
+    settings: OperatorSettings
+    api: client.ApiClient
+    metrics: OperatorMetrics
+    poller: ProgressPoller
+    wakes: dict[Key, asyncio.Event] = field(default_factory=dict)
+    samples: dict[Key, ProgressSample] = field(default_factory=dict)
+
+    def wake(self, key: Key) -> None:
+        event = self.wakes.get(key)
+        if event is not None:
+            event.set()
+
+
+def state_of(memo: Any) -> OperatorState:
+    state = memo.get("state") if isinstance(memo, Mapping) else getattr(memo, "state", None)
+    if not isinstance(state, OperatorState):
+        raise kopf.TemporaryError("operator state is not initialised yet", delay=1)
+    return state
+
+
+# --- observation: indexes of children by (namespace, DreamBoothJob name) -----------------------------------
+
+
+def _trim(body: Mapping[str, Any], spec_keys: Iterable[str] = ()) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    trimmed: dict[str, Any] = {
+        "metadata": {
+            k: copy.deepcopy(meta[k])
+            for k in ("name", "namespace", "uid", "labels", "annotations", "deletionTimestamp", "creationTimestamp")
+            if k in meta
+        },
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+    spec = body.get("spec") or {}
+    trimmed["spec"] = {k: copy.deepcopy(spec[k]) for k in spec_keys if k in spec}
+    return trimmed
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
+def batch_jobs_by_owner(*, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, labels[LABEL_JOB_NAME]): _trim(body, ("suspend", "completions", "parallelism"))}
+
+
+@kopf.index("v1", "pods", labels=CHILD_LABELS)
+def pods_by_owner(*, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, labels[LABEL_JOB_NAME]): _trim(body)}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+def wake_on_batch_job(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    state_of(memo).wake((namespace or "", labels[LABEL_JOB_NAME]))
+
+
+@kopf.on.event("v1", "pods", labels=CHILD_LABELS)
+def wake_on_pod(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    state_of(memo).wake((namespace or "", labels[LABEL_JOB_NAME]))
+
+
+@kopf.on.event(GROUP, VERSION, JOB_PLURAL)
+def wake_on_job(*, namespace: str | None, name: str | None, memo: Any, type: str, **_: Any) -> None:
+    state = state_of(memo)
+    key = (namespace or "", name or "")
+    if type == "DELETED":
+        state.metrics.set_phase(*key, None)
+    state.wake(key)
+
+
+# --- the reconcile loop ----------------------------------------------------------------------------------
+
+
+@kopf.daemon(GROUP, VERSION, JOB_PLURAL, cancellation_timeout=5.0)
+async def job_loop(
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str | None,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    logger: kopf.Logger,
+    **kwargs: Any,
+) -> None:
+    """Reconcile one DreamBoothJob until it is finished (terminal, TTL done) or deleted."""
+    batch_jobs_index: kopf.Index[Key, Any] = kwargs["batch_jobs_by_owner"]
+    pods_index: kopf.Index[Key, Any] = kwargs["pods_by_owner"]
+    state = state_of(memo)
+    key = (namespace or "", name or "")
+    wake = state.wakes.setdefault(key, asyncio.Event())
+    try:
+        while not stopped:
+            wake.clear()
+            started = time.perf_counter()
+            plan: Plan | None = None
+            try:
+                plan = await reconcile_job(state, body, batch_jobs_index, pods_index, logger)
+            except (client.ApiException, aiohttp.ClientError, OSError, kopf.TemporaryError) as err:
+                state.metrics.reconcile_errors.inc()
+                logger.warning("reconcile failed, retrying: %s", err)
+            except Exception:
+                state.metrics.reconcile_errors.inc()
+                logger.exception("reconcile failed")
+            finally:
+                state.metrics.reconcile_duration.observe(time.perf_counter() - started)
+            if plan is not None and plan.finished:
+                logger.info("job finished; its reconcile loop ends")
+                return
+            timeout = state.settings.reconcile_interval_seconds
+            if plan is not None and plan.requeue_after is not None:
+                timeout = min(timeout, max(0.2, plan.requeue_after))
+            if plan is None:
+                timeout = min(timeout, 2.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=timeout)
+    finally:
+        state.wakes.pop(key, None)
+        state.samples.pop(key, None)
+        state.poller.forget(key)
+
+
+async def reconcile_job(
+    state: OperatorState,
+    body: kopf.Body,
+    batch_jobs: kopf.Index[Key, Any],
+    pods: kopf.Index[Key, Any],
+    logger: kopf.Logger,
+) -> Plan:
+    job = copy.deepcopy(dict(body))
+    meta = job["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    key = (namespace, name)
+    observed_jobs = [copy.deepcopy(j) for j in batch_jobs.get(key, [])]
+    observed_pods = [copy.deepcopy(p) for p in pods.get(key, [])]
+    sample = await poll_progress(state, key, job, observed_pods, logger)
+    prev = parse_status(job)
+    plan = reconcile(Observed(job=job, batch_jobs=observed_jobs, pods=observed_pods, now=now_utc(), progress=sample))
+    await asyncio.to_thread(execute, state, job, observed_jobs, plan)
+    if plan.counted_pods is not None:
+        annotations = {COUNTED_PODS_ANNOTATION: _json_list(plan.counted_pods)}
+        await asyncio.to_thread(
+            kube.merge_patch,
+            state.api,
+            f"{GROUP}/{VERSION}",
+            "DreamBoothJob",
+            namespace,
+            name,
+            {"metadata": {"annotations": annotations}},
+        )
+    patch = kube.merge_diff(job.get("status"), plan.status_wire(), keep=frozenset({"kopf"}))
+    if patch:
+        await asyncio.to_thread(kube.patch_status, state.api, namespace, name, patch)
+    # Events only after the status write succeeded (a failed write retries the whole reconcile).
+    for event in plan.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
+        state.metrics.events.labels(type=event.type, reason=event.reason).inc()
+    record_metrics(state.metrics, job, prev.phase, plan)
+    return plan
+
+
+def _json_list(values: list[str]) -> str:
+    import json
+
+    return json.dumps(values)
+
+
+async def poll_progress(
+    state: OperatorState,
+    key: Key,
+    job: Mapping[str, Any],
+    pods: list[Mapping[str, Any]],
+    logger: kopf.Logger,
+) -> ProgressSample | None:
+    """Read rank 0's /progress when it is due; the last good sample otherwise."""
+    attempt = parse_status(job).attempt
+    rank0 = next(
+        (
+            p
+            for p in pods
+            if podstate.pod_rank(p) == 0
+            and (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) == str(attempt)
+            and podstate.is_running(p)
+            and podstate.pod_ip(p)
+        ),
+        None,
+    )
+    if rank0 is None or not state.poller.due(key):
+        return state.samples.get(key)
+    try:
+        data = await state.poller.fetch(key, str(podstate.pod_ip(rank0)))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+        state.metrics.progress_polls.labels(result="error").inc()
+        logger.debug("/progress of %s not available: %r", rank0["metadata"]["name"], err)
+        return state.samples.get(key)
+    state.metrics.progress_polls.labels(result="ok").inc()
+    started = _parse_time((rank0.get("status") or {}).get("startTime"))
+    sample = ProgressSample(attempt, podstate.pod_uid(rank0), started, data, now_utc())
+    state.samples[key] = sample
+    return sample
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]], plan: Plan) -> None:
+    """Carry out the plan's actions (blocking; runs in a worker thread)."""
+    api = state.api
+    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    for action in plan.actions:
+        if action.kind is ActionKind.CREATE_ATTEMPT:
+            kube.apply(api, build_configmap(job))
+            kube.apply(api, build_service(job))
+            kube.create(api, build_batch_job(job, action.attempt, state.settings))
+        elif action.kind is ActionKind.DELETE_BATCH_JOB:
+            # Foreground: the Job stays until its pods have stopped (and written their checkpoint).
+            kube.delete(api, "batch/v1", "Job", namespace, action.name, propagation="Foreground")
+        elif action.kind is ActionKind.SET_SUSPEND:
+            kube.merge_patch(api, "batch/v1", "Job", namespace, action.name, {"spec": {"suspend": action.suspend}})
+        elif action.kind is ActionKind.DELETE_CHILDREN:
+            for batch_job in batch_jobs:
+                kube.delete(api, "batch/v1", "Job", namespace, batch_job["metadata"]["name"])
+            kube.delete(api, "v1", "Service", namespace, names.service_name(name))
+            kube.delete(api, "v1", "ConfigMap", namespace, names.configmap_name(name))
+
+
+def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase: JobPhase | None, plan: Plan) -> None:
+    meta = job["metadata"]
+    status = plan.status
+    phase = status.phase
+    metrics.set_phase(meta["namespace"], meta["name"], phase.value if phase else None)
+    prev = parse_status(job)
+    if status.restarts.preemptions > prev.restarts.preemptions:
+        metrics.restarts.labels(reason="preemption").inc(status.restarts.preemptions - prev.restarts.preemptions)
+    if status.restarts.failures > prev.restarts.failures:
+        metrics.restarts.labels(reason="failure").inc(status.restarts.failures - prev.restarts.failures)
+    if phase == prev_phase:
+        return
+    created = _parse_time(meta.get("creationTimestamp"))
+    if created is None:
+        return
+    elapsed = max(0.0, (now_utc() - created).total_seconds())
+    if phase == JobPhase.RUNNING and status.attempt == 0 and status.restarts.total == 0:
+        metrics.time_to_running.observe(elapsed)
+    if phase in (JobPhase.SUCCEEDED, JobPhase.FAILED) and math.isfinite(elapsed):
+        metrics.job_duration.labels(phase=phase.value).observe(elapsed)

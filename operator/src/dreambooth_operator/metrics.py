@@ -1,0 +1,78 @@
+"""The operator's own Prometheus metrics (prefix ``dreambooth_operator_``), on its own port and registry."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Buckets for minutes-to-hours durations (time to Running and job duration).
+DURATION_BUCKETS: Final = (5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400)
+
+
+class OperatorMetrics:
+    """All metrics of one operator process (a fresh registry each, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge(
+            "dreambooth_operator_jobs", "DreamBoothJobs known to this operator, by phase", ["phase"], registry=r
+        )
+        self.reconcile_duration = Histogram(
+            "dreambooth_operator_reconcile_duration_seconds",
+            "Time of one reconcile of a DreamBoothJob (observe, decide, act, write status)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "dreambooth_operator_reconcile_errors_total", "Reconciles that raised an error", registry=r
+        )
+        self.restarts = Counter(
+            "dreambooth_operator_restarts_total",
+            "Training restarts, by reason (preemption or failure)",
+            ["reason"],
+            registry=r,
+        )
+        self.time_to_running = Histogram(
+            "dreambooth_operator_time_to_running_seconds",
+            "From a DreamBoothJob's creation to its first training step (phase Running)",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "dreambooth_operator_job_duration_seconds",
+            "From a DreamBoothJob's creation to Succeeded or Failed, by final phase",
+            ["phase"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.progress_polls = Counter(
+            "dreambooth_operator_progress_polls_total",
+            "Reads of rank 0's /progress, by result (ok or error)",
+            ["result"],
+            registry=r,
+        )
+        self.events = Counter(
+            "dreambooth_operator_events_total",
+            "Kubernetes Events emitted, by type and reason",
+            ["type", "reason"],
+            registry=r,
+        )
+        self._phases: dict[tuple[str, str], str] = {}
+
+    def set_phase(self, namespace: str, name: str, phase: str | None) -> None:
+        """Record a job's phase (None forgets the job) and refresh the jobs-by-phase gauge."""
+        key = (namespace, name)
+        if phase is None:
+            self._phases.pop(key, None)
+        else:
+            self._phases[key] = phase
+        counts = Tally(self._phases.values())
+        for known in ("Pending", "Queued", "Initializing", "Running", "Succeeded", "Failed", "Suspended"):
+            self.jobs.labels(phase=known).set(counts.get(known, 0))
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from other pods
+        """Serve /metrics in a background thread."""
+        start_http_server(port, addr=address, registry=self.registry)
