@@ -1,0 +1,172 @@
+"""The DreamBooth LightningModule on the tiny model: the loss learns, LoRA trains only adapters, the text encoder
+stops at textEncoderSteps, prior weighting, v-prediction, and the trainable state round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from dreambooth_trainer.components import Components, load_components
+from dreambooth_trainer.config import BaseModelSpec, TrainingConfig
+from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn
+from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_trainer.module import STEP_KEY, DreamBoothModule
+from dreambooth_trainer.storage import ObjectStore
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def components(cache_dir: Path) -> Components:
+    return load_components(BaseModelSpec(tiny=True), ObjectStore(), cache_dir)
+
+
+def square(color: tuple[int, int, int]) -> Image.Image:
+    arr = np.full((32, 32, 3), 128, np.uint8)
+    arr[8:24, 8:24] = color
+    return Image.fromarray(arr)
+
+
+def make_batch(comps: Components, prior: bool = False, cache: bool = True, n: int = 4) -> dict[str, Any]:
+    classes = [Example("c", square((0, 0, 255)), "a photo of dog")] if prior else None
+    ds = DreamBoothDataset([Example("i", square((255, 0, 0)), "a photo of sks dog")], comps.tokenizer, 32, classes)
+    if cache:
+        ds.cache_latents(comps.vae)
+        ds.cache_text_embeddings(comps.text_encoder)
+    return collate_fn([ds[0]] * n)
+
+
+def fixed_loss(module: DreamBoothModule, batch: dict[str, Any]) -> float:
+    with torch.no_grad():
+        return sum(float(module.compute_loss(batch, torch.Generator().manual_seed(s))) for s in range(4)) / 4
+
+
+def train(module: DreamBoothModule, batch: dict[str, Any], steps: int) -> None:
+    torch.manual_seed(0)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    for _ in range(steps):
+        module.compute_loss(batch).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_full_finetune_loss_decreases(cache_dir: Path) -> None:
+    comps = components(cache_dir)
+    module = DreamBoothModule(comps, TrainingConfig(method="full", learning_rate=1e-3, resolution=32))
+    batch = make_batch(comps)
+    before = fixed_loss(module, batch)
+    train(module, batch, 25)
+    after = fixed_loss(module, batch)
+    assert after < 0.5 * before, (before, after)
+    assert module.optimizer_steps == 25
+
+
+def test_lora_trains_only_adapters_and_learns(cache_dir: Path) -> None:
+    comps = components(cache_dir)
+    base = {n: p.detach().clone() for n, p in comps.unet.named_parameters()}
+    module = DreamBoothModule(
+        comps, TrainingConfig(method="lora", learning_rate=1e-2, resolution=32, lora={"rank": 4, "alpha": 4})
+    )
+    names = [n for n, p in module.unet.named_parameters() if p.requires_grad]
+    assert names
+    assert all("lora_" in n for n in names)
+    batch = make_batch(comps, cache=False)
+    before = fixed_loss(module, batch)
+    train(module, batch, 25)
+    assert fixed_loss(module, batch) < 0.8 * before
+    for name, param in module.unet.named_parameters():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            assert torch.equal(param, base[key]), name
+    state = module.trainable_state_dict()
+    assert set(state) == {f"unet.{n}" for n in names} | {STEP_KEY}
+
+
+def test_text_encoder_trains_only_for_text_encoder_steps(cache_dir: Path) -> None:
+    comps = components(cache_dir)
+    cfg = TrainingConfig(
+        method="full",
+        learning_rate=1e-3,
+        resolution=32,
+        train_text_encoder=True,
+        text_encoder_steps=3,
+        text_encoder_learning_rate=1e-3,
+    )
+    module = DreamBoothModule(comps, cfg)
+    assert module.has_unused_parameters_later
+    batch = make_batch(comps, cache=False)
+    assert "input_ids" in batch
+    initial = [p.detach().clone() for p in module.text_encoder_parameters()]
+    train(module, batch, 3)
+    after_three = [p.detach().clone() for p in module.text_encoder_parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(initial, after_three, strict=True))
+    assert not module.text_encoder_active()
+    train(module, batch, 2)
+    assert all(torch.equal(a, b) for a, b in zip(after_three, module.text_encoder_parameters(), strict=True))
+    # the step count is part of the trainable state, so a resumed module also stops training the text encoder
+    state = module.trainable_state_dict()
+    fresh = DreamBoothModule(components(cache_dir), cfg)
+    assert fresh.text_encoder_active()
+    fresh.load_trainable_state_dict(state)
+    assert fresh.optimizer_steps == 5
+    assert not fresh.text_encoder_active()
+    for a, b in zip(module.unet_parameters(), fresh.unet_parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_prior_loss_is_weighted(cache_dir: Path) -> None:
+    comps = components(cache_dir)
+    module = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32), prior_loss_weight=2.5)
+    batch = make_batch(comps, prior=True, n=2)
+    assert batch["num_instance"] == 2
+    assert batch["latent_params"].shape[0] == 4
+    with torch.no_grad():
+        loss = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    parts = module.last_losses
+    assert float(loss) == pytest.approx(parts["instance"] + 2.5 * parts["prior"], rel=1e-5)
+    assert parts["prior"] != pytest.approx(parts["instance"])
+
+
+def test_v_prediction_and_snr_weighting(cache_dir: Path) -> None:
+    comps = components(cache_dir)
+    batch = make_batch(comps)
+    eps = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32))
+    with torch.no_grad():
+        eps_loss = float(eps.compute_loss(batch, torch.Generator().manual_seed(0)))
+    comps = components(cache_dir)
+    comps.noise_scheduler.register_to_config(prediction_type="v_prediction")
+    v = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32))
+    with torch.no_grad():
+        v_loss = float(v.compute_loss(batch, torch.Generator().manual_seed(0)))
+    assert v_loss != pytest.approx(eps_loss)
+    comps = components(cache_dir)
+    snr = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32, snr_gamma=1.0))
+    with torch.no_grad():
+        snr_loss = float(snr.compute_loss(batch, torch.Generator().manual_seed(0)))
+    # min(snr, 1) / snr <= 1 scales every sample down (or keeps it)
+    assert np.isfinite(snr_loss)
+    assert snr_loss < eps_loss
+
+
+def test_adamw8bit_without_cuda_is_a_clear_error(cache_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the error is for machines without CUDA")
+    module = DreamBoothModule(components(cache_dir), TrainingConfig(method="lora", optimizer="adamw8bit"))
+    with pytest.raises(InvalidInputError, match="adamw8bit needs a CUDA GPU"):
+        module.configure_optimizers()
+
+
+def test_load_rejects_mismatched_state(cache_dir: Path) -> None:
+    module = DreamBoothModule(components(cache_dir), TrainingConfig(method="lora"))
+    state = module.trainable_state_dict()
+    state.pop(next(k for k in state if k != STEP_KEY))
+    with pytest.raises(ValueError, match="missing"):
+        module.load_trainable_state_dict(state)
