@@ -89,7 +89,8 @@ def wait_until(
 ) -> None:
     """Poll `condition` until it returns True; raise `NotReadyError` after `timeout` seconds.
 
-    Exceptions raised by `condition` count as "not yet" (the last one is reported). `details` adds context
+    Exceptions raised by `condition` count as "not yet" (the last one is reported), except `NotReadyError`
+    (and so `ProcessExitedError`), which ends the wait at once. `details` adds context
     (for example a log tail) to the error message.
     """
     deadline = time.monotonic() + timeout
@@ -99,6 +100,8 @@ def wait_until(
             if condition():
                 return
             last_error = None
+        except NotReadyError:
+            raise  # a definite failure (e.g. the process exited): waiting longer cannot help
         except Exception as exc:  # a server that is still starting refuses connections, returns 500s, ...
             last_error = exc
         if time.monotonic() >= deadline:
@@ -175,13 +178,7 @@ class ManagedProcess:
                 raise ProcessExitedError(msg + "\n" + self.describe())
             return condition()
 
-        try:
-            wait_until(check, what=what or f"{self.name} to become ready", timeout=timeout, details=self.describe)
-        except NotReadyError as err:
-            # Surface an early exit as such, not as a timeout.
-            if not self.running():
-                raise ProcessExitedError(str(err)) from None
-            raise
+        wait_until(check, what=what or f"{self.name} to become ready", timeout=timeout, details=self.describe)
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL. Returns the exit code. Idempotent."""
