@@ -1,0 +1,110 @@
+"""Pod IP allocation and the /etc/hosts block of the test node agent."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.nodeagent.hostsfile import BEGIN, END, HostsFile, pod_names, render_block, replace_block
+from tests.nodeagent.ipalloc import IPAllocator, claim_subnet
+
+HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
+
+
+def test_allocator_hands_out_unique_addresses_in_its_subnet() -> None:
+    alloc = IPAllocator(42)
+    ips = [alloc.allocate() for _ in range(500)]
+    assert len(set(ips)) == 500
+    assert ips[:2] == ["127.42.0.2", "127.42.0.3"]
+    assert all(ipaddress.IPv4Address(ip) in ipaddress.IPv4Network("127.42.0.0/16") for ip in ips)
+    assert "127.42.0.1" not in ips
+
+
+def test_allocator_does_not_reuse_a_released_address_while_others_are_free() -> None:
+    alloc = IPAllocator(42)
+    first = alloc.allocate()
+    alloc.release(first)
+    assert alloc.allocate() != first
+    assert first not in alloc.in_use()
+
+
+def test_allocator_wraps_around_and_reports_exhaustion() -> None:
+    alloc = IPAllocator(7)
+    total = 2**16 - 3  # .0.0, .0.1 and .255.255 are never handed out
+    ips = {alloc.allocate() for _ in range(total)}
+    assert len(ips) == total
+    assert "127.7.255.255" not in ips
+    with pytest.raises(RuntimeError, match="no free pod IP"):
+        alloc.allocate()
+    alloc.release("127.7.3.4")
+    assert alloc.allocate() == "127.7.3.4"
+
+
+@pytest.mark.parametrize("octet", [0, 255])
+def test_allocator_rejects_reserved_subnets(octet: int) -> None:
+    with pytest.raises(ValueError, match="second octet"):
+        IPAllocator(octet)
+
+
+def test_subnet_claims_are_exclusive_until_closed(tmp_path: Path) -> None:
+    first = claim_subnet(tmp_path, range(10, 13))
+    second = claim_subnet(tmp_path, range(10, 13))
+    assert (first.second_octet, second.second_octet) == (10, 11)
+    first.close()
+    third = claim_subnet(tmp_path, range(10, 13))
+    assert third.second_octet == 10
+    fourth = claim_subnet(tmp_path, range(10, 13))
+    with pytest.raises(RuntimeError, match="claimed"):
+        claim_subnet(tmp_path, range(10, 13))
+    for claim in (second, third, fourth):
+        claim.close()
+
+
+def test_pod_names_follow_cluster_dns() -> None:
+    assert pod_names("job-0", "job", "ns") == [
+        "job-0.job",
+        "job-0.job.ns",
+        "job-0.job.ns.svc",
+        "job-0.job.ns.svc.cluster.local",
+    ]
+    assert pod_names("job-0", "", "ns") == []
+    assert pod_names("", "job", "ns") == []
+
+
+def test_block_is_appended_replaced_and_removed() -> None:
+    block = render_block("a1", 100, {"127.10.0.3": ["b.s"], "127.10.0.2": ["a.s", "a.s.ns"]})
+    assert block.splitlines()[0] == f"{BEGIN} a1 pid=100"
+    assert block.splitlines()[-1] == f"{END} a1"
+    assert block.splitlines()[2:4] == ["127.10.0.2\ta.s a.s.ns", "127.10.0.3\tb.s"]
+    text = replace_block(HOSTS, "a1", block, lambda pid: True)
+    assert text == HOSTS + block
+    updated = replace_block(text, "a1", render_block("a1", 100, {}), lambda pid: True)
+    assert "127.10.0.2" not in updated
+    assert updated.count(BEGIN) == 1
+    assert replace_block(updated, "a1", None, lambda pid: True) == HOSTS
+
+
+def test_other_agents_blocks_are_kept_unless_their_process_is_dead() -> None:
+    alive = render_block("live", 1, {"127.11.0.2": ["x.s"]})
+    dead = render_block("dead", 2, {"127.12.0.2": ["y.s"]})
+    text = HOSTS + alive + dead
+    result = replace_block(text, "me", render_block("me", 3, {}), lambda pid: pid == 1)
+    assert alive in result
+    assert dead not in result
+    assert result.startswith(HOSTS)
+
+
+def test_hosts_file_round_trip(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost")  # no trailing newline
+    agent = HostsFile("t1", hosts, tmp_path / "lock")
+    agent.write({"127.10.0.2": ["a.s"]})
+    assert hosts.read_text().splitlines()[0] == "127.0.0.1 localhost"
+    assert f"{BEGIN} t1 pid={os.getpid()}" in hosts.read_text()
+    assert "127.10.0.2\ta.s" in hosts.read_text()
+    assert oct(hosts.stat().st_mode & 0o777) == "0o644"
+    agent.remove()
+    assert hosts.read_text() == "127.0.0.1 localhost\n"
