@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Self, cast
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 from dreambooth_operator.api.constants import ConditionStatus
@@ -158,10 +158,16 @@ class EnvVar(ApiModel):
     """A core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef), not checked here."""
 
 
+# Every CEL rule below has a Python twin in a model validator with the same message, so that the operator's
+# own validation (and the property tests) agree with the API server.
+RESERVED_LABEL_PREFIX = "dreambooth.dev/"
 RESERVED_LABEL_RULE = cel(
     "self.all(k, !k.startsWith('dreambooth.dev/'))",
     "labels with the dreambooth.dev/ prefix are reserved for the operator",
 )
+
+
+ENV_VALUE_RULE_MESSAGE = "an env entry may set value or valueFrom, not both"
 
 
 class PodTemplateOverrides(ApiModel):
@@ -169,10 +175,7 @@ class PodTemplateOverrides(ApiModel):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel(
-                "!has(self.env) || self.env.all(e, !(has(e.value) && has(e.valueFrom)))",
-                "an env entry may set value or valueFrom, not both",
-            )
+            cel("!has(self.env) || self.env.all(e, !(has(e.value) && has(e.valueFrom)))", ENV_VALUE_RULE_MESSAGE)
         )
     )
 
@@ -198,6 +201,14 @@ class PodTemplateOverrides(ApiModel):
     """Extra pod labels (the dreambooth.dev/ prefix is reserved)."""
     annotations: dict[str, str] | None = None
     """Extra pod annotations."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if any(k.startswith(RESERVED_LABEL_PREFIX) for k in self.labels or {}):
+            raise ValueError(RESERVED_LABEL_RULE["message"])
+        if any(e.value is not None and e.value_from is not None for e in self.env or []):
+            raise ValueError(ENV_VALUE_RULE_MESSAGE)
+        return self
 
 
 class ContainerResources(ApiModel):

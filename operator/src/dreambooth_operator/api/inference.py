@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Self
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from dreambooth_operator.api.common import (
     ApiModel,
@@ -55,6 +55,14 @@ class ModelSource(ApiModel):
     base_model: dict[str, Any] | None = None
     """The base model that a LoRA-only modelUri was trained from (same form as a DreamBoothJob's baseModel)."""
 
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if (self.from_job is None) == (self.model_uri is None):
+            raise ValueError("model needs exactly one of fromJob or modelUri")
+        if self.base_model is not None and self.model_uri is None:
+            raise ValueError("model.baseModel goes with modelUri (with fromJob the job's base model is used)")
+        return self
+
 
 class Adapter(ApiModel):
     """A LoRA adapter loaded on top of the model; requests choose adapters by name."""
@@ -100,6 +108,19 @@ class Scaling(ApiModel):
     target_inflight_requests: int | None = Field(default=None, ge=1, le=1000)
     """Autoscaling target: average in-flight requests per replica (2 when unset)."""
 
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        autoscaling = (self.min_replicas is not None, self.max_replicas is not None)
+        if self.replicas is not None and any(autoscaling):
+            raise ValueError("scaling.replicas cannot be combined with minReplicas or maxReplicas")
+        if autoscaling[0] != autoscaling[1]:
+            raise ValueError("scaling.minReplicas and scaling.maxReplicas go together")
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("scaling.minReplicas may not exceed scaling.maxReplicas")
+        if self.target_inflight_requests is not None and self.max_replicas is None:
+            raise ValueError("scaling.targetInflightRequests needs minReplicas and maxReplicas")
+        return self
+
 
 class InferenceResources(ContainerResources):
     """GPUs and per-pod resources of each replica."""
@@ -134,6 +155,12 @@ class ServerLimits(ApiModel):
     """Sampling steps when a request names none."""
     default_guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
     """Classifier-free guidance scale when a request names none."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if self.default_steps > self.max_steps:
+            raise ValueError("server.defaultSteps may not exceed server.maxSteps")
+        return self
 
 
 class SecretKeySelector(ApiModel):
@@ -175,6 +202,14 @@ class InferenceServiceSpec(ApiModel):
     """Bearer-token authentication."""
     pod_template: PodTemplateOverrides | None = None
     """Overrides for the server pods."""
+
+    @model_validator(mode="after")
+    def _unique_adapters(self) -> Self:
+        # The CRD's list-map keyed by name rejects duplicates too ("Duplicate value").
+        names = [a.name for a in self.adapters]
+        if len(names) != len(set(names)):
+            raise ValueError("adapter names must be unique")
+        return self
 
 
 class InferenceServiceStatus(ApiModel):

@@ -8,9 +8,9 @@ trainer's config models (see `TRAINER_SECTIONS` and `dreambooth_operator.api.gen
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Self
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from dreambooth_operator.api.common import (
     ApiModel,
@@ -135,6 +135,16 @@ class DreamBoothJobSpec(ApiModel):
     """Overrides for the training pods (image, scheduling, env, labels); applied from the next attempt."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     """Retries, deadlines, TTL and suspension."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        # The Python twins of SPEC_RULES (the trainer checks its own sections when it parses them).
+        method = self.training.get("method", "lora")
+        if "lora" in self.output.get("formats", []) and method != "lora":
+            raise ValueError(SPEC_RULES[0]["message"])
+        if self.resources.nodes > 1 and not self.output.get("checkpointUri"):
+            raise ValueError(SPEC_RULES[1]["message"])
+        return self
 
     def trainer_config(self, name: str, namespace: str) -> dict[str, Any]:
         """The trainer's JobConfig document (DREAMBOOTH_CONFIG): trainer sections passed through unchanged."""
