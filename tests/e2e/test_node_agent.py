@@ -7,8 +7,11 @@ Kubernetes API, ``kubectl logs`` and the agent's log accessor.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
+from tests.nodeagent.config import AgentConfig
 from tests.nodeagent.plugin import NodeAgent
 
 TIMEOUT_S = 90.0
@@ -25,8 +29,6 @@ PYTHON = "python"
 
 def wait_for(what: str, condition: Callable[[], Any], agent: NodeAgent, timeout: float = TIMEOUT_S) -> Any:
     """Poll ``condition`` until it returns something truthy (returned); fail with the agent's log tail."""
-    import time
-
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -613,3 +615,144 @@ def test_pods_reach_each_other_by_hostname_and_subdomain(
     wait_for("both peers to reach each other", both_done, node_agent)
     assert f"beta.grp.{namespace}.svc.cluster.local -> beta" in node_agent.logs(namespace, "alpha")
     assert "alpha.grp -> alpha" in node_agent.logs(namespace, "beta")
+
+
+# ---- (8) node loss and agent shutdown: graceful termination, DisruptionTarget, clean-up ------------------------------
+SLEEPER = """
+    import pathlib, signal, sys, time
+    def on_term(signum, frame):
+        print("terminating", flush=True)
+        sys.exit(12)
+    signal.signal(signal.SIGTERM, on_term)
+    print("started", flush=True)
+    while True:
+        time.sleep(0.1)
+"""
+
+
+def test_node_loss_and_agent_stop_terminate_pods_and_clean_up(
+    cluster: Any, namespace: str, core: client.CoreV1Api, tmp_path: Path
+) -> None:
+    nodes = ["spare-node-0", "spare-node-1"]
+    config = AgentConfig(
+        kubeconfig=str(cluster.kubeconfig),
+        state_dir=str(tmp_path / "state"),
+        nodes=nodes,
+        heartbeat_seconds=1.0,
+        taints=[{"key": "dbo.test/spare", "effect": "NoSchedule"}],  # keep other tests' pods off these nodes
+        parent_pid=os.getpid(),
+    )
+    agent = NodeAgent(config, tmp_path / "agent.log").start()
+    recorder = PodRecorder(core, namespace)
+    follow: subprocess.Popen[str] | None = None
+    try:
+        agent_id = agent.info["agentId"]
+        assert f"BEGIN dreambooth-operator test node agent {agent_id}" in Path("/etc/hosts").read_text()
+        uids = {}
+        for i, node in enumerate(nodes):
+            pod = {
+                "metadata": {"name": f"p{i}"},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "hostname": f"p{i}",
+                    "subdomain": "spare",
+                    "nodeSelector": {"kubernetes.io/hostname": node},
+                    "tolerations": [{"key": "dbo.test/spare", "operator": "Exists"}],
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{"name": "main", "image": "t:1", "command": script(SLEEPER)}],
+                },
+            }
+            uids[f"p{i}"] = core.create_namespaced_pod(namespace, pod).metadata.uid
+
+        def started(name: str) -> Callable[[], bool]:
+            return lambda: "started" in _logs(agent, {"metadata": {"namespace": namespace, "name": name}})
+
+        for name in uids:
+            wait_for(f"{name} to start", started(name), agent)
+        p0 = get_pod(core, namespace, "p0")
+        assert p0 is not None
+        assert f"{p0['status']['podIP']}\tp0.spare p0.spare.{namespace}" in Path("/etc/hosts").read_text()
+        follow = subprocess.Popen(
+            [str(cluster_kubectl_path()), f"--kubeconfig={cluster.kubeconfig}", "logs", "-f", "-n", namespace, "p0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        # Losing a node (its Node object deleted) shuts its pods down like a node shutdown.
+        client.CoreV1Api(core.api_client).delete_node("spare-node-1")
+        lost = wait_for("p1 to be failed by the node loss", lambda: _failed_state(recorder, uids["p1"]), agent)
+        assert condition(lost, "DisruptionTarget")["reason"] == "TerminationByKubelet"  # type: ignore[index]
+        assert lost["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 12
+        assert (get_pod(core, namespace, "p0") or {})["status"]["phase"] == "Running"
+    finally:
+        agent.stop()
+    deadline = time.monotonic() + 30
+    while (stopped := _failed_state(recorder, uids["p0"])) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    recorder.stop()
+    assert stopped is not None, "the agent stop did not report p0 Failed"
+    assert condition(stopped, "DisruptionTarget")["reason"] == "TerminationByKubelet"  # type: ignore[index]
+    assert stopped["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 12
+    assert agent_id not in Path("/etc/hosts").read_text()
+    for node in nodes:
+        with pytest.raises(client.ApiException) as missing:
+            core.read_node(node)
+        assert missing.value.status == 404
+    assert follow is not None
+    out, _ = follow.communicate(timeout=30)
+    assert out.splitlines() == ["started", "terminating"]
+
+
+def _failed_state(recorder: PodRecorder, uid: str) -> dict[str, Any] | None:
+    failed = [s for s in recorder.states(uid) if s["status"].get("phase") == "Failed"]
+    return failed[-1] if failed else None
+
+
+def cluster_kubectl_path() -> Path:
+    return Path(__file__).resolve().parents[2] / ".tools" / "bin" / "kubectl"
+
+
+# ---- (9) restartPolicy Always with back-off, and a liveness probe restarting a container -------------------------
+def test_always_restarts_crashing_containers_and_liveness_failures(
+    namespace: str, node_agent: NodeAgent, core: client.CoreV1Api
+) -> None:
+    crasher = {"name": "crasher", "image": "t:1", "command": script("import sys; print('crash'); sys.exit(1)")}
+    unhealthy_once = script("""
+        import pathlib, signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+        first = not pathlib.Path("ran-before").exists()
+        pathlib.Path("ran-before").write_text("x")
+        pathlib.Path("healthy").write_text("no" if first else "yes")
+        while True:
+            time.sleep(0.1)
+    """)
+    probed = {
+        "name": "probed",
+        "image": "t:1",
+        "command": unhealthy_once,
+        "livenessProbe": {
+            "exec": {"command": [PYTHON, "-c", "import sys; sys.exit(open('healthy').read() != 'yes')"]},
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+        },
+    }
+    pod = {
+        "metadata": {"name": "restarts"},
+        "spec": {"restartPolicy": "Always", "terminationGracePeriodSeconds": 5, "containers": [crasher, probed]},
+    }
+    core.create_namespaced_pod(namespace, pod)
+
+    def restarted() -> dict[str, Any] | None:
+        current = get_pod(core, namespace, "restarts") or {}
+        statuses = {s["name"]: s for s in current.get("status", {}).get("containerStatuses") or []}
+        crashes = statuses.get("crasher", {}).get("restartCount", 0)
+        probe_restarts = statuses.get("probed", {}).get("restartCount", 0)
+        return current if crashes >= 2 and probe_restarts == 1 and "running" in statuses["probed"]["state"] else None
+
+    current = wait_for("crash loops and a liveness restart", restarted, node_agent)
+    assert current["status"]["phase"] == "Running"
+    statuses = {s["name"]: s for s in current["status"]["containerStatuses"]}
+    assert statuses["crasher"]["lastState"]["terminated"]["exitCode"] == 1
+    assert statuses["probed"]["lastState"]["terminated"]["exitCode"] == 0  # SIGTERM handled by the process
+    assert node_agent.logs(namespace, "restarts", "crasher", previous=True) == "crash\n"

@@ -433,8 +433,10 @@ class PodWorker:
             message=self.status_message,
         )
         if self.disruption is not None:
-            status["phase"] = "Failed"
+            # Like the kubelet's node shutdown manager: the condition at once, phase Failed once processes are gone.
             status["conditions"].append(self.disruption)
+            if terminal:
+                status["phase"] = "Failed"
         if status == self.published:
             return True
         try:
