@@ -267,16 +267,24 @@ def running_cluster(work_dir: Path, log_dir: Path, *, timeout: float = STARTUP_T
 
 
 def start_cluster(
-    work_dir: Path, log_dir: Path, procs: list[ManagedProcess], timeout: float = STARTUP_TIMEOUT_S
+    work_dir: Path,
+    log_dir: Path,
+    procs: list[ManagedProcess],
+    timeout: float = STARTUP_TIMEOUT_S,
+    *,
+    etcd: Etcd | None = None,
 ) -> Cluster:
     """Start the control plane and return it when ready.
 
     Every process started is appended to `procs` as soon as it starts, so the caller can stop them all even
-    when start-up fails half-way (`running_cluster` does that for you).
+    when start-up fails half-way (`running_cluster` does that for you). `etcd` may be one started earlier
+    (not necessarily ready yet) by `start_etcd`.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    etcd = start_etcd(work_dir / "etcd", log_dir)
-    procs.append(etcd.process)
+    if etcd is None:
+        etcd = start_etcd(work_dir / "etcd", log_dir)
+    if etcd.process not in procs:
+        procs.append(etcd.process)
     # Key generation overlaps with etcd start-up.
     pki = write_control_plane_pki(work_dir / "pki", service_ip=KUBERNETES_SERVICE_IP)
     admin = TokenUser.new(ADMIN_USER, ("system:masters",))

@@ -13,9 +13,9 @@ Fixtures (all servers live for the whole session and are stopped at its end):
 - `infra_log_dir` -> Path where every server logs (`<name>.log`); kept (and printed) when a test fails.
 - `infra_work_dir` -> Path for server data (etcd, SeaweedFS, Prometheus TSDB, PKI, kubeconfigs).
 
-When the collected tests need `cluster` or `s3`, both start in background threads as soon as collection ends,
-so they come up in parallel with each other. When a test fails, the report gets the log tail of every server
-that is running (sections "log tail: <name>").
+When the collected tests need `cluster` or `s3`, etcd and SeaweedFS are launched as soon as collection ends
+(without waiting), so they come up in parallel with everything else. When a test fails, the report gets the
+log tail of every server that is running (sections "log tail: <name>").
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.infra.controlplane import Cluster, start_cluster
+from tests.infra.controlplane import STARTUP_TIMEOUT_S, Cluster, start_cluster
+from tests.infra.etcd import Etcd, start_etcd
 from tests.infra.processes import REGISTRY, ManagedProcess, stop_all
 from tests.infra.prometheus import PrometheusServer, promtool_path, start_prometheus, static_scrape_config
 from tests.infra.s3 import S3Server, start_s3
@@ -40,17 +40,15 @@ REPORT_TAIL_LINES = 30
 
 
 class _InfraState:
-    """Session-wide state of the plugin: directories, pre-started servers, failures seen."""
+    """Session-wide state of the plugin: directories, servers started early, failures seen."""
 
     def __init__(self) -> None:
         self.log_dir: Path | None = None
         self.work_dir: Path | None = None
         self.keep_logs = False
         self.failed = False
-        self.pool: ThreadPoolExecutor | None = None
-        self.cluster_future: Future[Cluster] | None = None
-        self.cluster_procs: list[ManagedProcess] = []
-        self.s3_future: Future[S3Server] | None = None
+        self.etcd: Etcd | None = None
+        self.s3: S3Server | None = None
 
     def ensure_dirs(self) -> tuple[Path, Path]:
         if self.log_dir is None:
@@ -65,50 +63,37 @@ class _InfraState:
             self.work_dir = Path(tempfile.mkdtemp(prefix="dbo-test-infra-"))
         return self.log_dir, self.work_dir
 
-    def start_cluster(self) -> Future[Cluster]:
-        if self.cluster_future is None:
+    def cluster_dir(self) -> Path:
+        return self.ensure_dirs()[1] / "cluster"
+
+    def start_etcd_early(self) -> None:
+        if self.etcd is None:
+            self.etcd = start_etcd(self.cluster_dir() / "etcd", self.ensure_dirs()[0])
+
+    def start_s3_early(self) -> S3Server:
+        if self.s3 is None:
             log_dir, work_dir = self.ensure_dirs()
-            self.cluster_future = self._pool().submit(
-                start_cluster, work_dir / "cluster", log_dir, self.cluster_procs, 180.0
-            )
-        return self.cluster_future
-
-    def start_s3(self) -> Future[S3Server]:
-        if self.s3_future is None:
-            log_dir, work_dir = self.ensure_dirs()
-
-            def start() -> S3Server:
-                server = start_s3(work_dir / "s3", log_dir)
-                try:
-                    server.wait_ready(180.0)
-                except BaseException:
-                    server.stop()
-                    raise
-                return server
-
-            self.s3_future = self._pool().submit(start)
-        return self.s3_future
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="infra-start")
-        return self.pool
+            self.s3 = start_s3(work_dir / "s3", log_dir)
+        return self.s3
 
 
 _STATE = _InfraState()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the servers the collected tests need in the background, in parallel."""
+    """Launch the slow-to-start servers the collected tests need (etcd, SeaweedFS) without waiting for them.
+
+    They come up while other fixtures start; the `cluster` and `s3` fixtures then only wait for readiness.
+    """
     if session.config.option.collectonly:
         return
     needed: set[str] = set()
     for item in session.items:
         needed.update(getattr(item, "fixturenames", ()))
-    if "cluster" in needed:
-        _STATE.start_cluster()
     if "s3" in needed:
-        _STATE.start_s3()
+        _STATE.start_s3_early()
+    if "cluster" in needed:
+        _STATE.start_etcd_early()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -131,8 +116,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Clean up: stop anything still running; remove the logs unless something failed."""
-    if _STATE.pool is not None:
-        _STATE.pool.shutdown(wait=True)
     stop_all(REGISTRY.all())
     if _STATE.work_dir is not None:
         shutil.rmtree(_STATE.work_dir, ignore_errors=True)
@@ -155,11 +138,12 @@ def infra_work_dir() -> Path:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """The test control plane (see `tests.infra.controlplane.Cluster`), shared by the whole session."""
-    future = _STATE.start_cluster()
+    _STATE.start_etcd_early()
+    procs: list[ManagedProcess] = []
     try:
-        yield future.result()
+        yield start_cluster(_STATE.cluster_dir(), _STATE.ensure_dirs()[0], procs, STARTUP_TIMEOUT_S, etcd=_STATE.etcd)
     finally:
-        stop_all(_STATE.cluster_procs)
+        stop_all(procs)
 
 
 @pytest.fixture
@@ -174,8 +158,9 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 @pytest.fixture(scope="session")
 def s3() -> Iterator[S3Server]:
     """A SeaweedFS S3 server shared by the session; use `s3.make_bucket()` for a bucket of your own."""
-    server = _STATE.start_s3().result()
+    server = _STATE.start_s3_early()
     try:
+        server.wait_ready(STARTUP_TIMEOUT_S)
         yield server
     finally:
         server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -230,6 +231,22 @@ class ProcessRegistry:
 REGISTRY = ProcessRegistry()
 
 
+SETPRIV = shutil.which("setpriv")
+
+
+def _die_with_parent_prefix() -> list[str]:
+    """Argv prefix that makes the server get SIGKILL when the thread that started it dies (PR_SET_PDEATHSIG).
+
+    Servers run in their own sessions (so that stop() can signal the whole group); without this, a pytest
+    killed with SIGKILL or by a timeout would leave them running. `setpriv` (util-linux) sets the flag and
+    execs the server, so no Python runs between fork and exec. Only from the main thread: from another
+    thread the signal would fire as soon as that thread exits.
+    """
+    if SETPRIV is None or threading.current_thread() is not threading.main_thread():
+        return []
+    return [SETPRIV, "--pdeathsig", "KILL", "--"]
+
+
 def start_process(
     name: str,
     args: Sequence[str | Path],
@@ -241,6 +258,7 @@ def start_process(
     """Start `args` in its own process group, stdout+stderr appended to `log_dir/<name>.log`.
 
     `env` is added to (not replacing) the current environment. The process is recorded in `REGISTRY`.
+    Started from the main thread, the process is killed when pytest dies (see `_die_with_parent_prefix`).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -250,7 +268,7 @@ def start_process(
     log_file.flush()
     full_env = {**os.environ, **(env or {})}
     popen = subprocess.Popen(
-        argv,
+        [*_die_with_parent_prefix(), *argv],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,3 +115,36 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path: Path) -> No
     assert code == -signal.SIGKILL
     assert time.monotonic() - start < 20
     assert not proc.running()
+
+
+def test_servers_die_with_a_killed_test_session(tmp_path: Path) -> None:
+    """A pytest killed by SIGKILL (timeouts, OOM) must not leave its servers running."""
+    root = Path(__file__).resolve().parents[2]
+    parent_script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from pathlib import Path\n"
+        "from tests.infra.processes import start_process\n"
+        "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+        "p = start_process('orphan', sleeper, log_dir=Path(sys.argv[1]))\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        assert _alive(child_pid)
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    wait_until(lambda: not _alive(child_pid), what=f"orphaned server {child_pid} to die", timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"
