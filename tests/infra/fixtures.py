@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import pytest
 
 from tests.infra.controlplane import STARTUP_TIMEOUT_S, Cluster, start_cluster
 from tests.infra.etcd import Etcd, start_etcd
-from tests.infra.processes import REGISTRY, ManagedProcess, stop_all
+from tests.infra.processes import REGISTRY, ManagedProcess, stop_all, tail
 from tests.infra.prometheus import PrometheusServer, promtool_path, start_prometheus, static_scrape_config
 from tests.infra.s3 import S3Server, start_s3
 
@@ -96,16 +97,35 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _STATE.start_etcd_early()
 
 
+_TEST_START = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_TEST_START] = time.time()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """On failure, attach the log tail of every running server to the report and keep the log dir."""
+    """On failure, attach log tails to the report and keep the log dir.
+
+    Attached: every server still running (started with `start_process`), and every other `*.log` in
+    `infra_log_dir` written to since the test began (e.g. the node agent's or the operator's log).
+    """
     report: pytest.TestReport = yield
     if report.failed:
         _STATE.failed = True
+        shown: set[Path] = set()
         for proc in REGISTRY.all():
+            shown.add(proc.log_path)
             report.sections.append((f"log tail: {proc.name} ({proc.log_path})", proc.log_tail(REPORT_TAIL_LINES)))
+        if _STATE.log_dir is not None:
+            since = item.stash.get(_TEST_START, 0.0) - 1.0
+            for path in sorted(_STATE.log_dir.glob("*.log")):
+                if path not in shown and path.stat().st_mtime >= since:
+                    report.sections.append((f"log tail: {path.stem} ({path})", tail(path, REPORT_TAIL_LINES)))
     return report
 
 

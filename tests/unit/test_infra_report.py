@@ -36,7 +36,8 @@ def server(infra_log_dir):
     proc.stop()
 
 
-def test_with_server(server):
+def test_with_server(server, infra_log_dir):
+    (infra_log_dir / "side-agent.log").write_text("a line from the side agent\\n")
     assert OUTCOME
 """
 
@@ -80,6 +81,9 @@ def test_failure_attaches_log_tail_and_keeps_logs(tmp_path: Path) -> None:
     # The fixture's server was running when the test body failed: its log tail is in the report.
     assert "log tail: fake-server" in output
     assert "hello from fake-server" in output
+    # Other logs written in the log dir during the test are attached too.
+    assert "log tail: side-agent" in output
+    assert "a line from the side agent" in output
     match = re.search(r"test server logs kept in (\S+)", output)
     assert match, output
     kept = Path(match.group(1))
