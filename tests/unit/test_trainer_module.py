@@ -3,6 +3,7 @@ stops at textEncoderSteps, prior weighting, v-prediction, and the trainable stat
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,13 @@ from dreambooth_trainer.module import STEP_KEY, DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore
 from PIL import Image
 
+# The tiny model is cached by config hash, so test files share one build.
+SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
+
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def cache_dir() -> Path:
+    return SHARED_MODELS
 
 
 def components(cache_dir: Path) -> Components:

@@ -1,0 +1,143 @@
+"""The class-prior cache: content-addressed keys, reuse, completing a partial set, rank split, cached latents."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dreambooth_trainer.components import Components, load_components
+from dreambooth_trainer.config import BaseModelSpec, JobConfig, PriorPreservationSpec
+from dreambooth_trainer.priors import (
+    CLASS_IMAGES_GENERATED,
+    class_cache_key,
+    class_cache_uri,
+    class_latents,
+    existing_indices,
+    generate_class_images,
+    image_uri,
+    latents_uri,
+    load_class_images,
+)
+from dreambooth_trainer.storage import ObjectStore
+
+RES = 32
+TINY = BaseModelSpec(tiny=True)
+# The tiny model is cached by config hash, so test files share one build.
+SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
+
+
+@pytest.fixture(scope="module")
+def comps() -> Components:
+    return load_components(TINY, ObjectStore(), SHARED_MODELS)
+
+
+def prior(**kw: object) -> PriorPreservationSpec:
+    data = {"enabled": True, "classPrompt": "a photo of dog", "numImages": 3, "steps": 2, **kw}
+    return PriorPreservationSpec.model_validate(data)
+
+
+def generated_total() -> float:
+    return CLASS_IMAGES_GENERATED._value.get()
+
+
+def test_key_covers_what_changes_the_images() -> None:
+    base = class_cache_key(TINY, prior(), RES)
+    assert base == class_cache_key(TINY, prior(), RES)
+    assert base == class_cache_key(TINY, prior(numImages=50), RES)  # the count is not part of the key
+    others = {
+        class_cache_key(TINY, prior(classPrompt="a photo of cat"), RES),
+        class_cache_key(TINY, prior(), 64),
+        class_cache_key(TINY, prior(sampler="euler"), RES),
+        class_cache_key(TINY, prior(steps=3), RES),
+        class_cache_key(TINY, prior(guidanceScale=1.0), RES),
+        class_cache_key(TINY, prior(seed=1), RES),
+        class_cache_key(BaseModelSpec(id="org/model"), prior(), RES),
+        class_cache_key(BaseModelSpec(id="org/model", revision="abc"), prior(), RES),
+    }
+    assert base not in others
+    assert len(others) == 8
+
+
+def test_default_cache_location_is_beside_the_output() -> None:
+    cfg = JobConfig.model_validate(
+        {
+            "instanceImages": {"uri": "s3://bkt/in", "prompt": "a photo of sks dog"},
+            "output": {"uri": "s3://bkt/jobs/j1"},
+            "priorPreservation": prior().to_wire(),
+            "training": {"resolution": RES},
+        }
+    )
+    assert class_cache_uri(cfg) == f"s3://bkt/jobs/class-cache/{class_cache_key(TINY, prior(), RES)}"
+
+
+def test_reuse_completion_and_other_prompt(comps: Components, tmp_path: Path) -> None:
+    store = ObjectStore()
+    root = (tmp_path / "cache").as_uri()
+    spec = prior(numImages=3)
+    start = generated_total()
+    first = generate_class_images(comps, TINY, spec, RES, store, root)
+    assert first.generated == 3
+    assert generated_total() - start == 3
+    assert existing_indices(store, first.uri) == {0, 1, 2}
+    original = store.read_bytes(image_uri(first.uri, 1))
+
+    # second run: everything is reused
+    again = generate_class_images(comps, TINY, spec, RES, store, root)
+    assert (again.generated, again.reused) == (0, 3)
+    assert generated_total() - start == 3
+
+    # a partial cache (one image lost) and a bigger count: only the missing indices are generated
+    store.delete(image_uri(first.uri, 0))
+    more = generate_class_images(comps, TINY, prior(numImages=5), RES, store, root)
+    assert (more.generated, more.reused) == (3, 2)
+    assert generated_total() - start == 6
+    assert existing_indices(store, first.uri) == {0, 1, 2, 3, 4}
+    assert store.read_bytes(image_uri(first.uri, 1)) == original  # untouched
+    # image i depends only on seed + i (not on its batch): a fresh set's image 0 matches the regenerated one
+    fresh_root = (tmp_path / "fresh").as_uri()
+    fresh = generate_class_images(comps, TINY, prior(numImages=1), RES, store, fresh_root)
+    (_, a), (_, b) = load_class_images(store, fresh.uri, 1)[0], load_class_images(store, first.uri, 1)[0]
+    assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
+
+    # a different class prompt gets its own set
+    cat = generate_class_images(comps, TINY, prior(classPrompt="a photo of cat", numImages=2), RES, store, root)
+    assert cat.uri != first.uri
+    assert cat.generated == 2
+    images = load_class_images(store, first.uri, 5)
+    assert [img.size for _, img in images] == [(RES, RES)] * 5
+
+
+def test_ranks_split_the_work(comps: Components, tmp_path: Path) -> None:
+    store = ObjectStore()
+    root = (tmp_path / "cache").as_uri()
+    spec = prior(numImages=5)
+    r1 = generate_class_images(comps, TINY, spec, RES, store, root, rank=1, world_size=2)
+    assert r1.generated == 2
+    assert existing_indices(store, r1.uri) == {1, 3}
+    r0 = generate_class_images(comps, TINY, spec, RES, store, root, rank=0, world_size=2)
+    assert r0.generated == 3
+    assert existing_indices(store, r0.uri) == {0, 1, 2, 3, 4}
+
+
+def test_latents_are_cached_beside_the_images(comps: Components, tmp_path: Path) -> None:
+    store = ObjectStore()
+    spec = prior(numImages=2)
+    result = generate_class_images(comps, TINY, spec, RES, store, (tmp_path / "cache").as_uri())
+    images = [img for _, img in load_class_images(store, result.uri, 2)]
+    latents = class_latents(store, result.uri, images, comps.vae, RES)
+    assert store.exists(latents_uri(result.uri, RES))
+    assert latents[0].shape == (8, RES // 2, RES // 2)
+
+    # a second call reads the file instead of encoding: a VAE that fails proves it is not used
+    class Broken:
+        def parameters(self) -> object:
+            return iter([torch.zeros(1)])
+
+        def encode(self, *_: object) -> object:
+            raise AssertionError("encoded again")
+
+    again = class_latents(store, result.uri, images, Broken(), RES)
+    torch.testing.assert_close(again[1], latents[1])

@@ -1,0 +1,219 @@
+"""Class-prior images: a content-addressed cache in object storage, shared across jobs.
+
+Layout (docs/contracts.md): `<cacheUri>/<key>/class-00000.png ...` with `latents-<res>.safetensors` beside, where
+`key` hashes the base model's identity and revision, the class prompt, resolution, sampler, steps, guidance and seed.
+The image count is not part of the key: a job that wants more images than the cache holds generates only the
+missing indices, and a job that wants fewer uses the first ones.
+
+Image `i` is generated from seed `seed + i`, so an image does not depend on which rank made it or in what batch.
+Ranks split the missing indices (`i % world_size == rank`); the caller puts a barrier after `generate_class_images`
+before every rank reads the set with `load_class_images`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from prometheus_client import Counter
+
+from dreambooth_trainer.config import BaseModelSpec, JobConfig, PriorPreservationSpec
+from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_trainer.imageio import decode_image, encode_png
+from dreambooth_trainer.pipelines import build_pipeline, generator_for
+from dreambooth_trainer.storage import ObjectStore, join_uri
+
+CLASS_IMAGES_GENERATED = Counter(
+    "dreambooth_class_images_generated",
+    "Class-prior images generated (cache misses); reused cached images are not counted.",
+)
+CLASS_IMAGES_REUSED = Counter(
+    "dreambooth_class_images_reused",
+    "Class-prior images found in the shared cache and reused.",
+)
+KEY_VERSION = 1
+_IMAGE_RE = re.compile(r"class-(\d{5,})\.png$")
+
+
+def class_cache_key(base: BaseModelSpec, prior: PriorPreservationSpec, resolution: int) -> str:
+    """The content address of a class-image set (everything that changes the images except their count)."""
+    identity = {
+        "v": KEY_VERSION,
+        "model": base.cache_identity(),
+        "variant": base.variant,
+        "classPrompt": prior.class_prompt,
+        "resolution": resolution,
+        "sampler": prior.sampler.value,
+        "steps": prior.steps,
+        "guidance": prior.guidance_scale,
+        "seed": prior.seed,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def default_cache_root(config: JobConfig) -> str:
+    """`priorPreservation.cacheUri`, or `<output uri>/../class-cache`."""
+    if config.prior_preservation.cache_uri:
+        return config.prior_preservation.cache_uri.rstrip("/")
+    out = config.output.uri.rstrip("/")
+    parent, _, _ = out.rpartition("/")
+    if not parent or parent.endswith((":/", ":")):
+        return join_uri(out, "class-cache")  # the output is a bucket root: keep the cache inside it
+    return join_uri(parent, "class-cache")
+
+
+def class_cache_uri(config: JobConfig) -> str:
+    key = class_cache_key(config.base_model, config.prior_preservation, config.training.resolution)
+    return join_uri(default_cache_root(config), key)
+
+
+def image_uri(prefix: str, index: int) -> str:
+    return join_uri(prefix, f"class-{index:05d}.png")
+
+
+def latents_uri(prefix: str, resolution: int) -> str:
+    return join_uri(prefix, f"latents-{resolution}.safetensors")
+
+
+def existing_indices(store: ObjectStore, prefix: str) -> set[int]:
+    found = set()
+    for obj in store.list(prefix):
+        match = _IMAGE_RE.search(obj.uri)
+        if match and obj.size > 0:
+            found.add(int(match.group(1)))
+    return found
+
+
+@dataclass
+class PriorResult:
+    uri: str
+    """The cache folder of this class-image set."""
+    generated: int
+    """Images this rank generated (0 when the cache was complete)."""
+    reused: int
+    """Images that were already in the cache (counted on rank 0 only)."""
+
+
+def _write_meta(store: ObjectStore, prefix: str, base: BaseModelSpec, prior: PriorPreservationSpec, res: int) -> None:
+    meta = {
+        "model": base.cache_identity(),
+        "variant": base.variant,
+        "classPrompt": prior.class_prompt,
+        "resolution": res,
+        "sampler": prior.sampler.value,
+        "steps": prior.steps,
+        "guidanceScale": prior.guidance_scale,
+        "seed": prior.seed,
+    }
+    uri = join_uri(prefix, "meta.json")
+    if not store.exists(uri):
+        store.write_bytes(uri, json.dumps(meta, indent=2).encode())
+
+
+@torch.no_grad()
+def generate_class_images(
+    components: Any,
+    base: BaseModelSpec,
+    prior: PriorPreservationSpec,
+    resolution: int,
+    store: ObjectStore,
+    cache_root: str,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4,
+) -> PriorResult:
+    """Generate this rank's share of the missing class images of the set; existing images are never regenerated.
+
+    `components` has unet, vae, text_encoder, tokenizer, noise_scheduler (the base weights, before training).
+    """
+    if not prior.class_prompt:
+        raise InvalidInputError("priorPreservation.classPrompt is required to generate class images")
+    prefix = join_uri(cache_root, class_cache_key(base, prior, resolution))
+    present = existing_indices(store, prefix)
+    wanted = range(prior.num_images)
+    missing = [i for i in wanted if i not in present]
+    reused = prior.num_images - len(missing)
+    if rank == 0:
+        CLASS_IMAGES_REUSED.inc(reused)
+    mine = [i for i in missing if i % world_size == rank]
+    if not mine:
+        return PriorResult(prefix, 0, reused)
+    if rank == 0:
+        _write_meta(store, prefix, base, prior, resolution)
+    pipe = build_pipeline(
+        components.unet,
+        components.vae,
+        components.text_encoder,
+        components.tokenizer,
+        components.noise_scheduler.config,
+        prior.sampler,
+    )
+    generated = 0
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        images = pipe(
+            [prior.class_prompt] * len(chunk),
+            height=resolution,
+            width=resolution,
+            num_inference_steps=prior.steps,
+            guidance_scale=prior.guidance_scale,
+            generator=[generator_for(prior.seed + i, device) for i in chunk],
+        ).images
+        for index, image in zip(chunk, images, strict=True):
+            store.write_bytes(image_uri(prefix, index), encode_png(image))
+            generated += 1
+            CLASS_IMAGES_GENERATED.inc()
+    return PriorResult(prefix, generated, reused)
+
+
+def load_class_images(store: ObjectStore, prefix: str, num_images: int) -> list[tuple[str, Image.Image]]:
+    """The first `num_images` images of the set (after every rank generated its share)."""
+    out = []
+    for i in range(num_images):
+        uri = image_uri(prefix, i)
+        out.append((uri, decode_image(store.read_bytes(uri), uri)))
+    return out
+
+
+@torch.no_grad()
+def class_latents(
+    store: ObjectStore,
+    prefix: str,
+    images: list[Image.Image],
+    vae: Any,
+    resolution: int,
+    device: torch.device | str = "cpu",
+    write: bool = True,
+    batch_size: int = 8,
+) -> dict[int, torch.Tensor]:
+    """VAE latent parameters (mean and log-variance) of the class images, read from the cache file beside them.
+
+    Missing entries are encoded and, when `write` (rank 0), the file is rewritten with them. The images must
+    already be `resolution` x `resolution` (center-cropped as the Dataset does).
+    """
+    from safetensors.torch import load, save
+
+    from dreambooth_trainer.imageio import crop_box, to_tensor
+
+    uri = latents_uri(prefix, resolution)
+    cached: dict[str, torch.Tensor] = {}
+    if store.exists(uri):
+        cached = load(store.read_bytes(uri))
+    todo = [i for i in range(len(images)) if f"class-{i:05d}" not in cached]
+
+    dtype = next(vae.parameters()).dtype
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        pixels = torch.stack([to_tensor(images[i].crop(crop_box(images[i].size, resolution))) for i in chunk])
+        params = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.parameters.float().cpu()
+        for i, p in zip(chunk, params, strict=True):
+            cached[f"class-{i:05d}"] = p.contiguous().clone()
+    if todo and write:
+        store.write_bytes(uri, save(cached, metadata={"resolution": str(resolution)}))
+    return {i: cached[f"class-{i:05d}"] for i in range(len(images))}
