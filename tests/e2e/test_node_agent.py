@@ -225,9 +225,11 @@ def test_deployment_pod_runs_becomes_ready_logs_and_gets_sigterm(
     for ctype in ("PodScheduled", "Initialized", "ContainersReady", "Ready"):
         assert condition(pod, ctype)["status"] == "True", ctype  # type: ignore[index]
 
-    assert f"serving on {pod_ip}" in node_agent.logs(namespace, name)
-    # The readiness probe really reached the server: its access log shows the GETs.
-    assert '"GET / HTTP/1.1" 200' in node_agent.logs(namespace, name, "web")
+    # The readiness probe really reached the server: its access log shows the GETs (the log pump may lag a bit).
+    wait_for(
+        "a probe in the access log", lambda: '"GET / HTTP/1.1" 200' in node_agent.logs(namespace, name), node_agent
+    )
+    assert node_agent.logs(namespace, name).startswith(f"serving on {pod_ip}\n")
     kubectl_logs = cluster.kubectl("logs", "-n", namespace, name).stdout
     assert f"serving on {pod_ip}" in kubectl_logs
     tail = cluster.kubectl("logs", "-n", namespace, name, "--tail=1", "--timestamps").stdout
