@@ -257,11 +257,16 @@ def test_ttl_deletes_children_once_due_and_keeps_the_job() -> None:
     assert early.requeue_after == 50
     due = run(job, children, [], now=T0 + timedelta(seconds=61))
     assert due.actions == [Action(ActionKind.DELETE_CHILDREN, name="cat")]
-    assert ("Normal", "ChildrenDeleted") in reasons(due)
+    assert ("Normal", "ChildDeleted") in reasons(due)
+    assert cond(due, "Running") == ("False", "ChildDeleted")
     assert due.status.phase == "Succeeded"
-    done = run(job, [], [], now=T0 + timedelta(seconds=70))
+    assert not due.finished
+    # The Service and ConfigMap are not observed: without batch Jobs left, the recorded deletion ends it.
+    done = run(after(job, due), [], [], now=T0 + timedelta(seconds=70))
     assert done.actions == []
     assert done.finished
+    # Even with no batch Job left (a deadline deleted it), the TTL still deletes the other children once.
+    assert run(job, [], [], now=T0 + timedelta(seconds=61)).actions == [Action(ActionKind.DELETE_CHILDREN, name="cat")]
 
 
 def test_stale_generation_changes_nothing() -> None:

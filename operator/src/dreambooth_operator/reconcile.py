@@ -48,7 +48,6 @@ class OperatorReason(StrEnum):
 
     UNSCHEDULABLE = "Unschedulable"
     IMAGE_PULL_FAILED = "ImagePullFailed"
-    CHILDREN_DELETED = "ChildrenDeleted"
 
 
 @dataclass(frozen=True)
@@ -216,8 +215,8 @@ def _transition_events(prev: DreamBoothJobStatus, new: DreamBoothJobStatus) -> l
         old = find_condition(prev.conditions, cond.type)
         if old is not None and old.status == cond.status and old.reason == cond.reason:
             continue
-        if old is None and cond.status == ConditionStatus.FALSE and cond.reason not in _WARNING_REASONS:
-            continue  # a condition that starts out False is not news
+        if old is None and cond.status == ConditionStatus.FALSE and cond.reason == Reason.PODS_PENDING:
+            continue  # a job that starts out with pending pods is not news
         kind = "Warning" if cond.reason in _WARNING_REASONS and cond.status == ConditionStatus.TRUE else "Normal"
         if cond.type == JobConditionType.RUNNING and cond.reason in _WARNING_REASONS:
             kind = "Warning"
@@ -352,30 +351,30 @@ def _outcome(
 
 
 def _finished(b: _Builder, name: str, counted: list[str] | None = None) -> Plan:
-    """Terminal: apply the TTL policy, nothing else changes."""
+    """Terminal: apply the TTL policy, nothing else changes.
+
+    The TTL deletes the batch Jobs (and so the pods), the Service and the ConfigMap once, and records that in
+    the Running condition (reason ChildDeleted), so that the loop knows it is done after a restart too.
+    """
     spec_raw = b.obs.job.get("spec") or {}
     ttl_seconds = (spec_raw.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
     left = ttl.remaining_seconds(b.status.completion_time, ttl_seconds, b.obs.now)
-    has_children = bool(b.obs.batch_jobs) or bool(b.obs.pods)
-    cleaned = find_condition(b.status.conditions, JobConditionType.SUCCEEDED.value)
-    if left is None:
+    running = find_condition(b.status.conditions, JobConditionType.RUNNING.value)
+    cleaned = running is not None and running.reason == Reason.CHILD_DELETED
+    if left is None or (cleaned and not b.obs.batch_jobs):
         return b.plan(counted, finished=True)
     if left > 0:
         b.requeue.append(left)
         return b.plan(counted)
-    if has_children:
-        b.actions.append(Action(ActionKind.DELETE_CHILDREN, name=name))
-        b.events.append(
-            Event(
-                "Normal",
-                OperatorReason.CHILDREN_DELETED,
-                f"ttlSecondsAfterFinished ({ttl_seconds}s) passed: deleted the batch Job, pods, Service and ConfigMap",
-            )
-        )
-        b.requeue.append(5.0)
-        return b.plan(counted)
-    del cleaned
-    return b.plan(counted, finished=True)
+    b.actions.append(Action(ActionKind.DELETE_CHILDREN, name=name))
+    b.condition(
+        JobConditionType.RUNNING,
+        False,
+        Reason.CHILD_DELETED,
+        f"ttlSecondsAfterFinished ({ttl_seconds}s) passed: deleted the batch Job, pods, Service and ConfigMap",
+    )
+    b.requeue.append(2.0)
+    return b.plan(counted)
 
 
 def _count_single_node_preemptions(

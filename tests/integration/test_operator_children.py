@@ -1,0 +1,243 @@
+"""The operator against a real control plane (no node agent: pods stay Pending or unschedulable).
+
+Children, ownerReferences, idempotence, status through the subresource, events, suspend/resume, Kueue-style
+admission, validation, deadline + TTL, and the metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_harness import (
+    OperatorProcess,
+    apply,
+    as_manifest,
+    condition,
+    event_reasons,
+    get,
+    items,
+    running_operator,
+    wait_for,
+)
+from operator_wrappers import make_job
+
+from tests.infra.controlplane import Cluster
+
+# No node has this label: pods never schedule, even when a node agent runs in the same session.
+NOWHERE = {"dbo.test/no-such-node": "true"}
+SELECTOR = "dreambooth.dev/job-name=cat"
+
+
+@pytest.fixture
+def op(cluster: Cluster, namespace: str, infra_log_dir: Path) -> Iterator[OperatorProcess]:
+    """The real operator (subprocess) watching this test's namespace."""
+    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
+        yield operator
+
+
+def phase(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("status") or {}).get("phase")
+
+
+def test_creates_owned_children_and_reports_unschedulable(
+    cluster: Cluster, namespace: str, op: OperatorProcess
+) -> None:
+    apply(cluster, as_manifest(make_job("cat").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    dbj = wait_for(
+        "Unschedulable in the Running condition",
+        lambda: get(cluster, "dreamboothjob", "cat", namespace),
+        lambda j: (condition(j, "Running") or {}).get("reason") == "Unschedulable",
+        op=op,
+    )
+    uid = dbj["metadata"]["uid"]
+    assert phase(dbj) == "Pending"
+    assert (condition(dbj, "Valid") or {}).get("status") == "True"
+    assert dbj["status"]["observedGeneration"] == 1
+    assert dbj["status"]["attempt"] == 0
+    # The status went through the subresource: writing it never bumps the generation.
+    assert dbj["metadata"]["generation"] == 1
+
+    children = {
+        "configmap": get(cluster, "configmap", "cat-config", namespace),
+        "service": get(cluster, "service", "cat-workers", namespace),
+        "job": get(cluster, "job.batch", "cat-a0", namespace),
+    }
+    for kind, child in children.items():
+        assert child is not None, kind
+        refs = child["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["name"], r["uid"], r["controller"]) for r in refs] == [
+            ("DreamBoothJob", "cat", uid, True)
+        ], kind
+    job = children["job"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["template"]["spec"]["subdomain"] == "cat-workers"
+    assert json.loads(children["configmap"]["data"]["config.json"])["name"] == "cat"
+    pods = items(cluster, "pods", namespace, SELECTOR)
+    assert len(pods) == 1
+    assert pods[0]["metadata"]["labels"]["dreambooth.dev/attempt"] == "0"
+
+    reasons = wait_for(
+        "events", lambda: event_reasons(cluster, namespace, "cat"), lambda r: {"SpecValid", "Unschedulable"} <= r
+    )
+    assert "SpecValid" in reasons
+
+    # Idempotent: several reconciles later there is still exactly one of each child, unchanged.
+    first = {j["metadata"]["uid"] for j in items(cluster, "jobs.batch", namespace, SELECTOR)}
+    before = _reconciles(op.metrics_text())
+    wait_for("three more reconciles", op.metrics_text, lambda text: _reconciles(text) >= before + 3, op=op)
+    assert {j["metadata"]["uid"] for j in items(cluster, "jobs.batch", namespace, SELECTOR)} == first
+    assert len(items(cluster, "services", namespace, SELECTOR)) == 1
+    assert len(items(cluster, "configmaps", namespace, SELECTOR)) == 1
+
+    # A deleted child is recreated (the current attempt's batch Job, same name).
+    cluster.kubectl("delete", "job.batch", "cat-a0", "-n", namespace, "--wait=true")
+    wait_for(
+        "the batch Job to be recreated",
+        lambda: get(cluster, "job.batch", "cat-a0", namespace),
+        lambda j: j["metadata"]["uid"] not in first,
+        op=op,
+    )
+
+    # Deleting the DreamBoothJob garbage-collects its children.
+    cluster.kubectl("delete", "dreamboothjob", "cat", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(
+        "children to be garbage-collected",
+        lambda: items(cluster, "jobs.batch", namespace, SELECTOR) + items(cluster, "configmaps", namespace, SELECTOR),
+        lambda left: left == [],
+        op=op,
+    )
+
+
+def _reconciles(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("dreambooth_operator_reconcile_duration_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_suspend_and_resume_toggle_the_batch_job(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
+    apply(cluster, as_manifest(make_job("cat").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    wait_for("the batch Job", lambda: get(cluster, "job.batch", "cat-a0", namespace), lambda j: True, op=op)
+    patch = {"spec": {"runPolicy": {"suspend": True}}}
+    cluster.kubectl("patch", "dreamboothjob", "cat", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    wait_for(
+        "the batch Job suspended",
+        lambda: get(cluster, "job.batch", "cat-a0", namespace),
+        lambda j: j["spec"].get("suspend") is True,
+        op=op,
+    )
+    dbj = wait_for(
+        "phase Suspended", lambda: get(cluster, "dreamboothjob", "cat", namespace), lambda j: phase(j) == "Suspended"
+    )
+    assert (condition(dbj, "Suspended") or {}).get("reason") == "SuspendedByUser"
+    wait_for(
+        "the Job controller to delete the pods",
+        lambda: items(cluster, "pods", namespace, SELECTOR),
+        lambda pods: pods == [],
+        op=op,
+    )
+    patch = {"spec": {"runPolicy": {"suspend": False}}}
+    cluster.kubectl("patch", "dreamboothjob", "cat", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    dbj = wait_for(
+        "resumed",
+        lambda: get(cluster, "dreamboothjob", "cat", namespace),
+        lambda j: (condition(j, "Suspended") or {}).get("reason") == "Resumed" and phase(j) == "Pending",
+        op=op,
+    )
+    assert get(cluster, "job.batch", "cat-a0", namespace)["spec"]["suspend"] is False  # type: ignore[index]
+    wait_for("a new pod", lambda: items(cluster, "pods", namespace, SELECTOR), lambda pods: len(pods) == 1)
+    assert {"SuspendedByUser", "Resumed"} <= event_reasons(cluster, namespace, "cat")
+
+
+def test_kueue_labelled_job_is_created_suspended_and_queued_until_admitted(
+    cluster: Cluster, namespace: str, op: OperatorProcess
+) -> None:
+    apply(cluster, as_manifest(make_job("cat").queue("gpu-queue").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    job = wait_for("the batch Job", lambda: get(cluster, "job.batch", "cat-a0", namespace), lambda j: True, op=op)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    dbj = wait_for(
+        "phase Queued", lambda: get(cluster, "dreamboothjob", "cat", namespace), lambda j: phase(j) == "Queued"
+    )
+    assert (condition(dbj, "Queued") or {}).get("reason") == "WaitingForAdmission"
+    # The operator never admits it itself: still suspended after more reconciles.
+    before = _reconciles(op.metrics_text())
+    wait_for("two more reconciles", op.metrics_text, lambda text: _reconciles(text) >= before + 2, op=op)
+    assert get(cluster, "job.batch", "cat-a0", namespace)["spec"]["suspend"] is True  # type: ignore[index]
+    # Admission, as Kueue does it: unsuspend the batch Job.
+    cluster.kubectl("patch", "job.batch", "cat-a0", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    dbj = wait_for(
+        "admitted",
+        lambda: get(cluster, "dreamboothjob", "cat", namespace),
+        lambda j: (condition(j, "Queued") or {}).get("reason") == "Admitted",
+        op=op,
+    )
+    assert phase(dbj) == "Pending"
+
+
+def test_invalid_spec_fails_with_every_error_and_creates_nothing(
+    cluster: Cluster, namespace: str, op: OperatorProcess
+) -> None:
+    name = "n" * 60  # valid for the API server, too long for the pods' hostnames
+    apply(cluster, as_manifest(make_job(name).obj()), namespace)
+    dbj = wait_for(
+        "Failed",
+        lambda: get(cluster, "dreamboothjob", name, namespace),
+        lambda j: phase(j) == "Failed",
+        op=op,
+    )
+    failed = condition(dbj, "Failed") or {}
+    assert failed.get("reason") == "InvalidSpec"
+    assert "at most 54 fit" in failed.get("message", "")
+    assert items(cluster, "jobs.batch", namespace) == []
+    assert "InvalidSpec" in wait_for(
+        "the InvalidSpec event", lambda: event_reasons(cluster, namespace, name), lambda r: "InvalidSpec" in r
+    )
+
+
+def test_deadline_fails_the_job_and_ttl_deletes_its_children_but_keeps_it(
+    cluster: Cluster, namespace: str, op: OperatorProcess
+) -> None:
+    job = make_job("cat").pod_template(nodeSelector=NOWHERE).run_policy(activeDeadlineSeconds=3)
+    apply(cluster, as_manifest(job.run_policy(ttlSecondsAfterFinished=4).obj()), namespace)
+    dbj = wait_for(
+        "DeadlineExceeded",
+        lambda: get(cluster, "dreamboothjob", "cat", namespace),
+        lambda j: phase(j) == "Failed",
+        op=op,
+    )
+    assert (condition(dbj, "Failed") or {}).get("reason") == "DeadlineExceeded"
+    assert dbj["status"].get("completionTime")
+    wait_for(
+        "TTL to delete the children",
+        lambda: items(cluster, "jobs.batch", namespace, SELECTOR)
+        + items(cluster, "services", namespace, SELECTOR)
+        + items(cluster, "configmaps", namespace, SELECTOR),
+        lambda left: left == [],
+        op=op,
+    )
+    kept = get(cluster, "dreamboothjob", "cat", namespace)
+    assert phase(kept) == "Failed"
+    assert "ChildDeleted" in event_reasons(cluster, namespace, "cat")
+
+
+def test_metrics_endpoint(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
+    apply(cluster, as_manifest(make_job("cat").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    text = wait_for(
+        "a Pending job in the metrics",
+        op.metrics_text,
+        lambda t: 'dreambooth_operator_jobs{phase="Pending"} 1.0' in t,
+        op=op,
+    )
+    assert _reconciles(text) >= 1
+    for name in (
+        "dreambooth_operator_reconcile_errors_total",
+        "dreambooth_operator_restarts_total",
+        "dreambooth_operator_time_to_running_seconds",
+        "dreambooth_operator_job_duration_seconds",
+    ):
+        assert f"# TYPE {name.removesuffix('_total')}" in text, name
