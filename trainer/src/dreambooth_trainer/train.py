@@ -99,7 +99,7 @@ class _Due:
         self.last = time.monotonic()
 
     def by_steps(self, step: int) -> bool:
-        return bool(self.every_steps) and step % int(self.every_steps) == 0
+        return self.every_steps is not None and step % self.every_steps == 0
 
     def by_time(self) -> bool:
         return self.every_seconds is not None and time.monotonic() - self.last >= self.every_seconds
@@ -154,6 +154,8 @@ class TrainLoop:
         )
         self.metrics_lines: list[str] = []
         self.last_checkpoint: CheckpointInfo | None = None
+        self._log_every: float = log_interval_seconds()
+        self._last_log: float = 0.0
 
         configured = module.configure_optimizers()
         optimizer, scheduler = split_optimizers(configured)
@@ -252,7 +254,7 @@ class TrainLoop:
         for name, tensor in sorted(self.module.trainable_state_dict().items()):
             t = tensor.detach().to("cpu").contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def _load_metrics(self, step: int) -> None:
@@ -475,7 +477,7 @@ def fabric_precision(config: JobConfig, cuda: bool) -> str:
 def make_fabric(config: JobConfig, *, local: bool = False) -> Any:
     """A Fabric for this process: DDP over PET_NNODES x PET_NPROC_PER_NODE (gloo on CPU), or one process."""
     from lightning_fabric import Fabric
-    from lightning_fabric.strategies import DDPStrategy
+    from lightning_fabric.strategies.ddp import DDPStrategy
 
     from dreambooth_trainer.distributed import read_env
 
@@ -521,7 +523,7 @@ def build_dataset(ctx: JobContext, components: Any) -> Any:
 
 def class_images(ctx: JobContext, components: Any) -> Any:
     """Class-prior examples: generated (split across ranks) or reused from the content-addressed cache."""
-    from dreambooth_trainer import priors
+    from dreambooth_trainer import priors  # type: ignore[attr-defined,unused-ignore]
 
     ctx.progress.set_phase(Phase.GENERATING_PRIORS)
     ctx.log.info("priors_started", count=ctx.config.prior_preservation.num_images)
@@ -690,7 +692,7 @@ def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
     if not v.prompts or not ctx.is_main:
         return None
     try:
-        from dreambooth_trainer import validation
+        from dreambooth_trainer import validation  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         ctx.log.warning("validation_unavailable")
         return None
@@ -706,7 +708,7 @@ def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
 
 def _export(ctx: JobContext, module: Any) -> str | None:
     try:
-        from dreambooth_trainer import export
+        from dreambooth_trainer import export  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         ctx.log.warning("export_unavailable")
         return None
