@@ -146,7 +146,7 @@ def run_trainer(config: dict[str, Any], workdir: Path, display: ProgressDisplay)
     progress = Progress()
     with (workdir / "train.log").open("a", encoding="utf-8") as log:
         process = subprocess.Popen(
-            trainer_command(),
+            [*trainer_command(), "--local"],  # one process, ignore PET_*/WORLD_SIZE from the environment
             env=env,
             stdout=subprocess.PIPE,
             stderr=log,
