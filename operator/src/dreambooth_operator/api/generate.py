@@ -1,6 +1,7 @@
 """Generate the CRDs and the API reference from the typed models: `python -m dreambooth_operator.api.generate`.
 
-Writes `crds/*.yaml`, the same files into `charts/dreambooth-operator/crds/`, and `docs/api.md`. The output
+Writes `crds/*.yaml`, the same files (plus kopf's peering CRDs) into `charts/dreambooth-operator/crds/`, and
+`docs/api.md`. The output
 depends only on the models, so a re-run is byte-identical; `make verify` and a unit test fail on drift.
 
 This is a development tool: it is the one operator module that imports the trainer's (torch-free) config
@@ -209,6 +210,53 @@ def crds() -> list[dict[str, Any]]:
     return [job_crd(), inference_crd()]
 
 
+def kopf_peering_crds() -> list[dict[str, Any]]:
+    """kopf's peering resources (kopf.dev/v1), which let several operator replicas agree on one active one.
+
+    kopf writes the peers into the object's `status` through the main resource, so there is no status
+    subresource. Only the chart installs these; the operator runs without them in standalone mode.
+    """
+    found = []
+    for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
+        plural = f"{kind.lower()}s"
+        found.append(
+            {
+                "apiVersion": "apiextensions.k8s.io/v1",
+                "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.kopf.dev"},
+                "spec": {
+                    "scope": scope,
+                    "group": "kopf.dev",
+                    "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                    "versions": [
+                        {
+                            "name": "v1",
+                            "served": True,
+                            "storage": True,
+                            "schema": {
+                                "openAPIV3Schema": {
+                                    "description": f"{kind}: the operator replicas that share one peering name.",
+                                    "type": "object",
+                                    "properties": {
+                                        "status": {
+                                            "description": "The peers, written by kopf.",
+                                            "type": "object",
+                                            "x-kubernetes-preserve-unknown-fields": True,
+                                        }
+                                    },
+                                }
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+    return found
+
+
+KOPF_PEERING_FILE: Final = "kopf.dev_peerings.yaml"
+
+
 def crd_filename(crd: dict[str, Any]) -> str:
     return f"{c.GROUP}_{crd['spec']['names']['plural']}.yaml"
 
@@ -341,6 +389,7 @@ def render_all() -> dict[Path, str]:
         text = HEADER + to_yaml(crd)
         files[CRD_DIR / crd_filename(crd)] = text
         files[CHART_CRD_DIR / crd_filename(crd)] = text
+    files[CHART_CRD_DIR / KOPF_PEERING_FILE] = HEADER + "---\n".join(to_yaml(crd) for crd in kopf_peering_crds())
     files[DOCS_PATH] = render_docs(definitions)
     return files
 

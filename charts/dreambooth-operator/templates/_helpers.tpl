@@ -1,0 +1,73 @@
+{{/* The release's full name, at most 63 characters. */}}
+{{- define "dbo.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dbo.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "dbo.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dreambooth
+{{- end -}}
+
+{{- define "dbo.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "dbo.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dbo.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dbo.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "dbo.trainerImage" -}}
+{{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) -}}
+{{- end -}}
+
+{{/* Permissions on the namespaced objects the operator manages (used by the ClusterRole or each Role). */}}
+{{- define "dbo.namespacedRules" -}}
+# The custom resources: read and watch them, write kopf's annotations and finalizer, and their status.
+- apiGroups: [dreambooth.dev]
+  resources: [dreamboothjobs, inferenceservices]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [dreambooth.dev]
+  resources: [dreamboothjobs/status, inferenceservices/status]
+  verbs: [get, patch, update]
+# ownerReferences with blockOwnerDeletion on children need update on the owner's finalizers.
+- apiGroups: [dreambooth.dev]
+  resources: [dreamboothjobs/finalizers, inferenceservices/finalizers]
+  verbs: [update]
+# Children of a DreamBoothJob (Indexed Job, headless Service, ConfigMap) and of an InferenceService
+# (Deployment, Service, HorizontalPodAutoscaler).
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, create, patch, update, delete]
+# Pods are only observed (phase, exit codes, termination messages, the rank-0 IP for /progress).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}
