@@ -37,7 +37,7 @@ def wait_for(what: str, condition: Callable[[], Any], agent: NodeAgent, timeout:
             result = condition()
             if result:
                 return result
-        except client.ApiException as exc:
+        except (client.ApiException, FileNotFoundError) as exc:  # not there yet (API object, pod files)
             last = exc
         time.sleep(0.2)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})\n{agent.log_tail()}")
@@ -758,3 +758,81 @@ def test_always_restarts_crashing_containers_and_liveness_failures(
     assert statuses["crasher"]["lastState"]["terminated"]["exitCode"] == 1
     assert statuses["probed"]["lastState"]["terminated"]["exitCode"] == 0  # SIGTERM handled by the process
     assert node_agent.logs(namespace, "restarts", "crasher", previous=True) == "crash\n"
+
+
+# ---- (10) an agent crash: its processes die with it, and the next agent reports the pods it finds as lost ---------
+def test_pods_of_a_crashed_agent_are_reported_lost_by_the_next_agent(
+    cluster: Any, namespace: str, core: client.CoreV1Api, tmp_path: Path
+) -> None:
+    def make_agent(tag: str) -> NodeAgent:
+        config = AgentConfig(
+            kubeconfig=str(cluster.kubeconfig),
+            state_dir=str(tmp_path / tag),
+            nodes=["crash-node-0"],
+            taints=[{"key": "dbo.test/spare", "effect": "NoSchedule"}],
+            parent_pid=os.getpid(),
+        )
+        return NodeAgent(config, tmp_path / f"{tag}.log").start()
+
+    first = make_agent("first")
+    second: NodeAgent | None = None
+    try:
+        pod = {
+            "metadata": {"name": "orphan"},
+            "spec": {
+                "restartPolicy": "Never",
+                "hostname": "orphan",
+                "subdomain": "crash",
+                "nodeSelector": {"kubernetes.io/hostname": "crash-node-0"},
+                "tolerations": [{"key": "dbo.test/spare", "operator": "Exists"}],
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "t:1",
+                        "command": script("""
+                            import os, pathlib, time
+                            pathlib.Path("pid").write_text(str(os.getpid()))
+                            while True:
+                                time.sleep(0.1)
+                        """),
+                    }
+                ],
+            },
+        }
+        core.create_namespaced_pod(namespace, pod)
+        pid_file = wait_for(
+            "the pod to write its pid",
+            lambda: (f := first.workdir(namespace, "orphan") / "pid").exists() and f.read_text() and f,
+            first,
+        )
+        pid = int(pid_file.read_text())
+        first.kill()
+        assert _wait_gone(pid, 10), "the pod process outlived its agent"
+        assert first.info["agentId"] in Path("/etc/hosts").read_text()  # a crash cannot clean up
+
+        second = make_agent("second")
+        assert first.info["agentId"] not in Path("/etc/hosts").read_text()  # the dead agent's block is dropped
+        lost = wait_for(
+            "the lost pod to be failed",
+            lambda: (p := get_pod(core, namespace, "orphan")) and p["status"].get("phase") == "Failed" and p,
+            second,
+        )
+        assert lost["status"]["reason"] == "NodeAgentRestarted"
+        assert lost["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "ContainerStatusUnknown"
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False

@@ -289,26 +289,26 @@ class Agent:
         if not node or node not in self._active_nodes or self.stopping.is_set():
             return
         uid = pod["metadata"]["uid"]
+        status = pod.get("status") or {}
+        terminal = status.get("phase") in ("Succeeded", "Failed")
         with self._lock:
             worker = self._workers.get(uid)
             if worker is not None:
                 worker.update(pod)
                 return
-            status = pod.get("status") or {}
-            terminal = status.get("phase") in ("Succeeded", "Failed")
-            if uid in self._finished or terminal:
-                self._finished.add(uid)
-                if pod["metadata"].get("deletionTimestamp") and terminal:
-                    self._final_delete(pod)
-                return
-            if status.get("startTime"):
-                # Started by an earlier agent whose processes are gone: report it lost, as the kubelet does.
-                self._finished.add(uid)
-                threading.Thread(target=self._fail_lost, args=(pod,), daemon=True).start()
-                return
-            worker = PodWorker(self, pod, self.config.shutdown_grace_seconds)
-            self._workers[uid] = worker
-        worker.start()
+            known = uid in self._finished
+            self._finished.add(uid)
+            if not known and not terminal and not status.get("startTime"):
+                worker = PodWorker(self, pod, self.config.shutdown_grace_seconds)
+                self._workers[uid] = worker
+                self._finished.discard(uid)
+        if worker is not None:
+            worker.start()
+        elif terminal and pod["metadata"].get("deletionTimestamp"):
+            self._final_delete(pod)  # a finished pod being deleted: only the final DELETE is left to do
+        elif not known and not terminal:
+            # Started by an earlier agent whose processes are gone: report it lost, as the kubelet does.
+            threading.Thread(target=self._fail_lost, args=(pod,), daemon=True).start()
 
     def _deleted(self, pod: dict[str, Any]) -> None:
         with self._lock:

@@ -102,6 +102,12 @@ class NodeAgent:
             self._proc.kill()
             self._proc.wait(10)
 
+    def kill(self) -> None:
+        """SIGKILL the agent, as a crash would (its pod processes die with it; nodes and hosts entries stay)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(30)
+
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_file.exists():
             return ""

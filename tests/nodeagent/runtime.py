@@ -10,6 +10,7 @@ log says the stream is complete (for ``follow``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -18,6 +19,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_agent() -> None:
+    """In the child before exec: SIGKILL it when the agent thread that started it dies (an agent crash or kill
+    must not leave pod processes behind; a clean stop terminates them itself)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def now_nano() -> str:
@@ -85,6 +95,7 @@ class ContainerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_agent,  # noqa: PLW1509 (only calls prctl; no locks, no allocation worth worrying)
         )
         self.pid = self._proc.pid
         self._pump = threading.Thread(target=self._copy_output, name=f"log-{log_path.stem}-{self.pid}", daemon=True)
