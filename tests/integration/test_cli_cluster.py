@@ -49,6 +49,7 @@ def cli_env(cluster: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(cluster.env())
     env["AWS_EC2_METADATA_DISABLED"] = "true"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # kubectl finds the plugin here
     return env
 
 
@@ -209,6 +210,19 @@ def test_list_and_status_show_progress_and_conditions(
     assert listed.returncode == 0, listed.stderr
     row = next(line.split() for line in listed.stdout.splitlines() if line.startswith("shown"))
     assert row[:6] == ["shown", namespace, "Running", "12/20", "0.2500", "1"]
+
+    # The same through kubectl's plugin mechanism (kubectl-dreambooth on PATH).
+    plugin = subprocess.run(
+        ["kubectl", "dreambooth", "list", "-n", namespace],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert plugin.returncode == 0, plugin.stderr
+    plugin_row = next(line.split() for line in plugin.stdout.splitlines() if line.startswith("shown"))
+    assert plugin_row[:6] == row[:6]
 
     shown = dreambooth(cli_env, "status", "shown", "-n", namespace)
     assert shown.returncode == 0, shown.stderr
