@@ -91,3 +91,34 @@ def test_age(seconds: int, text: str) -> None:
     now = datetime.fromtimestamp(1_800_000_000 + seconds, UTC)
     created = datetime.fromtimestamp(1_800_000_000, UTC).isoformat()
     assert present.age(created, now) == text
+
+
+def test_display_draws_a_live_bar_on_a_terminal_and_plain_lines_otherwise() -> None:
+    import io
+
+    from dreambooth_operator.cli.display import ProgressDisplay
+    from rich.console import Console
+
+    progress = Progress()
+    tty = io.StringIO()
+    with ProgressDisplay(Console(file=tty, force_terminal=True, width=120), description="toy") as display:
+        for step in (1, 20, 40):
+            progress.update({"event": "step", "step": step, "totalSteps": 40, "loss": 0.5})
+            display.update(progress)
+    drawn = tty.getvalue()
+    assert "━" in drawn  # the bar
+    assert "40/40" in drawn
+    assert "loss 0.5000" in drawn
+
+    plain = io.StringIO()
+    progress = Progress()
+    with ProgressDisplay(Console(file=plain, force_terminal=False, width=120)) as display:
+        for step in range(1, 41):
+            progress.update({"event": "step", "step": step, "totalSteps": 40, "loss": 0.5})
+            display.update(progress)
+    lines = plain.getvalue().splitlines()
+    # Throttled: the first and the last step at least, far fewer than 40 lines, no control codes.
+    assert lines[0] == "step 1/40 loss 0.5000"
+    assert lines[-1] == "step 40/40 loss 0.5000"
+    assert len(lines) < 10
+    assert "\x1b" not in plain.getvalue()

@@ -6,7 +6,7 @@ import time
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from dreambooth_operator.cli.events import Progress as TrainingProgress
 
@@ -30,7 +30,7 @@ class ProgressDisplay:
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
-                TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+                MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
                 TimeElapsedColumn(),
                 console=self.console,
@@ -47,7 +47,7 @@ class ProgressDisplay:
             self._bar.stop()
 
     def update(self, progress: TrainingProgress, *, force: bool = False) -> None:
-        stats = progress.describe().split(" ", 2)[2] if progress.describe().count(" ") >= 2 else ""
+        stats = progress.describe().partition(" ")[2].partition(" ")[2]  # without "step N/M"
         if self._bar is not None and self._task is not None:
             self._bar.update(
                 self._task,
