@@ -127,7 +127,9 @@ class LogServer(ThreadingHTTPServer):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         self.socket = context.wrap_socket(self.socket, server_side=True)
-        self._thread = threading.Thread(target=self.serve_forever, name=f"logserver-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.1}, name=f"logserver-{self.port}", daemon=True
+        )
 
     @property
     def port(self) -> int:

@@ -70,12 +70,14 @@ def render_records(records: Sequence[LogRecord], *, timestamps: bool, tail_lines
 
 
 def read_log(path: Path, *, timestamps: bool = False, tail_lines: int | None = None, since: str | None = None) -> str:
-    """A container log file as text (records at or after ``since``, an RFC3339 time, when given)."""
+    """A container log file as text (records at or after ``since``, an RFC3339 time, when given; nanoseconds are
+    truncated to microseconds)."""
     if not path.exists():
         return ""
     records = list(parse_records(path.read_text(errors="replace")))
     if since:
-        records = [r for r in records if r.time >= since]
+        start = datetime.fromisoformat(since)
+        records = [r for r in records if datetime.fromisoformat(r.time) >= start]
     return render_records(records, timestamps=timestamps, tail_lines=tail_lines)
 
 
