@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import textwrap
 import threading
@@ -836,3 +837,71 @@ def _wait_gone(pid: int, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+# ---- (11) the trainer's rendezvous: torch.distributed (gloo) across the pods of an Indexed Job ---------------------
+ALL_REDUCE = """
+    import datetime, os
+    import torch
+    import torch.distributed as dist
+    rank = int(os.environ["RANK"])
+    dist.init_process_group(
+        "gloo", init_method="env://", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120)
+    )
+    value = torch.tensor([float(rank + 1)])
+    dist.all_reduce(value)
+    print("master", os.environ["MASTER_ADDR"], "sum", value.item(), flush=True)
+    dist.destroy_process_group()
+"""
+
+
+def test_indexed_job_ranks_rendezvous_through_the_rank0_hostname(
+    namespace: str, node_agent: NodeAgent, core: client.CoreV1Api, batch: client.BatchV1Api
+) -> None:
+    core.create_namespaced_service(
+        namespace, {"metadata": {"name": "ddp"}, "spec": {"clusterIP": "None", "selector": {"job-name": "ddp"}}}
+    )
+    with socket.socket() as probe:  # a port no other session's store holds right now (stores bind 0.0.0.0)
+        probe.bind(("0.0.0.0", 0))  # noqa: S104 (checking exactly what the store will bind)
+        port = probe.getsockname()[1]
+    env = [
+        {"name": "MASTER_ADDR", "value": "ddp-0.ddp"},
+        {"name": "MASTER_PORT", "value": str(port)},
+    ]
+    batch.create_namespaced_job(namespace, indexed_job("ddp", script(ALL_REDUCE), env=env))
+    wait_for("Job ddp to complete", lambda: job_condition(batch, namespace, "ddp", "Complete"), node_agent, 240)
+    for pod in job_pods(core, namespace, "ddp"):
+        assert "master ddp-0.ddp sum 3.0" in node_agent.logs(namespace, pod["metadata"]["name"])
+
+
+# ---- (12) a process that ignores SIGTERM is killed when the grace period ends ------------------------------------
+def test_sigkill_after_the_grace_period(namespace: str, node_agent: NodeAgent, core: client.CoreV1Api) -> None:
+    stubborn = script("""
+        import signal, time
+        signal.signal(signal.SIGTERM, lambda *a: print("ignoring SIGTERM", flush=True))
+        print("up", flush=True)
+        while True:
+            time.sleep(0.1)
+    """)
+    pod = {
+        "metadata": {"name": "stubborn"},
+        "spec": {
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{"name": "main", "image": "t:1", "command": stubborn}],
+        },
+    }
+    uid = core.create_namespaced_pod(namespace, pod).metadata.uid
+    wait_for("the pod to start", lambda: "up" in node_agent.logs(namespace, "stubborn"), node_agent)
+    recorder = PodRecorder(core, namespace)
+    try:
+        started = time.monotonic()
+        core.delete_namespaced_pod("stubborn", namespace, grace_period_seconds=2)
+        final = wait_for("the pod to be killed", lambda: _failed_state(recorder, uid), node_agent)
+        elapsed = time.monotonic() - started
+    finally:
+        recorder.stop()
+    terminated = final["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["exitCode"], terminated["signal"]) == (137, 9)
+    assert 2.0 <= elapsed < 20.0, f"killed after {elapsed:.1f}s, not after the 2s grace period"
+    assert "ignoring SIGTERM" in node_agent.logs(namespace, "stubborn")
+    wait_for("the pod to disappear", lambda: get_pod(core, namespace, "stubborn") is None, node_agent)
