@@ -502,56 +502,26 @@ def make_fabric(config: JobConfig, *, local: bool = False) -> Any:
 
 
 def build_dataset(ctx: JobContext, components: Any) -> Any:
-    """Instance images (and class priors), as a DreamBoothDataset."""
-    from dreambooth_trainer.data import DreamBoothDataset, load_instance_examples
+    """Instance images, class priors (generated split across ranks, or reused) and caches: `prepare_dataset`."""
+    from dreambooth_trainer.prepare import prepare_dataset
 
-    cfg = ctx.config
-    t = cfg.training
-    pp = cfg.prior_preservation
-    instances = load_instance_examples(cfg.instance_images, ctx.store, t.resolution, pp.class_prompt)
-    classes = class_images(ctx, components) if pp.enabled else None
-    return DreamBoothDataset(
-        instances,
-        components.tokenizer,
-        t.resolution,
-        classes=classes,
-        crop=cfg.instance_images.crop,
-        flip=cfg.instance_images.flip,
-        seed=t.seed,
-    )
+    def on_phase(phase: str) -> None:
+        ctx.progress.set_phase(Phase(phase))
+        ctx.log.info("phase", phase=phase)
 
-
-def class_images(ctx: JobContext, components: Any) -> Any:
-    """Class-prior examples: generated (split across ranks) or reused from the content-addressed cache."""
-    from dreambooth_trainer import priors  # type: ignore[attr-defined,unused-ignore]
-
-    ctx.progress.set_phase(Phase.GENERATING_PRIORS)
-    ctx.log.info("priors_started", count=ctx.config.prior_preservation.num_images)
-    examples = priors.class_examples_for_job(
+    dataset = prepare_dataset(
         ctx.config,
         components,
         ctx.store,
         rank=int(ctx.fabric.global_rank),
         world_size=int(ctx.fabric.world_size),
-        barrier=ctx.fabric.barrier,
         device=ctx.fabric.device,
+        barrier=ctx.fabric.barrier,
+        on_phase=on_phase,
     )
-    ctx.log.info("priors_ready", count=len(examples))
-    return examples
-
-
-def prepare_caches(ctx: JobContext, module: Any, dataset: Any) -> None:
-    """Encode latents and prompts once when the VAE (and the text encoder) are frozen."""
-    if not ctx.config.training.cache_latents:
-        return
-    device = ctx.fabric.device
-    module.vae.to(device)
-    n = dataset.cache_latents(module.vae, device=device) if dataset.can_cache_latents else 0
-    m = 0
-    if not module.trains_text_encoder:
-        module.text_encoder.to(device)
-        m = dataset.cache_text_embeddings(module.text_encoder, device=device)
-    ctx.log.info("caches_ready", latents=n, promptEmbeddings=m)
+    ctx.progress.set_phase(Phase.INITIALIZING)
+    ctx.log.info("dataset_ready", items=len(dataset), withPrior=bool(getattr(dataset, "with_prior", False)))
+    return dataset
 
 
 def run_job(
@@ -619,7 +589,6 @@ def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, d
     )
     if frozen_dtype is not None:
         module.cast_frozen(frozen_dtype)
-    prepare_caches(ctx, module, dataset)
     validator = _validator(ctx, module)
     loop = TrainLoop(
         fabric=fabric,
@@ -652,14 +621,14 @@ def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, d
         )
         log.info("preempted", step=outcome.step, lastCheckpoint=last)
         return "preempted", result.to_wire()
-    model_uri = None
-    if ctx.is_main:
-        ctx.progress.set_phase(Phase.EXPORTING)
-        model_uri = _export(ctx, module)
-    fabric.barrier()
     final_loss = outcome.final_loss
     if final_loss is None:
         final_loss = _last_logged_loss(loop)
+    model_uri = None
+    if ctx.is_main:
+        ctx.progress.set_phase(Phase.EXPORTING)
+        model_uri = _export(ctx, module, outcome.step, final_loss)
+    fabric.barrier()
     result = RunResult(
         status="succeeded",
         model_uri=model_uri,
@@ -706,12 +675,9 @@ def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
     return hook
 
 
-def _export(ctx: JobContext, module: Any) -> str | None:
-    try:
-        from dreambooth_trainer import export  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        ctx.log.warning("export_unavailable")
-        return None
-    uri: str | None = export.export_model(ctx.config, module, ctx.store, ctx.workdir)
-    ctx.log.info("exported", uri=uri, formats=[f.value for f in ctx.config.output.formats])
-    return uri
+def _export(ctx: JobContext, module: Any, steps: int, final_loss: float | None) -> str | None:
+    from dreambooth_trainer.export import export_model
+
+    exported = export_model(module, ctx.config, ctx.store, ctx.workdir / "export", steps=steps, final_loss=final_loss)
+    ctx.log.info("exported", uri=exported.model_uri, uris=exported.uris)
+    return exported.model_uri or None

@@ -1,0 +1,124 @@
+"""Two trainer processes on CPU (gloo over loopback) train one job together, as two single-process "nodes"
+would in an Indexed Job: PET_NNODES=2, PET_NPROC_PER_NODE=1, PET_NODE_RANK=0/1.
+
+- Both ranks end with identical trainable weights (the digest each rank logs), and rank 0 alone writes
+  checkpoints, result.json and the termination message.
+- SIGTERM to both: they agree on the step, rank 0 checkpoints, both exit 12; restarted, both resume from
+  rank 0's checkpoint.
+- The result matches one process with the same global batch (batch 1 x 2 gradient-accumulation steps):
+  the micro-batch seeding gives both runs the same examples, noise and timesteps, so they differ only in
+  floating-point summation order (DDP all-reduce vs accumulation). Tolerance: rtol 1e-4, atol 1e-6 on every
+  trainable tensor, and losses within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from tests.infra.processes import free_port
+from tests.infra.s3 import S3Server
+from tests.integration.trainer_runs import TrainerRun, list_keys, put_images, read_object, tiny_job
+
+STEPS = 10
+
+
+def _dist_env(rank: int, port: int) -> dict[str, str]:
+    return {
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "1",
+        "PET_NODE_RANK": str(rank),
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(port),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "NODE_RANK": str(rank),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _pair(config: dict[str, Any], tmp: Path, s3: S3Server, name: str) -> list[TrainerRun]:
+    port = free_port()
+    return [TrainerRun(config, tmp / f"{name}-r{r}", s3.env(), extra_env=_dist_env(r, port), name=name) for r in (0, 1)]
+
+
+def _weights(s3: S3Server, bucket: str, out: str) -> dict[str, torch.Tensor]:
+    key = f"{out}/checkpoints/step-{STEPS:08d}/trainable.safetensors"
+    return load_safetensors(read_object(s3, bucket, key))
+
+
+def _losses(s3: S3Server, bucket: str, out: str) -> list[float]:
+    lines = read_object(s3, bucket, f"{out}/metrics.jsonl").decode().splitlines()
+    return [json.loads(x)["loss"] for x in lines]
+
+
+@pytest.fixture(scope="module")
+def bucket(s3: S3Server) -> str:
+    name = s3.make_bucket()
+    put_images(s3, name, "subject", count=4)
+    return name
+
+
+@pytest.fixture(scope="module")
+def single(s3: S3Server, bucket: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    config = tiny_job(s3, bucket, "single", maxSteps=STEPS, batchSize=1, gradientAccumulation=2)
+    run = TrainerRun(config, tmp_path_factory.mktemp("single"), s3.env(), extra_env={"OMP_NUM_THREADS": "1"})
+    assert run.wait() == 0, run._details()
+    return {"weights": _weights(s3, bucket, "single"), "losses": _losses(s3, bucket, "single")}
+
+
+def _assert_matches_single(single: dict[str, Any], weights: dict[str, torch.Tensor], losses: list[float]) -> None:
+    assert set(weights) == set(single["weights"])
+    for k, v in single["weights"].items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(single["losses"], rel=1e-4)
+
+
+def test_two_ranks_train_together_like_one_process_with_the_same_global_batch(
+    s3: S3Server, bucket: str, single: dict[str, Any], tmp_path: Path
+) -> None:
+    config = tiny_job(s3, bucket, "ddp", maxSteps=STEPS, batchSize=1)
+    runs = _pair(config, tmp_path, s3, "ddp")
+    codes = [r.wait() for r in runs]
+    assert codes == [0, 0], [r._details() for r in runs]
+    digests = [r.named("training_finished")[0]["trainableDigest"] for r in runs]
+    assert digests[0] == digests[1]
+    assert runs[0].named("training_started")[0]["worldSize"] == 2
+    assert [r.named("training_finished")[0]["rank"] for r in runs] == [0, 1]
+    # Rank 0 owns the outputs.
+    assert runs[0].termination()["status"] == "succeeded"
+    assert not runs[1].termination_path.exists()
+    assert runs[1].named("checkpoint_written") == []
+    assert [e["step"] for e in runs[0].named("checkpoint_written")] == [4, 8, 10]
+    _assert_matches_single(single, _weights(s3, bucket, "ddp"), _losses(s3, bucket, "ddp"))
+
+
+def test_both_ranks_stop_on_sigterm_and_resume_from_rank0_checkpoint(
+    s3: S3Server, bucket: str, single: dict[str, Any], tmp_path: Path
+) -> None:
+    config = tiny_job(s3, bucket, "ddp-pre", maxSteps=STEPS, batchSize=1)
+    first = _pair(config, tmp_path, s3, "first")
+    first[0].wait_event(lambda e: e.get("event") == "step" and e["step"] >= 3, "step 3 on rank 0")
+    for r in first:
+        r.signal(signal.SIGTERM)
+    codes = [r.wait() for r in first]
+    assert codes == [12, 12], [r._details() for r in first]
+    stopped = first[0].termination()["lastCheckpoint"]["step"]
+    assert 3 <= stopped < STEPS
+    assert f"ddp-pre/checkpoints/step-{stopped:08d}/manifest.json" in list_keys(s3, bucket, "ddp-pre/")
+
+    second = _pair(config, tmp_path, s3, "second")
+    codes = [r.wait() for r in second]
+    assert codes == [0, 0], [r._details() for r in second]
+    assert [e["step"] for e in second[0].named("resumed")] == [stopped]
+    digests = [r.named("training_finished")[0]["trainableDigest"] for r in second]
+    assert digests[0] == digests[1]
+    _assert_matches_single(single, _weights(s3, bucket, "ddp-pre"), _losses(s3, bucket, "ddp-pre"))
