@@ -307,9 +307,14 @@ def _job_specs() -> st.SearchStrategy[dict[str, Any]]:
         | {"resources": _from_schema(props["resources"]).map(lambda r: {**r, "nodes": min(r["nodes"], 4)})},
         optional={"podTemplate": _from_schema(props["podTemplate"])},
     ).map(fix_cross_section)
-    return strategy.filter(
-        _valid(lambda s: parse_job_config(DreamBoothJobSpec.model_validate(s).trainer_config("n", "d")))
-    )
+
+    def check(spec: dict[str, Any]) -> None:
+        model = DreamBoothJobSpec.model_validate(spec)
+        if model.cross_section_errors():
+            raise ValueError(model.cross_section_errors())
+        parse_job_config(model.trainer_config("n", "d"))
+
+    return strategy.filter(_valid(check))
 
 
 _COUNTER = itertools.count()

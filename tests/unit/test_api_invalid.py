@@ -44,12 +44,14 @@ def _validate(doc: dict[str, Any]) -> None:
             )
         return
     job = DreamBoothJobSpec.model_validate(doc["spec"])
+    if errors := job.cross_section_errors():
+        raise ValueError("; ".join(errors))
     parse_job_config(job.trainer_config("x", "default"))
 
 
 @pytest.mark.parametrize("doc", _cases())
 def test_models_reject_what_the_api_server_rejects(doc: dict[str, Any]) -> None:
-    with pytest.raises((ValidationError, ConfigError)):
+    with pytest.raises((ValidationError, ConfigError, ValueError)):
         _validate(doc)
 
 

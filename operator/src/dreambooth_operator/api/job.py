@@ -8,9 +8,9 @@ trainer's config models (see `TRAINER_SECTIONS` and `dreambooth_operator.api.gen
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Final, Self
+from typing import Any, Final
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 
 from dreambooth_operator.api.common import (
     ApiModel,
@@ -136,15 +136,18 @@ class DreamBoothJobSpec(ApiModel):
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     """Retries, deadlines, TTL and suspension."""
 
-    @model_validator(mode="after")
-    def _rules(self) -> Self:
-        # The Python twins of SPEC_RULES (the trainer checks its own sections when it parses them).
-        method = self.training.get("method", "lora")
-        if "lora" in self.output.get("formats", []) and method != "lora":
-            raise ValueError(SPEC_RULES[0]["message"])
+    def cross_section_errors(self) -> list[str]:
+        """The Python twins of SPEC_RULES (same messages), for the operator's own validation.
+
+        Not a model validator: the operator's validation collects every error, and a raising validator would
+        hide the others. (The trainer checks its own sections when it parses them.)
+        """
+        errors = []
+        if "lora" in self.output.get("formats", []) and self.training.get("method", "lora") != "lora":
+            errors.append(SPEC_RULES[0]["message"])
         if self.resources.nodes > 1 and not self.output.get("checkpointUri"):
-            raise ValueError(SPEC_RULES[1]["message"])
-        return self
+            errors.append(SPEC_RULES[1]["message"])
+        return errors
 
     def trainer_config(self, name: str, namespace: str) -> dict[str, Any]:
         """The trainer's JobConfig document (DREAMBOOTH_CONFIG): trainer sections passed through unchanged."""
