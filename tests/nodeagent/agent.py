@@ -78,6 +78,7 @@ class Agent:
         self._servers: dict[str, LogServer] = {}
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._registered_at = _now()  # node conditions never change, so they have one transition time
 
     # ---- WorkerContext ---------------------------------------------------------------------------------------
     def allocate_ip(self) -> str:
@@ -99,11 +100,18 @@ class Agent:
                 self._write_hosts()
 
     def _write_hosts(self) -> None:
-        if self._hosts is not None:
-            entries: dict[str, list[str]] = {}
-            for ip, names in self._hostnames.values():
-                entries.setdefault(ip, []).extend(names)
-            self._hosts.write(entries)
+        if self._hosts is None:
+            return
+        entries: dict[str, list[str]] = {}
+        for ip, names in self._hostnames.values():
+            entries.setdefault(ip, []).extend(names)
+        try:
+            shadowed = self._hosts.write(entries)
+        except OSError as exc:  # not root, read-only /etc: pods still run, only hostnames do not resolve
+            log.warning("cannot update %s (%s); pod hostnames will not resolve", self._hosts.path, exc)
+            return
+        if shadowed:
+            log.warning("another live node agent maps %s too; the first block in the file wins", sorted(shadowed))
 
     def process_env(self, pod: Mapping[str, Any]) -> dict[str, str]:
         """The host part of a container's environment (the pod's own env is applied over it)."""
@@ -134,6 +142,7 @@ class Agent:
     # ---- nodes -----------------------------------------------------------------------------------------------
     def _node_status(self, name: str) -> dict[str, Any]:
         now = _now()
+        since = self._registered_at
 
         def cond(ctype: str, status: str, reason: str, message: str) -> dict[str, str]:
             return {
@@ -142,7 +151,7 @@ class Agent:
                 "reason": reason,
                 "message": message,
                 "lastHeartbeatTime": now,
-                "lastTransitionTime": now,
+                "lastTransitionTime": since,
             }
 
         return {
@@ -363,8 +372,7 @@ class Agent:
             server = LogServer(self.root, cert, key)
             server.start()
             self._servers[name] = server
-        if self._hosts is not None:
-            self._hosts.write({})
+        self._write_hosts()
         for name in self.config.nodes:
             self._register(name)
             self._active_nodes.add(name)
@@ -396,7 +404,10 @@ class Agent:
                     except Exception as exc:  # the control plane may already be gone at teardown
                         log.info("could not delete %s: %s", path, exc)
         if self._hosts is not None:
-            self._hosts.remove()
+            try:
+                self._hosts.remove()
+            except OSError as exc:
+                log.warning("cannot remove this agent's block from %s: %s", self._hosts.path, exc)
         for server in self._servers.values():
             server.stop()
         self._claim.close()

@@ -61,6 +61,18 @@ def replace_block(text: str, agent_id: str, block: str | None, pid_alive: Callab
     return rest + block
 
 
+def names_of_others(text: str, agent_id: str) -> set[str]:
+    """The names in the other agents' blocks of ``text``."""
+    names: set[str] = set()
+    for match in _BLOCK.finditer(text):
+        if match.group("id") == agent_id:
+            continue
+        for line in match.group(0).splitlines():
+            if line and not line.startswith("#"):
+                names.update(line.split()[1:])
+    return names
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -79,20 +91,25 @@ class HostsFile:
         self.path = path
         self.lock_path = lock_path or Path("/tmp/dbo-nodeagent/hosts.lock")
 
-    def write(self, entries: Mapping[str, Iterable[str]]) -> None:
-        self._rewrite(render_block(self.agent_id, os.getpid(), entries))
+    def write(self, entries: Mapping[str, Iterable[str]]) -> set[str]:
+        """Write this agent's block; returns the names that another live agent's block maps too (shadowed)."""
+        entries = {ip: list(names) for ip, names in entries.items()}
+        text = self._rewrite(render_block(self.agent_id, os.getpid(), entries))
+        ours = {name for names in entries.values() for name in names}
+        return ours & names_of_others(text, self.agent_id)
 
     def remove(self) -> None:
         self._rewrite(None)
 
-    def _rewrite(self, block: str | None) -> None:
+    def _rewrite(self, block: str | None) -> str:
+        """Replace this agent's block; returns the new file text."""
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock_path.open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = self.path.read_text() if self.path.exists() else ""
             new = replace_block(old, self.agent_id, block, pid_alive)
             if new == old:
-                return
+                return new
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".hosts.nodeagent.")
             try:
                 with os.fdopen(fd, "w") as handle:
@@ -105,3 +122,4 @@ class HostsFile:
                 with self.path.open("r+") as handle:
                     handle.write(new)
                     handle.truncate()
+            return new

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodeagent.hostsfile import BEGIN, END, HostsFile, pod_names, render_block, replace_block
+from tests.nodeagent.hostsfile import (
+    BEGIN,
+    END,
+    HostsFile,
+    names_of_others,
+    pod_names,
+    render_block,
+    replace_block,
+)
 from tests.nodeagent.ipalloc import IPAllocator, claim_subnet
 
 HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
@@ -108,3 +116,17 @@ def test_hosts_file_round_trip(tmp_path: Path) -> None:
     assert oct(hosts.stat().st_mode & 0o777) == "0o644"
     agent.remove()
     assert hosts.read_text() == "127.0.0.1 localhost\n"
+
+
+def test_names_that_another_live_agent_maps_are_reported(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text(HOSTS)
+    lock = tmp_path / "lock"
+    other = HostsFile("other", hosts, lock)
+    other.write({"127.11.0.2": ["job-0.job", "job-0.job.ns1"]})
+    mine = HostsFile("mine", hosts, lock)
+    shadowed = mine.write({"127.12.0.2": ["job-0.job", "job-0.job.ns2"]})
+    assert shadowed == {"job-0.job"}
+    assert names_of_others(hosts.read_text(), "mine") == {"job-0.job", "job-0.job.ns1"}
+    other.remove()
+    assert mine.write({"127.12.0.2": ["job-0.job"]}) == set()
