@@ -13,7 +13,7 @@ import functools
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +24,10 @@ from tests.infra.pki import ControlPlanePki, write_control_plane_pki
 from tests.infra.processes import (
     TOOLS_BIN,
     ManagedProcess,
-    free_ports,
+    ProcessExitedError,
+    free_port,
     http_get,
+    is_port_clash,
     start_process,
     stop_all,
     tool,
@@ -133,10 +135,8 @@ class Cluster:
         return {"KUBECONFIG": str(self.kubeconfig), "PATH": f"{TOOLS_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def readyz(self) -> bool:
-        status, body = http_get(
-            f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.admin_token}"}, insecure=True
-        )
-        return status == 200 and body.strip() == "ok"
+        """True when the apiserver's /readyz says ok."""
+        return _readyz(self.server, self.admin_token)
 
     def create_namespace(self, prefix: str = "t", *, timeout: float = 120.0) -> str:
         """Create a namespace with a unique name and wait for its `default` ServiceAccount; return the name."""
@@ -283,8 +283,6 @@ def start_cluster(
     work_dir.mkdir(parents=True, exist_ok=True)
     if etcd is None:
         etcd = start_etcd(work_dir / "etcd", log_dir)
-    if etcd.process not in procs:
-        procs.append(etcd.process)
     # Key generation overlaps with etcd start-up.
     pki = write_control_plane_pki(work_dir / "pki", service_ip=KUBERNETES_SERVICE_IP)
     admin = TokenUser.new(ADMIN_USER, ("system:masters",))
@@ -294,25 +292,30 @@ def start_cluster(
     token_file = work_dir / "tokens.csv"
     token_file.write_text(token_auth_file([admin, restricted, kcm_user, sched_user]))
     token_file.chmod(0o600)
-    api_port, kcm_port, sched_port = free_ports(3)
-    server = f"https://127.0.0.1:{api_port}"
-    etcd.wait_ready(timeout)
+    try:
+        etcd.wait_ready(timeout)
+    finally:
+        procs.append(etcd.process)  # (possibly a restarted one)
 
-    apiserver = start_process(
+    apiserver = _Component(
         "kube-apiserver",
-        [
-            tool("kube-apiserver"),
+        lambda port: [
+            str(tool("kube-apiserver")),
             *apiserver_args(
                 etcd_url=etcd.client_url,
-                port=api_port,
+                port=port,
                 pki=pki,
                 token_file=token_file,
                 cert_dir=work_dir / "apiserver-certs",
             ),
         ],
-        log_dir=log_dir,
+        lambda port: _readyz(f"https://127.0.0.1:{port}", admin.token),
+        procs,
+        log_dir,
     )
-    procs.append(apiserver)
+    apiserver.launch()
+    apiserver.wait(timeout)
+    server = f"https://127.0.0.1:{apiserver.port}"
     cluster = Cluster(
         server=server,
         kubeconfig=write_kubeconfig(work_dir / "admin.kubeconfig", server, pki.ca_cert, admin.token, user=admin.name),
@@ -327,39 +330,89 @@ def start_cluster(
         etcd=etcd,
         processes=procs,
     )
-    apiserver.wait_ready(cluster.readyz, what=f"kube-apiserver {server}/readyz", timeout=timeout)
 
     kcm_config = write_kubeconfig(work_dir / "kcm.kubeconfig", server, pki.ca_cert, kcm_user.token, user=kcm_user.name)
     sched_config = write_kubeconfig(
         work_dir / "scheduler.kubeconfig", server, pki.ca_cert, sched_user.token, user=sched_user.name
     )
-    kcm = start_process(
+    kcm = _Component(
         "kube-controller-manager",
-        [
-            tool("kube-controller-manager"),
-            *controller_manager_args(kubeconfig=kcm_config, port=kcm_port, pki=pki, cert_dir=work_dir / "kcm-certs"),
+        lambda port: [
+            str(tool("kube-controller-manager")),
+            *controller_manager_args(kubeconfig=kcm_config, port=port, pki=pki, cert_dir=work_dir / "kcm-certs"),
         ],
-        log_dir=log_dir,
+        _healthz,
+        procs,
+        log_dir,
     )
-    procs.append(kcm)
-    scheduler = start_process(
+    scheduler = _Component(
         "kube-scheduler",
-        [
-            tool("kube-scheduler"),
-            *scheduler_args(kubeconfig=sched_config, port=sched_port, cert_dir=work_dir / "sched-certs"),
+        lambda port: [
+            str(tool("kube-scheduler")),
+            *scheduler_args(kubeconfig=sched_config, port=port, cert_dir=work_dir / "sched-certs"),
         ],
-        log_dir=log_dir,
+        _healthz,
+        procs,
+        log_dir,
     )
-    procs.append(scheduler)
-    # Both were started before either is waited for, so these waits overlap.
-    for proc, port in ((kcm, kcm_port), (scheduler, sched_port)):
-        proc.wait_ready(
-            functools.partial(_healthz, port), what=f"{proc.name} https://127.0.0.1:{port}/healthz", timeout=timeout
-        )
+    # Both are launched before either is waited for, so they start up in parallel.
+    kcm.launch()
+    scheduler.launch()
+    kcm.wait(timeout)
+    scheduler.wait(timeout)
 
     # The serviceaccount controller works: pods can be created in `default`.
     def default_sa() -> bool:
         return cluster.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0
 
-    kcm.wait_ready(default_sa, what="ServiceAccount default/default (serviceaccount controller)", timeout=timeout)
+    kcm.process.wait_ready(
+        default_sa, what="ServiceAccount default/default (serviceaccount controller)", timeout=timeout
+    )
     return cluster
+
+
+class _Component:
+    """One server on one free port: launch it, wait for `ready(port)`, relaunch on a new port after a clash."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Callable[[int], list[str]],
+        ready: Callable[[int], bool],
+        procs: list[ManagedProcess],
+        log_dir: Path,
+    ) -> None:
+        self.name, self.command, self.ready, self.procs, self.log_dir = name, command, ready, procs, log_dir
+        self.port = 0
+        self._process: ManagedProcess | None = None
+
+    @property
+    def process(self) -> ManagedProcess:
+        assert self._process is not None, f"{self.name} was not launched"
+        return self._process
+
+    def launch(self) -> None:
+        self.port = free_port()
+        self._process = start_process(self.name, self.command(self.port), log_dir=self.log_dir)
+        self.procs.append(self._process)
+
+    def wait(self, timeout: float, attempts: int = 3) -> None:
+        for remaining in range(attempts - 1, -1, -1):
+            try:
+                self.process.wait_ready(
+                    functools.partial(self.ready, self.port),
+                    what=f"{self.name} on port {self.port} to become ready",
+                    timeout=timeout,
+                )
+                return
+            except ProcessExitedError as err:
+                if remaining == 0 or not is_port_clash(err):
+                    raise
+                self.procs.remove(self.process)
+                self.process.stop()
+                self.launch()
+
+
+def _readyz(server: str, token: str) -> bool:
+    status, body = http_get(f"{server}/readyz", headers={"Authorization": f"Bearer {token}"}, insecure=True)
+    return status == 200 and body.strip() == "ok"

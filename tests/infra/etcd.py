@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.infra.processes import DEFAULT_TIMEOUT_S, ManagedProcess, free_ports, http_get, start_process, tool
+from tests.infra.processes import (
+    DEFAULT_TIMEOUT_S,
+    ManagedProcess,
+    ProcessExitedError,
+    free_ports,
+    http_get,
+    is_port_clash,
+    start_process,
+    tool,
+)
 
 
 @dataclass
@@ -16,13 +26,28 @@ class Etcd:
     process: ManagedProcess
     client_url: str
     data_dir: Path
+    log_dir: Path
 
     def healthy(self) -> bool:
         status, body = http_get(f"{self.client_url}/health", timeout=2.0)
         return status == 200 and json.loads(body).get("health") == "true"
 
-    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.process.wait_ready(self.healthy, what=f"etcd health at {self.client_url}/health", timeout=timeout)
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT_S, *, attempts: int = 3) -> None:
+        """Wait for /health; if a port was taken meanwhile, restart on new ports (fresh data dir)."""
+        for remaining in range(attempts - 1, -1, -1):
+            try:
+                self.process.wait_ready(self.healthy, what=f"etcd health at {self.client_url}/health", timeout=timeout)
+                return
+            except ProcessExitedError as err:
+                if remaining == 0 or not is_port_clash(err):
+                    raise
+                self._restart(*free_ports(2))
+
+    def _restart(self, client_port: int, peer_port: int) -> None:
+        self.process.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        fresh = start_etcd(self.data_dir, self.log_dir, ports=(client_port, peer_port))
+        self.process, self.client_url = fresh.process, fresh.client_url
 
     def stop(self) -> None:
         self.process.stop()
@@ -50,10 +75,10 @@ def etcd_args(data_dir: Path, client_port: int, peer_port: int) -> list[str]:
     ]
 
 
-def start_etcd(data_dir: Path, log_dir: Path) -> Etcd:
-    """Start etcd (does not wait: call `wait_ready`)."""
-    client_port, peer_port = free_ports(2)
+def start_etcd(data_dir: Path, log_dir: Path, *, ports: tuple[int, int] | None = None) -> Etcd:
+    """Start etcd on `ports` (client, peer; default: free ones). Does not wait: call `wait_ready`."""
+    client_port, peer_port = ports or free_ports(2)
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
     proc = start_process("etcd", [tool("etcd"), *etcd_args(data_dir, client_port, peer_port)], log_dir=log_dir)
-    return Etcd(process=proc, client_url=f"http://127.0.0.1:{client_port}", data_dir=data_dir)
+    return Etcd(process=proc, client_url=f"http://127.0.0.1:{client_port}", data_dir=data_dir, log_dir=log_dir)

@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS_BIN = ROOT / ".tools" / "bin"
@@ -279,6 +279,26 @@ def start_process(
     proc = ManagedProcess(name=name, args=argv, log_path=log_path, popen=popen, _log_file=log_file)
     REGISTRY.add(proc)
     return proc
+
+
+def is_port_clash(error: BaseException) -> bool:
+    """True when a server failed because its port was taken meanwhile (free ports are only free when chosen)."""
+    return isinstance(error, ProcessExitedError) and "address already in use" in str(error).lower()
+
+
+T = TypeVar("T")
+
+
+def retry_on_port_clash(attempt: Callable[[], T], *, attempts: int = 3) -> T:
+    """Call `attempt` (which picks free ports, starts a server and waits for it) again when it fails with a
+    port clash. `attempt` must stop its own process before raising."""
+    for remaining in range(attempts - 1, -1, -1):
+        try:
+            return attempt()
+        except ProcessExitedError as err:
+            if remaining == 0 or not is_port_clash(err):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def stop_all(procs: Sequence[ManagedProcess], grace: float = 10.0) -> None:

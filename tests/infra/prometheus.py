@@ -21,6 +21,7 @@ from tests.infra.processes import (
     NotReadyError,
     free_port,
     http_get,
+    retry_on_port_clash,
     start_process,
     tool,
 )
@@ -161,27 +162,31 @@ def start_prometheus(
         evaluation_interval=evaluation_interval,
     )
     config_file.write_text(json.dumps(config, indent=2) + "\n")
-    port = free_port()
-    proc = start_process(
-        name,
-        [
-            tool("prometheus"),
-            f"--config.file={config_file}",
-            f"--storage.tsdb.path={work_dir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--web.enable-lifecycle",
-            # Short look-back so that a target that stops answering drops out of queries quickly.
-            "--query.lookback-delta=30s",
-            "--log.level=warn",
-        ],
-        log_dir=log_dir,
-    )
-    server = PrometheusServer(
-        url=f"http://127.0.0.1:{port}", config_file=config_file, process=proc, rule_files=list(rule_files)
-    )
-    try:
-        proc.wait_ready(server.ready, what=f"Prometheus {server.url}/-/ready", timeout=timeout)
-    except BaseException:
-        proc.stop()
-        raise
-    return server
+
+    def attempt() -> PrometheusServer:
+        port = free_port()
+        proc = start_process(
+            name,
+            [
+                tool("prometheus"),
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={work_dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+                # Short look-back so that a target that stops answering drops out of queries quickly.
+                "--query.lookback-delta=30s",
+                "--log.level=warn",
+            ],
+            log_dir=log_dir,
+        )
+        server = PrometheusServer(
+            url=f"http://127.0.0.1:{port}", config_file=config_file, process=proc, rule_files=list(rule_files)
+        )
+        try:
+            proc.wait_ready(server.ready, what=f"Prometheus {server.url}/-/ready", timeout=timeout)
+        except BaseException:
+            proc.stop()
+            raise
+        return server
+
+    return retry_on_port_clash(attempt)

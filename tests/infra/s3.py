@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.infra.processes import DEFAULT_TIMEOUT_S, ManagedProcess, free_ports, start_process, tool
+from tests.infra.processes import (
+    DEFAULT_TIMEOUT_S,
+    ManagedProcess,
+    ProcessExitedError,
+    free_ports,
+    is_port_clash,
+    start_process,
+    tool,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -86,8 +96,10 @@ class S3Server:
     secret_key: str
     region: str
     process: ManagedProcess
+    work_dir: Path
+    log_dir: Path
 
-    def client(self) -> S3Client:
+    def client(self, *, connect_timeout: float = 5, read_timeout: float = 60, max_attempts: int = 3) -> S3Client:
         """A boto3 S3 client for this server (path-style, SigV4, quick retries)."""
         import boto3
         from botocore.config import Config
@@ -101,9 +113,9 @@ class S3Server:
             config=Config(
                 s3={"addressing_style": "path"},
                 signature_version="s3v4",
-                retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
             ),
         )
 
@@ -132,34 +144,54 @@ class S3Server:
         }
 
     def list_buckets_ok(self) -> bool:
-        self.client().list_buckets()
+        """One quick ListBuckets (short timeouts, no retries: readiness polling does the retrying)."""
+        self.client(connect_timeout=2, read_timeout=5, max_attempts=1).list_buckets()
         return True
 
-    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.process.wait_ready(self.list_buckets_ok, what=f"S3 ListBuckets at {self.endpoint}", timeout=timeout)
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT_S, *, attempts: int = 3) -> None:
+        """Wait until ListBuckets works; if a port was taken meanwhile, restart on new ports (fresh data)."""
+        for remaining in range(attempts - 1, -1, -1):
+            try:
+                self.process.wait_ready(
+                    self.list_buckets_ok, what=f"S3 ListBuckets at {self.endpoint}", timeout=timeout
+                )
+                return
+            except ProcessExitedError as err:
+                if remaining == 0 or not is_port_clash(err):
+                    raise
+                self.process.stop(grace=3.0)
+                shutil.rmtree(self.work_dir / "seaweedfs", ignore_errors=True)
+                fresh = start_s3(self.work_dir, self.log_dir, credentials=(self.access_key, self.secret_key))
+                self.process, self.endpoint = fresh.process, fresh.endpoint
 
     def stop(self) -> None:
         # weed's graceful shutdown can take long; the data is disposable.
         self.process.stop(grace=3.0)
 
 
-def start_s3(work_dir: Path, log_dir: Path) -> S3Server:
-    """Start SeaweedFS with a fresh data dir and random credentials (does not wait: call `wait_ready`)."""
+def start_s3(
+    work_dir: Path, log_dir: Path, *, credentials: tuple[str, str] | None = None, ports: Sequence[int] | None = None
+) -> S3Server:
+    """Start SeaweedFS with a fresh data dir (does not wait: call `wait_ready`).
+
+    `credentials` (access key, secret key) default to random ones; `ports` (8, in `PORT_NAMES` order) to free ones.
+    """
     data_dir = work_dir / "seaweedfs"
     data_dir.mkdir(parents=True, exist_ok=True)
-    access_key = "dbo" + secrets.token_hex(8)
-    secret_key = secrets.token_hex(20)
+    access_key, secret_key = credentials or ("dbo" + secrets.token_hex(8), secrets.token_hex(20))
     config_file = work_dir / "s3-identities.json"
     config_file.write_text(json.dumps(identity_config(access_key, secret_key), indent=2))
     config_file.chmod(0o600)
-    ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+    port_map = dict(zip(PORT_NAMES, ports or free_ports(len(PORT_NAMES)), strict=True))
     proc = start_process(
-        "seaweedfs", [tool("weed"), *weed_server_args(data_dir, config_file, ports)], log_dir=log_dir, cwd=data_dir
+        "seaweedfs", [tool("weed"), *weed_server_args(data_dir, config_file, port_map)], log_dir=log_dir, cwd=data_dir
     )
     return S3Server(
-        endpoint=f"http://127.0.0.1:{ports['s3']}",
+        endpoint=f"http://127.0.0.1:{port_map['s3']}",
         access_key=access_key,
         secret_key=secret_key,
         region=REGION,
         process=proc,
+        work_dir=work_dir,
+        log_dir=log_dir,
     )

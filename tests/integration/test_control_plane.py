@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.infra.controlplane import Cluster
-from tests.infra.processes import wait_until
+from tests.infra.etcd import start_etcd
+from tests.infra.processes import free_port, wait_until
 
 VERSIONS_ENV = Path(__file__).resolve().parents[1] / "infra" / "versions.env"
 # No node ever carries this label, so pods stay Pending even when the node agent has registered nodes.
@@ -159,3 +161,18 @@ def test_new_namespaces_get_the_root_ca_configmap(cluster: Cluster, namespace: s
     wait_until(published, what="kube-root-ca.crt in the new namespace", timeout=60)
     data = get_json(cluster, "configmap", "kube-root-ca.crt", "-n", namespace)["data"]["ca.crt"]
     assert data.strip() == cluster.ca_file.read_text().strip()
+
+
+def test_etcd_recovers_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        etcd = start_etcd(tmp_path / "data", tmp_path / "logs", ports=(taken, free_port()))
+        try:
+            etcd.wait_ready(timeout=60)
+            assert etcd.client_url != f"http://127.0.0.1:{taken}"
+            assert etcd.healthy()
+        finally:
+            etcd.stop()
+    assert "address already in use" in (tmp_path / "logs" / "etcd.log").read_text()

@@ -6,14 +6,17 @@ import dataclasses
 import hashlib
 import io
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from tests.infra.s3 import S3Server
+from tests.infra.processes import free_ports
+from tests.infra.s3 import PORT_NAMES, S3Server, start_s3
 
 MIB = 1024 * 1024
 
@@ -82,3 +85,21 @@ def test_s3_env_configures_a_subprocess(s3: S3Server, s3_env: dict[str, str]) ->
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "from the fixture"
+
+
+def test_s3_server_recovers_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        ports = free_ports(len(PORT_NAMES))
+        ports[PORT_NAMES.index("s3")] = taken
+        server = start_s3(tmp_path / "work", tmp_path / "logs", ports=ports)
+        try:
+            server.wait_ready(timeout=120)
+            assert server.endpoint != f"http://127.0.0.1:{taken}"
+            bucket = server.make_bucket()
+            server.client().put_object(Bucket=bucket, Key="k", Body=b"v")
+        finally:
+            server.stop()
+    assert "address already in use" in (tmp_path / "logs" / "seaweedfs.log").read_text()

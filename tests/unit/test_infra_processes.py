@@ -13,10 +13,12 @@ import pytest
 
 from tests.infra.processes import (
     REGISTRY,
+    ManagedProcess,
     NotReadyError,
     ProcessExitedError,
     free_port,
     free_ports,
+    retry_on_port_clash,
     start_process,
     tail,
     tcp_open,
@@ -148,3 +150,54 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return status.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+LISTENER = (
+    "import socket, sys, time\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "print('listening', flush=True); time.sleep(60)\n"
+)
+
+
+def test_retry_on_port_clash_moves_to_a_new_port(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        candidates = iter([busy.getsockname()[1], free_port()])
+        tried: list[int] = []
+
+        def attempt() -> ManagedProcess:
+            port = next(candidates)
+            tried.append(port)
+            proc = start_process("listener", [sys.executable, "-c", LISTENER, str(port)], log_dir=tmp_path)
+            try:
+                # (Not a TCP probe: the busy port accepts connections too.)
+                proc.wait_ready(lambda: "listening" in proc.log_tail().splitlines(), timeout=30)
+            except BaseException:
+                proc.stop()
+                raise
+            return proc
+
+        proc = retry_on_port_clash(attempt)
+        try:
+            assert len(tried) == 2
+            assert proc.running()
+        finally:
+            proc.stop()
+    assert "Address already in use" in (tmp_path / "listener.log").read_text()
+
+
+def test_retry_on_port_clash_does_not_retry_other_failures(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def attempt() -> None:
+        calls.append(1)
+        proc = start_process("crash", [sys.executable, "-c", "raise SystemExit('config error')"], log_dir=tmp_path)
+        try:
+            proc.wait_ready(lambda: False, timeout=30)
+        finally:
+            proc.stop()
+
+    with pytest.raises(ProcessExitedError, match="config error"):
+        retry_on_port_clash(attempt)
+    assert calls == [1]
