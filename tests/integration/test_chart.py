@@ -69,6 +69,20 @@ def test_helm_lint(extra: list[str]) -> None:
     assert "0 chart(s) failed" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("logFormat=xml", "at '/logFormat': value must be one of 'json', 'plain', 'full'"),
+        ("replicas=0", "at '/replicas': minimum: got 0, want 1"),
+        ("watchNamespaces={Team_A}", "at '/watchNamespaces/0'"),
+    ],
+)
+def test_values_schema_rejects_bad_values(value: str, message: str) -> None:
+    result = helm("template", "x", CHART, f"--set={value}")
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
 def test_replicas_without_peering_is_refused() -> None:
     result = helm("template", "x", CHART, "--set=replicas=2", "--set=peering.enabled=false")
     assert result.returncode != 0

@@ -149,6 +149,16 @@ def test_trainer_sections_carry_trainer_rules_and_immutability() -> None:
         assert all("oldSelf" not in r["rule"] for r in spec["properties"][name].get("x-kubernetes-validations", []))
 
 
+def test_inference_base_model_is_the_trainer_schema() -> None:
+    model = _spec_schema(inference_crd())["properties"]["model"]
+    base = model["properties"]["baseModel"]
+    assert set(base["properties"]) == {f.alias or n for n, f in trainer_config.BaseModelSpec.model_fields.items()}
+    assert [r["message"] for r in base["x-kubernetes-validations"]] == [
+        "baseModel needs exactly one of id, uri or tiny: true"
+    ]
+    assert "default" not in base
+
+
 def test_trainer_section_properties_come_from_the_trainer_model() -> None:
     training = _spec_schema(job_crd())["properties"]["training"]
     assert set(training["properties"]) == {
