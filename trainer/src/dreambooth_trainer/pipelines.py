@@ -26,7 +26,11 @@ def make_scheduler(sampler: Sampler | str, scheduler_config: Any) -> Any:
         Sampler.DPM_SOLVER: DPMSolverMultistepScheduler,
         Sampler.PNDM: PNDMScheduler,
     }
-    return classes[Sampler(sampler)].from_config(scheduler_config)
+    kind = Sampler(sampler)
+    if kind is Sampler.PNDM:
+        # Stable Diffusion's PNDM settings; the Runge-Kutta warm-up steps fail for small step counts.
+        return PNDMScheduler.from_config(scheduler_config, skip_prk_steps=True, set_alpha_to_one=False)
+    return classes[kind].from_config(scheduler_config)
 
 
 def build_pipeline(

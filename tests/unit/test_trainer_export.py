@@ -1,0 +1,114 @@
+"""Exports on the tiny model: the diffusers folder, the single file and the LoRA weights all load with diffusers and
+generate; the single file holds exactly the diffusers weights; the LoRA changes the base model's output and
+reproduces the merged model."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from dreambooth_trainer.components import load_components
+from dreambooth_trainer.config import BaseModelSpec, JobConfig
+from dreambooth_trainer.export import export_model
+from dreambooth_trainer.module import DreamBoothModule
+from dreambooth_trainer.storage import ObjectStore
+from safetensors.torch import load_file
+
+# The tiny model is cached by config hash, so test files share one build.
+SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
+PROMPT = "a photo of sks dog"
+
+
+def job(out: Path, method: str, formats: list[str], dtype: str = "fp32") -> JobConfig:
+    training: dict[str, object] = {"method": method, "resolution": 32, "trainTextEncoder": True}
+    if method == "lora":
+        training["lora"] = {"rank": 4, "alpha": 8}  # alpha != rank: the export must keep the scale
+    return JobConfig.model_validate(
+        {
+            "name": "export-test",
+            "instanceImages": {"uri": "file:///unused", "prompt": PROMPT},
+            "training": training,
+            "output": {"uri": out.as_uri(), "formats": formats, "dtype": dtype},
+        }
+    )
+
+
+def trained(config: JobConfig) -> DreamBoothModule:
+    """A module whose trained weights differ from the base (as after training), without spending time training."""
+    comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), SHARED_MODELS)
+    module = DreamBoothModule(comps, config.training)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in [*module.unet.named_parameters(), *module.text_encoder.named_parameters()]:
+            if param.requires_grad and ("lora_B" in name or config.training.method == "full"):
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    return module
+
+
+def sample(pipe: StableDiffusionPipeline) -> np.ndarray:
+    out = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    return np.asarray(out.images)
+
+
+def test_lora_job_exports_all_three_formats(tmp_path: Path) -> None:
+    config = job(tmp_path / "out", "lora", ["diffusers", "safetensors", "lora"])
+    module = trained(config)
+    result = export_model(module, config, ObjectStore(), tmp_path / "work", steps=7, final_loss=0.25)
+    out = tmp_path / "out"
+    assert result.model_uri == (out / "model").as_uri()
+    assert (out / "model" / "model_index.json").is_file()
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "instance_prompt" in card
+    assert "7 steps" in card
+
+    folder = StableDiffusionPipeline.from_pretrained(out / "model")
+    merged = sample(folder)
+    assert merged.shape == (1, 32, 32, 3)
+    single = StableDiffusionPipeline.from_single_file(str(out / "model.safetensors"), config=str(out / "model"))
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    np.testing.assert_allclose(sample(single), merged, atol=1e-5)
+
+    base = StableDiffusionPipeline.from_pretrained(module.model_dir)
+    base.scheduler = folder.scheduler
+    before = sample(base)
+    base.load_lora_weights(str(out / "lora"))
+    with_lora = sample(base)
+    assert np.abs(with_lora - before).max() > 0.05  # the adapters change the base model's output
+    np.testing.assert_allclose(with_lora, merged, atol=1e-3)  # and reproduce the merged export
+
+
+def test_full_job_exports_fp16_diffusers_and_single_file(tmp_path: Path) -> None:
+    config = job(tmp_path / "out", "full", ["diffusers", "safetensors"], dtype="fp16")
+    module = trained(config)
+    export_model(module, config, ObjectStore(), tmp_path / "work", steps=3)
+    out = tmp_path / "out"
+    assert not (out / "lora").exists()
+    stored = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
+    folder = StableDiffusionPipeline.from_pretrained(out / "model", torch_dtype=torch.float32)
+    images = sample(folder)
+    assert np.isfinite(images).all()
+    expected = module.unet.state_dict()
+    got = folder.unet.state_dict()
+    for key in ("conv_in.weight", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"):
+        torch.testing.assert_close(got[key], expected[key].half().float())
+    single = StableDiffusionPipeline.from_single_file(
+        str(out / "model.safetensors"), config=str(out / "model"), torch_dtype=torch.float32
+    )
+    np.testing.assert_allclose(sample(single), images, atol=1e-5)
+
+
+def test_lora_format_needs_lora_method(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lora"):
+        job(tmp_path, "full", ["lora"])
