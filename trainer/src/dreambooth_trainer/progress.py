@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 BIND_ENV = "DREAMBOOTH_BIND_ADDRESS"
 PORT_ENV = "DREAMBOOTH_METRICS_PORT"
@@ -229,7 +229,8 @@ def _handler(progress: Progress) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, progress.metrics.exposition())
+                # The 0.0.4 text format: every Prometheus 2.x understands it (our names are all legacy-valid).
+                self._send(200, CONTENT_TYPE_PLAIN_0_0_4, progress.metrics.exposition())
             elif path == "/progress":
                 self._send(200, "application/json", json.dumps(progress.state.to_wire()).encode())
             elif path == "/healthz":
