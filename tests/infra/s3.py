@@ -159,14 +159,14 @@ class S3Server:
             except ProcessExitedError as err:
                 if remaining == 0 or not is_port_clash(err):
                     raise
-                self.process.stop(grace=3.0)
+                self.process.stop(grace=1.0)
                 shutil.rmtree(self.work_dir / "seaweedfs", ignore_errors=True)
                 fresh = start_s3(self.work_dir, self.log_dir, credentials=(self.access_key, self.secret_key))
                 self.process, self.endpoint = fresh.process, fresh.endpoint
 
     def stop(self) -> None:
-        # weed's graceful shutdown can take long; the data is disposable.
-        self.process.stop(grace=3.0)
+        # weed's graceful shutdown hangs for many seconds; the data is disposable, so do not wait long.
+        self.process.stop(grace=1.0)
 
 
 def start_s3(
