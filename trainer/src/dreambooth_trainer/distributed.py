@@ -18,7 +18,7 @@ from dreambooth_trainer.exitcodes import InvalidInputError
 def _int(env: Mapping[str, str], *names: str, default: int) -> int:
     for name in names:
         raw = env.get(name)
-        if raw not in (None, ""):
+        if raw:
             try:
                 return int(raw)
             except ValueError as err:
