@@ -22,6 +22,7 @@ from kubernetes import client, watch
 
 from tests.nodeagent.config import AgentConfig
 from tests.nodeagent.plugin import NodeAgent
+from tests.nodeagent.runtime import wait_process_exit
 
 TIMEOUT_S = 90.0
 INDEX_PATH = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -73,6 +74,12 @@ def get_pod(core: client.CoreV1Api, namespace: str, name: str) -> dict[str, Any]
         if exc.status == 404:
             return None
         raise
+
+
+def pod_in_phase(core: client.CoreV1Api, namespace: str, name: str, *phases: str) -> dict[str, Any] | None:
+    """The pod when it is in one of ``phases``, else None."""
+    pod = get_pod(core, namespace, name)
+    return pod if pod is not None and pod.get("status", {}).get("phase") in phases else None
 
 
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
@@ -322,13 +329,13 @@ def test_evicted_job_pod_is_replaced_and_the_job_completes_without_failures(
         assert job["status"]["succeeded"] == 2
         assert not job["status"].get("failed"), "an ignored (DisruptionTarget) failure must not count"
 
-        states = recorder.states(uid)
-        failed = [s for s in states if s["status"].get("phase") == "Failed"]
-        assert failed, f"the evicted pod was never reported Failed: {[s['status'].get('phase') for s in states]}"
-        disruption = condition(failed[-1], "DisruptionTarget")
+        failed = _failed_state(recorder, uid)
+        phases = [s["status"].get("phase") for s in recorder.states(uid)]
+        assert failed is not None, f"the evicted pod was never reported Failed: {phases}"
+        disruption = condition(failed, "DisruptionTarget")
         assert disruption is not None
         assert (disruption["status"], disruption["reason"]) == ("True", "EvictionByEvictionAPI")
-        terminated = failed[-1]["status"]["containerStatuses"][0]["state"]["terminated"]
+        terminated = failed["status"]["containerStatuses"][0]["state"]["terminated"]
         assert terminated["exitCode"] == 12  # the process handled SIGTERM
     finally:
         recorder.stop()
@@ -422,11 +429,9 @@ def test_env_resolution_and_termination_messages(namespace: str, node_agent: Nod
     }
     core.create_namespaced_pod(namespace, pod)
 
-    def finished() -> dict[str, Any] | None:
-        current = get_pod(core, namespace, "envs")
-        return current if current and current["status"].get("phase") in ("Succeeded", "Failed") else None
-
-    done = wait_for("pod envs to finish", finished, node_agent)
+    done = wait_for(
+        "pod envs to finish", lambda: pod_in_phase(core, namespace, "envs", "Succeeded", "Failed"), node_agent
+    )
     assert done["status"]["phase"] == "Failed"  # one container failed, restartPolicy Never
     statuses = {s["name"]: s["state"]["terminated"] for s in done["status"]["containerStatuses"]}
     assert (statuses["report"]["exitCode"], statuses["report"]["reason"]) == (0, "Completed")
@@ -469,7 +474,7 @@ def test_missing_config_map_blocks_the_container_until_it_exists(
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "late"}, "data": {"v": "arrived"}})
     wait_for(
         "the pod to succeed",
-        lambda: (get_pod(core, namespace, "late") or {}).get("status", {}).get("phase") == "Succeeded",
+        lambda: pod_in_phase(core, namespace, "late", "Succeeded"),
         node_agent,
     )
     assert node_agent.logs(namespace, "late") == "arrived\n"
@@ -512,7 +517,7 @@ def test_init_containers_run_in_order_and_on_failure_restarts(
     core.create_namespaced_pod(namespace, pod)
     done = wait_for(
         "pod inits to succeed",
-        lambda: (p := get_pod(core, namespace, "inits")) and p["status"].get("phase") == "Succeeded" and p,
+        lambda: pod_in_phase(core, namespace, "inits", "Succeeded"),
         node_agent,
     )
     init_statuses = done["status"]["initContainerStatuses"]
@@ -542,7 +547,7 @@ def test_failing_init_container_fails_a_never_restart_pod(
     core.create_namespaced_pod(namespace, pod)
     done = wait_for(
         "pod badinit to fail",
-        lambda: (p := get_pod(core, namespace, "badinit")) and p["status"].get("phase") == "Failed" and p,
+        lambda: pod_in_phase(core, namespace, "badinit", "Failed"),
         node_agent,
     )
     assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 4
@@ -563,6 +568,9 @@ PEER = """
             self.wfile.write(os.environ["HOSTNAME"].encode())
             served.set()
 
+        def log_message(self, *args):  # no access log: it would interleave with the lines checked below
+            pass
+
     server = http.server.HTTPServer((os.environ["POD_IP"], 8080), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     deadline = time.monotonic() + 60
@@ -570,7 +578,7 @@ PEER = """
         while True:
             try:
                 with urllib.request.urlopen(f"http://{name}:8080/", timeout=2) as response:
-                    print(name, "->", response.read().decode(), flush=True)
+                    print(f"{name} -> {response.read().decode()}", flush=True)
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:
@@ -808,14 +816,14 @@ def test_pods_of_a_crashed_agent_are_reported_lost_by_the_next_agent(
         )
         pid = int(pid_file.read_text())
         first.kill()
-        assert _wait_gone(pid, 10), "the pod process outlived its agent"
+        assert wait_process_exit(pid, 10), "the pod process outlived its agent"
         assert first.info["agentId"] in Path("/etc/hosts").read_text()  # a crash cannot clean up
 
         second = make_agent("second")
         assert first.info["agentId"] not in Path("/etc/hosts").read_text()  # the dead agent's block is dropped
         lost = wait_for(
             "the lost pod to be failed",
-            lambda: (p := get_pod(core, namespace, "orphan")) and p["status"].get("phase") == "Failed" and p,
+            lambda: pod_in_phase(core, namespace, "orphan", "Failed"),
             second,
         )
         assert lost["status"]["reason"] == "NodeAgentRestarted"
@@ -824,19 +832,6 @@ def test_pods_of_a_crashed_agent_are_reported_lost_by_the_next_agent(
         first.stop()
         if second is not None:
             second.stop()
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # ---- (11) the trainer's rendezvous: torch.distributed (gloo) across the pods of an Indexed Job ---------------------

@@ -29,7 +29,8 @@ from .hostsfile import HostsFile
 from .ipalloc import IPAllocator, claim_subnet
 from .kube import MERGE, ApiException, Kube
 from .logserver import LogServer
-from .worker import PodWorker, pod_path
+from .podstatus import LOST_MESSAGE, ContainerRecord, container_status, lost
+from .worker import PodWorker, final_delete, pod_path
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +315,7 @@ class Agent:
         if worker is not None:
             worker.start()
         elif terminal and pod["metadata"].get("deletionTimestamp"):
-            self._final_delete(pod)  # a finished pod being deleted: only the final DELETE is left to do
+            final_delete(self.kube, pod)  # a finished pod being deleted: only the final DELETE is left to do
         elif not known and not terminal:
             # Started by an earlier agent whose processes are gone: report it lost, as the kubelet does.
             threading.Thread(target=self._fail_lost, args=(pod,), daemon=True).start()
@@ -325,42 +326,20 @@ class Agent:
         if worker is not None:
             worker.deleted()
 
-    def _final_delete(self, pod: dict[str, Any]) -> None:
-        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": pod["metadata"]["uid"]}}
-        try:
-            self.kube.delete(pod_path(pod), body)
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                log.warning("final delete of %s failed: %s", pod["metadata"]["name"], exc.status)
-
     def _fail_lost(self, pod: dict[str, Any]) -> None:
-        now = _now()
-        message = "The container could not be located when the pod was terminated"
-        lost = {
-            "terminated": {
-                "exitCode": 137,
-                "reason": "ContainerStatusUnknown",
-                "message": message,
-                "startedAt": now,
-                "finishedAt": now,
-            }
+        now = datetime.now(UTC)
+        containers = pod["spec"]["containers"]
+        statuses = [container_status(ContainerRecord(c["name"], c.get("image", ""), lost(now))) for c in containers]
+        status = {
+            "phase": "Failed",
+            "reason": "NodeAgentRestarted",
+            "message": LOST_MESSAGE,
+            "containerStatuses": statuses,
         }
-        statuses = [
-            {
-                "name": c["name"],
-                "image": c.get("image", ""),
-                "imageID": "",
-                "ready": False,
-                "restartCount": 0,
-                "state": lost,
-            }
-            for c in pod["spec"]["containers"]
-        ]
-        status = {"phase": "Failed", "reason": "NodeAgentRestarted", "message": message, "containerStatuses": statuses}
         try:
             self.kube.patch(pod_path(pod, "/status"), {"status": status})
             if pod["metadata"].get("deletionTimestamp"):
-                self._final_delete(pod)
+                final_delete(self.kube, pod)
         except ApiException as exc:
             log.warning("could not fail lost pod %s: %s", pod["metadata"]["name"], exc.status)
 

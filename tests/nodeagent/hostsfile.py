@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from .runtime import process_running
+
 BEGIN = "# BEGIN dreambooth-operator test node agent"
 END = "# END dreambooth-operator test node agent"
 _BLOCK = re.compile(rf"^{re.escape(BEGIN)} (?P<id>\S+) pid=(?P<pid>\d+)\n.*?^{re.escape(END)} (?P=id)\n", re.M | re.S)
@@ -74,13 +76,7 @@ def names_of_others(text: str, agent_id: str) -> set[str]:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_running(pid)
 
 
 class HostsFile:

@@ -54,6 +54,14 @@ class ContainerRecord:
     container_id: str = ""
 
 
+LOST_MESSAGE = "The container could not be located when the pod was terminated"
+
+
+def lost(now: datetime) -> Terminated:
+    """The state the kubelet reports for a container it cannot find when the pod ends."""
+    return Terminated(137, "ContainerStatusUnknown", now, now, LOST_MESSAGE)
+
+
 def exit_reason(exit_code: int) -> str:
     return "Completed" if exit_code == 0 else "Error"
 

@@ -31,6 +31,7 @@ from .podstatus import (
     build_status,
     exit_code_of,
     exit_reason,
+    lost,
     rfc3339,
     termination_message,
 )
@@ -401,8 +402,7 @@ class PodWorker:
             if record.last_state is not None:
                 record.state = record.last_state
             else:
-                message = "The container could not be located when the pod was terminated"
-                record.state = Terminated(137, "ContainerStatusUnknown", now, now, message)
+                record.state = lost(now)
 
     def _kill_all(self, grace: float) -> None:
         for run in self.runs.values():
@@ -452,15 +452,23 @@ class PodWorker:
         return True
 
     def _final_delete(self, pod: Mapping[str, Any]) -> bool:
-        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}}
-        try:
-            self.ctx.kube.delete(pod_path(pod), body)
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                log.warning("pod %s: final delete failed (%s); retrying", self.key, exc.status)
-                return False
+        if not final_delete(self.ctx.kube, pod):
+            return False
         log.info("pod %s: removed", self.key)
         return True
+
+
+def final_delete(kube: Kube, pod: Mapping[str, Any]) -> bool:
+    """The kubelet's last word on a terminated pod: DELETE with grace 0 (the uid guards a recreated namesake).
+    False when it should be retried."""
+    body = {"gracePeriodSeconds": 0, "preconditions": {"uid": pod["metadata"]["uid"]}}
+    try:
+        kube.delete(pod_path(pod), body)
+    except ApiException as exc:
+        if exc.status not in (404, 409):
+            log.warning("final delete of %s failed (%s)", pod["metadata"]["name"], exc.status)
+            return False
+    return True
 
 
 def _is_init(record: ContainerRecord, init: list[ContainerRecord]) -> bool:

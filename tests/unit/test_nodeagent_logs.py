@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -10,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.nodeagent import layout
-from tests.nodeagent.runtime import ContainerProcess, LogRecord, parse_records, read_log, render_records
+from tests.nodeagent.runtime import (
+    ContainerProcess,
+    LogRecord,
+    parse_records,
+    process_running,
+    read_log,
+    render_records,
+    wait_process_exit,
+)
 
 RECORDS = [
     LogRecord("2026-11-27T00:00:00.000000001Z", True, "first"),
@@ -72,21 +81,7 @@ def test_signal_reaches_the_whole_process_group(tmp_path: Path) -> None:
     grandchild = int(read_log(log).split()[0])
     process.signal(signal.SIGTERM)
     assert process.wait(30) == -signal.SIGTERM
-    assert wait_gone(grandchild, 10), "the grandchild outlived its process group's SIGTERM"
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    """True once ``pid`` no longer runs (gone, or a zombie waiting for its new parent to reap it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
+    assert wait_process_exit(grandchild, 10), "the grandchild outlived its process group's SIGTERM"
 
 
 def test_layout_finds_the_newest_pod_and_previous_run(tmp_path: Path) -> None:
@@ -104,3 +99,10 @@ def test_layout_finds_the_newest_pod_and_previous_run(tmp_path: Path) -> None:
     assert layout.find_log(new, "b") == layout.log_path(new, "b", 2)
     assert layout.find_log(new, "b", previous=True) == layout.log_path(new, "b", 1)
     assert layout.find_log(new, "c") is None
+
+
+def test_process_running_tells_live_from_gone(tmp_path: Path) -> None:
+    assert process_running(os.getpid())
+    process = ContainerProcess([sys.executable, "-c", "pass"], {}, tmp_path, tmp_path / "0.log")
+    assert process.wait(30) == 0
+    assert not process_running(process.pid)
