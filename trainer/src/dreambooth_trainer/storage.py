@@ -92,8 +92,15 @@ def _dir_prefix(uri: str) -> str:
 class ObjectStore:
     """Reads and writes objects by URI. One instance may be shared by threads (the boto3 client is thread-safe)."""
 
-    def __init__(self, settings: StorageSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: StorageSettings | None = None,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+        multipart_chunksize: int = MULTIPART_CHUNK,
+    ) -> None:
         self.settings = settings or StorageSettings()
+        self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
         self._client: S3Client | None = None
         self._lock = threading.Lock()
 
@@ -119,12 +126,13 @@ class ObjectStore:
                 )
             return self._client
 
-    @staticmethod
-    def _transfer_config() -> Any:
+    def _transfer_config(self) -> Any:
         from boto3.s3.transfer import TransferConfig
 
         return TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK, max_concurrency=8
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunksize,
+            max_concurrency=8,
         )
 
     @staticmethod
