@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from . import layout
 from .envresolve import EnvResolutionError, ObjectSource, RuntimeFields, container_argv, resolve_env
+from .hostsfile import pod_names
 from .kube import ApiException, Kube
 from .podstatus import (
     ContainerRecord,
@@ -99,12 +100,8 @@ class PodWorker:
         self.restart_policy: str = spec.get("restartPolicy", "Always")
         self.init_specs: list[dict[str, Any]] = list(spec.get("initContainers") or [])
         self.main_specs: list[dict[str, Any]] = list(spec["containers"])
-        self.init = [
-            ContainerRecord(c["name"], c.get("image", ""), Waiting("PodInitializing")) for c in self.init_specs
-        ]
-        self.main = [
-            ContainerRecord(c["name"], c.get("image", ""), Waiting("PodInitializing")) for c in self.main_specs
-        ]
+        self.init = [_record(c) for c in self.init_specs]
+        self.main = [_record(c) for c in self.main_specs]
         if not self.init_specs:
             for record in self.main:
                 record.state = Waiting("ContainerCreating")
@@ -185,11 +182,9 @@ class PodWorker:
                 "defaultContainer": (meta.get("annotations") or {}).get("kubectl.kubernetes.io/default-container"),
             },
         )
-        (self.dir / "pod.yaml.json").write_text(json.dumps(self.pod, indent=1))
+        (self.dir / "object.json").write_text(json.dumps(self.pod, indent=1))  # the pod as first seen, for debugging
         self.pod_ip = self.ctx.allocate_ip()
         spec = self.pod["spec"]
-        from .hostsfile import pod_names
-
         names = pod_names(spec.get("hostname", ""), spec.get("subdomain", ""), meta["namespace"])
         if names:
             self.ctx.set_hostnames(self.uid, self.pod_ip, names)
@@ -207,9 +202,9 @@ class PodWorker:
         if self.stage not in ("terminating", "terminal") and (deleting or self.shutdown_requested):
             self._begin_termination(pod)
         if self.stage == "init":
-            self._step_init(pod)
+            self._step_init()
         if self.stage == "main":
-            self._step_main(pod)
+            self._step_main()
         if self.stage == "terminating":
             self._step_terminating()
         if not self._publish():
@@ -297,7 +292,7 @@ class PodWorker:
         record.state = term
         return False
 
-    def _step_init(self, pod: dict[str, Any]) -> None:
+    def _step_init(self) -> None:
         while self.init_index < len(self.init_specs):
             spec, record = self.init_specs[self.init_index], self.init[self.init_index]
             if spec["name"] not in self.runs:
@@ -321,7 +316,7 @@ class PodWorker:
             if isinstance(record.state, Waiting) and record.state.reason == "PodInitializing":
                 record.state = Waiting("ContainerCreating")
 
-    def _step_main(self, pod: dict[str, Any]) -> None:
+    def _step_main(self) -> None:
         now = time.monotonic()
         for spec, record in zip(self.main_specs, self.main, strict=True):
             name = spec["name"]
