@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreambooth_trainer.config import Sampler, ValidationSpec
+from dreambooth_trainer.config import JobConfig, Sampler, ValidationSpec
 from dreambooth_trainer.imageio import encode_png
 from dreambooth_trainer.pipelines import build_pipeline, generator_for
 from dreambooth_trainer.storage import ObjectStore, join_uri
@@ -115,3 +115,26 @@ def write_tensorboard(result: ValidationResult, prompts: list[str], log_dir: Pat
         writer.flush()
     finally:
         writer.close()
+
+
+def sample_and_upload(
+    config: JobConfig, module: Any, store: ObjectStore, step: int, tensorboard_dir: Path | None = None
+) -> list[str]:
+    """The runtime's hook: sample `training.validation` at `step` on the module's device; returns the PNG URIs."""
+    device = next(module.unet.parameters()).device
+    dtypes = {p.dtype for p in module.unet.parameters()}
+    autocast_dtype = None
+    if device.type == "cuda" and dtypes & {torch.float16, torch.bfloat16}:
+        autocast_dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
+    result = run_validation(
+        module,
+        config.training.validation,
+        step,
+        config.training.resolution,
+        store,
+        config.output.uri,
+        tensorboard_dir=tensorboard_dir,
+        device=device,
+        autocast_dtype=autocast_dtype,
+    )
+    return result.uris
