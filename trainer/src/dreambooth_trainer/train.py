@@ -29,7 +29,15 @@ from typing import Any
 import torch
 
 from dreambooth_trainer import rng
-from dreambooth_trainer.checkpoint import AsyncCheckpointer, CheckpointInfo, CheckpointStore, Loaded, Snapshot, to_cpu
+from dreambooth_trainer.checkpoint import (
+    AsyncCheckpointer,
+    CheckpointInfo,
+    CheckpointStore,
+    Loaded,
+    Snapshot,
+    StagingBuffers,
+    to_cpu,
+)
 from dreambooth_trainer.config import JobConfig, LRSchedule
 from dreambooth_trainer.distributed import broadcast_object
 from dreambooth_trainer.logging import EventLog, utc_now_iso
@@ -156,6 +164,8 @@ class TrainLoop:
         self.last_checkpoint: CheckpointInfo | None = None
         self._log_every: float = log_interval_seconds()
         self._last_log: float = 0.0
+        # Pinned, reused snapshot buffers on CUDA (rank 0 only; see checkpoint.StagingBuffers).
+        self._staging = StagingBuffers() if self.is_main and torch.cuda.is_available() else None
 
         configured = module.configure_optimizers()
         optimizer, scheduler = split_optimizers(configured)
@@ -189,16 +199,22 @@ class TrainLoop:
         dist.all_gather_object(out, state)
         return out
 
-    def snapshot(self, step: int) -> Snapshot | None:
-        """Every rank calls this (the RNG gather is collective); rank 0 gets the snapshot."""
+    def snapshot(self, step: int, deadline: float | None = None) -> Snapshot | None:
+        """Every rank calls this (the RNG gather is collective); rank 0 gets the snapshot. Rank 0 first waits for
+        the upload in flight (the staging buffers hold it); None when that is not done by `deadline`."""
         rngs = self._gather_rng()
         if not self.is_main:
             return None
         scaler = self._scaler()
+        if self.writer is not None:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not self.writer.wait(timeout):
+                return None
+        copy = self._staging.snapshot if self._staging is not None else (lambda obj, _name: to_cpu(obj))
         return Snapshot(
             step=step,
-            trainable=to_cpu(self.module.trainable_state_dict()),
-            optimizer=to_cpu(self.optimizer.state_dict()),
+            trainable=copy(self.module.trainable_state_dict(), "trainable"),
+            optimizer=copy(self.optimizer.state_dict(), "optimizer"),
             scheduler=to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
             scaler=scaler.state_dict() if scaler is not None else None,
             state={
@@ -309,10 +325,10 @@ class TrainLoop:
             self.log.info("checkpoint_started", step=step, stallSeconds=round(stall, 4))
 
     def checkpoint_sync(self, step: int, deadline: float | None) -> CheckpointInfo | None:
-        snap = self.snapshot(step)
-        if self.writer is None or snap is None:
+        snap = self.snapshot(step, deadline)
+        if self.writer is None:
             return None
-        info = self.writer.write_sync(snap, deadline)
+        info = self.writer.write_sync(snap, deadline) if snap is not None else None
         if info is None:
             self.log.warning("checkpoint_incomplete", step=step, reason="deadline" if deadline else "failed")
         return info
