@@ -556,16 +556,17 @@ def test_failing_init_container_fails_a_never_restart_pod(
     assert condition(done, "Initialized")["status"] == "False"  # type: ignore[index]
 
 
-# ---- (7) pods reach each other by <hostname>.<subdomain> -----------------------------------------------------------
+# ---- (7) pods reach each other by <hostname>.<subdomain>, resolved within their own namespace -----------------------
 PEER = """
     import http.server, os, sys, threading, time, urllib.request
     served = threading.Event()
+    me = f"{os.environ['HOSTNAME']}@{os.environ['NAMESPACE']}"
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
             self.end_headers()
-            self.wfile.write(os.environ["HOSTNAME"].encode())
+            self.wfile.write(me.encode())
             served.set()
 
         def log_message(self, *args):  # no access log: it would interleave with the lines checked below
@@ -573,6 +574,7 @@ PEER = """
 
     server = http.server.HTTPServer((os.environ["POD_IP"], 8080), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("serving", flush=True)
     deadline = time.monotonic() + 60
     for name in sys.argv[1:]:
         while True:
@@ -584,48 +586,67 @@ PEER = """
                 if time.monotonic() > deadline:
                     sys.exit(f"cannot reach {name}: {exc}")
                 time.sleep(0.2)
-    if not served.wait(60):
+    if not served.wait(600 if len(sys.argv) == 1 else 60):
         sys.exit("nobody reached me")
     time.sleep(0.5)  # let the peer finish reading the response before the server goes away
 """
 
 
+def peer_pod(name: str, namespace: str, *targets: str) -> dict[str, Any]:
+    env = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    return {
+        "metadata": {"name": name, "namespace": namespace, "labels": {"group": "grp"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "hostname": name,
+            "subdomain": "grp",
+            "containers": [{"name": "peer", "image": "t:1", "command": [*script(PEER), *targets], "env": env}],
+        },
+    }
+
+
 def test_pods_reach_each_other_by_hostname_and_subdomain(
-    namespace: str, node_agent: NodeAgent, core: client.CoreV1Api
+    cluster: Any, namespace: str, node_agent: NodeAgent, core: client.CoreV1Api
 ) -> None:
-    core.create_namespaced_service(
-        namespace,
-        {"metadata": {"name": "grp"}, "spec": {"clusterIP": "None", "selector": {"group": "grp"}}},
-    )
-    for me, peer in (("alpha", "beta"), ("beta", "alpha")):
-        names = [f"{peer}.grp", f"{peer}.grp.{namespace}.svc.cluster.local"]
-        pod = {
-            "metadata": {"name": me, "labels": {"group": "grp"}},
-            "spec": {
-                "restartPolicy": "Never",
-                "hostname": me,
-                "subdomain": "grp",
-                "containers": [
-                    {
-                        "name": "peer",
-                        "image": "t:1",
-                        "command": [*script(PEER), *names],
-                        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-                    }
-                ],
-            },
-        }
-        core.create_namespaced_pod(namespace, pod)
+    # Another namespace has a pod with the same hostname and subdomain, started first (so in the machine-wide
+    # /etc/hosts its line comes first): pods must still resolve the short name to their own namespace's pod.
+    other = cluster.create_namespace("impostor")
+    try:
+        core.create_namespaced_pod(other, peer_pod("beta", other))
+        wait_for("the impostor to serve", lambda: "serving" in node_agent.logs(other, "beta"), node_agent)
+        for ns in (namespace, other):
+            service = {"metadata": {"name": "grp"}, "spec": {"clusterIP": "None", "selector": {"group": "grp"}}}
+            core.create_namespaced_service(ns, service)
+        other_fqdn = f"beta.grp.{other}.svc.cluster.local"
+        core.create_namespaced_pod(
+            namespace, peer_pod("alpha", namespace, "beta.grp", f"beta.grp.{namespace}.svc.cluster.local", other_fqdn)
+        )
+        core.create_namespaced_pod(namespace, peer_pod("beta", namespace, "alpha.grp", f"alpha.grp.{namespace}"))
 
-    def both_done() -> bool:
-        phases = [(get_pod(core, namespace, n) or {}).get("status", {}).get("phase") for n in ("alpha", "beta")]
-        if "Failed" in phases:
-            pytest.fail(f"a peer failed: {node_agent.logs(namespace, 'alpha')} {node_agent.logs(namespace, 'beta')}")
-        return phases == ["Succeeded", "Succeeded"]
+        def both_done() -> bool:
+            phases = [(get_pod(core, namespace, n) or {}).get("status", {}).get("phase") for n in ("alpha", "beta")]
+            if "Failed" in phases:
+                logs = {n: node_agent.logs(namespace, n) for n in ("alpha", "beta")}
+                pytest.fail(f"a peer failed: {logs}")
+            return phases == ["Succeeded", "Succeeded"]
 
-    wait_for("both peers to reach each other", both_done, node_agent)
-    assert f"beta.grp.{namespace}.svc.cluster.local -> beta" in node_agent.logs(namespace, "alpha")
-    assert "alpha.grp -> alpha" in node_agent.logs(namespace, "beta")
+        wait_for("both peers to reach each other", both_done, node_agent)
+        assert node_agent.logs(namespace, "alpha").splitlines() == [
+            "serving",
+            f"beta.grp -> beta@{namespace}",
+            f"beta.grp.{namespace}.svc.cluster.local -> beta@{namespace}",
+            f"{other_fqdn} -> beta@{other}",
+        ]
+        assert node_agent.logs(namespace, "beta").splitlines() == [
+            "serving",
+            f"alpha.grp -> alpha@{namespace}",
+            f"alpha.grp.{namespace} -> alpha@{namespace}",
+        ]
+    finally:
+        cluster.delete_namespace(other)
 
 
 # ---- (8) node loss and agent shutdown: graceful termination, DisruptionTarget, clean-up ------------------------------

@@ -25,11 +25,12 @@ from typing import Any
 from .certs import write_self_signed
 from .config import AgentConfig
 from .envresolve import ObjectSource
-from .hostsfile import HostsFile
+from .hostsfile import HostsFile, PodHost, render_view, write_in_place
 from .ipalloc import IPAllocator, claim_subnet
 from .kube import MERGE, ApiException, Kube
 from .logserver import LogServer
 from .podstatus import LOST_MESSAGE, ContainerRecord, container_status, lost
+from .runtime import private_hosts_supported
 from .worker import PodWorker, final_delete, pod_path
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ class Agent:
         self._claim = claim_subnet()
         self._ips = IPAllocator(self._claim.second_octet)
         self._hosts = HostsFile(self.agent_id, Path(config.hosts_file)) if config.hosts_file else None
-        self._hostnames: dict[str, tuple[str, list[str]]] = {}
+        self._pod_hosts: dict[str, PodHost] = {}
+        self._views_dir = self.root / "hosts"
+        self._private_hosts = False
         self._lock = threading.RLock()
         self._workers: dict[str, PodWorker] = {}
         self._finished: set[str] = set()
@@ -90,22 +93,31 @@ class Agent:
         with self._lock:
             self._ips.release(ip)
 
-    def set_hostnames(self, uid: str, ip: str, names: list[str]) -> None:
+    def add_pod_host(self, uid: str, host: PodHost) -> Path | None:
+        """Publish a pod's names; returns the hosts view for its namespace (None: use the machine's file)."""
         with self._lock:
-            self._hostnames[uid] = (ip, names)
+            self._pod_hosts[uid] = host
             self._write_hosts()
+            return self._views_dir / host.namespace if self._private_hosts else None
 
-    def clear_hostnames(self, uid: str) -> None:
+    def remove_pod_host(self, uid: str) -> None:
         with self._lock:
-            if self._hostnames.pop(uid, None) is not None:
+            if self._pod_hosts.pop(uid, None) is not None:
                 self._write_hosts()
 
     def _write_hosts(self) -> None:
         if self._hosts is None:
             return
         entries: dict[str, list[str]] = {}
-        for ip, names in self._hostnames.values():
-            entries.setdefault(ip, []).extend(names)
+        for host in self._pod_hosts.values():
+            entries.setdefault(host.ip, []).extend(host.names())
+        if self._private_hosts:
+            machine = self._hosts.path.read_text()
+            namespaces = {h.namespace for h in self._pod_hosts.values()} | {
+                p.name for p in self._views_dir.iterdir() if not p.name.startswith(".")
+            }
+            for namespace in namespaces:
+                write_in_place(self._views_dir / namespace, render_view(machine, self._pod_hosts.values(), namespace))
         try:
             shadowed = self._hosts.write(entries)
         except OSError as exc:  # not root, read-only /etc: pods still run, only hostnames do not resolve
@@ -351,6 +363,13 @@ class Agent:
             server = LogServer(self.root, cert, key)
             server.start()
             self._servers[name] = server
+        if self._hosts is not None and self.config.private_hosts:
+            self._views_dir.mkdir(exist_ok=True)
+            probe = self._views_dir / ".probe"
+            write_in_place(probe, self._hosts.path.read_text())
+            self._private_hosts = private_hosts_supported(probe)
+            if not self._private_hosts:
+                log.warning("no mount namespaces here: pods share the machine's /etc/hosts (short names may clash)")
         self._write_hosts()
         for name in self.config.nodes:
             self._register(name)

@@ -37,6 +37,8 @@ class AgentConfig:
     # Images have no filesystem here; a container without `command` runs its image's entrypoint from this map.
     image_entrypoints: dict[str, list[str]] = field(default_factory=dict)
     hosts_file: str = "/etc/hosts"  # "" disables hostname mapping
+    # Give each pod process its namespace's view of the hosts file (a mount namespace; see hostsfile.py).
+    private_hosts: bool = True
     remove_nodes_on_stop: bool = True
     backoff_seconds: float = 0.5
     max_backoff_seconds: float = 5.0

@@ -3,13 +3,17 @@
 Why: Indexed Jobs give pods ``spec.hostname`` + ``spec.subdomain``, and the trainer's rendezvous address is
 ``<job>-0.<service>``. There is no cluster DNS here, and the pods are plain processes that resolve names through
 glibc (torch's c10d store too), so the one place every process consults is ``/etc/hosts`` (we run as root).
-Each agent owns one block, marked with its id and pid, rewritten atomically (write a temporary file, rename) under
-an ``flock`` so concurrent agents on the machine do not lose each other's updates. The block is removed when the
+Each agent owns one block, marked with its id and pid, rewritten in place under an ``flock`` so concurrent agents
+on the machine do not lose each other's updates. The block is removed when the
 agent stops; a block whose pid is dead (an agent that crashed) is removed by the next agent that writes.
 
-Limitation: the short name ``<hostname>.<subdomain>`` is global on this machine, so two concurrent agents running
-pods with the same hostname and subdomain would shadow each other (the first block wins); the namespaced names
-(``<hostname>.<subdomain>.<ns>.svc.cluster.local``) are unique.
+The short name ``<hostname>.<subdomain>`` is global in ``/etc/hosts``, so two agents (two test sessions on this
+machine) running pods with the same hostname and subdomain shadow each other there (the first block wins; the agent
+logs a warning). Pods therefore do not read the machine's file: each pod process gets its own mount namespace with
+its namespace's *view* bind-mounted over ``/etc/hosts`` (``render_view``): the machine's entries without any agent
+block, the short names of its own namespace's pods (what the DNS search path ``<ns>.svc.cluster.local`` gives)
+and the namespaced names of this agent's other pods. Views are rewritten in place, never renamed, because a bind
+mount pins the file's inode. Where mount namespaces are not available, pods fall back to the machine's file.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .runtime import process_running
@@ -34,6 +38,47 @@ def pod_names(hostname: str, subdomain: str, namespace: str, cluster_domain: str
         return []
     base = f"{hostname}.{subdomain}"
     return [base, f"{base}.{namespace}", f"{base}.{namespace}.svc", f"{base}.{namespace}.svc.{cluster_domain}"]
+
+
+@dataclass(frozen=True)
+class PodHost:
+    """A pod's address and DNS identity."""
+
+    ip: str
+    namespace: str
+    hostname: str = ""
+    subdomain: str = ""
+
+    def names(self) -> list[str]:
+        return pod_names(self.hostname, self.subdomain, self.namespace)
+
+
+def strip_blocks(text: str) -> str:
+    """``text`` without any agent's block."""
+    return _BLOCK.sub("", text)
+
+
+def render_view(machine_hosts: str, pods: Iterable[PodHost], namespace: str) -> str:
+    """The hosts file that the pods of ``namespace`` see."""
+    base = strip_blocks(machine_hosts)
+    if base and not base.endswith("\n"):
+        base += "\n"
+    lines = [f"# node agent: pod names as seen from namespace {namespace}"]
+    for pod in sorted(pods, key=lambda p: (p.ip, p.namespace)):
+        names = pod.names() if pod.namespace == namespace else pod.names()[1:]
+        if names:
+            lines.append(f"{pod.ip}\t{' '.join(names)}")
+    return base + "\n".join(lines) + "\n"
+
+
+def write_in_place(path: Path, text: str) -> None:
+    """Rewrite ``path`` keeping its inode (bind mounts of it see the new content)."""
+    if path.exists() and path.read_text() == text:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+") as handle:
+        handle.write(text)
+        handle.truncate()
 
 
 def render_block(agent_id: str, pid: int, entries: Mapping[str, Iterable[str]]) -> str:
@@ -106,16 +151,7 @@ class HostsFile:
             new = replace_block(old, self.agent_id, block, pid_alive)
             if new == old:
                 return new
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".hosts.nodeagent.")
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(new)
-                Path(tmp).chmod(0o644)
-                Path(tmp).replace(self.path)
-            except OSError:
-                # A bind-mounted hosts file cannot be replaced by rename; rewrite it in place instead.
-                Path(tmp).unlink(missing_ok=True)
-                with self.path.open("r+") as handle:
-                    handle.write(new)
-                    handle.truncate()
+            # In place, never by rename: renaming over /etc/hosts would detach the pods' private views that are
+            # bind-mounted on it in their mount namespaces (the kernel drops mounts on a replaced dentry).
+            write_in_place(self.path, new)
             return new

@@ -16,19 +16,52 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNS = 0x00020000
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the forked child must not load libraries
 
 
-def _die_with_agent() -> None:
-    """In the child before exec: SIGKILL it when the agent thread that started it dies (an agent crash or kill
-    must not leave pod processes behind; a clean stop terminates them itself)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def child_setup(hosts_file: Path | None) -> Callable[[], None]:
+    """What the child does between fork and exec.
+
+    - SIGKILL when the agent thread that started it dies (an agent crash or kill must not leave pod processes
+      behind; a clean stop terminates them itself).
+    - With ``hosts_file``: its own mount namespace with ``hosts_file`` bind-mounted over ``/etc/hosts``, so the pod
+      resolves names as its namespace's DNS search path would (see hostsfile.py).
+    """
+    target = str(hosts_file).encode() if hosts_file is not None else None
+
+    def setup() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if target is not None:
+            _check(_LIBC.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            _check(_LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+            _check(_LIBC.mount(target, b"/etc/hosts", None, MS_BIND, None), "bind-mount /etc/hosts")
+
+    return setup
+
+
+def private_hosts_supported(hosts_file: Path) -> bool:
+    """Whether this machine lets the agent give processes their own /etc/hosts (root, mount namespaces)."""
+    try:
+        result = subprocess.run(["true"], preexec_fn=child_setup(hosts_file), check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
 
 
 def process_running(pid: int) -> bool:
@@ -104,7 +137,9 @@ def read_log(path: Path, *, timestamps: bool = False, tail_lines: int | None = N
 class ContainerProcess:
     """One run of a container: a process group writing to ``log_path``."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path, hosts_file: Path | None = None
+    ) -> None:
         self.log_path = log_path
         self.done_path = log_path.with_suffix(".done")
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +152,7 @@ class ContainerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_agent,  # noqa: PLW1509 (only calls prctl; no locks, no allocation worth worrying)
+            preexec_fn=child_setup(hosts_file),  # noqa: PLW1509 (only system calls through a preloaded libc)
         )
         self.pid = self._proc.pid
         self._pump = threading.Thread(target=self._copy_output, name=f"log-{log_path.stem}-{self.pid}", daemon=True)

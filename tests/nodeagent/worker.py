@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 from . import layout
 from .envresolve import EnvResolutionError, ObjectSource, RuntimeFields, container_argv, resolve_env
-from .hostsfile import pod_names
+from .hostsfile import PodHost
 from .kube import ApiException, Kube
 from .podstatus import (
     ContainerRecord,
@@ -59,8 +60,8 @@ class WorkerContext(Protocol):
 
     def allocate_ip(self) -> str: ...
     def release_ip(self, ip: str) -> None: ...
-    def set_hostnames(self, uid: str, ip: str, names: list[str]) -> None: ...
-    def clear_hostnames(self, uid: str) -> None: ...
+    def add_pod_host(self, uid: str, host: PodHost) -> Path | None: ...
+    def remove_pod_host(self, uid: str) -> None: ...
     def process_env(self, pod: Mapping[str, Any]) -> dict[str, str]: ...
     def allocatable(self) -> Mapping[str, str]: ...
     def image_entrypoints(self) -> Mapping[str, list[str]]: ...
@@ -111,6 +112,7 @@ class PodWorker:
         self.init_index = 0
         self.initialized = not self.init_specs
         self.pod_ip = ""
+        self.hosts_view: Path | None = None
         self.start_time = datetime.now(UTC)
         self.conditions: list[dict[str, Any]] = []
         self.published: dict[str, Any] | None = None
@@ -159,7 +161,7 @@ class PodWorker:
             for run in self.runs.values():
                 run.process.signal(signal.SIGKILL)
         finally:
-            self.ctx.clear_hostnames(self.uid)
+            self.ctx.remove_pod_host(self.uid)
             if self.pod_ip:
                 self.ctx.release_ip(self.pod_ip)
             self.ctx.worker_done(self.uid)
@@ -185,9 +187,8 @@ class PodWorker:
         (self.dir / "object.json").write_text(json.dumps(self.pod, indent=1))  # the pod as first seen, for debugging
         self.pod_ip = self.ctx.allocate_ip()
         spec = self.pod["spec"]
-        names = pod_names(spec.get("hostname", ""), spec.get("subdomain", ""), meta["namespace"])
-        if names:
-            self.ctx.set_hostnames(self.uid, self.pod_ip, names)
+        host = PodHost(self.pod_ip, meta["namespace"], spec.get("hostname", ""), spec.get("subdomain", ""))
+        self.hosts_view = self.ctx.add_pod_host(self.uid, host)
         log.info("pod %s (uid %s) on %s gets IP %s", self.key, self.uid, self.node, self.pod_ip)
 
     def _tick(self) -> bool:
@@ -234,8 +235,8 @@ class PodWorker:
             return
         log_file = layout.log_path(self.dir, name, run_index)
         try:
-            process = ContainerProcess(argv, env, self.workdir, log_file)
-        except OSError as exc:
+            process = ContainerProcess(argv, env, self.workdir, log_file, self.hosts_view)
+        except (OSError, subprocess.SubprocessError) as exc:
             now = datetime.now(UTC)
             self._exited(spec, record, Terminated(128, "StartError", now, now, f"failed to start {argv[0]!r}: {exc}"))
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,16 @@ from tests.nodeagent.hostsfile import (
     BEGIN,
     END,
     HostsFile,
+    PodHost,
     names_of_others,
     pod_names,
     render_block,
+    render_view,
     replace_block,
+    write_in_place,
 )
 from tests.nodeagent.ipalloc import IPAllocator, claim_subnet
+from tests.nodeagent.runtime import child_setup, private_hosts_supported
 
 HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
 
@@ -130,3 +135,41 @@ def test_names_that_another_live_agent_maps_are_reported(tmp_path: Path) -> None
     assert names_of_others(hosts.read_text(), "mine") == {"job-0.job", "job-0.job.ns1"}
     other.remove()
     assert mine.write({"127.12.0.2": ["job-0.job"]}) == set()
+
+
+def test_namespace_view_has_short_names_of_its_own_namespace_only() -> None:
+    machine = HOSTS + render_block("someone", 1, {"127.11.0.2": ["x.s"]})
+    pods = [
+        PodHost("127.10.0.3", "other", "job-0", "job"),
+        PodHost("127.10.0.2", "ns", "job-0", "job"),
+        PodHost("127.10.0.4", "ns"),  # no hostname: nothing to resolve
+    ]
+    assert render_view(machine, pods, "ns") == HOSTS + (
+        "# node agent: pod names as seen from namespace ns\n"
+        "127.10.0.2\tjob-0.job job-0.job.ns job-0.job.ns.svc job-0.job.ns.svc.cluster.local\n"
+        "127.10.0.3\tjob-0.job.other job-0.job.other.svc job-0.job.other.svc.cluster.local\n"
+    )
+
+
+def test_write_in_place_keeps_the_inode(tmp_path: Path) -> None:
+    view = tmp_path / "view"
+    write_in_place(view, "a much longer first version\n")
+    inode = view.stat().st_ino
+    write_in_place(view, "short\n")
+    assert view.read_text() == "short\n"
+    assert view.stat().st_ino == inode
+
+
+def test_a_process_sees_its_private_view(tmp_path: Path) -> None:
+    view = tmp_path / "view"
+    write_in_place(view, "127.0.0.1 localhost\n127.10.9.9 only-in-the-view.test\n")
+    if not private_hosts_supported(view):
+        pytest.skip("no mount namespaces here (needs root); the agent falls back to the machine's /etc/hosts")
+    argv = ["getent", "hosts", "only-in-the-view.test"]
+    inside = subprocess.run(argv, preexec_fn=child_setup(view), capture_output=True, text=True, check=False)
+    assert inside.stdout.split() == ["127.10.9.9", "only-in-the-view.test"]
+    write_in_place(view, "127.0.0.1 localhost\n127.10.9.8 only-in-the-view.test\n")  # views change while pods run
+    inside = subprocess.run(argv, preexec_fn=child_setup(view), capture_output=True, text=True, check=False)
+    assert inside.stdout.split()[0] == "127.10.9.8"
+    outside = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert outside.returncode != 0
