@@ -140,3 +140,15 @@ def test_output_dir_from_a_workdir_record(tmp_path: Path) -> None:
     (tmp_path / localrun.RUN_RECORD).write_text(json.dumps({"outputUri": out.as_uri()}))
     assert localrun.output_dir_of(tmp_path) == out
     assert localrun.output_dir_of(out) == out
+
+
+@pytest.mark.parametrize(
+    ("base_model", "environ", "expected"),
+    [
+        ({"tiny": True}, {}, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+        ({"tiny": True}, {"OMP_NUM_THREADS": "4"}, {}),
+        ({"id": "org/model"}, {}, {}),
+    ],
+)
+def test_one_cpu_thread_for_the_tiny_model_unless_set(base_model: dict, environ: dict, expected: dict) -> None:
+    assert localrun.thread_env({"baseModel": base_model}, environ) == expected
