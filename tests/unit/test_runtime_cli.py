@@ -1,0 +1,82 @@
+"""`dreambooth-train` as a subprocess: exit codes and the termination message for bad input; error mapping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from dreambooth_trainer.cli import classify
+from dreambooth_trainer.config import ConfigError
+from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, RetryableError
+
+TRAINER = str(Path(sys.executable).parent / "dreambooth-train")
+
+
+def _run(tmp_path: Path, config: dict[str, Any] | str) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    path = tmp_path / "job.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    term = tmp_path / "termination-log"
+    env = {
+        **os.environ,
+        "TERMINATION_MESSAGE_PATH": str(term),
+        "DREAMBOOTH_WORKDIR": str(tmp_path / "work"),
+        "DREAMBOOTH_METRICS_PORT": "0",
+    }
+    proc = subprocess.run(
+        [TRAINER, "--config", str(path), "--local"], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    events = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    return proc.returncode, json.loads(term.read_text()), events
+
+
+def test_invalid_config_exits_10_with_every_field_named(tmp_path: Path) -> None:
+    code, term, events = _run(
+        tmp_path,
+        {"instanceImages": {"prompt": ""}, "output": {"uri": "ftp://x"}, "training": {"maxSteps": 0}},
+    )
+    assert code == ExitCode.INVALID_INPUT
+    assert term["status"] == "failed"
+    assert term["reason"] == "InvalidInput"
+    for field in ("instanceImages.prompt", "output.uri", "training.maxSteps"):
+        assert field in term["message"]
+    assert events[-1]["event"] == "failed"
+    assert events[-1]["exitCode"] == 10
+
+
+def test_missing_instance_images_exit_10_and_result_json(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    config = {
+        "instanceImages": {"uri": f"file://{tmp_path}/nothing-here", "prompt": "a sks dog"},
+        "training": {"maxSteps": 2, "resolution": 32},
+        "output": {"uri": f"file://{out}", "formats": ["lora"]},
+    }
+    code, term, _ = _run(tmp_path, config)
+    assert code == ExitCode.INVALID_INPUT
+    assert term["reason"] == "InvalidInput"
+    assert "nothing-here" in term["message"]
+    assert json.loads((out / "result.json").read_text()) == term
+
+
+@pytest.mark.parametrize(
+    ("err", "code", "reason"),
+    [
+        (ConfigError("x"), ExitCode.INVALID_INPUT, "InvalidInput"),
+        (InvalidInputError("x"), ExitCode.INVALID_INPUT, "InvalidInput"),
+        (RetryableError("x"), ExitCode.RETRYABLE, "RetryableError"),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), ExitCode.RETRYABLE, "StorageUnavailable"),
+        (
+            RuntimeError("[../third_party/gloo/transport/tcp/pair.cc] Connection closed by peer"),
+            ExitCode.RETRYABLE,
+            "CollectiveFailure",
+        ),
+        (ValueError("a bug"), ExitCode.RETRYABLE, "TrainingError"),
+    ],
+)
+def test_classify_maps_errors_to_exit_codes(err: BaseException, code: ExitCode, reason: str) -> None:
+    assert classify(err) == (code, reason)
