@@ -10,7 +10,6 @@ reconcile lists nothing. The startup handler that holds every kopf setting is in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import math
 import time
@@ -158,12 +157,25 @@ async def job_loop(
                 timeout = min(timeout, max(0.2, plan.requeue_after))
             if plan is None:
                 timeout = min(timeout, 2.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=timeout)
+            await _sleep(wake, stopped, timeout)
     finally:
         state.wakes.pop(key, None)
         state.samples.pop(key, None)
         state.poller.forget(key)
+
+
+async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Until a wake-up, the daemon's stop (operator exit, object deletion), or the timeout."""
+
+    async def until_stopped() -> None:
+        await stopped
+
+    waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(until_stopped())}
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def reconcile_job(

@@ -1,0 +1,211 @@
+"""End to end: the operator runs the real trainer (`dreambooth-train`) in pods that the node agent executes.
+
+examples/minimal-job.yaml as it is (placeholders replaced), an operator restart in the middle, invalid
+input, and preemption through the Eviction API with resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from operator_harness import OperatorProcess, apply, condition, event_reasons, get, items, running_operator, wait_for
+from PIL import Image
+
+from tests.infra.controlplane import Cluster
+from tests.infra.processes import NotReadyError
+from tests.infra.s3 import S3Server
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = ROOT / "examples" / "minimal-job.yaml"
+TRAIN_TIMEOUT = 420.0
+
+
+@pytest.fixture
+def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
+    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
+        yield operator
+
+
+def upload_images(s3: S3Server, bucket: str, prefix: str, count: int = 4) -> None:
+    """A few distinct synthetic photos (PIL), so no dataset is downloaded."""
+    s3c = s3.client()
+    for i in range(count):
+        img = Image.new("RGB", (96, 96), (40 * i, 200 - 30 * i, 90))
+        for x in range(20 + 5 * i, 60 + 5 * i):
+            for y in range(30, 70):
+                img.putpixel((x, y), (250, 250 - 40 * i, 10))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        s3c.put_object(Bucket=bucket, Key=f"{prefix}img{i}.png", Body=buf.getvalue())
+
+
+def credentials_secret(cluster: Cluster, s3: S3Server, namespace: str) -> None:
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "s3-credentials",
+        "-n",
+        namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
+    )
+
+
+def example(s3: S3Server, bucket: str, path: Path = MINIMAL) -> dict[str, Any]:
+    """The example exactly as committed, with the documented placeholders replaced (examples/README.md)."""
+    text = path.read_text().replace("dreambooth-examples", bucket).replace("http://s3.example:8333", s3.endpoint)
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
+
+
+def phase(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("status") or {}).get("phase")
+
+
+def keys(s3: S3Server, bucket: str, prefix: str) -> list[str]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_minimal_example_succeeds_across_an_operator_restart(
+    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess
+) -> None:
+    bucket = s3.make_bucket()
+    upload_images(s3, bucket, "subjects/dog/")
+    credentials_secret(cluster, s3, namespace)
+    job = example(s3, bucket)
+    name = job["metadata"]["name"]
+    apply(cluster, job, namespace)
+
+    seen: set[str] = set()
+
+    def fetch() -> dict[str, Any] | None:
+        obj = get(cluster, "dreamboothjob", name, namespace)
+        if phase(obj):
+            seen.add(str(phase(obj)))
+        return obj
+
+    wait_for("pods running", fetch, lambda j: phase(j) in ("Initializing", "Running", "Succeeded"), 180, op)
+    # The operator restarts while the job runs: it picks the job up again without a second batch Job.
+    op.restart()
+    dbj = wait_for("Succeeded", fetch, lambda j: phase(j) in ("Succeeded", "Failed"), TRAIN_TIMEOUT, op)
+    assert phase(dbj) == "Succeeded", json.dumps(dbj["status"], indent=1)
+    status = dbj["status"]
+    assert status["outputs"]["modelUri"].startswith(f"s3://{bucket}/models/minimal")
+    assert status["progressText"] == "20/20"
+    # Restarts as the Job controller counted them (a trainer exit 11 would be retried and counted here).
+    batch = get(cluster, "job.batch", f"{name}-a0", namespace) or {}
+    failed = (batch.get("status") or {}).get("failed", 0)
+    assert status["restarts"] == {"preemptions": 0, "failures": failed, "total": failed}
+    assert status["attempt"] == 0
+    assert status["completionTime"] >= status["startTime"]
+    assert (condition(dbj, "Succeeded") or {}).get("reason") == "TrainingCompleted"
+    assert "Initializing" in seen or "Running" in seen
+    assert [j["metadata"]["name"] for j in items(cluster, "jobs.batch", namespace)] == [f"{name}-a0"]
+    assert any(k.startswith("models/minimal/model/") for k in keys(s3, bucket, "models/minimal/"))
+    assert "TrainingCompleted" in event_reasons(cluster, namespace, name)
+    metrics = op.metrics_text()
+    assert 'dreambooth_operator_jobs{phase="Succeeded"} 1.0' in metrics
+    assert 'dreambooth_operator_job_duration_seconds_count{phase="Succeeded"} 1.0' in metrics
+
+
+def test_invalid_input_fails_at_once_with_the_trainers_message(
+    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess
+) -> None:
+    bucket = s3.make_bucket()
+    upload_images(s3, bucket, "subjects/dog/", count=2)
+    s3.client().put_object(Bucket=bucket, Key="subjects/dog/cat3.jpg", Body=b"not an image at all")
+    credentials_secret(cluster, s3, namespace)
+    apply(cluster, example(s3, bucket), namespace)
+    dbj = wait_for(
+        "Failed", lambda: get(cluster, "dreamboothjob", "minimal", namespace), lambda j: phase(j) == "Failed", 300, op
+    )
+    failed = condition(dbj, "Failed") or {}
+    assert failed.get("reason") == "InvalidInput", failed
+    assert "cat3.jpg" in failed.get("message", "")
+    # FailJob: the Job controller fails the batch Job at once, without a retry.
+    batch = wait_for(
+        "the batch Job to fail",
+        lambda: get(cluster, "job.batch", "minimal-a0", namespace),
+        lambda j: (condition(j, "Failed") or {}).get("reason") == "PodFailurePolicy",
+        60,
+        op,
+    )
+    assert batch["status"].get("failed") == 1
+    assert dbj["status"]["restarts"]["total"] == 0
+    assert "InvalidInput" in event_reasons(cluster, namespace, "minimal")
+
+
+def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
+    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess, node_agent: Any
+) -> None:
+    bucket = s3.make_bucket()
+    upload_images(s3, bucket, "subjects/dog/")
+    credentials_secret(cluster, s3, namespace)
+    job = example(s3, bucket)
+    job["spec"]["training"].update({"maxSteps": 40, "checkpoint": {"intervalSteps": 5, "intervalSeconds": None}})
+    # One torch thread per trainer: the test machine's few cores are shared.
+    job["spec"]["podTemplate"] = {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}
+    apply(cluster, job, namespace)
+
+    def fetch() -> dict[str, Any] | None:
+        return get(cluster, "dreamboothjob", "minimal", namespace)
+
+    wait_for(
+        "a checkpoint while training",
+        fetch,
+        lambda j: phase(j) == "Running" and ((j["status"].get("lastCheckpoint") or {}).get("step") or 0) >= 5,
+        TRAIN_TIMEOUT,
+        op,
+    )
+    pods = [
+        p
+        for p in items(cluster, "pods", namespace, "dreambooth.dev/job-name=minimal")
+        if p["status"].get("phase") == "Running"
+    ]
+    assert len(pods) == 1
+    evicted = pods[0]["metadata"]["name"]
+    with cluster.api_client() as api:
+        client.CoreV1Api(api).create_namespaced_pod_eviction(
+            evicted,
+            namespace,
+            client.V1Eviction(metadata=client.V1ObjectMeta(name=evicted, namespace=namespace)),
+        )
+    try:
+        dbj = wait_for("Succeeded", fetch, lambda j: phase(j) in ("Succeeded", "Failed"), TRAIN_TIMEOUT, op)
+    except NotReadyError as err:
+        logs = {
+            p["metadata"]["name"]: node_agent.logs(namespace, p["metadata"]["name"])[-3000:]
+            for p in items(cluster, "pods", namespace, "dreambooth.dev/job-name=minimal")
+        }
+        raise AssertionError(f"{err}\ntrainer logs: {json.dumps(logs, indent=1)}") from err
+    status = dbj["status"]
+    assert phase(dbj) == "Succeeded", json.dumps(status, indent=1)
+    assert status["restarts"]["preemptions"] == 1
+    assert status["restarts"]["failures"] == 0
+    assert status["progressText"] == "40/40"
+    batch = get(cluster, "job.batch", "minimal-a0", namespace) or {}
+    assert (batch.get("status") or {}).get("failed", 0) == 0  # the ignored disruption used no backoffLimit
+    reasons = event_reasons(cluster, namespace, "minimal")
+    assert {"Preempted", "Resumed", "TrainingCompleted"} <= reasons, reasons
+    # The replacement pod resumed from a checkpoint instead of starting over.
+    replacement = next(
+        p["metadata"]["name"]
+        for p in items(cluster, "pods", namespace, "dreambooth.dev/job-name=minimal")
+        if p["metadata"]["name"] != evicted
+    )
+    resumed = [
+        json.loads(line)
+        for line in node_agent.logs(namespace, replacement).splitlines()
+        if line.startswith("{") and '"resumed"' in line
+    ]
+    assert resumed, node_agent.logs(namespace, replacement)[-2000:]
+    assert resumed[0]["step"] >= 5
