@@ -155,3 +155,11 @@ def test_layout_sample_boxes_are_below_the_charts(row: int, column: int) -> None
     assert top >= LAYOUT.loss_chart_box[3]
     assert right - left == LAYOUT.cell
     assert bottom - top == LAYOUT.cell
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0.0009, 0.0011), (1e-5, 1e-4), (0.0, 1.0), (2e4, 3e5)])
+def test_tick_labels_are_distinct(lo: float, hi: float) -> None:
+    from dreambooth_operator.report.svg import format_tick
+
+    labels = [format_tick(t) for t in nice_ticks(lo, hi)]
+    assert len(set(labels)) == len(labels), labels

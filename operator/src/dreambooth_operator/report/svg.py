@@ -48,9 +48,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def format_tick(value: float) -> str:
     if value == 0:
         return "0"
-    if abs(value) >= 1e4 or abs(value) < 1e-3:
-        return f"{value:.0e}"
-    return f"{value:.6g}"
+    return f"{value:.3g}"
 
 
 def ema(values: Sequence[float], alpha: float = 0.2) -> list[float]:
