@@ -38,13 +38,20 @@ def _final(s3: S3Server, bucket: str, out: str) -> tuple[dict[str, Any], list[di
 @pytest.fixture(scope="module")
 def uninterrupted(s3: S3Server, bucket: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("a")
-    run = TrainerRun(tiny_job(s3, bucket, "a"), work, s3.env())
+    # Validation sampling (only in this run) must not disturb the training stream.
+    validation = {"prompts": ["a photo of sks dog"], "intervalSteps": 8, "steps": 2}
+    run = TrainerRun(tiny_job(s3, bucket, "a", validation=validation), work, s3.env())
     assert run.wait() == 0, run._details()
     term = run.termination()
     assert term["status"] == "succeeded"
     assert term["steps"] == STEPS
     result = json.loads(read_object(s3, bucket, "a/result.json"))
     assert result == term
+    samples = [k for k in list_keys(s3, bucket, "a/samples/") if k.endswith(".png")]
+    assert samples == ["a/samples/step-00000008/p0-i0.png", "a/samples/step-00000016/p0-i0.png"]
+    assert [e["step"] for e in run.events if e.get("event") == "validation"] == [8, 16]
+    assert term["samplesUri"] == f"s3://{bucket}/a/samples"
+    assert term["modelUri"] == f"s3://{bucket}/a/lora/pytorch_lora_weights.safetensors"
     weights, metrics = _final(s3, bucket, "a")
     return {"weights": weights, "metrics": metrics, "events": run.events}
 

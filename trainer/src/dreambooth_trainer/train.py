@@ -676,16 +676,13 @@ def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
     v = ctx.config.training.validation
     if not v.prompts or not ctx.is_main:
         return None
-    try:
-        from dreambooth_trainer import validation  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        ctx.log.warning("validation_unavailable")
-        return None
+    from dreambooth_trainer.validation import sample_and_upload
+
     total = ctx.config.training.max_steps
 
     def hook(step: int) -> None:
         if step % v.interval_steps == 0 or step == total:
-            uris = validation.sample_and_upload(ctx.config, module, ctx.store, step)
+            uris = sample_and_upload(ctx.config, module, ctx.store, step)
             ctx.log.info("validation", step=step, images=len(uris))
 
     return hook
