@@ -258,7 +258,10 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
         size = sum(int(f["size"]) for f in manifest["files"].values())
         info = CheckpointInfo(snapshot.step, uri, manifest["createdAt"], size, time.monotonic() - start)
-        self.prune()
+        try:
+            self.prune()
+        except Exception as err:  # the new checkpoint is complete; old ones are deleted next time
+            self.log.warning("checkpoint_prune_failed", step=snapshot.step, error=str(err))
         return info
 
     def prune(self) -> list[int]:
