@@ -131,6 +131,8 @@ class Agent:
         env = {k: os.environ[k] for k in self.config.host_env_keys if k in os.environ}
         env["HOSTNAME"] = pod["spec"].get("hostname") or pod["metadata"]["name"]
         env["PYTHONUNBUFFERED"] = "1"  # a pipe makes Python buffer stdout; tests read logs while pods run
+        if self.config.omp_num_threads is not None:
+            env["OMP_NUM_THREADS"] = self.config.omp_num_threads
         if self.config.cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.config.cuda_visible_devices
         meta = pod["metadata"]

@@ -32,6 +32,10 @@ class AgentConfig:
     lease_duration_seconds: int = 40
     # "" hides every GPU from the pods (the default here); None passes the host's value through.
     cuda_visible_devices: str | None = ""
+    # Threads per pod process for OpenMP/torch (None: the library default, one per core). This machine is small and
+    # shared, and torch oversubscribes it badly (tiny-model steps run ~30x slower); torchrun sets 1 per worker too.
+    # The pod's own env wins.
+    omp_num_threads: str | None = "1"
     extra_env: dict[str, str] = field(default_factory=dict)
     host_env_keys: list[str] = field(default_factory=lambda: list(HOST_ENV_KEYS))
     # Images have no filesystem here; a container without `command` runs its image's entrypoint from this map.
