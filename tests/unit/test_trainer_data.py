@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,15 @@ from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn, load
 from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.storage import ObjectStore
 from PIL import Image
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """On the shared 2-core test machine two intra-op threads spin against each other; one is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def png(size: tuple[int, int] = (48, 40), seed: int = 0, mode: str = "RGB") -> bytes:
