@@ -180,10 +180,12 @@ def lora_state_dicts(unet: Any, text_encoder: Any) -> tuple[dict[str, torch.Tens
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, save_embedding_layers=False))
     text_layers = None
     if getattr(text_encoder, "peft_config", None):
-        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        text_layers = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
+        )
     return unet_layers, text_layers
 
 
