@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,11 @@ import yaml
 from dreambooth_operator.api import constants as api
 from dreambooth_operator.cli.errors import ExitStatus
 
+from tests.infra.processes import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")
 INDEX = "batch.kubernetes.io/job-completion-index"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def pod(name: str, job: str, rank: int, attempt: int, code: str) -> dict[str, Any]:
@@ -84,11 +76,14 @@ def test_logs_of_a_rank_and_follow(cluster: Any, node_agent: Any, namespace: str
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(p))
     for p in pods[:3]:
         name = p["metadata"]["name"]
-        try:
-            wait_for(lambda n=name: phase(cluster, namespace, n) == "Succeeded", 120, f"{name} to succeed")
-        except AssertionError:
-            status = cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "jsonpath={.status}").stdout
-            raise AssertionError(f"{name} did not succeed: {status}\n{node_agent.log_tail()}") from None
+        wait_until(
+            lambda n=name: phase(cluster, namespace, n) == "Succeeded",
+            timeout=120,
+            what=f"{name} to succeed",
+            details=lambda n=name: cluster.kubectl("get", "pod", n, "-n", namespace, "-o", "jsonpath={.status}").stdout
+            + "\n"
+            + node_agent.log_tail(),
+        )
 
     env = {**os.environ, **cluster.env()}
     result = subprocess.run(
@@ -104,7 +99,9 @@ def test_logs_of_a_rank_and_follow(cluster: Any, node_agent: Any, namespace: str
     assert [(e["step"], e["who"]) for e in lines] == [(i, "attempt1-rank0") for i in range(3)]
 
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pods[3]))
-    wait_for(lambda: phase(cluster, namespace, "logged-a2-r1") == "Running", 120, "the follow pod to run")
+    wait_until(
+        lambda: phase(cluster, namespace, "logged-a2-r1") == "Running", timeout=120, what="the follow pod to run"
+    )
     started = time.monotonic()
     follow = subprocess.run(
         [DREAMBOOTH, "logs", "logged", "--rank", "1", "--follow", "-n", namespace],

@@ -12,8 +12,7 @@ import os
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,11 @@ from dreambooth_operator.api import constants as api
 from dreambooth_operator.cli.errors import ExitStatus
 from PIL import Image
 
+from tests.infra.processes import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")
 JOB_CRD = f"{api.JOB_PLURAL}.{api.GROUP}"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +250,11 @@ class Watcher:
         return any(text in line for line in list(self.lines))
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
-        stdout, _ = self.process.communicate(timeout=timeout)
-        self._reader.join(timeout=5)
-        return self.process.returncode, stdout
+        # stderr belongs to the reader thread; communicate() would race it for the last lines.
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        assert self.process.stdout is not None
+        return self.process.returncode, self.process.stdout.read()
 
 
 @pytest.mark.usefixtures("crds")
@@ -273,9 +267,9 @@ def test_watch_follows_progress_until_succeeded(
     )
     watcher = Watcher(cli_env, "watched", "-n", namespace)
     try:
-        wait_for(lambda: watcher.saw("step 5/20 loss 0.5000"), 60, "watch to show step 5")
+        wait_until(lambda: watcher.saw("step 5/20 loss 0.5000"), timeout=60, what="watch to show step 5")
         patch_status(cluster, namespace, "watched", {"progress": {"step": 15, "totalSteps": 20, "loss": 0.2}})
-        wait_for(lambda: watcher.saw("step 15/20 loss 0.2000"), 60, "watch to show step 15")
+        wait_until(lambda: watcher.saw("step 15/20 loss 0.2000"), timeout=60, what="watch to show step 15")
         patch_status(
             cluster,
             namespace,
@@ -296,7 +290,7 @@ def test_watch_exits_non_zero_when_the_job_fails(
     create_job(cluster, namespace, job_manifest("doomed", storage["bucket"], storage["spec"]))
     watcher = Watcher(cli_env, "doomed", "-n", namespace)
     try:
-        wait_for(lambda: watcher.saw("doomed: Pending"), 60, "watch to start")
+        wait_until(lambda: watcher.saw("doomed: Pending"), timeout=60, what="watch to start")
         patch_status(
             cluster,
             namespace,
