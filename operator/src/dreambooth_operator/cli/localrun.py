@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlparse
 from dreambooth_operator.cli.display import ProgressDisplay
 from dreambooth_operator.cli.errors import CliError, ExitStatus, InputError
 from dreambooth_operator.cli.events import Progress, describe_event, is_notable, parse_line
+from dreambooth_operator.report.data import read_json
 from dreambooth_operator.trainer_config import build_trainer_config
 
 TRAINER_COMMAND = "dreambooth-train"
@@ -114,14 +115,6 @@ class LocalRun:
         return self.workdir / "train.log"
 
 
-def read_json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def thread_env(config: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
     """CPU threads for the trainer: one for the tiny model unless OMP_NUM_THREADS is set.
 
@@ -185,7 +178,7 @@ def run_trainer(config: dict[str, Any], workdir: Path, display: ProgressDisplay)
             display.note("interrupted: the trainer is writing a checkpoint; run the same command again to resume")
             exit_code = process.wait()
         display.update(progress, force=True)
-    termination = read_json_file(termination_path)
+    termination = read_json(termination_path)
     return LocalRun(workdir, config, exit_code, termination)
 
 
@@ -213,7 +206,7 @@ def check_outcome(run: LocalRun) -> None:
 
 def output_dir_of(path: Path) -> Path:
     """A run's output folder from a workdir (its run.json) or the output folder itself."""
-    record = read_json_file(path / RUN_RECORD)
+    record = read_json(path / RUN_RECORD)
     uri = record.get("outputUri")
     if isinstance(uri, str):
         return uri_to_path(uri)

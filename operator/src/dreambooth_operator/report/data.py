@@ -103,7 +103,8 @@ def parse_metrics(text: str) -> list[MetricPoint]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -154,7 +155,7 @@ def load_checkpoints(checkpoints_dir: Path) -> list[Checkpoint]:
     result = []
     for step, folder in _step_dirs(checkpoints_dir):
         manifest_path = folder / "manifest.json"
-        manifest = _read_json(manifest_path) if manifest_path.is_file() else {}
+        manifest = read_json(manifest_path) if manifest_path.is_file() else {}
         size = _manifest_size(manifest)
         if size is None:
             size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) or None
@@ -167,7 +168,7 @@ def load_checkpoints(checkpoints_dir: Path) -> list[Checkpoint]:
 
 def load_evaluation(root: Path) -> dict[str, float]:
     """Evaluation scores: evaluation.json (a map of name to number), or result.json's `evaluation`."""
-    data = _read_json(root / EVALUATION_FILE) or _read_json(root / "result.json").get("evaluation", {})
+    data = read_json(root / EVALUATION_FILE) or read_json(root / "result.json").get("evaluation", {})
     if not isinstance(data, dict):
         return {}
     return {str(k): float(v) for k, v in data.items() if _number(v) is not None}
@@ -178,8 +179,8 @@ def load_run(root: Path) -> RunData:
     metrics_path = root / "metrics.jsonl"
     return RunData(
         root=root,
-        config=_read_json(root / "config.json"),
-        result=_read_json(root / "result.json"),
+        config=read_json(root / "config.json"),
+        result=read_json(root / "result.json"),
         metrics=parse_metrics(metrics_path.read_text()) if metrics_path.is_file() else [],
         samples=load_samples(root / "samples"),
         checkpoints=load_checkpoints(root / "checkpoints"),
