@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,22 @@ def test_every_cli_command_is_documented() -> None:
     for name, command in group.commands.items():
         if not command.hidden:
             assert f"dreambooth {name}" in README, name
+
+
+def test_helm_install_line_renders() -> None:
+    """The README's `helm install` renders with the same release, chart and namespace (`helm template`)."""
+    (line,) = [ln for ln in code_lines() if ln.startswith("helm install ")]
+    args = shlex.split(line)[2:]
+    helm = shutil.which("helm") or str(ROOT / ".tools/bin/helm")
+    if not Path(helm).exists():
+        pytest.skip("helm not installed (make binaries)")
+    rendered = subprocess.run(
+        [helm, "template", *[a for a in args if a != "--create-namespace"]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert "kind: Deployment" in rendered.stdout
