@@ -12,7 +12,7 @@ import pytest
 from dreambooth_operator.report import load_run, render_report
 from dreambooth_operator.report.data import parse_metrics
 from dreambooth_operator.report.render import LAYOUT, timings
-from dreambooth_operator.report.svg import Series, line_chart, nice_ticks
+from dreambooth_operator.report.svg import Series, format_tick, line_chart, nice_ticks
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -159,7 +159,5 @@ def test_layout_sample_boxes_are_below_the_charts(row: int, column: int) -> None
 
 @pytest.mark.parametrize(("lo", "hi"), [(0.0009, 0.0011), (1e-5, 1e-4), (0.0, 1.0), (2e4, 3e5)])
 def test_tick_labels_are_distinct(lo: float, hi: float) -> None:
-    from dreambooth_operator.report.svg import format_tick
-
     labels = [format_tick(t) for t in nice_ticks(lo, hi)]
     assert len(set(labels)) == len(labels), labels

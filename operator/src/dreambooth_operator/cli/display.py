@@ -60,7 +60,7 @@ class ProgressDisplay:
         now = time.monotonic()
         finished = progress.total_steps is not None and progress.step >= progress.total_steps
         first = self._last_step < 0
-        if progress.step == self._last_step and not force:
+        if progress.step == self._last_step:
             return
         if force or first or finished or now - self._last_plain >= PLAIN_INTERVAL_SECONDS:
             self.console.print(progress.describe(), highlight=False, soft_wrap=True)
