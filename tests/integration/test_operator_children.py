@@ -7,6 +7,7 @@ admission, validation, deadline + TTL, and the metrics endpoint.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,10 @@ def test_metrics_endpoint(cluster: Cluster, namespace: str, op: OperatorProcess)
         op=op,
     )
     assert _reconciles(text) >= 1
+    # An idle job is reconciled on events and every interval (2 s here), never in a busy loop.
+    before, start = _reconciles(text), time.monotonic()
+    wait_for("4 seconds", time.monotonic, lambda now: now - start >= 4.0)
+    assert _reconciles(op.metrics_text()) - before <= 8
     for name in (
         "dreambooth_operator_reconcile_errors_total",
         "dreambooth_operator_restarts_total",

@@ -168,7 +168,7 @@ async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: floa
     """Until a wake-up, the daemon's stop (operator exit, object deletion), or the timeout."""
 
     async def until_stopped() -> None:
-        await stopped
+        await stopped.wait()
 
     waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(until_stopped())}
     try:
