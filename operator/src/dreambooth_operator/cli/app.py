@@ -44,10 +44,6 @@ Kubeconfig = Annotated[Path | None, typer.Option("--kubeconfig", help="Path of t
 JobName = Annotated[str, typer.Argument(help="The DreamBoothJob's name.", show_default=False)]
 
 
-def _target(kubeconfig: Path | None, context: str | None, namespace: str | None) -> kube.Target:
-    return kube.connect(kubeconfig, context, namespace)
-
-
 @app.command()
 def run(
     job_file: JobFile,
@@ -94,7 +90,7 @@ def submit(
     from dreambooth_operator.cli import s3
 
     job = manifest.load_job_manifest(job_file)
-    target = _target(kubeconfig, context, namespace or job["metadata"].get("namespace"))
+    target = kube.connect(kubeconfig, context, namespace or job["metadata"].get("namespace"))
     job["metadata"]["namespace"] = target.namespace
     name = job["metadata"]["name"]
     create = target.custom.create_namespaced_custom_object
@@ -132,7 +128,7 @@ def list_(
     kubeconfig: Kubeconfig = None,
 ) -> None:
     """List DreamBoothJobs with phase, progress, loss, restarts and age."""
-    target = _target(kubeconfig, context, namespace)
+    target = kube.connect(kubeconfig, context, namespace)
     jobs = kube.list_jobs(target, all_namespaces)
     if not jobs:
         where = "any namespace" if all_namespaces else f"namespace {target.namespace}"
@@ -148,7 +144,7 @@ def list_(
 @app.command()
 def status(name: JobName, namespace: Namespace = None, context: Context = None, kubeconfig: Kubeconfig = None) -> None:
     """Show a job's phase, progress, outputs and conditions."""
-    target = _target(kubeconfig, context, namespace)
+    target = kube.connect(kubeconfig, context, namespace)
     job = kube.get_job(target, name)
     details = Table(show_header=False, box=None, pad_edge=False)
     for key, value in present.detail_rows(job):
@@ -180,7 +176,7 @@ def watch(
     kubeconfig: Kubeconfig = None,
 ) -> None:
     """Show a live progress bar from the job's status until it succeeds (exit 0) or fails (non-zero)."""
-    target = _target(kubeconfig, context, namespace)
+    target = kube.connect(kubeconfig, context, namespace)
     deadline = time.monotonic() + timeout if timeout else None
     last_phase = ""
     with ProgressDisplay(err_console, description=name) as display:
@@ -212,7 +208,7 @@ def logs(
     kubeconfig: Kubeconfig = None,
 ) -> None:
     """Print the trainer log of one rank's pod (the newest attempt)."""
-    target = _target(kubeconfig, context, namespace)
+    target = kube.connect(kubeconfig, context, namespace)
     kube.get_job(target, name)
     pods = kube.call(
         target, target.core.list_namespaced_pod, target.namespace, label_selector=f"{api.LABEL_JOB_NAME}={name}"
@@ -271,7 +267,7 @@ def report(
         return
     from dreambooth_operator.cli import s3
 
-    target = _target(kubeconfig, context, namespace)
+    target = kube.connect(kubeconfig, context, namespace)
     job = kube.get_job(target, source)
     uri = str(job.get("spec", {}).get("output", {}).get("uri", ""))
     destination = output or Path(f"{source}-report.html")
