@@ -358,12 +358,24 @@ class TrainLoop:
                 fabric.backward(loss / accum)
             total += float(loss.detach()) / accum
         if self.t.max_grad_norm is not None:
-            fabric.clip_gradients(self.model, self.optimizer, max_norm=self.t.max_grad_norm)
+            self._clip_gradients(self.t.max_grad_norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, data_wait
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        scaler = self._scaler()
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if scaler is not None and getattr(inner, "_step_supports_amp_scaling", False):
+            # fp16 with fused AdamW: Fabric refuses to unscale for optimizers that unscale themselves, but
+            # GradScaler supports it (its step() then skips unscaling); found on an H200.
+            scaler.unscale_(inner)
+            params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
 
     def _record(self, step: int, loss: float, data_wait: float, force_log: bool) -> None:
         """Progress on every rank; rank 0 also keeps metrics.jsonl and logs the (rate-limited) `step` event."""
