@@ -23,8 +23,18 @@ import kopf
 from kubernetes import client
 
 from dreambooth_operator import kube, names, podstate
-from dreambooth_operator.api.constants import GROUP, JOB_PLURAL, LABEL_ATTEMPT, LABEL_JOB_NAME, VERSION, JobPhase
+from dreambooth_operator.api.constants import (
+    GROUP,
+    INFERENCE_PLURAL,
+    JOB_PLURAL,
+    LABEL_ATTEMPT,
+    LABEL_INFERENCE_NAME,
+    LABEL_JOB_NAME,
+    VERSION,
+    JobPhase,
+)
 from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
+from dreambooth_operator.inference import reconcile_inference
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.reconcile import (
@@ -305,3 +315,68 @@ def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase:
         metrics.time_to_running.observe(elapsed)
     if phase in (JobPhase.SUCCEEDED, JobPhase.FAILED) and math.isfinite(elapsed):
         metrics.job_duration.labels(phase=phase.value).observe(elapsed)
+
+
+# --- InferenceService: one loop per service (lower volume; reads its source job and Deployment directly) ---
+
+INFERENCE_PREFIX = "inferenceservice/"
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_INFERENCE_NAME: kopf.PRESENT})
+def wake_on_deployment(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    state_of(memo).wake((namespace or "", INFERENCE_PREFIX + labels[LABEL_INFERENCE_NAME]))
+
+
+@kopf.on.event(GROUP, VERSION, INFERENCE_PLURAL)
+def wake_on_inference(*, namespace: str | None, name: str | None, memo: Any, **_: Any) -> None:
+    state_of(memo).wake((namespace or "", INFERENCE_PREFIX + (name or "")))
+
+
+@kopf.daemon(GROUP, VERSION, INFERENCE_PLURAL, cancellation_timeout=5.0)
+async def inference_loop(
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str | None,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """Resolve the model, apply the Deployment and Service, and report readiness, until deleted."""
+    state = state_of(memo)
+    key = (namespace or "", INFERENCE_PREFIX + (name or ""))
+    wake = state.wakes.setdefault(key, asyncio.Event())
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                events = await asyncio.to_thread(reconcile_inference_once, state, body)
+                # Events only after the status write (inside reconcile_inference_once) succeeded.
+                for type_, reason, message in events:
+                    kopf.event(body, type=type_, reason=reason, message=message[:1024])
+            except (client.ApiException, OSError) as err:
+                state.metrics.reconcile_errors.inc()
+                logger.warning("InferenceService reconcile failed, retrying: %s", err)
+            except Exception:
+                state.metrics.reconcile_errors.inc()
+                logger.exception("InferenceService reconcile failed")
+            await _sleep(wake, stopped, state.settings.reconcile_interval_seconds)
+    finally:
+        state.wakes.pop(key, None)
+
+
+def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tuple[str, str, str]]:
+    isvc = copy.deepcopy(dict(body))
+    meta = isvc["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    source_name = ((isvc.get("spec") or {}).get("model") or {}).get("fromJob")
+    source = kube.get(state.api, f"{GROUP}/{VERSION}", "DreamBoothJob", namespace, source_name) if source_name else None
+    deployment = kube.get(state.api, "apps/v1", "Deployment", namespace, name)
+    plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc())
+    for child in plan.children:
+        kube.apply(state.api, child)
+    patch = kube.merge_diff(isvc.get("status"), plan.status.to_wire(), keep=frozenset({"kopf"}))
+    if patch:
+        kube.patch_status(state.api, namespace, name, patch, kind="InferenceService")
+    return plan.events

@@ -13,7 +13,7 @@ from typing import Any, Final
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from dreambooth_operator.api.constants import GROUP, JOB_PLURAL, LABEL_JOB_NAME, VERSION
+from dreambooth_operator.api.constants import GROUP, INFERENCE_PLURAL, JOB_PLURAL, LABEL_JOB_NAME, VERSION
 
 FIELD_MANAGER: Final = "dreambooth-operator"
 MERGE_PATCH: Final = "application/merge-patch+json"
@@ -27,6 +27,7 @@ _KINDS: Final = {
     ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     (f"{GROUP}/{VERSION}", "DreamBoothJob"): (f"/apis/{GROUP}/{VERSION}", JOB_PLURAL),
+    (f"{GROUP}/{VERSION}", "InferenceService"): (f"/apis/{GROUP}/{VERSION}", INFERENCE_PLURAL),
 }
 
 
@@ -106,9 +107,11 @@ def merge_patch(
     return request(api, "PATCH", path_of(api_version, kind, namespace, name), dict(patch), content_type=MERGE_PATCH)
 
 
-def patch_status(api: client.ApiClient, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
-    """Merge-patch a DreamBoothJob's status through the status subresource."""
-    path = path_of(f"{GROUP}/{VERSION}", "DreamBoothJob", namespace, name) + "/status"
+def patch_status(
+    api: client.ApiClient, namespace: str, name: str, status: Mapping[str, Any], kind: str = "DreamBoothJob"
+) -> Any:
+    """Merge-patch a custom resource's status through the status subresource."""
+    path = path_of(f"{GROUP}/{VERSION}", kind, namespace, name) + "/status"
     return request(api, "PATCH", path, {"status": dict(status)}, content_type=MERGE_PATCH)
 
 
@@ -124,6 +127,16 @@ def delete(
             return False
         raise
     return True
+
+
+def get(api: client.ApiClient, api_version: str, kind: str, namespace: str, name: str) -> Any:
+    """The object, or None when it does not exist."""
+    try:
+        return request(api, "GET", path_of(api_version, kind, namespace, name))
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
 
 
 def list_children(api: client.ApiClient, api_version: str, kind: str, namespace: str, job_name: str) -> list[Any]:

@@ -1,0 +1,266 @@
+"""InferenceService: pure builders (Deployment + Service running `dreambooth-serve`) and the pure reconcile.
+
+`spec.model.fromJob` resolves to the job's `status.outputs.modelUri` and its `spec.baseModel` once the job has
+succeeded; until then the service is Pending (WaitingForJob), and Failed when the job failed or is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, cast
+
+import kopf
+from pydantic import ValidationError
+
+from dreambooth_operator.api.common import Condition, find_condition, set_condition
+from dreambooth_operator.api.constants import (
+    LABEL_COMPONENT,
+    LABEL_INFERENCE_NAME,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    Component,
+    ConditionStatus,
+    InferenceConditionType,
+    InferencePhase,
+    Reason,
+)
+from dreambooth_operator.api.inference import InferenceServiceSpec, InferenceServiceStatus
+from dreambooth_operator.builders import RESTRICTED_CONTAINER_SECURITY
+from dreambooth_operator.settings import OperatorSettings
+
+SERVE_PORT: Final = 8080
+SERVICE_PORT: Final = 80
+CONTAINER: Final = "server"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model_uri: str | None
+    base_model: dict[str, Any] | None
+
+
+def resolve_model(
+    spec: InferenceServiceSpec, source: Mapping[str, Any] | None
+) -> tuple[ResolvedModel | None, str, str]:
+    """(model, reason, message): the model when known, else why not."""
+    if spec.model.model_uri is not None:
+        return ResolvedModel(spec.model.model_uri, spec.model.base_model), Reason.MODEL_URI_SET, "modelUri is set"
+    job_name = spec.model.from_job
+    if source is None:
+        return None, Reason.SOURCE_JOB_NOT_FOUND, f"DreamBoothJob {job_name} not found"
+    status = source.get("status") or {}
+    phase = status.get("phase")
+    if phase == "Failed":
+        return None, Reason.SOURCE_JOB_FAILED, f"DreamBoothJob {job_name} failed: {status.get('message') or ''}"
+    model_uri = (status.get("outputs") or {}).get("modelUri")
+    if phase != "Succeeded" or not model_uri:
+        return None, Reason.WAITING_FOR_JOB, f"waiting for DreamBoothJob {job_name} to succeed (phase {phase})"
+    base = (source.get("spec") or {}).get("baseModel")
+    return ResolvedModel(model_uri, base), Reason.MODEL_URI_SET, f"the model of DreamBoothJob {job_name}"
+
+
+def labels(isvc: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        LABEL_INFERENCE_NAME: str(isvc["metadata"]["name"]),
+        LABEL_COMPONENT: Component.INFERENCE.value,
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def serve_config(spec: InferenceServiceSpec, model: ResolvedModel) -> dict[str, Any]:
+    """The sampling server's ServeConfig (DREAMBOOTH_SERVE_CONFIG)."""
+    storage: dict[str, Any] = {"addressingStyle": spec.storage.addressing_style.value}
+    if spec.storage.endpoint:
+        storage["endpoint"] = spec.storage.endpoint
+    if spec.storage.region:
+        storage["region"] = spec.storage.region
+    config: dict[str, Any] = {
+        "adapters": [a.to_wire() for a in spec.adapters],
+        "server": spec.server.to_wire(),
+        "storage": storage,
+    }
+    if model.model_uri:
+        config["modelUri"] = model.model_uri
+    if model.base_model:
+        config["baseModel"] = model.base_model
+    return config
+
+
+def replicas(spec: InferenceServiceSpec) -> int:
+    if spec.scaling.replicas is not None:
+        return spec.scaling.replicas
+    return spec.scaling.min_replicas or 1
+
+
+def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    if spec.resources.cpu is not None:
+        requests["cpu"] = str(spec.resources.cpu)
+    if spec.resources.memory is not None:
+        requests["memory"] = str(spec.resources.memory)
+    limits = dict(requests)
+    if spec.resources.gpus > 0:
+        limits[spec.resources.gpu_resource_name] = str(spec.resources.gpus)
+        requests[spec.resources.gpu_resource_name] = str(spec.resources.gpus)
+    return {"requests": requests, "limits": limits} if requests else {}
+
+
+def build_deployment(
+    isvc: Mapping[str, Any], spec: InferenceServiceSpec, model: ResolvedModel, settings: OperatorSettings
+) -> dict[str, Any]:
+    name = str(isvc["metadata"]["name"])
+    overrides = spec.pod_template
+    env: list[dict[str, Any]] = [
+        {"name": "DREAMBOOTH_SERVE_CONFIG", "value": json.dumps(serve_config(spec, model), sort_keys=True)},
+        {"name": "DREAMBOOTH_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "DREAMBOOTH_SERVE_PORT", "value": str(SERVE_PORT)},
+    ]
+    creds = spec.storage.credentials_secret
+    if creds is not None:
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", creds.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key_key),
+        ):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}})
+    if spec.auth is not None:
+        ref = spec.auth.bearer_token_secret
+        env.append(
+            {"name": "DREAMBOOTH_SERVE_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+    if overrides and overrides.env:
+        env += [e.to_wire() for e in overrides.env]
+    resources = _resources(spec)
+    pod_labels = {**(overrides.labels if overrides and overrides.labels else {}), **labels(isvc)}
+    pod_spec: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {
+                "name": CONTAINER,
+                "image": overrides.image if overrides and overrides.image else settings.trainer_image,
+                "command": ["dreambooth-serve"],
+                "env": env,
+                "ports": [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}],
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+                "resources": resources,
+                "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+            }
+        ],
+    }
+    if overrides:
+        wire = overrides.to_wire()
+        for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"):
+            if key in wire:
+                pod_spec[key] = wire[key]
+        if overrides.service_account_name:
+            pod_spec["serviceAccountName"] = overrides.service_account_name
+    template: dict[str, Any] = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
+    if overrides and overrides.annotations:
+        template["metadata"]["annotations"] = dict(overrides.annotations)
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels(isvc)},
+        "spec": {
+            "replicas": replicas(spec),
+            "selector": {"matchLabels": {LABEL_INFERENCE_NAME: name}},
+            "template": template,
+        },
+    }
+    kopf.adopt(deployment, owner=cast("kopf.Body", dict(isvc)))
+    return deployment
+
+
+def build_service(isvc: Mapping[str, Any]) -> dict[str, Any]:
+    name = str(isvc["metadata"]["name"])
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels(isvc)},
+        "spec": {
+            "selector": {LABEL_INFERENCE_NAME: name},
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    kopf.adopt(service, owner=cast("kopf.Body", dict(isvc)))
+    return service
+
+
+@dataclass
+class InferencePlan:
+    status: InferenceServiceStatus
+    children: list[dict[str, Any]] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def reconcile_inference(
+    isvc: Mapping[str, Any],
+    source_job: Mapping[str, Any] | None,
+    deployment: Mapping[str, Any] | None,
+    settings: OperatorSettings,
+    now: datetime,
+) -> InferencePlan:
+    meta = isvc["metadata"]
+    generation = meta.get("generation")
+    try:
+        prev = InferenceServiceStatus.model_validate(isvc.get("status") or {})
+    except ValidationError:
+        prev = InferenceServiceStatus()
+    status = prev.model_copy(deep=True)
+    status.observed_generation = generation
+    plan = InferencePlan(status=status)
+    try:
+        spec = InferenceServiceSpec.model_validate(isvc.get("spec") or {})
+    except ValidationError as err:
+        status.phase = InferencePhase.FAILED
+        status.message = f"invalid spec: {err.error_count()} error(s): " + "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        plan.events.append(("Warning", Reason.INVALID_SPEC, status.message))
+        return plan
+
+    def cond(type_: InferenceConditionType, ok: bool, reason: str, message: str) -> None:
+        new = Condition(
+            type=type_.value,
+            status=ConditionStatus.TRUE if ok else ConditionStatus.FALSE,
+            reason=reason,
+            message=message,
+            last_transition_time=now,
+            observed_generation=generation,
+        )
+        old = find_condition(status.conditions, type_.value)
+        if old is None or old.status != new.status or old.reason != new.reason:
+            warn = reason in (Reason.SOURCE_JOB_FAILED, Reason.SOURCE_JOB_NOT_FOUND)
+            plan.events.append(("Warning" if warn else "Normal", reason, message))
+        status.conditions = set_condition(status.conditions, new)
+
+    model, reason, message = resolve_model(spec, source_job)
+    cond(InferenceConditionType.MODEL_RESOLVED, model is not None, reason, message)
+    if model is None:
+        failed = reason in (Reason.SOURCE_JOB_FAILED, Reason.SOURCE_JOB_NOT_FOUND)
+        status.phase = InferencePhase.FAILED if failed else InferencePhase.PENDING
+        status.message = message
+        cond(InferenceConditionType.READY, False, reason, message)
+        return plan
+    status.model_uri = model.model_uri
+    plan.children = [build_deployment(isvc, spec, model, settings), build_service(isvc)]
+    want = replicas(spec)
+    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+    status.replicas = int(((deployment or {}).get("status") or {}).get("replicas") or 0)
+    status.ready_replicas = ready
+    status.url = f"http://{meta['name']}.{meta['namespace']}.svc:{SERVICE_PORT}"
+    if want == 0:
+        status.phase = InferencePhase.READY
+        status.message = "scaled to zero"
+        cond(InferenceConditionType.READY, False, Reason.SCALED_TO_ZERO, "scaled to zero")
+    elif ready > 0:
+        status.phase = InferencePhase.READY
+        status.message = f"{ready}/{want} replicas ready at {status.url}"
+        cond(InferenceConditionType.READY, True, Reason.REPLICAS_READY, status.message)
+    else:
+        status.phase = InferencePhase.LOADING
+        status.message = f"0/{want} replicas ready; loading the model"
+        cond(InferenceConditionType.READY, False, Reason.REPLICAS_NOT_READY, status.message)
+    return plan
