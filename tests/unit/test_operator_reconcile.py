@@ -275,3 +275,11 @@ def test_stale_generation_changes_nothing() -> None:
     assert plan.actions == []
     assert plan.events == []
     assert plan.status.phase == "Running"
+
+
+def test_a_finished_rank_keeps_the_phase_until_the_job_controller_completes_the_job() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0), progressText="20/20").obj()
+    job["status"]["progress"] = {"step": 20, "totalSteps": 20, "stage": "Exporting", "updatedAt": iso(T0)}
+    plan = run(job, [make_batch_job(job).obj()], [make_pod(job).exited(0, {"modelUri": "s3://bkt/m"}).obj()])
+    assert plan.status.phase == "Running"
+    assert cond(plan, "Running") == ("True", "Training")

@@ -556,6 +556,9 @@ def _running(
     pull = next((m for p in active if (m := podstate.image_pull_failure(p))), None)
     unsched = next((m for p in active if (m := podstate.unschedulable(p))), None)
     running = [p for p in active if podstate.is_running(p)]
+    # Ranks that already exited 0 count as running until the Job controller marks the Job Complete, so the
+    # phase does not drop back to Pending in between.
+    done = [p for p in pods if podstate.pod_phase(p) == "Succeeded"]
     nodes = spec.resources.nodes
     if pull is not None:
         b.phase(JobPhase.PENDING, f"the trainer image cannot be pulled: {pull}")
@@ -563,7 +566,7 @@ def _running(
     elif unsched is not None:
         b.phase(JobPhase.PENDING, f"pods cannot be scheduled: {unsched}")
         b.condition(JobConditionType.RUNNING, False, OperatorReason.UNSCHEDULABLE, unsched)
-    elif len(running) < nodes:
+    elif len(running) + len(done) < nodes:
         b.phase(JobPhase.PENDING, f"{len(running)}/{nodes} pods running")
         if find_condition(b.status.conditions, JobConditionType.RUNNING.value) is None:
             b.condition(JobConditionType.RUNNING, False, Reason.PODS_PENDING, f"{len(running)}/{nodes} pods running")
