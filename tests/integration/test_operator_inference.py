@@ -1,0 +1,68 @@
+"""InferenceService against a real control plane: waits for its source job, then deploys the sampling server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from operator_harness import OperatorProcess, apply, as_manifest, condition, get, running_operator, wait_for
+from operator_wrappers import make_job
+
+from tests.infra.controlplane import Cluster
+
+NOWHERE = {"dbo.test/no-such-node": "true"}
+
+
+@pytest.fixture
+def op(cluster: Cluster, namespace: str, infra_log_dir: Path) -> Iterator[OperatorProcess]:
+    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
+        yield operator
+
+
+def test_inference_service_from_job(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
+    apply(cluster, as_manifest(make_job("cat").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    isvc = {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "cat-server"},
+        "spec": {
+            "model": {"fromJob": "cat"},
+            "scaling": {"replicas": 1},
+            "resources": {"gpus": 0},
+            "podTemplate": {"nodeSelector": NOWHERE},
+        },
+    }
+    apply(cluster, isvc, namespace)
+    waiting = wait_for(
+        "WaitingForJob",
+        lambda: get(cluster, "inferenceservice", "cat-server", namespace),
+        lambda s: (condition(s, "ModelResolved") or {}).get("reason") == "WaitingForJob",
+        op=op,
+    )
+    assert waiting["status"]["phase"] == "Pending"
+    assert get(cluster, "deployment", "cat-server", namespace) is None
+    # The job succeeds (written as the operator would, through the status subresource; terminal is sticky).
+    status = {"status": {"phase": "Succeeded", "outputs": {"modelUri": "s3://bkt/out/cat/model"}}}
+    cluster.kubectl(
+        "patch", "dreamboothjob", "cat", "-n", namespace, "--subresource=status", "--type=merge", "-p",
+        json.dumps(status),
+    )  # fmt: skip
+    loading = wait_for(
+        "Loading",
+        lambda: get(cluster, "inferenceservice", "cat-server", namespace),
+        lambda s: (s.get("status") or {}).get("phase") == "Loading",
+        op=op,
+    )
+    assert loading["status"]["modelUri"] == "s3://bkt/out/cat/model"
+    assert loading["status"]["url"] == f"http://cat-server.{namespace}.svc:80"
+    deployment = get(cluster, "deployment", "cat-server", namespace)
+    service = get(cluster, "service", "cat-server", namespace)
+    assert deployment is not None
+    assert service is not None
+    for child in (deployment, service):
+        assert [r["name"] for r in child["metadata"]["ownerReferences"]] == ["cat-server"]
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["DREAMBOOTH_SERVE_CONFIG"]["value"])["modelUri"] == "s3://bkt/out/cat/model"
+    assert get(cluster, "dreamboothjob", "cat", namespace)["status"]["phase"] == "Succeeded"  # type: ignore[index]
