@@ -187,6 +187,19 @@ def _sd15_cases(scratch: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _earlier_cuda_cases(path: Path) -> list[dict[str, Any]]:
+    """The CUDA cases of an earlier run: a CPU-only run keeps them (marked) instead of erasing them."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [
+        dict(c, fromEarlierRun=True)
+        for c in earlier.get("cases", [])
+        if isinstance(c, dict) and str(c.get("device", "")).startswith("cuda")
+    ]
+
+
 def run(results_dir: Path) -> dict[str, Any]:
     results_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
@@ -195,8 +208,11 @@ def run(results_dir: Path) -> dict[str, Any]:
         cases = [] if os.environ.get("BENCH_CHECKPOINT_SKIP_TINY") == "1" else _tiny_cases(scratch)
         if torch.cuda.is_available():
             cases += _sd15_cases(scratch)
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    cases = [dict(c, machine=machine) for c in cases]
+    if not torch.cuda.is_available():
+        cases += _earlier_cuda_cases(results_dir / "checkpoint.json")
     result: dict[str, Any] = {
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cases": cases,
         "notes": "stall = CPU snapshot + submit (the loop is blocked); write = serialize + sha256 + file:// store "
         "in the background thread; S3 upload adds bytes / bandwidth to write, not to stall.",
