@@ -1,5 +1,6 @@
-"""The trainer on CUDA: fused AdamW, bf16 and fp16 mixed precision, 8-bit AdamW, torch.compile of the UNet, and the
-checkpoint round trip (weights, optimizer and the CUDA RNG) through the trainer's own loop, on the tiny model."""
+"""The trainer on CUDA: fused AdamW, bf16 and fp16 mixed precision, 8-bit AdamW, the checkpoint round trip (weights,
+optimizer and the CUDA RNG) through the trainer's own loop, and torch.compile of the UNet, on the tiny model.
+The compile test is last: it is the slowest, so a step timeout on the device machine cuts it first."""
 
 from __future__ import annotations
 
@@ -146,45 +147,6 @@ def test_adamw_8bit_steps_and_checkpoints(
     assert after < 0.8 * before, (before, after, losses)
 
 
-def _compile_toolchain_missing() -> str | None:
-    """Why Triton could not build its launcher here (it compiles a small C extension at first use), or None."""
-    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
-        return "no C compiler (cc, gcc, clang) on PATH"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
-        return "no Python.h (Python development headers)"
-    return None
-
-
-def test_torch_compile_of_the_unet_runs_training_steps(
-    tmp_path: Path, tiny_components: Any, loop_factory: Any, config_factory: Any, device: torch.device
-) -> None:
-    """The trainer has no compile option; this checks that compiling our module's UNet works with our loss, loop
-    and bf16 autocast, so adding the option is safe."""
-    missing = _compile_toolchain_missing() if device.type == "cuda" else None
-    if missing:
-        pytest.skip(f"torch.compile (Triton) cannot build its launcher: {missing}")
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    config = config_factory(tmp_path, method="lora", learningRate=1e-2, mixedPrecision="bf16", maxSteps=3)
-    loop = loop_factory(config, tiny_components, tmp_path / "scratch")
-    try:
-        eager = {
-            n: p.detach().clone() for n, p in zip(loop.module._unet_names, loop.module.unet_parameters(), strict=True)
-        }
-        loop.module.unet.compile()
-        losses = _train(loop, 3)
-        trained = dict(zip(loop.module._unet_names, loop.module.unet_parameters(), strict=True))
-    finally:
-        loop.close()
-    from torch._dynamo.utils import counters
-
-    # Dynamo's own counters (internal, so either name counts): at least one graph was captured and compiled.
-    assert counters["stats"]["unique_graphs"] + counters["frames"]["ok"] >= 1, {k: dict(v) for k, v in counters.items()}
-    assert all(math.isfinite(v) for v in losses), losses
-    assert any(not torch.equal(eager[n], trained[n]) for n in eager)
-
-
 def test_checkpoint_round_trip_restores_weights_optimizer_and_cuda_rng(
     tmp_path: Path, loop_factory: Any, config_factory: Any, components_factory: Any, device: torch.device
 ) -> None:
@@ -231,3 +193,42 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_cuda_rng(
     for index, state in optimizer_state["state"].items():
         assert torch.equal(restored_opt["state"][index]["exp_avg"], state["exp_avg"])
         assert torch.equal(restored_opt["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def _compile_toolchain_missing() -> str | None:
+    """Why Triton could not build its launcher here (it compiles a small C extension at first use), or None."""
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler (cc, gcc, clang) on PATH"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "no Python.h (Python development headers)"
+    return None
+
+
+def test_torch_compile_of_the_unet_runs_training_steps(
+    tmp_path: Path, tiny_components: Any, loop_factory: Any, config_factory: Any, device: torch.device
+) -> None:
+    """The trainer has no compile option; this checks that compiling our module's UNet works with our loss, loop
+    and bf16 autocast, so adding the option is safe."""
+    missing = _compile_toolchain_missing() if device.type == "cuda" else None
+    if missing:
+        pytest.skip(f"torch.compile (Triton) cannot build its launcher: {missing}")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    config = config_factory(tmp_path, method="lora", learningRate=1e-2, mixedPrecision="bf16", maxSteps=3)
+    loop = loop_factory(config, tiny_components, tmp_path / "scratch")
+    try:
+        eager = {
+            n: p.detach().clone() for n, p in zip(loop.module._unet_names, loop.module.unet_parameters(), strict=True)
+        }
+        loop.module.unet.compile()
+        losses = _train(loop, 3)
+        trained = dict(zip(loop.module._unet_names, loop.module.unet_parameters(), strict=True))
+    finally:
+        loop.close()
+    from torch._dynamo.utils import counters
+
+    # Dynamo's own counters (internal, so either name counts): at least one graph was captured and compiled.
+    assert counters["stats"]["unique_graphs"] + counters["frames"]["ok"] >= 1, {k: dict(v) for k, v in counters.items()}
+    assert all(math.isfinite(v) for v in losses), losses
+    assert any(not torch.equal(eager[n], trained[n]) for n in eager)
