@@ -283,3 +283,15 @@ def test_a_finished_rank_keeps_the_phase_until_the_job_controller_completes_the_
     plan = run(job, [make_batch_job(job).obj()], [make_pod(job).exited(0, {"modelUri": "s3://bkt/m"}).obj()])
     assert plan.status.phase == "Running"
     assert cond(plan, "Running") == ("True", "Training")
+
+
+def test_pods_stopped_by_a_suspend_are_not_preemptions() -> None:
+    job = make_job().suspend().status(attempt=0, phase="Suspended", startTime=iso(T0)).obj()
+    stopped = make_pod(job, uid="p1").exited(12, {"status": "preempted"}).obj()
+    plan = run(job, [make_batch_job(job).suspended().obj()], [stopped])
+    assert plan.status.restarts.preemptions == 0
+    assert plan.counted_pods == ["p1"]
+    resumed = after(job, plan)
+    resumed["spec"]["runPolicy"]["suspend"] = False
+    again = run(resumed, [make_batch_job(job).suspended().obj()], [stopped])
+    assert again.status.restarts.preemptions == 0

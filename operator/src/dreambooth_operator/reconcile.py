@@ -395,6 +395,9 @@ def _count_single_node_preemptions(
     ]
     if not new:
         return None
+    if spec.run_policy.suspend:
+        # Pods that the Job controller stops for a user's suspend exit 12 too: remembered, not counted.
+        return (counted + new)[-COUNTED_PODS_KEEP:]
     b.status.restarts.preemptions += len(new)
     b.condition(
         JobConditionType.RUNNING,
