@@ -194,3 +194,30 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path: Path, damage: str) -
     assert out.resumed_from == 4
     events = _events(buf)
     assert [e["step"] for e in events if e["event"] == "checkpoint_skipped"] == [8]
+
+
+def test_sigterm_before_the_first_step_writes_nothing(tmp_path: Path) -> None:
+    preemption = Preemption(grace=30)
+    preemption.trigger("SIGTERM")
+    loop, buf = _loop(_config(tmp_path), preemption)
+    out = loop.run()
+    loop.close()
+    assert (out.status, out.step, out.last_checkpoint) == ("preempted", 0, None)
+    assert not (tmp_path / "out/checkpoints").exists()
+    assert [e["event"] for e in _events(buf)][-1] == "preempting"
+
+
+def test_time_cadence_checkpoints_when_the_interval_passed() -> None:
+    from dreambooth_trainer.train import _Due
+
+    due = _Due(None, 10)
+    assert not due.by_time()
+    assert not due.by_steps(100)
+    due.last -= 11
+    assert due.by_time()
+    due.reset()
+    assert not due.by_time()
+    both = _Due(4, None)
+    assert both.by_steps(8)
+    assert not both.by_steps(9)
+    assert not both.by_time()
