@@ -184,3 +184,24 @@ def test_load_rejects_mismatched_state(cache_dir: Path) -> None:
     state.pop(next(k for k in state if k != STEP_KEY))
     with pytest.raises(ValueError, match="missing"):
         module.load_trainable_state_dict(state)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(cache_dir: Path) -> None:
+    comps = components(cache_dir)
+    cfg = TrainingConfig(method="full", resolution=32, gradient_checkpointing=True, offset_noise=0.1)
+    module = DreamBoothModule(comps, cfg)
+    assert module.unet.is_gradient_checkpointing
+    batch = make_batch(comps)
+    loss = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = [p.grad for p in module.unet_parameters()]
+    assert all(g is not None for g in grads)
+    reference = DreamBoothModule(components(cache_dir), cfg.model_copy(update={"gradient_checkpointing": False}))
+    ref_loss = reference.compute_loss(batch, torch.Generator().manual_seed(0))
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    first = next(module.unet_parameters()).grad
+    ref_first = next(reference.unet_parameters()).grad
+    assert first is not None
+    assert ref_first is not None
+    torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-6)
