@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.config import BaseModelSpec, Crop, InstanceImagesSpec
+from dreambooth_trainer.config import BaseModelSpec, Crop, InstanceImagesSpec, JobConfig
 from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn, load_instance_examples
 from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.storage import ObjectStore
 from PIL import Image
+
+# The tiny model is cached by config hash, so test files share one build.
+SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -180,7 +184,7 @@ def test_prior_batch_puts_instances_first() -> None:
 
 
 def test_latent_and_text_caches_match_direct_encoding(tmp_path: Path) -> None:
-    comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), tmp_path)
+    comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), SHARED_MODELS)
     ds = DreamBoothDataset(examples(2, (40, 32), "a photo of sks dog"), comps.tokenizer, 32, flip=True)
     direct = ds[0]["instance"]
     assert ds.cache_latents(comps.vae) == 4  # 2 images x 2 flips
@@ -196,3 +200,40 @@ def test_latent_and_text_caches_match_direct_encoding(tmp_path: Path) -> None:
     assert batch["latent_params"].shape == (2, 8, 16, 16)
     random_ds = DreamBoothDataset(examples(1, (40, 32), "x"), comps.tokenizer, 32, crop=Crop.RANDOM)
     assert random_ds.cache_latents(comps.vae) == 0
+
+
+def prepare_job(root: Path, crop: str, train_text_encoder: bool) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "instanceImages": {
+                "uri": (root / "in").as_uri(),
+                "prompt": "a photo of sks dog",
+                "minResolution": 32,
+                "crop": crop,
+            },
+            "priorPreservation": {"enabled": True, "classPrompt": "a photo of dog", "numImages": 3, "steps": 1},
+            "training": {"resolution": 32, "trainTextEncoder": train_text_encoder},
+            "output": {"uri": (root / "jobs" / "j").as_uri()},
+        }
+    )
+
+
+def test_prepare_dataset_with_priors_and_caches(store: ObjectStore, tmp_path: Path) -> None:
+    from dreambooth_trainer.prepare import prepare_dataset
+
+    for i in range(2):
+        put(store, tmp_path / "in", f"{i}.png", png((48, 40), seed=i))
+    comps = load_components(BaseModelSpec(tiny=True), store, SHARED_MODELS)
+    phases: list[str] = []
+    barriers: list[int] = []
+    cached = prepare_dataset(
+        prepare_job(tmp_path, "center", False), comps, store, on_phase=phases.append, barrier=lambda: barriers.append(1)
+    )
+    assert (phases, barriers) == (["GeneratingPriors"], [1])
+    assert len(cached) == 3  # max(2 instance, 3 class) items
+    assert (tmp_path / "jobs" / "class-cache").is_dir()  # the default cache sits beside the output
+    batch = collate_fn([cached[0], cached[2]])
+    assert set(batch) == {"num_instance", "latent_params", "prompt_embeds"}
+    assert batch["latent_params"].shape[0] == 4
+    raw = prepare_dataset(prepare_job(tmp_path, "random", True), comps, store)
+    assert set(collate_fn([raw[1]])) == {"num_instance", "pixel_values", "input_ids"}
