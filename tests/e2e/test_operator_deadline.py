@@ -1,0 +1,53 @@
+"""End to end: activeDeadlineSeconds stops a running trainer and fails the job; the TTL then deletes the
+batch Job, pods, Service and ConfigMap, and keeps the DreamBoothJob with its status."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_harness import OperatorProcess, apply, condition, event_reasons, get, items, running_operator, wait_for
+from test_operator_training import credentials_secret, example, phase, upload_images
+
+from tests.infra.controlplane import Cluster
+from tests.infra.s3 import S3Server
+
+SELECTOR = "dreambooth.dev/job-name=minimal"
+
+
+@pytest.fixture
+def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
+    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
+        yield operator
+
+
+def test_deadline_then_ttl(cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess) -> None:
+    bucket = s3.make_bucket()
+    upload_images(s3, bucket, "subjects/dog/")
+    credentials_secret(cluster, s3, namespace)
+    job = example(s3, bucket)
+    job["spec"]["training"]["maxSteps"] = 100000
+    job["spec"]["runPolicy"] = {"activeDeadlineSeconds": 20, "ttlSecondsAfterFinished": 5}
+    apply(cluster, job, namespace)
+
+    def fetch() -> dict[str, Any] | None:
+        return get(cluster, "dreamboothjob", "minimal", namespace)
+
+    wait_for("a running pod", lambda: items(cluster, "pods", namespace, SELECTOR), lambda p: len(p) == 1, 120, op)
+    dbj = wait_for("Failed", fetch, lambda j: phase(j) == "Failed", 120, op)
+    assert (condition(dbj, "Failed") or {}).get("reason") == "DeadlineExceeded"
+    wait_for(
+        "TTL to delete every child",
+        lambda: items(cluster, "jobs.batch", namespace, SELECTOR)
+        + items(cluster, "pods", namespace, SELECTOR)
+        + items(cluster, "services", namespace, SELECTOR)
+        + items(cluster, "configmaps", namespace, SELECTOR),
+        lambda left: left == [],
+        120,
+        op,
+    )
+    kept = fetch()
+    assert phase(kept) == "Failed"
+    assert {"DeadlineExceeded", "ChildDeleted"} <= event_reasons(cluster, namespace, "minimal")
