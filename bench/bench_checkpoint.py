@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from dreambooth_trainer.checkpoint import AsyncCheckpointer, CheckpointStore, Snapshot, StagingBuffers, to_cpu
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.storage import ObjectStore

@@ -99,8 +99,9 @@ def _sync(device: torch.device) -> None:
 def build_components(size: _Size, device: torch.device, seed: int = 0) -> tuple[Any, dict[str, float]]:
     """The trainer's `Components` with random weights from configs, frozen, fp32, on `device`; and build timings."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from dreambooth_trainer.components import Components
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambooth_trainer.components import Components
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import yaml
+from PIL import Image
+
 from dreambooth_operator.cli.errors import ExitStatus
 from dreambooth_operator.report import load_run
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from dreambooth_operator.report import load_run
 from PIL import Image
+
+from dreambooth_operator.report import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
+
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_trainer.progress import Phase, Progress, ProgressServer
-
 from tests.infra.controlplane import Cluster
 from tests.infra.fixtures import PrometheusFactory
 from tests.infra.processes import free_port, tool

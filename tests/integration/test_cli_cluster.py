@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
-from dreambooth_operator.api import constants as api
-from dreambooth_operator.cli.errors import ExitStatus
 from PIL import Image
 
+from dreambooth_operator.api import constants as api
+from dreambooth_operator.cli.errors import ExitStatus
 from tests.infra.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

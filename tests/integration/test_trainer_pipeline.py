@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
+
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import JobConfig
 from dreambooth_trainer.data import collate_fn
@@ -23,8 +25,6 @@ from dreambooth_trainer.priors import CLASS_IMAGES_GENERATED
 from dreambooth_trainer.storage import ObjectStore
 from dreambooth_trainer.tiny import build_tiny_pipeline
 from dreambooth_trainer.validation import sample_and_upload
-from PIL import Image
-
 from tests.infra.s3 import S3Server
 
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from dreambooth_trainer.config import StorageSettings
 from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, parse_uri
-
 from tests.infra.s3 import S3Server
 
 MIB = 1024 * 1024

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from dreambooth_operator.api.constants import API_VERSION, INFERENCE_KIND, JOB_KIND
 from dreambooth_operator.api.inference import InferenceServiceSpec
 from dreambooth_operator.api.job import DreamBoothJobSpec

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
+
 from dreambooth_operator.api.inference import InferenceServiceSpec
 from dreambooth_operator.api.job import DreamBoothJobSpec
 from dreambooth_trainer.config import ConfigError, parse_job_config
-from pydantic import ValidationError
 
 INVALID = Path(__file__).resolve().parents[1] / "integration" / "invalid"
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+
 from dreambooth_operator import settings
 from dreambooth_operator.api.constants import IMAGE_REPOSITORY
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_trainer.progress import Metrics as TrainerMetrics
-from prometheus_client import CollectorRegistry
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "dreambooth-operator"
 METRIC = re.compile(r"\bdreambooth_[a-z0-9_]+\b")

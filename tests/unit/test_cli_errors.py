@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from dreambooth_operator.cli.app import main
 from dreambooth_operator.cli.errors import ExitStatus
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+
 from dreambooth_operator.cli import present
 from dreambooth_operator.cli.events import Progress, describe_event, is_notable, parse_line
 
@@ -96,8 +97,9 @@ def test_age(seconds: int, text: str) -> None:
 def test_display_draws_a_live_bar_on_a_terminal_and_plain_lines_otherwise() -> None:
     import io
 
-    from dreambooth_operator.cli.display import ProgressDisplay
     from rich.console import Console
+
+    from dreambooth_operator.cli.display import ProgressDisplay
 
     progress = Progress()
     tty = io.StringIO()

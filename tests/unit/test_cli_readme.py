@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
+
 from dreambooth_operator.api import constants as api
 from dreambooth_operator.cli.app import app
 

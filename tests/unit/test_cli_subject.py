@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dreambooth_operator.cli import subject
 from PIL import Image
+
+from dreambooth_operator.cli import subject
 
 
 def test_subject_images_are_valid_distinct_pngs(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from dreambooth_operator import settings
 from dreambooth_operator.api import constants as api
 

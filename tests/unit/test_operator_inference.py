@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from operator_wrappers import T0
+
 from dreambooth_operator.inference import build_service, reconcile_inference
 from dreambooth_operator.settings import OperatorSettings
-from operator_wrappers import T0
 
 SETTINGS = OperatorSettings(trainer_image="trainer:test")
 OWNER = {

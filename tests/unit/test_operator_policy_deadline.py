@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from dreambooth_operator.policies.deadline import exceeded, remaining_seconds
 from operator_wrappers import T0
+
+from dreambooth_operator.policies.deadline import exceeded, remaining_seconds
 
 
 def test_deadline() -> None:

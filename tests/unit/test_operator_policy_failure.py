@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from dreambooth_operator.policies.failure import FailureKind, classify, exceeds_backoff, gang_failure
 from operator_wrappers import PodWrapper, make_job, make_pod
+
+from dreambooth_operator.policies.failure import FailureKind, classify, exceeds_backoff, gang_failure
 
 JOB = make_job().nodes(2).obj()
 

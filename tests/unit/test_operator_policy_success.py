@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dreambooth_operator.policies.success import outputs, rank0_result, succeeded
 from operator_wrappers import make_batch_job, make_job, make_pod
+
+from dreambooth_operator.policies.success import outputs, rank0_result, succeeded
 
 JOB = make_job().obj()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dreambooth_operator.policies.suspend import desired_batch_suspend, waiting_for_admission
 
 

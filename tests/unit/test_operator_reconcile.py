@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from dreambooth_operator.reconcile import Action, ActionKind, Observed, Plan, ProgressSample, reconcile
 from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
+
+from dreambooth_operator.reconcile import Action, ActionKind, Observed, Plan, ProgressSample, reconcile
 
 NOW = T0 + timedelta(seconds=30)
 

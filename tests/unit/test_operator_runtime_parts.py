@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import generate_latest
+
 from dreambooth_operator.kube import merge_diff
 from dreambooth_operator.main import parse_args
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import progress_url
 from dreambooth_operator.settings import OperatorSettings
-from prometheus_client import generate_latest
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

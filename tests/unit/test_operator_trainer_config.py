@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from dreambooth_operator.trainer_config import build_trainer_config, render_trainer_config
 from dreambooth_trainer.config import parse_job_config
 

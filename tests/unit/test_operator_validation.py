@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from operator_wrappers import make_job
+
 from dreambooth_operator import names
 from dreambooth_operator.validation import validate
-from operator_wrappers import make_job
 
 
 def test_child_names_are_deterministic() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
+
 from dreambooth_trainer.cli import classify
 from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, RetryableError

@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_fabric import Fabric
+
 from dreambooth_trainer.config import JobConfig
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.progress import Progress
 from dreambooth_trainer.storage import ObjectStore
 from dreambooth_trainer.train import TrainLoop
-from lightning_fabric import Fabric
 
 
 class NoisyRegressor(pl.LightningModule):

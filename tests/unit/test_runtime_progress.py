@@ -11,11 +11,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.progress import Phase, Progress, ProgressServer, RateMeter
 from dreambooth_trainer.result import RunResult, encode_termination_message, write_termination_message
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def _get(url: str) -> tuple[int, str, bytes]:

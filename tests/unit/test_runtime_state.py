@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from dreambooth_trainer import rng
 from dreambooth_trainer.distributed import read_env
 from dreambooth_trainer.exitcodes import InvalidInputError

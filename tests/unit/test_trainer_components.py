@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec
 from dreambooth_trainer.exitcodes import InvalidInputError

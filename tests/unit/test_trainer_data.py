@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec, Crop, InstanceImagesSpec, JobConfig
 from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn, load_instance_examples
 from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.storage import ObjectStore
-from PIL import Image
 
 # The tiny model is cached by config hash, so test files share one build.
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec, JobConfig
 from dreambooth_trainer.export import export_model
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore
-from safetensors.torch import load_file
 
 # The tiny model is cached by config hash, so test files share one build.
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"

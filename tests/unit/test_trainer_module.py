@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from dreambooth_trainer.components import Components, load_components
 from dreambooth_trainer.config import BaseModelSpec, TrainingConfig
 from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn
 from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.module import STEP_KEY, DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore
-from PIL import Image
 
 # The tiny model is cached by config hash, so test files share one build.
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"

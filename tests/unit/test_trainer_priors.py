@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from dreambooth_trainer.components import Components, load_components
 from dreambooth_trainer.config import BaseModelSpec, JobConfig, PriorPreservationSpec
 from dreambooth_trainer.priors import (

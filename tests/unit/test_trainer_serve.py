@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec, TrainingConfig
 from dreambooth_trainer.export import write_diffusers, write_lora

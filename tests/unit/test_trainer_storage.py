@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, join_uri, parse_uri
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from dreambooth_trainer.tiny import TINY_RESOLUTION, build_tiny_pipeline, tiny_config_hash
 from safetensors.torch import load_file
+
+from dreambooth_trainer.tiny import TINY_RESOLUTION, build_tiny_pipeline, tiny_config_hash
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec, TrainingConfig, ValidationSpec
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore
 from dreambooth_trainer.validation import run_validation
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # The tiny model is cached by config hash, so test files share one build.
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import yaml
-from dreambooth_trainer import config as trainer_config
 from pydantic import BaseModel
 
 from dreambooth_operator.api import constants as c
 from dreambooth_operator.api import inference, job
 from dreambooth_operator.api.schema import Schema, model_json_schema, to_structural, walk
+from dreambooth_trainer import config as trainer_config
 
 CRD_DIR: Final = Path("crds")
 CHART_CRD_DIR: Final = Path("charts/dreambooth-operator/crds")
