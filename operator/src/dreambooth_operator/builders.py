@@ -153,24 +153,22 @@ def _env(job: Mapping[str, Any], spec: DreamBoothJobSpec, attempt: int, settings
     return [e for e in env if e["name"] not in user_names] + user
 
 
+def container_resources(cpu: Any, memory: Any, gpu_resource: str, gpus: int) -> dict[str, Any]:
+    """requests == limits for CPU and memory (when set) and the GPUs (an extended resource, when > 0)."""
+    requests: dict[str, Any] = {}
+    if cpu is not None:
+        requests["cpu"] = str(cpu)
+    if memory is not None:
+        requests["memory"] = str(memory)
+    if gpus > 0:
+        requests[gpu_resource] = str(gpus)
+    return {"requests": requests, "limits": dict(requests)} if requests else {}
+
+
 def _resources(spec: DreamBoothJobSpec, settings: OperatorSettings) -> dict[str, Any]:
     res = spec.resources
-    requests: dict[str, Any] = {}
-    if res.cpu is not None:
-        requests["cpu"] = str(res.cpu)
-    if res.memory is not None:
-        requests["memory"] = str(res.memory)
-    limits = dict(requests)
-    if res.gpus_per_node > 0:
-        gpu_resource = res.gpu_resource_name or settings.gpu_resource_name
-        limits[gpu_resource] = str(res.gpus_per_node)
-        requests[gpu_resource] = str(res.gpus_per_node)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
+    gpu_resource = res.gpu_resource_name or settings.gpu_resource_name
+    return container_resources(res.cpu, res.memory, gpu_resource, res.gpus_per_node)
 
 
 RESTRICTED_CONTAINER_SECURITY: Final[dict[str, Any]] = {

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -206,7 +206,7 @@ async def reconcile_job(
     plan = reconcile(Observed(job=job, batch_jobs=observed_jobs, pods=observed_pods, now=now_utc(), progress=sample))
     await asyncio.to_thread(execute, state, job, observed_jobs, plan)
     if plan.counted_pods is not None:
-        annotations = {COUNTED_PODS_ANNOTATION: _json_list(plan.counted_pods)}
+        annotations = {COUNTED_PODS_ANNOTATION: json.dumps(plan.counted_pods)}
         await asyncio.to_thread(
             kube.merge_patch,
             state.api,
@@ -225,12 +225,6 @@ async def reconcile_job(
         state.metrics.events.labels(type=event.type, reason=event.reason).inc()
     record_metrics(state.metrics, job, prev.phase, plan)
     return plan
-
-
-def _json_list(values: list[str]) -> str:
-    import json
-
-    return json.dumps(values)
 
 
 async def poll_progress(
@@ -262,16 +256,10 @@ async def poll_progress(
         logger.debug("/progress of %s not available: %r", rank0["metadata"]["name"], err)
         return state.samples.get(key)
     state.metrics.progress_polls.labels(result="ok").inc()
-    started = _parse_time((rank0.get("status") or {}).get("startTime"))
+    started = podstate.parse_time((rank0.get("status") or {}).get("startTime"))
     sample = ProgressSample(attempt, podstate.pod_uid(rank0), started, data, now_utc())
     state.samples[key] = sample
     return sample
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
 def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]], plan: Plan) -> None:
@@ -307,7 +295,7 @@ def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase:
         metrics.restarts.labels(reason="failure").inc(status.restarts.failures - prev.restarts.failures)
     if phase == prev_phase:
         return
-    created = _parse_time(meta.get("creationTimestamp"))
+    created = podstate.parse_time(meta.get("creationTimestamp"))
     if created is None:
         return
     elapsed = max(0.0, (now_utc() - created).total_seconds())

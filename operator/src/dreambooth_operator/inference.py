@@ -28,7 +28,7 @@ from dreambooth_operator.api.constants import (
     Reason,
 )
 from dreambooth_operator.api.inference import InferenceServiceSpec, InferenceServiceStatus
-from dreambooth_operator.builders import RESTRICTED_CONTAINER_SECURITY
+from dreambooth_operator.builders import RESTRICTED_CONTAINER_SECURITY, container_resources
 from dreambooth_operator.settings import OperatorSettings
 
 SERVE_PORT: Final = 8080
@@ -95,19 +95,6 @@ def replicas(spec: InferenceServiceSpec) -> int:
     return spec.scaling.min_replicas or 1
 
 
-def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
-    requests: dict[str, str] = {}
-    if spec.resources.cpu is not None:
-        requests["cpu"] = str(spec.resources.cpu)
-    if spec.resources.memory is not None:
-        requests["memory"] = str(spec.resources.memory)
-    limits = dict(requests)
-    if spec.resources.gpus > 0:
-        limits[spec.resources.gpu_resource_name] = str(spec.resources.gpus)
-        requests[spec.resources.gpu_resource_name] = str(spec.resources.gpus)
-    return {"requests": requests, "limits": limits} if requests else {}
-
-
 def build_deployment(
     isvc: Mapping[str, Any], spec: InferenceServiceSpec, model: ResolvedModel, settings: OperatorSettings
 ) -> dict[str, Any]:
@@ -132,7 +119,8 @@ def build_deployment(
         )
     if overrides and overrides.env:
         env += [e.to_wire() for e in overrides.env]
-    resources = _resources(spec)
+    res = spec.resources
+    resources = container_resources(res.cpu, res.memory, res.gpu_resource_name, res.gpus)
     pod_labels = {**(overrides.labels if overrides and overrides.labels else {}), **labels(isvc)}
     pod_spec: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Final
 
 from dreambooth_operator.builders import CONTAINER_NAME, RANK_LABEL
@@ -142,3 +143,13 @@ def job_failed_count(batch_job: Mapping[str, Any]) -> int:
 
 def is_deleting(obj: Mapping[str, Any]) -> bool:
     return bool(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A Kubernetes timestamp (RFC 3339, ``Z`` suffix) as an aware datetime; None when absent or malformed."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None

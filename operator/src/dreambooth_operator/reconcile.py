@@ -121,15 +121,6 @@ def parse_status(job: Mapping[str, Any]) -> DreamBoothJobStatus:
         return DreamBoothJobStatus(attempt=int(raw.get("attempt") or 0))
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def _attempt_of(obj: Mapping[str, Any]) -> int | None:
     value = (obj.get("metadata", {}).get("labels") or {}).get(LABEL_ATTEMPT)
     try:
