@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -141,6 +141,7 @@ def test_loss_chart_points_go_down_as_loss_falls() -> None:
     st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
     st.floats(min_value=1e-6, max_value=1e6, allow_nan=False),
 )
+@example(lo=-5e-324, span=6.0)  # lo / step underflows to -0.0
 def test_nice_ticks_cover_the_range(lo: float, span: float) -> None:
     hi = lo + span
     ticks = nice_ticks(lo, hi)

@@ -35,6 +35,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.floor(lo / step) * step
+    if first > lo:  # lo / step can underflow to -0.0 for tiny negative lo
+        first -= step
     ticks = []
     value = first
     while value <= hi + step * 1e-9:
