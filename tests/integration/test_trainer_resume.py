@@ -50,6 +50,10 @@ def uninterrupted(s3: S3Server, bucket: str, tmp_path_factory: pytest.TempPathFa
     samples = [k for k in list_keys(s3, bucket, "a/samples/") if k.endswith(".png")]
     assert samples == ["a/samples/step-00000008/p0-i0.png", "a/samples/step-00000016/p0-i0.png"]
     assert [e["step"] for e in run.events if e.get("event") == "validation"] == [8, 16]
+    # The samples also reach TensorBoard, mirrored next to them in object storage.
+    events = [k for k in list_keys(s3, bucket, "a/tensorboard/") if "tfevents" in k]
+    assert events, list_keys(s3, bucket, "a/")
+    assert read_object(s3, bucket, events[0]).find(b"validation/p0") >= 0
     assert term["samplesUri"] == f"s3://{bucket}/a/samples"
     assert term["modelUri"] == f"s3://{bucket}/a/lora/pytorch_lora_weights.safetensors"
     weights, metrics = _final(s3, bucket, "a")

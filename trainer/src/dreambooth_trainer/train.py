@@ -691,11 +691,16 @@ def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
     from dreambooth_trainer.validation import sample_and_upload
 
     total = ctx.config.training.max_steps
+    # TensorBoard event files are written locally and mirrored to <output>/tensorboard/ after each validation,
+    # so `tensorboard --logdir <output>/tensorboard` shows the samples over steps.
+    tensorboard_dir = ctx.workdir / "tensorboard"
+    tensorboard_uri = f"{ctx.config.output.uri.rstrip('/')}/tensorboard"
 
     def hook(step: int) -> None:
         if step % v.interval_steps == 0 or step == total:
-            uris = sample_and_upload(ctx.config, module, ctx.store, step)
-            ctx.log.info("validation", step=step, images=len(uris))
+            uris = sample_and_upload(ctx.config, module, ctx.store, step, tensorboard_dir=tensorboard_dir)
+            ctx.store.upload_dir(tensorboard_dir, tensorboard_uri)
+            ctx.log.info("validation", step=step, images=len(uris), tensorboard=tensorboard_uri)
 
     return hook
 
