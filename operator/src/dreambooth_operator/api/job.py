@@ -24,6 +24,7 @@ from dreambooth_operator.api.common import (
     validations,
 )
 from dreambooth_operator.api.constants import JobPhase
+from dreambooth_operator.trainer_config import build_trainer_config
 
 # Spec field (camelCase) -> the trainer model (in dreambooth_trainer.config) that defines its schema.
 TRAINER_SECTIONS: Final = {
@@ -150,22 +151,9 @@ class DreamBoothJobSpec(ApiModel):
         return errors
 
     def trainer_config(self, name: str, namespace: str) -> dict[str, Any]:
-        """The trainer's JobConfig document (DREAMBOOTH_CONFIG): trainer sections passed through unchanged."""
-        storage: dict[str, Any] = {"addressingStyle": self.storage.addressing_style.value}
-        if self.storage.endpoint is not None:
-            storage["endpoint"] = self.storage.endpoint
-        if self.storage.region is not None:
-            storage["region"] = self.storage.region
-        return {
-            "name": name,
-            "namespace": namespace,
-            "baseModel": self.base_model,
-            "instanceImages": self.instance_images,
-            "priorPreservation": self.prior_preservation,
-            "training": self.training,
-            "output": self.output,
-            "storage": storage,
-        }
+        """The trainer's JobConfig document (DREAMBOOTH_CONFIG), built by the operator's own pure function."""
+        job = {"metadata": {"name": name, "namespace": namespace}, "spec": self.model_dump(by_alias=True, mode="json")}
+        return build_trainer_config(job)
 
 
 class Progress(ApiModel):
