@@ -43,13 +43,6 @@ COUNTED_PODS_KEEP: Final = 32
 TRAINING_STAGES: Final = frozenset({"Training", "Checkpointing", "Exporting", "Succeeded"})
 
 
-class OperatorReason(StrEnum):
-    """Reasons the operator needs beyond api.constants.Reason (requested there; same spelling)."""
-
-    UNSCHEDULABLE = "Unschedulable"
-    IMAGE_PULL_FAILED = "ImagePullFailed"
-
-
 @dataclass(frozen=True)
 class ProgressSample:
     """One /progress document read from rank 0 of `attempt`."""
@@ -193,8 +186,8 @@ _WARNING_REASONS: Final = frozenset(
         Reason.RETRYING,
         Reason.BACKOFF_LIMIT_EXCEEDED,
         Reason.DEADLINE_EXCEEDED,
-        OperatorReason.UNSCHEDULABLE,
-        OperatorReason.IMAGE_PULL_FAILED,
+        Reason.UNSCHEDULABLE,
+        Reason.IMAGE_PULL_FAILED,
     }
 )
 
@@ -556,10 +549,10 @@ def _running(
     nodes = spec.resources.nodes
     if pull is not None:
         b.phase(JobPhase.PENDING, f"the trainer image cannot be pulled: {pull}")
-        b.condition(JobConditionType.RUNNING, False, OperatorReason.IMAGE_PULL_FAILED, pull)
+        b.condition(JobConditionType.RUNNING, False, Reason.IMAGE_PULL_FAILED, pull)
     elif unsched is not None:
         b.phase(JobPhase.PENDING, f"pods cannot be scheduled: {unsched}")
-        b.condition(JobConditionType.RUNNING, False, OperatorReason.UNSCHEDULABLE, unsched)
+        b.condition(JobConditionType.RUNNING, False, Reason.UNSCHEDULABLE, unsched)
     elif len(running) + len(done) < nodes:
         b.phase(JobPhase.PENDING, f"{len(running)}/{nodes} pods running")
         if find_condition(b.status.conditions, JobConditionType.RUNNING.value) is None:

@@ -137,6 +137,8 @@ class Reason(StrEnum):
     ADMITTED = "Admitted"
     PODS_PENDING = "PodsPending"
     PODS_RUNNING = "PodsRunning"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
     TRAINING = "Training"
     CHECKPOINT_WRITTEN = "CheckpointWritten"
     PREEMPTED = "Preempted"
