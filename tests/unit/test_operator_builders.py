@@ -273,3 +273,10 @@ def test_builders_do_not_mutate_the_job() -> None:
     build_service(job)
     build_configmap(job)
     assert job == before
+
+
+@pytest.mark.parametrize(("spec_resource", "expected"), [(None, "example.com/gpu"), ("amd.com/gpu", "amd.com/gpu")])
+def test_gpu_resource_is_the_spec_value_or_the_operator_setting(spec_resource: str | None, expected: str) -> None:
+    settings = SETTINGS.model_copy(update={"gpu_resource_name": "example.com/gpu"})
+    manifest = build_batch_job(make_job().gpus(2, spec_resource).obj(), 0, settings)
+    assert _container(manifest)["resources"] == {"requests": {expected: "2"}, "limits": {expected: "2"}}

@@ -119,3 +119,13 @@ def test_model_uri_with_adapters_auth_and_credentials() -> None:
         {"name": "a", "uri": "s3://bkt/lora", "weight": 0.5}
     ]
     assert container["resources"] == {}
+
+
+@pytest.mark.parametrize(("spec_resource", "expected"), [(None, "example.com/gpu"), ("amd.com/gpu", "amd.com/gpu")])
+def test_gpu_resource_is_the_spec_value_or_the_operator_setting(spec_resource: str | None, expected: str) -> None:
+    settings = SETTINGS.model_copy(update={"gpu_resource_name": "example.com/gpu"})
+    resources: dict[str, Any] = {"gpus": 2} | ({"gpuResourceName": spec_resource} if spec_resource else {})
+    spec = {"model": {"modelUri": "s3://bkt/base"}, "resources": resources}
+    plan = reconcile_inference(isvc(**spec), None, None, settings, T0)
+    container = plan.children[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {"requests": {expected: "2"}, "limits": {expected: "2"}}

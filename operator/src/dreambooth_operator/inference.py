@@ -120,7 +120,7 @@ def build_deployment(
     if overrides and overrides.env:
         env += [e.to_wire() for e in overrides.env]
     res = spec.resources
-    resources = container_resources(res.cpu, res.memory, res.gpu_resource_name, res.gpus)
+    resources = container_resources(res.cpu, res.memory, res.gpu_resource_name or settings.gpu_resource_name, res.gpus)
     pod_labels = {**(overrides.labels if overrides and overrides.labels else {}), **labels(isvc)}
     pod_spec: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},

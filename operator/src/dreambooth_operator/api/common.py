@@ -214,8 +214,9 @@ class PodTemplateOverrides(ApiModel):
 class ContainerResources(ApiModel):
     """Resources of each pod's container besides GPUs."""
 
-    gpu_resource_name: str = Field(default="nvidia.com/gpu", max_length=253, pattern=QUALIFIED_NAME_PATTERN)
-    """The extended resource that counts GPUs, for example nvidia.com/gpu or amd.com/gpu."""
+    gpu_resource_name: str | None = Field(default=None, max_length=253, pattern=QUALIFIED_NAME_PATTERN)
+    """The extended resource that counts GPUs, for example nvidia.com/gpu or amd.com/gpu; when unset, the
+    operator's setting (DREAMBOOTH_OPERATOR_GPU_RESOURCE_NAME, default nvidia.com/gpu) applies."""
     cpu: Quantity | None = None
     """CPU request and limit per pod, for example 8 or "7500m"; the operator's default when unset."""
     memory: Quantity | None = None
