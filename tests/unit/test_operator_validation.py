@@ -6,6 +6,7 @@ import pytest
 from operator_wrappers import make_job
 
 from dreambooth_operator import names
+from dreambooth_operator.api.job import SPEC_RULES
 from dreambooth_operator.validation import validate
 
 
@@ -46,3 +47,12 @@ def test_bad_operator_section_is_reported_with_its_path() -> None:
     job = make_job().obj()
     job["spec"]["resources"]["nodes"] = 0
     assert any(e.startswith("spec.resources.nodes") for e in validate(job))
+
+
+def test_cross_section_rules_give_the_api_servers_messages() -> None:
+    job = make_job().obj()
+    job["spec"]["resources"]["nodes"] = 2  # without output.checkpointUri
+    job["spec"]["output"]["formats"] = ["lora"]
+    job["spec"].setdefault("training", {})["method"] = "full"
+    errors = validate(job)
+    assert [r["message"] for r in SPEC_RULES] == [e for e in errors if e in {r["message"] for r in SPEC_RULES}]

@@ -38,8 +38,8 @@ def validate(job: Mapping[str, Any]) -> list[str]:
             loc = ".".join(str(p) for p in e["loc"])
             errors.append(f"spec.{loc}: {e['msg']}")
         return errors
-    if spec.resources.nodes > 1 and not spec.output.get("checkpointUri"):
-        errors.append("spec.output.checkpointUri is required when spec.resources.nodes > 1")
+    # The API server's CEL rules, in Python (same messages), for objects created before the rules existed.
+    errors.extend(spec.cross_section_errors())
     if spec.pod_template and spec.pod_template.env:
         reserved = sorted({e.name for e in spec.pod_template.env} & RESERVED_ENV)
         if reserved:
