@@ -1,4 +1,4 @@
-"""End to end: an InferenceService serves the model of a Succeeded DreamBoothJob with the real `dreambooth-serve`.
+"""End to end: InferenceServices (fromJob with a token, then modelUri without) run the real `dreambooth-serve`.
 
 The operator trains a tiny job (the real trainer, in pods the node agent runs), then deploys the sampling server
 from `model.fromJob`; the node agent runs the Deployment's pod, the readiness probe (/healthz) passes once the
@@ -168,3 +168,34 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
     image.load()
     assert image.format == "PNG"
     assert image.size == (64, 64)
+
+    # The same model by modelUri, without auth: a request without a token is served.
+    direct = {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "direct"},
+        "spec": {
+            "model": {"modelUri": model_uri, "baseModel": {"tiny": True}},
+            "resources": {"gpus": 0},
+            "storage": store,
+            "podTemplate": {"env": ONE_THREAD},
+        },
+    }
+    apply(cluster, direct, namespace)
+    served = wait_for(
+        "the modelUri service Ready",
+        lambda: get(cluster, "inferenceservice", "direct", namespace),
+        lambda s: phase(s) in ("Ready", "Failed"),
+        SERVE_TIMEOUT,
+        op,
+    )
+    assert phase(served) == "Ready", json.dumps(served["status"], indent=1)
+    assert served["status"]["modelUri"] == model_uri
+    pod = next(
+        p
+        for p in items(cluster, "pods", namespace, "dreambooth.dev/inference-service=direct")
+        if p["status"].get("phase") == "Running"
+    )
+    code, content_type, png = post_generate(f"http://{pod['status']['podIP']}:{port}/generate", body, token=None)
+    assert (code, content_type) == (200, "image/png"), png[:500]
+    assert Image.open(io.BytesIO(png)).size == (64, 64)
