@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import kopf
@@ -17,7 +18,7 @@ from dreambooth_operator import handlers
 from dreambooth_operator.kube import FIELD_MANAGER, load_api_client
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
-from dreambooth_operator.settings import OperatorSettings
+from dreambooth_operator.settings import OperatorSettings, peering_priority
 
 LOG_FORMATS = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
 
@@ -29,8 +30,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
 
     # Peering: with several replicas only the highest-priority one handles objects. Without the peering CRD
     # (or with --standalone) kopf runs alone; `mandatory` stays False so a missing CRD only logs a warning.
+    # The priority comes from kopf.operator() in main(): drawn once per process when configured as -1.
     settings.peering.name = ours.peering_name
-    settings.peering.priority = ours.priority
     settings.peering.standalone = ours.standalone
     settings.peering.mandatory = False
 
@@ -85,9 +86,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
         ),
     )
     logger.info(
-        "dreambooth-operator configured: namespaces=%s standalone=%s metrics_port=%s",
+        "dreambooth-operator configured: namespaces=%s standalone=%s priority=%s metrics_port=%s",
         ours.namespaces or "all",
         ours.standalone,
+        settings.peering.priority,
         ours.metrics_port,
     )
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             standalone=settings.standalone,
-            priority=settings.priority,
+            priority=peering_priority(settings.priority, secrets.SystemRandom().randint),
             peering_name=settings.peering_name,
             liveness_endpoint=liveness,
             memo=kopf.Memo(settings=settings),

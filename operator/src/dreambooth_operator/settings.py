@@ -7,6 +7,7 @@ Every value has a default that works in a cluster; the Helm chart sets the ones 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field
@@ -22,6 +23,19 @@ TRAINER_MASTER_PORT = 29500
 OPERATOR_METRICS_PORT = 8000
 OPERATOR_HEALTH_PORT = 8081
 
+# DREAMBOOTH_OPERATOR_PRIORITY=-1: each process draws its own peering priority (replicas of one Deployment).
+RANDOM_PRIORITY = -1
+RANDOM_PRIORITY_MAX = 2**31 - 1
+
+
+def peering_priority(configured: int, draw: Callable[[int, int], int]) -> int:
+    """The kopf peering priority: the configured one, or a draw from [1, 2**31 - 1] for RANDOM_PRIORITY.
+
+    ``draw(a, b)`` returns an integer in [a, b] (``secrets.SystemRandom().randint`` in the operator); random
+    priorities of two replicas are equal with probability about 5e-10, and then kopf pauses both until one restarts.
+    """
+    return draw(1, RANDOM_PRIORITY_MAX) if configured == RANDOM_PRIORITY else configured
+
 
 class OperatorSettings(BaseSettings):
     """Settings of one operator process."""
@@ -34,8 +48,9 @@ class OperatorSettings(BaseSettings):
     """Run without peering (a single replica, or tests). With peering, only one replica handles each object."""
     peering_name: str = "dreambooth-operator"
     """The kopf peering object shared by the replicas of one deployment."""
-    priority: int = 0
-    """This replica's peering priority (the highest one handles the objects; equal ones pause each other)."""
+    priority: int = Field(default=0, ge=RANDOM_PRIORITY)
+    """This replica's peering priority (the highest one handles the objects; equal ones pause each other).
+    -1 (RANDOM_PRIORITY): a random priority per process, so that the replicas of one Deployment differ."""
     log_format: Literal["json", "plain", "full"] = "json"
     """Log format: JSON lines in production, plain text in development."""
     verbose: bool = False
