@@ -51,6 +51,9 @@ def job(out: Path, method: str, formats: list[str], dtype: str = "fp32") -> JobC
 def trained(config: JobConfig) -> DreamBoothModule:
     """A module whose trained weights differ from the base (as after training), without spending time training."""
     comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), SHARED_MODELS)
+    # PEFT draws lora_A from torch's global generator: seed it, or how much the adapters change a sample varies
+    # from run to run (one run in ~10 fell under the 0.05 bound below).
+    torch.manual_seed(0)
     module = DreamBoothModule(comps, config.training)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -94,7 +97,7 @@ def test_lora_job_exports_all_three_formats(tmp_path: Path) -> None:
     before = sample(base)
     base.load_lora_weights(str(out / "lora"))
     with_lora = sample(base)
-    assert np.abs(with_lora - before).max() > 0.05  # the adapters change the base model's output
+    assert np.abs(with_lora - before).max() > 0.05  # the adapters change the base model's output (0.067 seeded)
     np.testing.assert_allclose(with_lora, merged, atol=1e-3)  # and reproduce the merged export
 
 

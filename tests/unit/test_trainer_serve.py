@@ -39,6 +39,7 @@ def _one_torch_thread() -> Iterator[None]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
     comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), SHARED_MODELS)
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator: the same adapters every run
     module = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32))
     with torch.no_grad():
         for name, param in module.unet.named_parameters():
