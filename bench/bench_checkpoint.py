@@ -27,21 +27,10 @@ from typing import Any
 
 import torch
 
+from bench.bench_gpu_train import SD15_UNET
 from dreambooth_trainer.checkpoint import AsyncCheckpointer, CheckpointStore, Snapshot, StagingBuffers, to_cpu
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.storage import ObjectStore
-
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
 
 
 class _Null:

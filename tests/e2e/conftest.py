@@ -3,3 +3,21 @@
 The ``node_agent`` fixture comes from ``tests/nodeagent/plugin.py`` (loaded by the root conftest); ``cluster``
 and ``namespace`` come from ``tests/infra/fixtures.py``.
 """
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_harness import OperatorProcess, running_operator
+
+from tests.infra.controlplane import Cluster
+
+
+@pytest.fixture
+def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
+    """The operator as a real subprocess watching this test's namespace, with the node agent running pods."""
+    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
+        yield operator

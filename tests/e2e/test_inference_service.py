@@ -11,14 +11,12 @@ import io
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-from operator_harness import OperatorProcess, apply, condition, get, items, running_operator, wait_for
+from operator_harness import OperatorProcess, apply, condition, get, items, wait_for
 from PIL import Image
 
+from tests.e2e.test_operator_training import phase, upload_images
 from tests.infra.controlplane import Cluster
 from tests.infra.s3 import S3Server
 
@@ -27,22 +25,6 @@ SERVE_TIMEOUT = 300.0
 TOKEN = "s3cret-token"
 # One torch thread per process: the test machine's few cores are shared.
 ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}]
-
-
-@pytest.fixture
-def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
-        yield operator
-
-
-def upload_images(s3: S3Server, bucket: str, prefix: str, count: int = 3) -> None:
-    s3c = s3.client()
-    for i in range(count):
-        img = Image.new("RGB", (64, 64), (60 * i, 180 - 40 * i, 90))
-        img.paste((250, 240 - 50 * i, 10), (10 + 6 * i, 20, 40 + 6 * i, 50))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        s3c.put_object(Bucket=bucket, Key=f"{prefix}img{i}.png", Body=buf.getvalue())
 
 
 def storage(cluster: Cluster, s3: S3Server, namespace: str) -> dict[str, Any]:
@@ -57,10 +39,6 @@ def storage(cluster: Cluster, s3: S3Server, namespace: str) -> dict[str, Any]:
         f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
     )
     return {"endpoint": s3.endpoint, "addressingStyle": "path", "credentialsSecret": {"name": "s3-credentials"}}
-
-
-def phase(obj: dict[str, Any] | None) -> str | None:
-    return ((obj or {}).get("status") or {}).get("phase")
 
 
 def post_generate(url: str, body: dict[str, Any], token: str | None) -> tuple[int, str, bytes]:

@@ -3,24 +3,15 @@ batch Job, pods, Service and ConfigMap, and keeps the DreamBoothJob with its sta
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-from operator_harness import OperatorProcess, apply, condition, event_reasons, get, items, running_operator, wait_for
+from operator_harness import OperatorProcess, apply, condition, event_reasons, get, items, wait_for
 from test_operator_training import credentials_secret, example, phase, upload_images
 
 from tests.infra.controlplane import Cluster
 from tests.infra.s3 import S3Server
 
 SELECTOR = "dreambooth.dev/job-name=minimal"
-
-
-@pytest.fixture
-def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
-        yield operator
 
 
 def test_deadline_then_ttl(cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess) -> None:

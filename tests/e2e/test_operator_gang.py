@@ -4,13 +4,10 @@ and resumes from the shared checkpoint."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from kubernetes import client
-from operator_harness import OperatorProcess, apply, event_reasons, get, items, running_operator, wait_for
+from operator_harness import OperatorProcess, apply, event_reasons, get, items, wait_for
 from test_operator_training import credentials_secret, example, phase, upload_images
 
 from tests.infra.controlplane import Cluster
@@ -19,12 +16,6 @@ from tests.infra.s3 import S3Server
 
 TIMEOUT = 480.0
 ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}]
-
-
-@pytest.fixture
-def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
-        yield operator
 
 
 def _logs(cluster: Cluster, node_agent: Any, namespace: str) -> str:

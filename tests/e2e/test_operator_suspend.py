@@ -4,12 +4,9 @@ A Kueue-labelled job stays Queued (no pod runs) until its batch Job is admitted 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-from operator_harness import OperatorProcess, apply, condition, get, items, running_operator, wait_for
+from operator_harness import OperatorProcess, apply, condition, get, items, wait_for
 from test_operator_training import credentials_secret, example, phase, upload_images
 
 from tests.infra.controlplane import Cluster
@@ -18,12 +15,6 @@ from tests.infra.s3 import S3Server
 
 TIMEOUT = 420.0
 SELECTOR = "dreambooth.dev/job-name=minimal"
-
-
-@pytest.fixture
-def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
-        yield operator
 
 
 def _job(cluster: Cluster, s3: S3Server, namespace: str, steps: int) -> dict[str, Any]:

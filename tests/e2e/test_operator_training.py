@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from kubernetes import client
-from operator_harness import OperatorProcess, apply, condition, event_reasons, get, items, running_operator, wait_for
+from operator_harness import OperatorProcess, apply, condition, event_reasons, get, items, wait_for
 from PIL import Image
 
 from tests.infra.controlplane import Cluster
@@ -25,12 +23,6 @@ from tests.infra.s3 import S3Server
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = ROOT / "examples" / "minimal-job.yaml"
 TRAIN_TIMEOUT = 420.0
-
-
-@pytest.fixture
-def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, infra_log_dir, [namespace]) as operator:
-        yield operator
 
 
 def upload_images(s3: S3Server, bucket: str, prefix: str, count: int = 4) -> None:
