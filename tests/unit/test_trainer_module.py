@@ -152,24 +152,36 @@ def test_prior_loss_is_weighted(cache_dir: Path) -> None:
 
 
 def test_v_prediction_and_snr_weighting(cache_dir: Path) -> None:
+    batch = make_batch(components(cache_dir))
+    losses = {}
+    for prediction_type in ("epsilon", "v_prediction"):
+        comps = components(cache_dir)
+        comps.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        module = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32))
+        with torch.no_grad():
+            losses[prediction_type] = float(module.compute_loss(batch, torch.Generator().manual_seed(0)))
+    assert losses["v_prediction"] != pytest.approx(losses["epsilon"])
     comps = components(cache_dir)
-    batch = make_batch(comps)
-    eps = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32))
-    with torch.no_grad():
-        eps_loss = float(eps.compute_loss(batch, torch.Generator().manual_seed(0)))
-    comps = components(cache_dir)
-    comps.noise_scheduler.register_to_config(prediction_type="v_prediction")
-    v = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32))
-    with torch.no_grad():
-        v_loss = float(v.compute_loss(batch, torch.Generator().manual_seed(0)))
-    assert v_loss != pytest.approx(eps_loss)
-    comps = components(cache_dir)
+    comps.noise_scheduler.register_to_config(prediction_type="epsilon")
     snr = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32, snr_gamma=1.0))
     with torch.no_grad():
         snr_loss = float(snr.compute_loss(batch, torch.Generator().manual_seed(0)))
     # min(snr, 1) / snr <= 1 scales every sample down (or keeps it)
     assert np.isfinite(snr_loss)
-    assert snr_loss < eps_loss
+    assert snr_loss < losses["epsilon"]
+
+
+@pytest.mark.parametrize(("prediction_type", "at_zero_snr"), [("epsilon", 1.0), ("v_prediction", 0.0)])
+def test_snr_weights_are_finite_at_the_zero_snr_of_a_rescaled_schedule(
+    cache_dir: Path, prediction_type: str, at_zero_snr: float
+) -> None:
+    comps = components(cache_dir)
+    assert comps.noise_scheduler.config.rescale_betas_zero_snr  # the tiny model's schedule ends at SNR 0
+    module = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32, snr_gamma=5.0))
+    weights = module._snr_weights(torch.tensor([0, 500, 999]), prediction_type)
+    assert torch.isfinite(weights).all()
+    assert float(weights[-1]) == pytest.approx(at_zero_snr)
+    assert ((weights > 0) & (weights <= 1)).tolist()[:2] == [True, True]
 
 
 def test_adamw8bit_without_cuda_is_a_clear_error(cache_dir: Path) -> None:

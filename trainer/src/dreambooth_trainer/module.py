@@ -244,7 +244,9 @@ class DreamBoothModule(pl.LightningModule):
         clipped = torch.clamp(snr, max=gamma)
         if prediction_type == "v_prediction":
             return clipped / (snr + 1)
-        return clipped / snr
+        # min(snr, gamma) / snr is 1 for every snr below gamma, including the zero SNR of a rescaled schedule's last
+        # timestep (where the plain quotient is 0 / 0).
+        return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
     # ----- Lightning hooks --------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:

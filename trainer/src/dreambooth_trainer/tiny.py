@@ -1,8 +1,9 @@
 """A tiny, deterministic, random Stable Diffusion pipeline built from configs (no hub download).
 
 It has the real SD 1.x architecture (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIPTextModel,
-CLIPTokenizer, DDPMScheduler) at toy sizes, so that the whole trainer runs on CPU in tests and demos. It learns
-nothing useful. The tokenizer's vocabulary and BPE merges are written here: every byte-level character, and merges
+CLIPTokenizer, DDPMScheduler) at toy sizes, so that the whole trainer runs on CPU in tests and demos. The UNet and
+text encoder are random; the VAE is a hand-set 2x colour codec (`tiny_vae`), so that what the UNet learns shows in
+decoded samples. The tokenizer's vocabulary and BPE merges are written here: every byte-level character, and merges
 for a small word list, so common prompt words become single tokens.
 
 `build_tiny_pipeline(cache_root)` writes a diffusers folder under `cache_root/tiny-sd-<hash>` (the hash covers every
@@ -18,8 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dreambooth_trainer.tiny_vae import set_codec_weights, vae_config
+
 # Bump when the way the folder is built changes (so old caches are not reused).
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 # Resolution in pixels that the tiny model samples at by default (UNet sample size x VAE scale factor).
 TINY_RESOLUTION = 32
 MODEL_MAX_LENGTH = 77
@@ -39,17 +42,7 @@ UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 32,
 }
-VAE_CONFIG: dict[str, Any] = {
-    "sample_size": TINY_RESOLUTION,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 32,
-}
+VAE_CONFIG: dict[str, Any] = vae_config(TINY_RESOLUTION)
 TEXT_CONFIG: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -65,7 +58,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "clip_sample": False,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
     "steps_offset": 1,
 }
 # Words that become single tokens (everything else is spelled out in byte-level characters).
@@ -170,6 +165,7 @@ def _write_pipeline(out: Path, seed: int) -> None:
         unet = UNet2DConditionModel(**UNET_CONFIG)
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(**VAE_CONFIG)
+        set_codec_weights(vae)
         torch.manual_seed(seed + 2)
         text_config = CLIPTextConfig(
             **TEXT_CONFIG,
