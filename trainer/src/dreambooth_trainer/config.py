@@ -205,6 +205,8 @@ class ValidationSpec(Model):
     """Prompts to sample with a fixed seed. Empty turns validation off."""
     interval_steps: int = Field(default=100, ge=1)
     """Sample every this many steps (and at the end)."""
+    before_training: bool = Field(default=False)
+    """Also sample once before the first step of a fresh run (step 0): the base model's baseline in the report."""
     num_images: int = Field(default=1, ge=1, le=16)
     """Images per prompt."""
     steps: int = Field(default=25, ge=1, le=1000)

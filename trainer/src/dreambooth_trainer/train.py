@@ -415,6 +415,8 @@ class TrainLoop:
         losses: list[tuple[int, float]] = []
         self.model.train()
         step = start_step
+        if start_step == 0 and self.on_step_end is not None:
+            self.on_step_end(0)  # the hook decides whether a fresh run wants anything at step 0
         _, (stop_now,) = self._agree(0.0, self.preemption.requested)
         if stop_now:  # stopped during setup: nothing new to save
             return self._preempted(step, None, resumed_from, [])
@@ -684,7 +686,8 @@ def _collate() -> Callable[[list[Any]], Any]:
 
 
 def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
-    """Rank 0 samples the validation prompts every `intervalSteps` (and at the last step)."""
+    """Rank 0 samples the validation prompts every `intervalSteps`, at the last step, and at step 0 of a fresh run
+    when `beforeTraining` is set."""
     v = ctx.config.training.validation
     if not v.prompts or not ctx.is_main:
         return None
@@ -697,6 +700,8 @@ def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
     tensorboard_uri = f"{ctx.config.output.uri.rstrip('/')}/tensorboard"
 
     def hook(step: int) -> None:
+        if step == 0 and not v.before_training:
+            return
         if step % v.interval_steps == 0 or step == total:
             uris = sample_and_upload(ctx.config, module, ctx.store, step, tensorboard_dir=tensorboard_dir)
             ctx.store.upload_dir(tensorboard_dir, tensorboard_uri)

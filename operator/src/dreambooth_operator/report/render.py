@@ -197,7 +197,8 @@ def _samples(run: RunData, layout: Layout) -> str:
         cells.append(f"<div class='colhead' title='{escape(prompt)}'>p{p} i{i}: {escape(prompt)}</div>")
     for step in run.samples:
         by_column = {(s.prompt_index, s.image_index): s for s in step.samples}
-        cells.append(f"<div class='steplabel'>step {step.step}</div>")
+        label = f"step {step.step}" if step.step else "step 0 (base)"
+        cells.append(f"<div class='steplabel'>{label}</div>")
         for column in columns:
             sample = by_column.get(column)
             if sample is None:

@@ -50,6 +50,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def format_tick(value: float) -> str:
     if value == 0:
         return "0"
+    if float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))  # step counts: 1000, not 1e+03
     return f"{value:.3g}"
 
 
