@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,9 @@ def test_schema_violation_names_the_field_and_the_check(capsys: pytest.CaptureFi
     if not any((ROOT / "crds").glob("*.yaml")):
         pytest.skip("crds/ not generated yet")
     job = tmp_path / "job.yaml"
-    job.write_text(DEMO.read_text().replace("maxSteps: 150", "maxSteps: 0"))
+    broken, replaced = re.subn(r"maxSteps: \d+", "maxSteps: 0", DEMO.read_text())
+    assert replaced == 1
+    job.write_text(broken)
     code, _, err = run_main(capsys, "run", str(job), "--local", "--workdir", str(tmp_path / "w"))
     assert code == ExitStatus.INVALID_INPUT
     line = one_line(err)

@@ -163,3 +163,8 @@ def test_layout_sample_boxes_are_below_the_charts(row: int, column: int) -> None
 def test_tick_labels_are_distinct(lo: float, hi: float) -> None:
     labels = [format_tick(t) for t in nice_ticks(lo, hi)]
     assert len(set(labels)) == len(labels), labels
+
+
+@pytest.mark.parametrize(("value", "label"), [(1000.0, "1000"), (250.0, "250"), (0.003, "0.003"), (2.5e6, "2.5e+06")])
+def test_step_ticks_are_whole_numbers_and_small_values_stay_short(value: float, label: str) -> None:
+    assert format_tick(value) == label
