@@ -84,11 +84,15 @@ def _config(tmp_path: Path, **training: Any) -> JobConfig:
     )
 
 
-def _loop(config: JobConfig, preemption: Preemption, stop_at: int | None = None) -> tuple[TrainLoop, io.StringIO]:
+def _loop(
+    config: JobConfig, preemption: Preemption, stop_at: int | None = None, seen: list[int] | None = None
+) -> tuple[TrainLoop, io.StringIO]:
     fabric = Fabric(accelerator="cpu", devices=1)
     buf = io.StringIO()
 
     def hook(step: int) -> None:
+        if seen is not None:
+            seen.append(step)
         if stop_at is not None and step == stop_at:
             preemption.trigger()
 
@@ -119,7 +123,8 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path
     assert a.step == 12
 
     b_cfg = _config(tmp_path / "b")
-    first, _ = _loop(b_cfg, Preemption(grace=30), stop_at=6)
+    first_steps: list[int] = []
+    first, _ = _loop(b_cfg, Preemption(grace=30), stop_at=6, seen=first_steps)
     out1 = first.run()
     first.close()
     assert out1.status == "preempted"
@@ -127,9 +132,13 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path
     assert out1.last_checkpoint is not None
     assert out1.last_checkpoint.step == 6
 
-    second, buf = _loop(b_cfg, Preemption(grace=30))
+    second_steps: list[int] = []
+    second, buf = _loop(b_cfg, Preemption(grace=30), seen=second_steps)
     out2 = second.run()
     second.close()
+    # The step hook (validation) also runs before the first step of a fresh run, never again after a resume.
+    assert first_steps == list(range(7))
+    assert second_steps == list(range(7, 13))
     assert out2.resumed_from == 6
     assert out2.step == 12
     resumed = [e for e in _events(buf) if e["event"] == "resumed"]
