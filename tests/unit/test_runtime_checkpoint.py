@@ -165,6 +165,12 @@ def test_write_sync_past_the_deadline_leaves_the_previous_checkpoint(
 
     assert writer.write_sync(_snapshot(2), deadline=time.monotonic() + 0.2) is None
     gate.set()
-    writer.close()
+    assert writer.wait(timeout=30)
     assert store.complete_steps() == [1]
     assert not (Path(store.uri_for(2).removeprefix("file://")) / MANIFEST).exists()
+    # Cancelling that write did not cancel the writer: the next checkpoint completes.
+    info = writer.write_sync(_snapshot(3), deadline=time.monotonic() + 30)
+    assert info is not None
+    assert info.step == 3
+    writer.close()
+    assert sorted(store.complete_steps()) == [1, 3]

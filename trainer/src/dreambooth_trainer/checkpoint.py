@@ -365,14 +365,17 @@ class AsyncCheckpointer:
         self.ckpt = ckpt
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._inflight: Future[CheckpointInfo | None] | None = None
+        # Each write gets its own cancel flag, so cancelling one (a missed deadline) never cancels a later one.
         self._cancel = threading.Event()
         self._on_complete = on_complete
         self._on_failure = on_failure
         self.stats = CheckpointStats()
 
-    def _run(self, snapshot: Snapshot, after: Callable[[], None] | None = None) -> CheckpointInfo | None:
+    def _run(
+        self, snapshot: Snapshot, cancel: threading.Event, after: Callable[[], None] | None = None
+    ) -> CheckpointInfo | None:
         try:
-            info = self.ckpt.write(snapshot, self._cancel)
+            info = self.ckpt.write(snapshot, cancel)
             if after is not None:
                 after()
         except BaseException as err:
@@ -404,7 +407,14 @@ class AsyncCheckpointer:
         """Start writing `snapshot` after the upload in flight; `after` runs in the upload thread once the
         checkpoint is complete (a failure in it counts as a failed checkpoint write)."""
         self.wait()
-        self._inflight = self._pool.submit(self._run, snapshot, after)
+        self._start(snapshot, after)
+
+    def _start(
+        self, snapshot: Snapshot, after: Callable[[], None] | None = None
+    ) -> Future[CheckpointInfo | None]:
+        self._cancel = threading.Event()
+        self._inflight = self._pool.submit(self._run, snapshot, self._cancel, after)
+        return self._inflight
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the upload in flight; False when it is still running after `timeout` seconds."""
@@ -423,10 +433,10 @@ class AsyncCheckpointer:
         if not self.wait(timeout):
             self._cancel.set()
             return None
-        self._inflight = self._pool.submit(self._run, snapshot)
+        future = self._start(snapshot)
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
-            return self._inflight.result(timeout=timeout)
+            return future.result(timeout=timeout)
         except TimeoutError:
             self._cancel.set()
             return None
