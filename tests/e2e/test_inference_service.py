@@ -16,7 +16,7 @@ from typing import Any
 from operator_harness import OperatorProcess, apply, condition, get, items, wait_for
 from PIL import Image
 
-from tests.e2e.test_operator_training import phase, upload_images
+from tests.e2e.test_operator_training import credentials_secret, phase, upload_images
 from tests.infra.controlplane import Cluster
 from tests.infra.s3 import S3Server
 
@@ -28,16 +28,7 @@ ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}]
 
 
 def storage(cluster: Cluster, s3: S3Server, namespace: str) -> dict[str, Any]:
-    cluster.kubectl(
-        "create",
-        "secret",
-        "generic",
-        "s3-credentials",
-        "-n",
-        namespace,
-        f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
-    )
+    credentials_secret(cluster, s3, namespace)
     return {"endpoint": s3.endpoint, "addressingStyle": "path", "credentialsSecret": {"name": "s3-credentials"}}
 
 

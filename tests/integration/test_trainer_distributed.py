@@ -122,3 +122,40 @@ def test_both_ranks_stop_on_sigterm_and_resume_from_rank0_checkpoint(
     digests = [r.named("training_finished")[0]["trainableDigest"] for r in second]
     assert digests[0] == digests[1]
     _assert_matches_single(single, _weights(s3, bucket, "ddp-pre"), _losses(s3, bucket, "ddp-pre"))
+
+
+def test_one_pod_with_two_local_ranks_stops_on_sigterm_to_its_first_process_and_resumes(
+    s3: S3Server, bucket: str, single: dict[str, Any], tmp_path: Path
+) -> None:
+    """PET_NPROC_PER_NODE=2 in one container: `dreambooth-train` supervises a process per local rank
+    (launcher.py). The kubelet signals only the first process; both ranks still stop at the same step, rank 0
+    finishes its checkpoint, and the container exits 12. The restarted container resumes and ends like one process.
+    """
+    env = {
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "2",
+        "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    config = tiny_job(s3, bucket, "local2", maxSteps=STEPS, batchSize=1)
+    first = TrainerRun(config, tmp_path / "first", s3.env(), extra_env=env, name="first")
+    first.wait_event(lambda e: e.get("event") == "step" and e.get("rank") == 0 and e["step"] >= 3, "step 3 on rank 0")
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 12, first._details()
+    assert sorted(e["localRank"] for e in first.named("rank_exited")) == [0, 1]
+    assert {e["exitCode"] for e in first.named("rank_exited")} == {12}
+    stopped = first.termination()["lastCheckpoint"]["step"]
+    assert 3 <= stopped < STEPS
+    assert f"local2/checkpoints/step-{stopped:08d}/manifest.json" in list_keys(s3, bucket, "local2/")
+
+    env["PET_MASTER_PORT"] = str(free_port())
+    second = TrainerRun(config, tmp_path / "second", s3.env(), extra_env=env, name="second")
+    assert second.wait() == 0, second._details()
+    assert second.termination()["status"] == "succeeded"
+    assert [e["step"] for e in second.named("resumed") if e["rank"] == 0] == [stopped]
+    finished = {e["rank"]: e["trainableDigest"] for e in second.named("training_finished")}
+    assert set(finished) == {0, 1}
+    assert finished[0] == finished[1]
+    _assert_matches_single(single, _weights(s3, bucket, "local2"), _losses(s3, bucket, "local2"))

@@ -409,9 +409,7 @@ class AsyncCheckpointer:
         self.wait()
         self._start(snapshot, after)
 
-    def _start(
-        self, snapshot: Snapshot, after: Callable[[], None] | None = None
-    ) -> Future[CheckpointInfo | None]:
+    def _start(self, snapshot: Snapshot, after: Callable[[], None] | None = None) -> Future[CheckpointInfo | None]:
         self._cancel = threading.Event()
         self._inflight = self._pool.submit(self._run, snapshot, self._cancel, after)
         return self._inflight

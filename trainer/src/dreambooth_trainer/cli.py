@@ -75,6 +75,18 @@ def _write_result(config: JobConfig | None, doc: dict[str, Any], is_main: bool) 
         log.warning("result_upload_failed", error=str(err))
 
 
+def _procs_per_node(local: bool) -> int:
+    """How many local ranks this process must start and supervise (launcher.py); 1 when it is a rank itself."""
+    if local or "LOCAL_RANK" in os.environ:
+        return 1
+    from dreambooth_trainer.distributed import read_env
+
+    try:
+        return read_env().procs_per_node
+    except TrainerError:
+        return 1  # the run below reports the bad setting with its exit code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = args.workdir or (Path(os.environ["DREAMBOOTH_WORKDIR"]) if os.environ.get("DREAMBOOTH_WORKDIR") else None)
@@ -86,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     is_main = os.environ.get("LOCAL_RANK", "0") == "0" and (
         args.local or os.environ.get("PET_NODE_RANK", os.environ.get("NODE_RANK", "0")) == "0"
     )
+    procs = _procs_per_node(args.local)
+    if procs > 1:
+        from dreambooth_trainer.distributed import read_env
+        from dreambooth_trainer.launcher import supervise
+
+        return supervise(sys.argv[1:] if argv is None else argv, read_env(), is_main=is_main)
     config: JobConfig | None = None
     with Preemption() as preemption:
         try:

@@ -5,8 +5,10 @@ CLIPTokenizer, DDPMScheduler) at toy sizes, so that the whole trainer runs on CP
 text encoder are random; the VAE is a hand-set 2x colour codec (`tiny_vae`), so that what the UNet learns shows in
 decoded samples. The noise schedule is SD 1.x's scaled-linear betas rescaled to zero terminal SNR, with v-prediction
 and trailing timesteps (as in SD 2.x fine-tunes): a UNet trained from scratch for a few hundred steps then samples the
-right colours and brightness, where epsilon prediction on the plain schedule drifts dark. The tokenizer's vocabulary and BPE merges are written here: every byte-level character, and merges
-for a small word list, so common prompt words become single tokens.
+right colours and brightness, where epsilon prediction on the plain schedule drifts dark.
+
+The tokenizer's vocabulary and BPE merges are written here: every byte-level character, and merges for a small word
+list, so common prompt words become single tokens.
 
 `build_tiny_pipeline(cache_root)` writes a diffusers folder under `cache_root/tiny-sd-<hash>` (the hash covers every
 config below and the seed) and returns its path; later calls with the same configs return the cached folder.

@@ -1,0 +1,111 @@
+"""The local-rank supervisor (launcher.py): exit-code rules, rank environments, signal forwarding and the
+failure path, with small Python children standing in for the ranks (the real trainer runs under it in
+tests/integration/test_trainer_distributed.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dreambooth_trainer.distributed import read_env
+from dreambooth_trainer.launcher import failure_message, overall_exit, rank_envs
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        ([0, 0], 0),
+        ([12, 12], 12),
+        ([12, 0], 12),
+        ([10, -9], 10),  # the first failure is the cause; the peer was killed after it
+        ([-9, 10], 11),  # a rank killed by a signal (e.g. the OOM killer) is retryable
+        ([12, 11], 11),
+        ([0, 10, 12], 10),
+    ],
+)
+def test_overall_exit(codes: list[int], expected: int) -> None:
+    assert overall_exit(codes) == expected
+
+
+def test_failure_message_names_the_first_failed_rank() -> None:
+    assert failure_message([(0, 12), (1, 12)]) is None
+    assert failure_message([(0, 12), (1, -9), (2, 11)]) == "local rank 1 was killed by SIGKILL"
+    assert failure_message([(1, 10)]) == "local rank 1 exited with code 10"
+
+
+def test_rank_envs() -> None:
+    dist = read_env({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "h0"})
+    envs = rank_envs(dist, {"KEEP": "1"})
+    assert [(e["LOCAL_RANK"], e["RANK"]) for e in envs] == [("0", "2"), ("1", "3")]
+    for e in envs:
+        assert e["KEEP"] == "1"
+        assert (e["WORLD_SIZE"], e["NODE_RANK"], e["LOCAL_WORLD_SIZE"], e["MASTER_ADDR"]) == ("4", "1", "2", "h0")
+
+
+# A rank stand-in: says it is ready, then on SIGTERM "checkpoints" (rank 0 slowly) and exits 12; with FAIL set to
+# its rank it exits 10 at once, and with HANG it ignores SIGTERM and never ends.
+RANK = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    rank, out = os.environ["LOCAL_RANK"], Path(os.environ["OUT"])
+    if os.environ.get("FAIL") == rank:
+        sys.exit(10)
+    stop = []
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("HANG") else (lambda *_: stop.append(1)))
+    (out / f"ready-{rank}").write_text(os.environ["RANK"])
+    while not stop:
+        time.sleep(0.05)
+    time.sleep(1.5 if rank == "0" else 0.1)
+    (out / f"checkpointed-{rank}").touch()
+    sys.exit(12)
+    """
+)
+SUPERVISOR = textwrap.dedent(
+    """
+    import os, sys
+    from dreambooth_trainer.distributed import read_env
+    from dreambooth_trainer.launcher import Supervisor, rank_envs
+    dist = read_env()
+    envs = rank_envs(dist, os.environ)
+    sys.exit(Supervisor([[sys.executable, "-c", sys.argv[1]]] * dist.procs_per_node, envs, failure_grace=0.5).run())
+    """
+)
+
+
+def _supervisor(tmp_path: Path, **env: str) -> subprocess.Popen[str]:
+    full = {**os.environ, "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "OUT": str(tmp_path), **env}
+    return subprocess.Popen([sys.executable, "-c", SUPERVISOR, RANK], env=full, text=True)
+
+
+def _wait_ready(tmp_path: Path, proc: subprocess.Popen[str], ranks: int = 2) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready-*"))) < ranks:
+        assert proc.poll() is None, f"supervisor exited {proc.returncode}"
+        assert time.monotonic() < deadline, "ranks did not start"
+        time.sleep(0.05)
+
+
+def test_sigterm_to_the_supervisor_alone_reaches_every_rank_and_rank0_may_finish(tmp_path: Path) -> None:
+    proc = _supervisor(tmp_path)
+    _wait_ready(tmp_path, proc)
+    os.kill(proc.pid, signal.SIGTERM)  # as the kubelet does: the container's first process only
+    assert proc.wait(timeout=60) == 12
+    # rank 1 exited 12 long before rank 0 finished "checkpointing", and rank 0 was not killed for it
+    assert (tmp_path / "checkpointed-0").exists()
+    assert (tmp_path / "checkpointed-1").exists()
+
+
+def test_a_failed_rank_fails_the_pod_with_its_code_and_the_hung_peer_is_killed(tmp_path: Path) -> None:
+    proc = _supervisor(tmp_path, FAIL="1", HANG="1")
+    _wait_ready(tmp_path, proc, ranks=1)
+    assert proc.wait(timeout=60) == 10
+    assert not (tmp_path / "checkpointed-0").exists()
