@@ -100,7 +100,7 @@ class BaseModelSpec(Model):
     uri: Uri | None = None
     """A diffusers folder in object storage (s3:// or file://), used instead of `id`."""
     tiny: bool = False
-    """Build a tiny random Stable Diffusion model from configs (for demos and tests; learns nothing useful)."""
+    """Build a tiny Stable Diffusion model from configs (random UNet and text encoder, hand-set VAE): demos, tests."""
     variant: str | None = Field(default=None, max_length=32)
     """The weights variant to load, for example fp16."""
 
