@@ -1,7 +1,9 @@
-"""Loading the base model's parts: tiny, from an object-storage folder, and the errors for a wrong path."""
+"""Loading the base model's parts: tiny, from an object-storage folder, from the Hugging Face cache, and the errors
+for a wrong path."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec
-from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.storage import ObjectStore
 from dreambooth_trainer.tiny import build_tiny_pipeline
 
@@ -60,3 +62,35 @@ def test_incomplete_folder_names_missing_parts(tmp_path: Path) -> None:
     store.write_bytes(uri + "/unet/config.json", b"{}")
     with pytest.raises(InvalidInputError, match=r"broken.*missing.*vae"):
         load_components(BaseModelSpec(uri=uri), store, tmp_path / "cache")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Hugging Face cache that holds `dreambooth-test/tiny-sd` at main (the real huggingface_hub library reads it
+    with the hub switched off, as in a cluster that has a pre-filled model cache and no internet)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "cache"
+    repo = cache / "hub" / "models--dreambooth-test--tiny-sd"
+    shutil.copytree(build_tiny_pipeline(tmp_path / "build"), repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return cache
+
+
+@pytest.mark.parametrize("revision", ["main", COMMIT])
+def test_hub_id_loads_from_the_hub_cache(offline_hub_cache: Path, revision: str) -> None:
+    comps = load_components(
+        BaseModelSpec(id="dreambooth-test/tiny-sd", revision=revision), ObjectStore(), offline_hub_cache
+    )
+    assert comps.model_dir.name == COMMIT
+    assert not any(p.requires_grad for p in comps.unet.parameters())
+
+
+def test_hub_id_that_cannot_be_fetched_is_retryable_and_named(offline_hub_cache: Path) -> None:
+    with pytest.raises(RetryableError, match=r"dreambooth-test/tiny-sd@v2"):
+        load_components(BaseModelSpec(id="dreambooth-test/tiny-sd", revision="v2"), ObjectStore(), offline_hub_cache)

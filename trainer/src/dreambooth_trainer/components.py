@@ -14,12 +14,11 @@ from typing import Any
 
 from dreambooth_trainer.config import BaseModelSpec
 from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
+from dreambooth_trainer.model_files import REQUIRED_PARTS, hub_patterns, select_files
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, join_uri
 from dreambooth_trainer.tiny import build_tiny_pipeline
 
 COMPLETE_MARKER = ".complete"
-# The diffusers subfolders training reads (safety checker and feature extractor are never needed).
-REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
@@ -40,23 +39,23 @@ def resolve_model_dir(spec: BaseModelSpec, store: ObjectStore, cache_dir: Path) 
     if spec.tiny:
         return build_tiny_pipeline(cache_dir / "tiny")
     if spec.uri:
-        return _download_uri(spec.uri, store, cache_dir)
+        return _download_uri(spec.uri, spec.variant, store, cache_dir)
     assert spec.id is not None
     return _download_hub(spec, cache_dir)
 
 
-def _download_uri(uri: str, store: ObjectStore, cache_dir: Path) -> Path:
-    target = cache_dir / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+def _download_uri(uri: str, variant: str | None, store: ObjectStore, cache_dir: Path) -> Path:
+    key = hashlib.sha256(f"{uri}#{variant or ''}".encode()).hexdigest()[:16]
+    target = cache_dir / "models" / key
     if (target / COMPLETE_MARKER).is_file():
         return target
     if not store.exists(join_uri(uri, "model_index.json")):
         raise InvalidInputError(f"baseModel.uri {uri} is not a diffusers folder (no model_index.json)")
-    wanted = [f"{uri.rstrip('/')}/{part}/" for part in REQUIRED_PARTS] + [join_uri(uri, "model_index.json")]
+    root = uri.rstrip("/")
     try:
-        for obj in store.list(uri):
-            if any(obj.uri.startswith(w) or obj.uri == w for w in wanted):
-                rel = obj.uri[len(uri.rstrip("/")) + 1 :]
-                store.download_file(obj.uri, target / rel)
+        listing = [obj.uri[len(root) + 1 :] for obj in store.list(uri)]
+        for rel in select_files(listing, variant):
+            store.download_file(f"{root}/{rel}", target / rel)
     except ObjectNotFoundError as err:
         raise InvalidInputError(f"baseModel.uri {uri}: {err}") from err
     (target / COMPLETE_MARKER).write_text(uri)
@@ -73,18 +72,20 @@ def _download_hub(spec: BaseModelSpec, cache_dir: Path) -> Path:
         RevisionNotFoundError,
     )
 
-    patterns = [f"{part}/*" for part in REQUIRED_PARTS] + ["model_index.json"]
     try:
         path = snapshot_download(
             repo_id=str(spec.id),
             revision=spec.revision,
             cache_dir=str(cache_dir / "hub"),
-            allow_patterns=patterns,
-            ignore_patterns=["*.ckpt", "*.bin"] if spec.variant is None else ["*.ckpt"],
+            allow_patterns=hub_patterns(spec.variant),
         )
+    except LocalEntryNotFoundError as err:
+        # The hub is unreachable (or switched off) and the cache lacks this revision: worth a retry. It subclasses
+        # EntryNotFoundError, so it must be caught first.
+        raise RetryableError(f"downloading baseModel.id {spec.id}@{spec.revision} failed: {err}") from err
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, EntryNotFoundError) as err:
         raise InvalidInputError(f"baseModel.id {spec.id}@{spec.revision} cannot be loaded: {err}") from err
-    except (LocalEntryNotFoundError, OSError) as err:
+    except OSError as err:
         raise RetryableError(f"downloading baseModel.id {spec.id}@{spec.revision} failed: {err}") from err
     return Path(path)
 
