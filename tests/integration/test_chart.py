@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from dreambooth_operator.metrics import OperatorMetrics
+from dreambooth_operator.settings import OperatorSettings
 from dreambooth_trainer.progress import Phase, Progress, ProgressServer
 from tests.infra.controlplane import Cluster
 from tests.infra.fixtures import PrometheusFactory
@@ -28,6 +29,7 @@ ALL_FEATURES = [
     "--set=metrics.serviceMonitor.enabled=true",
     "--set=metrics.trainerPodMonitor.enabled=true",
     "--set=priorityClassName=system-cluster-critical",
+    '--set-json=trainer.modelCacheVolume={"persistentVolumeClaim":{"claimName":"dreambooth-model-cache"}}',
 ]
 PSA_LABELS = ["pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/warn=restricted"]
 
@@ -259,3 +261,20 @@ def test_dashboard_queries_answer_from_real_exporters(prometheus: PrometheusFact
         assert phases["Succeeded"] == 1
     finally:
         server.stop()
+
+
+def test_model_cache_volume_reaches_the_operator_as_json_it_parses() -> None:
+    claim = {"persistentVolumeClaim": {"claimName": "dreambooth-model-cache"}}
+    rendered = docs(render("mc", "ops", f"--set-json=trainer.modelCacheVolume={json.dumps(claim)}"))
+    deployment = next(d for d in rendered if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    value = env["DREAMBOOTH_OPERATOR_MODEL_CACHE_VOLUME"]
+    assert value is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DREAMBOOTH_OPERATOR_MODEL_CACHE_VOLUME", value)
+        assert OperatorSettings().model_cache_volume == claim
+    # off by default
+    rendered = docs(render("mc", "ops"))
+    deployment = next(d for d in rendered if d["kind"] == "Deployment")
+    names = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "DREAMBOOTH_OPERATOR_MODEL_CACHE_VOLUME" not in names

@@ -280,3 +280,22 @@ def test_gpu_resource_is_the_spec_value_or_the_operator_setting(spec_resource: s
     settings = SETTINGS.model_copy(update={"gpu_resource_name": "example.com/gpu"})
     manifest = build_batch_job(make_job().gpus(2, spec_resource).obj(), 0, settings)
     assert _container(manifest)["resources"] == {"requests": {expected: "2"}, "limits": {expected: "2"}}
+
+
+def test_model_cache_volume_is_mounted_with_the_trainers_variable_only_when_configured() -> None:
+    pod = build_batch_job(make_job().obj(), 0, SETTINGS)["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"]] == ["dshm"]
+    assert "DREAMBOOTH_MODEL_CACHE_DIR" not in {e["name"] for e in pod["containers"][0]["env"]}
+
+    claim = {"persistentVolumeClaim": {"claimName": "model-cache"}}
+    settings = SETTINGS.model_copy(update={"model_cache_volume": claim})
+    pod = build_batch_job(make_job().obj(), 0, settings)["spec"]["template"]["spec"]
+    assert pod["volumes"][1] == {"name": "model-cache", **claim}
+    container = pod["containers"][0]
+    assert {"name": "model-cache", "mountPath": "/var/cache/dreambooth"} in container["volumeMounts"]
+    assert {"name": "DREAMBOOTH_MODEL_CACHE_DIR", "value": "/var/cache/dreambooth"} in container["env"]
+
+
+def test_model_cache_volume_setting_is_json_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DREAMBOOTH_OPERATOR_MODEL_CACHE_VOLUME", '{"persistentVolumeClaim": {"claimName": "c"}}')
+    assert OperatorSettings().model_cache_volume == {"persistentVolumeClaim": {"claimName": "c"}}

@@ -129,3 +129,15 @@ def test_gpu_resource_is_the_spec_value_or_the_operator_setting(spec_resource: s
     plan = reconcile_inference(isvc(**spec), None, None, settings, T0)
     container = plan.children[0]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"] == {"requests": {expected: "2"}, "limits": {expected: "2"}}
+
+
+def test_serving_pods_share_the_model_cache_volume_when_configured() -> None:
+    spec = {"model": {"modelUri": "s3://bkt/lora", "baseModel": {"id": "org/sd"}}, "resources": {"gpus": 0}}
+    pod = reconcile_inference(isvc(**spec), None, None, SETTINGS, T0).children[0]["spec"]["template"]["spec"]
+    assert "volumes" not in pod
+    settings = SETTINGS.model_copy(update={"model_cache_volume": {"persistentVolumeClaim": {"claimName": "mc"}}})
+    pod = reconcile_inference(isvc(**spec), None, None, settings, T0).children[0]["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "mc"}}]
+    container = pod["containers"][0]
+    assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": "/var/cache/dreambooth"}]
+    assert {"name": "DREAMBOOTH_MODEL_CACHE_DIR", "value": "/var/cache/dreambooth"} in container["env"]

@@ -94,3 +94,36 @@ def test_hub_id_loads_from_the_hub_cache(offline_hub_cache: Path, revision: str)
 def test_hub_id_that_cannot_be_fetched_is_retryable_and_named(offline_hub_cache: Path) -> None:
     with pytest.raises(RetryableError, match=r"dreambooth-test/tiny-sd@v2"):
         load_components(BaseModelSpec(id="dreambooth-test/tiny-sd", revision="v2"), ObjectStore(), offline_hub_cache)
+
+
+def test_shared_model_cache_env_and_concurrent_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With DREAMBOOTH_MODEL_CACHE_DIR (the operator's model cache volume) base models land in the shared folder;
+    pods that download the same model at once all end up with one complete copy and no leftovers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dreambooth_trainer.components import MODEL_CACHE_ENV, model_cache_dir, resolve_model_dir
+
+    assert model_cache_dir(tmp_path / "own") == tmp_path / "own"
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "shared"))
+    cache = model_cache_dir(tmp_path / "own")
+    assert cache == tmp_path / "shared" / "models"
+
+    store = ObjectStore()
+    uri = (tmp_path / "bucket" / "sd").as_uri()
+    store.upload_dir(build_tiny_pipeline(tmp_path / "build"), uri)
+    spec = BaseModelSpec(uri=uri)
+    with ThreadPoolExecutor(4) as pool:
+        dirs = list(pool.map(lambda _: resolve_model_dir(spec, store, cache), range(4)))
+    assert len(set(dirs)) == 1
+    folder = dirs[0]
+    assert folder.is_relative_to(cache)
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folders left
+    load_components(spec, store, cache)
+
+    # a partial folder without the completion marker (as a download before atomic renames could leave) is replaced
+    (folder / ".complete").unlink()
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    assert resolve_model_dir(spec, store, cache) == folder
+    assert (folder / ".complete").is_file()
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -24,7 +24,13 @@ from dreambooth_operator.api.constants import (
 )
 from dreambooth_operator.api.job import DreamBoothJobSpec
 from dreambooth_operator.exitcodes import INVALID_INPUT, PREEMPTED
-from dreambooth_operator.settings import TRAINER_MASTER_PORT, TRAINER_METRICS_PORT, OperatorSettings
+from dreambooth_operator.settings import (
+    MODEL_CACHE_ENV,
+    MODEL_CACHE_MOUNT,
+    TRAINER_MASTER_PORT,
+    TRAINER_METRICS_PORT,
+    OperatorSettings,
+)
 from dreambooth_operator.trainer_config import CONFIG_KEY, render_trainer_config
 
 CONTAINER_NAME: Final = "trainer"
@@ -140,6 +146,7 @@ def _env(job: Mapping[str, Any], spec: DreamBoothJobSpec, attempt: int, settings
         {"name": "MASTER_PORT", "value": str(TRAINER_MASTER_PORT)},
         {"name": "WORLD_SIZE", "value": str(nodes * nproc)},
         _field_env("NODE_RANK", rank_path),
+        *model_cache(settings)[2],
     ]
     creds = spec.storage.credentials_secret
     if creds is not None:
@@ -179,6 +186,21 @@ RESTRICTED_CONTAINER_SECURITY: Final[dict[str, Any]] = {
 }
 
 
+MODEL_CACHE_VOLUME: Final = "model-cache"
+
+
+def model_cache(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The volume, mount and environment that point a trainer or sampling-server pod at the shared base-model cache
+    (all empty when `model_cache_volume` is not configured)."""
+    if not settings.model_cache_volume:
+        return [], [], []
+    return (
+        [{"name": MODEL_CACHE_VOLUME, **settings.model_cache_volume}],
+        [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT}],
+        [{"name": MODEL_CACHE_ENV, "value": MODEL_CACHE_MOUNT}],
+    )
+
+
 def build_pod_template(
     job: Mapping[str, Any], spec: DreamBoothJobSpec, attempt: int, settings: OperatorSettings
 ) -> dict[str, Any]:
@@ -190,6 +212,7 @@ def build_pod_template(
     metadata: dict[str, Any] = {"labels": labels}
     if overrides and overrides.annotations:
         metadata["annotations"] = dict(overrides.annotations)
+    cache_volumes, cache_mounts, _ = model_cache(settings)
     shm: dict[str, Any] = {"medium": "Memory"}
     if spec.resources.shared_memory is not None:
         shm["sizeLimit"] = str(spec.resources.shared_memory)
@@ -208,7 +231,7 @@ def build_pod_template(
             "failureThreshold": 3,
         },
         "resources": _resources(spec, settings),
-        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}],  # noqa: S108 - the pod's shared memory, not a temp file,
+        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}, *cache_mounts],  # noqa: S108 - the pod's shared memory
         "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -220,7 +243,7 @@ def build_pod_template(
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
-        "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}],
+        "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}, *cache_volumes],
     }
     if overrides:
         wire = overrides.to_wire()

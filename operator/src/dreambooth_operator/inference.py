@@ -28,7 +28,7 @@ from dreambooth_operator.api.constants import (
     Reason,
 )
 from dreambooth_operator.api.inference import InferenceServiceSpec, InferenceServiceStatus
-from dreambooth_operator.builders import RESTRICTED_CONTAINER_SECURITY, container_resources
+from dreambooth_operator.builders import RESTRICTED_CONTAINER_SECURITY, container_resources, model_cache
 from dreambooth_operator.settings import OperatorSettings
 
 SERVE_PORT: Final = 8080
@@ -105,6 +105,8 @@ def build_deployment(
         {"name": "DREAMBOOTH_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "DREAMBOOTH_SERVE_PORT", "value": str(SERVE_PORT)},
     ]
+    cache_volumes, cache_mounts, cache_env = model_cache(settings)
+    env += cache_env
     creds = spec.storage.credentials_secret
     if creds is not None:
         for var, key in (
@@ -137,6 +139,9 @@ def build_deployment(
             }
         ],
     }
+    if cache_volumes:
+        pod_spec["containers"][0]["volumeMounts"] = cache_mounts
+        pod_spec["volumes"] = cache_volumes
     if overrides:
         wire = overrides.to_wire()
         for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"):

@@ -8,7 +8,7 @@ Every value has a default that works in a cluster; the Helm chart sets the ones 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +20,9 @@ VERSION = "0.1.0"
 # Ports (docs/contracts.md). The trainer's /metrics, /progress and /healthz port is part of the trainer contract.
 TRAINER_METRICS_PORT = 8080
 TRAINER_MASTER_PORT = 29500
+# Where training and serving pods mount the shared base-model cache (model_cache_volume), and the trainer's variable.
+MODEL_CACHE_MOUNT = "/var/cache/dreambooth"
+MODEL_CACHE_ENV = "DREAMBOOTH_MODEL_CACHE_DIR"
 OPERATOR_METRICS_PORT = 8000
 OPERATOR_HEALTH_PORT = 8081
 
@@ -66,6 +69,11 @@ class OperatorSettings(BaseSettings):
     """The default trainer image (spec.podTemplate.image overrides it)."""
     trainer_command: list[str] = Field(default_factory=lambda: ["dreambooth-train"])
     """The trainer container's command."""
+    model_cache_volume: dict[str, Any] | None = None
+    """A core/v1 volume source (JSON), for example ``{"persistentVolumeClaim": {"claimName": "model-cache"}}`` (a
+    ReadWriteMany claim of that name in each job namespace) or ``{"ephemeral": ...}``. Training and serving pods mount
+    it at /var/cache/dreambooth and keep downloaded base models there, so that a model is fetched once per volume
+    instead of once per pod. Unset: each pod downloads into its own scratch space."""
     gpu_resource_name: str = DEFAULT_GPU_RESOURCE
     """The extended resource that counts GPUs (spec.resources.gpuResourceName overrides it)."""
     termination_grace_seconds: int = Field(default=120, ge=10)

@@ -8,6 +8,9 @@ diffusers folder, raises `InvalidInputError` naming it.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,14 @@ from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, join_ur
 from dreambooth_trainer.tiny import build_tiny_pipeline
 
 COMPLETE_MARKER = ".complete"
+# Set by the operator when its model cache volume is configured: base models are kept there and shared by pods.
+MODEL_CACHE_ENV = "DREAMBOOTH_MODEL_CACHE_DIR"
+
+
+def model_cache_dir(default: Path) -> Path:
+    """Where base models are downloaded to: the shared cache when the pod has one, else `default`."""
+    shared = os.environ.get(MODEL_CACHE_ENV)
+    return Path(shared) / "models" if shared else Path(default)
 
 
 @dataclass
@@ -52,13 +63,26 @@ def _download_uri(uri: str, variant: str | None, store: ObjectStore, cache_dir: 
     if not store.exists(join_uri(uri, "model_index.json")):
         raise InvalidInputError(f"baseModel.uri {uri} is not a diffusers folder (no model_index.json)")
     root = uri.rstrip("/")
+    # Download beside the target and rename it into place, so that pods sharing the cache never see a half-copied
+    # model: the first complete copy wins, a later one is discarded.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         listing = [obj.uri[len(root) + 1 :] for obj in store.list(uri)]
         for rel in select_files(listing, variant):
-            store.download_file(f"{root}/{rel}", target / rel)
+            store.download_file(f"{root}/{rel}", tmp / rel)
+        (tmp / COMPLETE_MARKER).write_text(uri)
+        if target.is_dir() and not (target / COMPLETE_MARKER).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # left by an older, non-atomic download
+        try:
+            tmp.replace(target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).is_file():
+                raise
     except ObjectNotFoundError as err:
         raise InvalidInputError(f"baseModel.uri {uri}: {err}") from err
-    (target / COMPLETE_MARKER).write_text(uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -148,7 +148,7 @@ class ModelRunner:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        from dreambooth_trainer.components import resolve_model_dir
+        from dreambooth_trainer.components import model_cache_dir, resolve_model_dir
 
         c = self.config
         lora_dirs: list[tuple[str, Path]] = []
@@ -157,7 +157,7 @@ class ModelRunner:
         else:
             if c.base_model is None:
                 raise InvalidInputError(f"modelUri {c.model_uri} is not a diffusers folder and no baseModel is given")
-            model_dir = resolve_model_dir(c.base_model, self.store, self.workdir / "base")
+            model_dir = resolve_model_dir(c.base_model, self.store, model_cache_dir(self.workdir / "base"))
             if c.model_uri:
                 lora_dirs.append(("model", self._download_lora(c.model_uri, "model-lora")))
         lora_dirs += [(a.name, self._download_lora(a.uri, f"adapter-{a.name}")) for a in c.adapters]

@@ -600,6 +600,7 @@ def _store(config: JobConfig) -> ObjectStore:
 
 
 def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, dict[str, Any]]:
+    from dreambooth_trainer.components import model_cache_dir
     from dreambooth_trainer.result import RunResult
 
     cfg = ctx.config
@@ -610,7 +611,7 @@ def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, d
         ctx.store.write_bytes(join_uri(cfg.output.uri, "config.json"), json.dumps(cfg.to_wire(), indent=2).encode())
         log.info("started", job=cfg.name, totalSteps=t.max_steps, worldSize=int(fabric.world_size))
     rng.seed_all(t.seed)
-    components = load_components(cfg.base_model, ctx.store, ctx.workdir.parent / "models")
+    components = load_components(cfg.base_model, ctx.store, model_cache_dir(ctx.workdir.parent / "models"))
     dataset = build_dataset(ctx, components)
     rng.seed_all(t.seed)
     module = module_cls(components, t, prior_loss_weight=cfg.prior_preservation.loss_weight)
