@@ -181,13 +181,14 @@ def measure_case(name: str, size: _Size, device: torch.device, scratch: Path) ->
     from dreambooth_trainer.module import DreamBoothModule
     from dreambooth_trainer.preemption import Preemption
     from dreambooth_trainer.storage import ObjectStore
-    from dreambooth_trainer.train import TrainLoop, fabric_precision, make_fabric
+    from dreambooth_trainer.train import TrainLoop, configure_cuda_math, fabric_precision, make_fabric
 
     mixed = "bf16" if device.type == "cuda" else "no"
     config = _config(CASES[name], size, scratch / name, mixed)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    configure_cuda_math(config)  # as run_job does: TF32 for what still runs in fp32
     comps, timings = build_components(size, device)
     dataset = cached_dataset(comps, size, device)
     fabric = make_fabric(config, local=True)

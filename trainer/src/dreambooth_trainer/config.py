@@ -257,6 +257,10 @@ class TrainingConfig(Model):
     """Learning rate of the text encoder (the UNet's when null)."""
     mixed_precision: MixedPrecision = Field(default=MixedPrecision.NO)
     """Mixed precision: no, fp16 or bf16 (fp16 and bf16 need a GPU)."""
+    allow_tf32: bool = Field(default=True)
+    """On CUDA GPUs with tensor cores (Ampere and newer), run fp32 matmuls and convolutions in TF32: several times
+    faster where a step still computes in fp32 (mixedPrecision: no, the frozen VAE and text encoder), at about 3
+    significant digits. False keeps full fp32."""
     gradient_checkpointing: bool = Field(default=False)
     """Trade compute for memory with activation checkpointing."""
     optimizer: Optimizer = Optimizer.ADAMW

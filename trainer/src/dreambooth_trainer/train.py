@@ -504,6 +504,12 @@ def fabric_precision(config: JobConfig, cuda: bool) -> str:
     return "16-mixed" if mp is MixedPrecision.FP16 else "bf16-mixed"
 
 
+def configure_cuda_math(config: JobConfig) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions, as `training.allowTf32` says (ignored without CUDA)."""
+    torch.backends.cuda.matmul.allow_tf32 = config.training.allow_tf32
+    torch.backends.cudnn.allow_tf32 = config.training.allow_tf32
+
+
 def make_fabric(config: JobConfig, *, local: bool = False) -> Any:
     """A Fabric for this process: DDP over PET_NNODES x PET_NPROC_PER_NODE (gloo on CPU), or one process."""
     from lightning_fabric import Fabric
@@ -570,6 +576,7 @@ def run_job(
     from dreambooth_trainer.progress import ProgressServer
 
     log = log or default_log
+    configure_cuda_math(config)
     fabric = fabric or make_fabric(config, local=local)
     fabric.launch()
     rank = int(fabric.global_rank)
