@@ -10,7 +10,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from dreambooth_operator.report import load_run, write_report
@@ -28,8 +27,7 @@ CELL_COLOURS = {
 
 def chromium() -> str:
     found = shutil.which("chromium") or str(ROOT / ".tools/bin/chromium")
-    if not Path(found).exists():
-        pytest.skip("chromium not installed (tests/infra/build-binaries.sh chromium)")
+    assert Path(found).exists(), "chromium is missing: make binaries"
     return found
 
 

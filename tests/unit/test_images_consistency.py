@@ -162,8 +162,7 @@ def test_default_images_agree_with_the_settings() -> None:
 
 def render_chart() -> list[dict]:
     helm = shutil.which("helm") or str(ROOT / ".tools/bin/helm")
-    if not (CHART / "Chart.yaml").is_file() or not Path(helm).exists():
-        pytest.skip("chart or helm not available yet")
+    assert Path(helm).exists(), "helm is missing: make binaries"
     result = subprocess.run(
         [helm, "template", "dbo", str(CHART), "--namespace", "dreambooth-system"],
         capture_output=True,
