@@ -1,0 +1,90 @@
+"""End to end: a job with two GPUs per pod runs two ranks in one pod, under the trainer's local-rank supervisor
+(launcher.py), through the operator and the node agent. An eviction stops both ranks at one step, the pod exits 12
+(a preemption, not a failure), and the replacement pod resumes from rank 0's checkpoint with both ranks in step.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes import client
+from operator_harness import OperatorProcess, apply, get, items, wait_for
+
+from tests.e2e.test_operator_training import TRAIN_TIMEOUT, credentials_secret, example, phase, upload_images
+from tests.infra.controlplane import Cluster
+from tests.infra.processes import NotReadyError
+from tests.infra.s3 import S3Server
+
+STEPS = 30
+
+
+def _events(node_agent: Any, namespace: str, pod: str, event: str) -> list[dict[str, Any]]:
+    lines = node_agent.logs(namespace, pod).splitlines()
+    return [e for e in (json.loads(x) for x in lines if x.startswith("{")) if e.get("event") == event]
+
+
+def test_two_ranks_in_one_pod_stop_together_on_eviction_and_resume(
+    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess, node_agent: Any
+) -> None:
+    bucket = s3.make_bucket()
+    upload_images(s3, bucket, "subjects/dog/")
+    credentials_secret(cluster, s3, namespace)
+    job = example(s3, bucket)
+    job["spec"]["resources"] = {"gpusPerNode": 2}
+    job["spec"]["training"].update({"maxSteps": STEPS, "checkpoint": {"intervalSteps": 5, "intervalSeconds": None}})
+    job["spec"]["podTemplate"] = {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}
+    apply(cluster, job, namespace)
+    selector = "dreambooth.dev/job-name=minimal"
+
+    def fetch() -> dict[str, Any] | None:
+        return get(cluster, "dreamboothjob", "minimal", namespace)
+
+    wait_for(
+        "a checkpoint while training",
+        fetch,
+        lambda j: phase(j) == "Running" and ((j["status"].get("lastCheckpoint") or {}).get("step") or 0) >= 5,
+        TRAIN_TIMEOUT,
+        op,
+    )
+    running = [p for p in items(cluster, "pods", namespace, selector) if p["status"].get("phase") == "Running"]
+    assert len(running) == 1
+    evicted = running[0]["metadata"]["name"]
+    with cluster.api_client() as api:
+        client.CoreV1Api(api).create_namespaced_pod_eviction(
+            evicted, namespace, client.V1Eviction(metadata=client.V1ObjectMeta(name=evicted, namespace=namespace))
+        )
+    try:
+        dbj = wait_for("Succeeded", fetch, lambda j: phase(j) in ("Succeeded", "Failed"), TRAIN_TIMEOUT, op)
+    except NotReadyError as err:
+        logs = {
+            p["metadata"]["name"]: node_agent.logs(namespace, p["metadata"]["name"])[-3000:]
+            for p in items(cluster, "pods", namespace, selector)
+        }
+        raise AssertionError(f"{err}\ntrainer logs: {json.dumps(logs, indent=1)}") from err
+    status = dbj["status"]
+    assert phase(dbj) == "Succeeded", json.dumps(status, indent=1)
+    assert status["restarts"]["preemptions"] == 1
+    assert status["restarts"]["failures"] == 0
+    assert status["progressText"] == f"{STEPS}/{STEPS}"
+
+    # The evicted pod: the supervisor started two local ranks, and both stopped as preempted (exit 12).
+    assert [e["procsPerNode"] for e in _events(node_agent, namespace, evicted, "launching_local_ranks")] == [2]
+    exits = _events(node_agent, namespace, evicted, "rank_exited")
+    assert sorted((e["localRank"], e["exitCode"]) for e in exits) == [(0, 12), (1, 12)]
+    stopped = {e["rank"]: e["step"] for e in _events(node_agent, namespace, evicted, "preempted")}
+    assert set(stopped) == {0, 1}
+    assert stopped[0] == stopped[1]  # both ranks stopped at the same step
+    assert 5 <= stopped[0] < STEPS
+
+    # The replacement pod resumed on both ranks and they ended with the same weights.
+    replacement = next(
+        p["metadata"]["name"] for p in items(cluster, "pods", namespace, selector) if p["metadata"]["name"] != evicted
+    )
+    resumed = [(e["rank"], e["step"]) for e in _events(node_agent, namespace, replacement, "resumed")]
+    assert resumed == [(0, stopped[0])]  # rank 0 finds the checkpoint and broadcasts its step to rank 1
+    digests = {
+        e["rank"]: e["trainableDigest"] for e in _events(node_agent, namespace, replacement, "training_finished")
+    }
+    assert set(digests) == {0, 1}
+    assert digests[0] == digests[1]
