@@ -154,6 +154,10 @@ class BatchJobWrapper:
         self._obj["metadata"]["deletionTimestamp"] = iso(T0)
         return self
 
+    def pod_spec_hash(self, value: str) -> Self:
+        self._obj["metadata"].setdefault("annotations", {})["dreambooth.dev/pod-spec-hash"] = value
+        return self
+
     def obj(self) -> dict[str, Any]:
         return copy.deepcopy(self._obj)
 

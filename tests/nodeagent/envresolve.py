@@ -251,3 +251,14 @@ def image_entrypoint(image: str, entrypoints: Mapping[str, Sequence[str]]) -> Se
     if ":" in last:
         bare = bare[: len(bare) - len(last)] + last.split(":", 1)[0]
     return entrypoints.get(bare, ())
+
+
+def image_pull_error(image: str) -> str | None:
+    """Why pulling `image` fails, or None. The node agent runs commands, not images, so every image "pulls", except
+    from a registry under the reserved `.invalid` domain (RFC 2606), which never resolves: that stands for a
+    mistyped or unreachable registry, and the kubelet's ErrImagePull / ImagePullBackOff follow."""
+    first = image.split("/", 1)[0] if "/" in image else ""
+    host = first.rsplit(":", 1)[0]
+    if host.endswith(".invalid"):
+        return f'failed to pull and unpack image "{image}": dial tcp: lookup {host}: no such host'
+    return None

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import layout
-from .envresolve import EnvResolutionError, ObjectSource, RuntimeFields, container_argv, resolve_env
+from .envresolve import (
+    EnvResolutionError,
+    ObjectSource,
+    RuntimeFields,
+    container_argv,
+    image_pull_error,
+    resolve_env,
+)
 from .hostsfile import PodHost
 from .kube import ApiException, Kube
 from .podstatus import (
@@ -219,6 +226,16 @@ class PodWorker:
     def _start(self, spec: dict[str, Any], record: ContainerRecord) -> None:
         name = spec["name"]
         if time.monotonic() < self.backoff_until.get(name, 0.0):
+            return
+        pull_error = image_pull_error(str(spec.get("image", "")))
+        if pull_error is not None:
+            # As the kubelet: ErrImagePull on the first try, then ImagePullBackOff between retries.
+            pulled_before = isinstance(record.state, Waiting) and record.state.reason in (
+                "ErrImagePull",
+                "ImagePullBackOff",
+            )
+            record.state = Waiting("ImagePullBackOff" if pulled_before else "ErrImagePull", pull_error)
+            self.backoff_until[name] = time.monotonic() + 1.0
             return
         runtime = RuntimeFields(pod_ip=self.pod_ip, host_ip=self.ctx.host_ip)
         try:

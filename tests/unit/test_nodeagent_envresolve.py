@@ -15,6 +15,7 @@ from tests.nodeagent.envresolve import (
     container_argv,
     expand,
     image_entrypoint,
+    image_pull_error,
     parse_quantity,
     resolve_env,
 )
@@ -200,3 +201,13 @@ def test_container_without_command_uses_the_configured_entrypoint() -> None:
 )
 def test_image_entrypoint_matches_without_tag_or_digest(image: str, found: bool) -> None:
     assert bool(image_entrypoint(image, {"trainer": ["dreambooth"]})) is found
+
+
+def test_images_from_an_invalid_registry_fail_to_pull_and_others_pull() -> None:
+    assert image_pull_error("ghcr.io/dreambooth-operator/trainer:0.1.0") is None
+    assert image_pull_error("trainer:test") is None
+    assert image_pull_error("python") is None
+    error = image_pull_error("registry.invalid/team/trainer:typo")
+    assert error is not None
+    assert "lookup registry.invalid: no such host" in error
+    assert image_pull_error("registry.invalid:5000/trainer") is not None

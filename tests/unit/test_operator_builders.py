@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from operator_wrappers import JobWrapper, make_job
 
-from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
+from dreambooth_operator.builders import build_batch_job, build_configmap, build_service, parse_spec, pod_spec_hash
 from dreambooth_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(trainer_image="trainer:test", termination_grace_seconds=60, grace_margin_seconds=10)
@@ -215,6 +215,7 @@ def test_batch_job(case: str, job: JobWrapper, attempt: int, patch: Patch | None
     expected = expected_job()
     if patch is not None:
         patch(expected)
+    expected["metadata"]["annotations"] = {"dreambooth.dev/pod-spec-hash": pod_spec_hash(parse_spec(job.obj()))}
     assert build_batch_job(job.obj(), attempt, SETTINGS) == expected, case
 
 
@@ -299,3 +300,11 @@ def test_model_cache_volume_is_mounted_with_the_trainers_variable_only_when_conf
 def test_model_cache_volume_setting_is_json_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DREAMBOOTH_OPERATOR_MODEL_CACHE_VOLUME", '{"persistentVolumeClaim": {"claimName": "c"}}')
     assert OperatorSettings().model_cache_volume == {"persistentVolumeClaim": {"claimName": "c"}}
+
+
+def test_pod_spec_hash_follows_the_pod_settings_only() -> None:
+    base = pod_spec_hash(parse_spec(make_job().obj()))
+    assert pod_spec_hash(parse_spec(make_job().obj())) == base
+    assert pod_spec_hash(parse_spec(make_job().pod_template(image="my/trainer:2").obj())) != base
+    assert pod_spec_hash(parse_spec(make_job().storage(secret="other").obj())) != base
+    assert pod_spec_hash(parse_spec(make_job().run_policy(backoffLimit=7).obj())) == base

@@ -6,6 +6,8 @@ with the owner reference set (``kopf.adopt``); nothing here talks to the API ser
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any, Final, cast
 
@@ -13,6 +15,7 @@ import kopf
 
 from dreambooth_operator import names
 from dreambooth_operator.api.constants import (
+    ANNOTATION_POD_SPEC_HASH,
     KUEUE_PRIORITY_CLASS_LABEL,
     KUEUE_QUEUE_LABEL,
     LABEL_ATTEMPT,
@@ -276,6 +279,16 @@ def is_queued_by_kueue(job: Mapping[str, Any]) -> bool:
     return KUEUE_QUEUE_LABEL in (job.get("metadata", {}).get("labels") or {})
 
 
+def pod_spec_hash(spec: DreamBoothJobSpec) -> str:
+    """A hash of the mutable spec fields that shape the pods (podTemplate, storage). An attempt whose pods cannot
+    start (image pull, scheduling) is replaced when the user changes them (reconcile.py)."""
+    wire = {
+        "podTemplate": spec.pod_template.to_wire() if spec.pod_template else None,
+        "storage": spec.storage.to_wire(),
+    }
+    return hashlib.sha256(json.dumps(wire, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def build_batch_job(job: Mapping[str, Any], attempt: int, settings: OperatorSettings) -> dict[str, Any]:
     """The Indexed batch/v1 Job of one gang attempt.
 
@@ -296,7 +309,11 @@ def build_batch_job(job: Mapping[str, Any], attempt: int, settings: OperatorSett
         {
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": {"name": names.batch_job_name(_name(job), attempt), "labels": labels},
+            "metadata": {
+                "name": names.batch_job_name(_name(job), attempt),
+                "labels": labels,
+                "annotations": {ANNOTATION_POD_SPEC_HASH: pod_spec_hash(spec)},
+            },
             "spec": {
                 "completionMode": "Indexed",
                 "completions": nodes,

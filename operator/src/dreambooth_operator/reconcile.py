@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from dreambooth_operator import names, podstate
 from dreambooth_operator.api.common import Condition, find_condition, set_condition
 from dreambooth_operator.api.constants import (
+    ANNOTATION_POD_SPEC_HASH,
     LABEL_ATTEMPT,
     TERMINAL_JOB_PHASES,
     ConditionStatus,
@@ -32,7 +33,7 @@ from dreambooth_operator.api.constants import (
 )
 from dreambooth_operator.api.job import CheckpointRef, DreamBoothJobSpec, DreamBoothJobStatus, Outputs, Progress
 from dreambooth_operator.api.job import progress_text as format_progress
-from dreambooth_operator.builders import is_queued_by_kueue
+from dreambooth_operator.builders import is_queued_by_kueue, pod_spec_hash
 from dreambooth_operator.policies import deadline, failure, success, suspend, ttl
 from dreambooth_operator.validation import validate
 
@@ -482,6 +483,28 @@ def _gang_restart(
     return b.plan(counted)
 
 
+def _pod_spec_changed(batch_job: Mapping[str, Any], spec: DreamBoothJobSpec) -> bool:
+    """The user changed spec.podTemplate or spec.storage since this attempt was created (unknown: unchanged)."""
+    built = (batch_job.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_POD_SPEC_HASH)
+    return built is not None and built != pod_spec_hash(spec)
+
+
+def _replace_stuck_attempt(b: _Builder, current_name: str, stuck: str, counted: list[str] | None) -> Plan:
+    """The attempt's pods cannot start (image pull or scheduling) and the user has since changed the pod settings:
+    replace the attempt with one built from the new spec, without counting a failure. No pod has run, so no
+    training is lost; a running attempt keeps its pods and the change applies from the next attempt."""
+    b.actions.append(Action(ActionKind.DELETE_BATCH_JOB, name=current_name))
+    b.status.attempt += 1
+    message = (
+        f"spec.podTemplate or spec.storage changed while attempt {b.status.attempt - 1} could not start ({stuck}); "
+        f"starting attempt {b.status.attempt} with the new settings"
+    )
+    b.phase(JobPhase.PENDING, message)
+    b.condition(JobConditionType.RUNNING, False, Reason.POD_SPEC_CHANGED, message)
+    b.requeue.append(1.0)
+    return b.plan(counted)
+
+
 def _start_attempt(
     b: _Builder,
     spec: DreamBoothJobSpec,
@@ -547,6 +570,9 @@ def _running(
     # phase does not drop back to Pending in between.
     done = [p for p in pods if podstate.pod_phase(p) == "Succeeded"]
     nodes = spec.resources.nodes
+    stuck = pull or unsched
+    if stuck is not None and _pod_spec_changed(current, spec):
+        return _replace_stuck_attempt(b, name, stuck, counted)
     if pull is not None:
         b.phase(JobPhase.PENDING, f"the trainer image cannot be pulled: {pull}")
         b.condition(JobConditionType.RUNNING, False, Reason.IMAGE_PULL_FAILED, pull)

@@ -364,8 +364,10 @@ def render_docs(definitions: list[dict[str, Any]]) -> str:
         if names["kind"] == c.JOB_KIND:
             fields = ", ".join(f"`spec.{f}`" for f in job.IMMUTABLE_FIELDS)
             out.append(
-                f"Immutable after creation: {fields}. Mutable: `spec.storage`, `spec.podTemplate` (applies from "
-                "the next attempt) and `spec.runPolicy` (suspend, deadlines, backoffLimit, TTL).\n"
+                f"Immutable after creation: {fields}. Mutable: `spec.storage` and `spec.podTemplate` (they apply "
+                "from the next attempt, or at once while the pods cannot start: a fixed image or nodeSelector "
+                "replaces an attempt stuck in ImagePullBackOff or Unschedulable) and `spec.runPolicy` (suspend, "
+                "deadlines, backoffLimit, TTL).\n"
             )
         out.append("### Printer columns\n")
         out.extend(_columns_table(version["additionalPrinterColumns"]))

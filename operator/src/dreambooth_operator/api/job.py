@@ -66,7 +66,8 @@ TRAINER_RULES: Final[dict[str, list[CelRule]]] = {
 # Which spec fields may change after creation. Changing what is trained (or where it goes) would mix two
 # different runs in one checkpoint history, so those are immutable; where and how pods run (podTemplate,
 # storage connection settings) and the run policy (suspend, deadlines, backoffLimit, TTL) may change.
-# podTemplate changes apply from the next attempt (the next gang restart or resume). The sections with
+# podTemplate changes apply from the next attempt (the next gang restart or resume), or at once while the current
+# attempt's pods cannot start (image pull or scheduling failures: reconcile.py replaces it). The sections with
 # defaults are always present after defaulting, so `self == oldSelf` on each also rejects removing one.
 IMMUTABLE_FIELDS: Final = (
     "baseModel",
@@ -133,7 +134,8 @@ class DreamBoothJobSpec(ApiModel):
     resources: JobResources = Field(default_factory=JobResources, json_schema_extra=validations(immutable("resources")))
     """Nodes, GPUs and per-pod resources."""
     pod_template: PodTemplateOverrides | None = None
-    """Overrides for the training pods (image, scheduling, env, labels); applied from the next attempt."""
+    """Overrides for the training pods (image, scheduling, env, labels); applied from the next attempt, or at once
+    while the pods cannot start (image pull or scheduling failures)."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     """Retries, deadlines, TTL and suspension."""
 
