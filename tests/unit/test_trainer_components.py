@@ -3,7 +3,9 @@ for a wrong path."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +129,16 @@ def test_shared_model_cache_env_and_concurrent_downloads(tmp_path: Path, monkeyp
     assert resolve_model_dir(spec, store, cache) == folder
     assert (folder / ".complete").is_file()
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+    # partial downloads: one abandoned by a pod killed hours ago is swept, a live one is left alone
+    (folder / ".complete").unlink()
+    abandoned, live = cache / "models" / f".{folder.name}-dead", cache / "models" / f".{folder.name}-live"
+    for partial in (abandoned, live):
+        (partial / "unet").mkdir(parents=True)
+        (partial / "unet" / "part").write_bytes(b"x")
+    old = time.time() - 7 * 3600
+    for path in (abandoned, abandoned / "unet", abandoned / "unet" / "part"):
+        os.utime(path, (old, old))
+    assert resolve_model_dir(spec, store, cache) == folder
+    assert not abandoned.exists()
+    assert live.exists()

@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from dreambooth_trainer.tiny import build_tiny_pipeline
 COMPLETE_MARKER = ".complete"
 # Set by the operator when its model cache volume is configured: base models are kept there and shared by pods.
 MODEL_CACHE_ENV = "DREAMBOOTH_MODEL_CACHE_DIR"
+# A partial download folder this old was left by a pod that died mid-download (a live one keeps writing to it).
+STALE_DOWNLOAD_SECONDS = 6 * 3600
 
 
 def model_cache_dir(default: Path) -> Path:
@@ -66,6 +69,7 @@ def _download_uri(uri: str, variant: str | None, store: ObjectStore, cache_dir: 
     # Download beside the target and rename it into place, so that pods sharing the cache never see a half-copied
     # model: the first complete copy wins, a later one is discarded.
     target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_downloads(target.parent, key)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         listing = [obj.uri[len(root) + 1 :] for obj in store.list(uri)]
@@ -84,6 +88,18 @@ def _download_uri(uri: str, variant: str | None, store: ObjectStore, cache_dir: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _sweep_stale_downloads(folder: Path, key: str) -> None:
+    """Remove this model's partial download folders that nobody has written to for STALE_DOWNLOAD_SECONDS."""
+    cutoff = time.time() - STALE_DOWNLOAD_SECONDS
+    for partial in folder.glob(f".{key}-*"):
+        try:
+            newest = max([partial.stat().st_mtime] + [p.stat().st_mtime for p in partial.rglob("*")])
+        except OSError:
+            continue  # removed meanwhile by its owner
+        if newest < cutoff:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _download_hub(spec: BaseModelSpec, cache_dir: Path) -> Path:
