@@ -12,7 +12,7 @@ from typing import Any
 
 from operator_harness import OperatorProcess, apply, condition, event_reasons, get, wait_for
 
-from tests.e2e.test_operator_training import TRAIN_TIMEOUT, credentials_secret, example, phase, upload_images
+from tests.e2e.test_operator_training import TRAIN_TIMEOUT, phase, staged_example
 from tests.infra.controlplane import Cluster
 from tests.infra.s3 import S3Server
 
@@ -23,11 +23,8 @@ GOOD_IMAGE = "ghcr.io/dreambooth-operator/trainer:0.1.0"
 def test_a_bad_image_is_reported_and_fixing_the_spec_recovers_the_job(
     cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess
 ) -> None:
-    bucket = s3.make_bucket()
-    upload_images(s3, bucket, "subjects/dog/")
-    credentials_secret(cluster, s3, namespace)
-    job = example(s3, bucket)
-    job["spec"]["podTemplate"] = {"image": BAD_IMAGE, "env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}
+    _, job = staged_example(cluster, s3, namespace)
+    job["spec"]["podTemplate"]["image"] = BAD_IMAGE
     apply(cluster, job, namespace)
 
     def fetch() -> dict[str, Any] | None:

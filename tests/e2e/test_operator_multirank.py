@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubernetes import client
-from operator_harness import OperatorProcess, apply, get, items, wait_for
+from operator_harness import OperatorProcess, apply, items
 
-from tests.e2e.test_operator_training import TRAIN_TIMEOUT, credentials_secret, example, phase, upload_images
+from tests.e2e.test_operator_training import (
+    SELECTOR,
+    evict_after_a_checkpoint,
+    phase,
+    staged_example,
+    wait_until_finished,
+)
 from tests.infra.controlplane import Cluster
-from tests.infra.processes import NotReadyError
 from tests.infra.s3 import S3Server
 
 STEPS = 30
@@ -27,41 +31,11 @@ def _events(node_agent: Any, namespace: str, pod: str, event: str) -> list[dict[
 def test_two_ranks_in_one_pod_stop_together_on_eviction_and_resume(
     cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess, node_agent: Any
 ) -> None:
-    bucket = s3.make_bucket()
-    upload_images(s3, bucket, "subjects/dog/")
-    credentials_secret(cluster, s3, namespace)
-    job = example(s3, bucket)
+    _, job = staged_example(cluster, s3, namespace, steps=STEPS)
     job["spec"]["resources"] = {"gpusPerNode": 2}
-    job["spec"]["training"].update({"maxSteps": STEPS, "checkpoint": {"intervalSteps": 5, "intervalSeconds": None}})
-    job["spec"]["podTemplate"] = {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}
     apply(cluster, job, namespace)
-    selector = "dreambooth.dev/job-name=minimal"
-
-    def fetch() -> dict[str, Any] | None:
-        return get(cluster, "dreamboothjob", "minimal", namespace)
-
-    wait_for(
-        "a checkpoint while training",
-        fetch,
-        lambda j: phase(j) == "Running" and ((j["status"].get("lastCheckpoint") or {}).get("step") or 0) >= 5,
-        TRAIN_TIMEOUT,
-        op,
-    )
-    running = [p for p in items(cluster, "pods", namespace, selector) if p["status"].get("phase") == "Running"]
-    assert len(running) == 1
-    evicted = running[0]["metadata"]["name"]
-    with cluster.api_client() as api:
-        client.CoreV1Api(api).create_namespaced_pod_eviction(
-            evicted, namespace, client.V1Eviction(metadata=client.V1ObjectMeta(name=evicted, namespace=namespace))
-        )
-    try:
-        dbj = wait_for("Succeeded", fetch, lambda j: phase(j) in ("Succeeded", "Failed"), TRAIN_TIMEOUT, op)
-    except NotReadyError as err:
-        logs = {
-            p["metadata"]["name"]: node_agent.logs(namespace, p["metadata"]["name"])[-3000:]
-            for p in items(cluster, "pods", namespace, selector)
-        }
-        raise AssertionError(f"{err}\ntrainer logs: {json.dumps(logs, indent=1)}") from err
+    evicted = evict_after_a_checkpoint(cluster, namespace, op)
+    dbj = wait_until_finished(cluster, namespace, op, node_agent)
     status = dbj["status"]
     assert phase(dbj) == "Succeeded", json.dumps(status, indent=1)
     assert status["restarts"]["preemptions"] == 1
@@ -79,7 +53,7 @@ def test_two_ranks_in_one_pod_stop_together_on_eviction_and_resume(
 
     # The replacement pod resumed on both ranks and they ended with the same weights.
     replacement = next(
-        p["metadata"]["name"] for p in items(cluster, "pods", namespace, selector) if p["metadata"]["name"] != evicted
+        p["metadata"]["name"] for p in items(cluster, "pods", namespace, SELECTOR) if p["metadata"]["name"] != evicted
     )
     resumed = [(e["rank"], e["step"]) for e in _events(node_agent, namespace, replacement, "resumed")]
     assert resumed == [(0, stopped[0])]  # rank 0 finds the checkpoint and broadcasts its step to rank 1

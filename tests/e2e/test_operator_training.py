@@ -136,49 +136,74 @@ def test_invalid_input_fails_at_once_with_the_trainers_message(
     assert "InvalidInput" in event_reasons(cluster, namespace, "minimal")
 
 
-def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
-    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess, node_agent: Any
-) -> None:
+SELECTOR = "dreambooth.dev/job-name=minimal"
+ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}]
+
+
+def staged_example(
+    cluster: Cluster, s3: S3Server, namespace: str, steps: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """A bucket with the subject's photos, the credentials Secret, and the minimal example pointing at them; with
+    `steps`, that many steps with a checkpoint every 5. One torch thread per trainer: the machine's cores are few."""
     bucket = s3.make_bucket()
     upload_images(s3, bucket, "subjects/dog/")
     credentials_secret(cluster, s3, namespace)
     job = example(s3, bucket)
-    job["spec"]["training"].update({"maxSteps": 40, "checkpoint": {"intervalSteps": 5, "intervalSeconds": None}})
-    # One torch thread per trainer: the test machine's few cores are shared.
-    job["spec"]["podTemplate"] = {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}
-    apply(cluster, job, namespace)
+    if steps is not None:
+        job["spec"]["training"].update({"maxSteps": steps, "checkpoint": {"intervalSteps": 5, "intervalSeconds": None}})
+    job["spec"]["podTemplate"] = {"env": list(ONE_THREAD)}
+    return bucket, job
 
-    def fetch() -> dict[str, Any] | None:
-        return get(cluster, "dreamboothjob", "minimal", namespace)
 
+def evict_after_a_checkpoint(cluster: Cluster, namespace: str, op: OperatorProcess, name: str = "minimal") -> str:
+    """Wait until the job has a checkpoint (step >= 5) while Running, evict its one running pod, return its name."""
     wait_for(
         "a checkpoint while training",
-        fetch,
+        lambda: get(cluster, "dreamboothjob", name, namespace),
         lambda j: phase(j) == "Running" and ((j["status"].get("lastCheckpoint") or {}).get("step") or 0) >= 5,
         TRAIN_TIMEOUT,
         op,
     )
-    pods = [
-        p
-        for p in items(cluster, "pods", namespace, "dreambooth.dev/job-name=minimal")
-        if p["status"].get("phase") == "Running"
-    ]
-    assert len(pods) == 1
-    evicted = pods[0]["metadata"]["name"]
+    selector = f"dreambooth.dev/job-name={name}"
+    running = [p for p in items(cluster, "pods", namespace, selector) if p["status"].get("phase") == "Running"]
+    assert len(running) == 1
+    evicted: str = running[0]["metadata"]["name"]
     with cluster.api_client() as api:
         client.CoreV1Api(api).create_namespaced_pod_eviction(
-            evicted,
-            namespace,
-            client.V1Eviction(metadata=client.V1ObjectMeta(name=evicted, namespace=namespace)),
+            evicted, namespace, client.V1Eviction(metadata=client.V1ObjectMeta(name=evicted, namespace=namespace))
         )
+    return evicted
+
+
+def wait_until_finished(
+    cluster: Cluster, namespace: str, op: OperatorProcess, node_agent: Any, name: str = "minimal"
+) -> dict[str, Any]:
+    """The job once Succeeded or Failed; on a timeout, the error carries the tail of every pod's log."""
     try:
-        dbj = wait_for("Succeeded", fetch, lambda j: phase(j) in ("Succeeded", "Failed"), TRAIN_TIMEOUT, op)
+        dbj: dict[str, Any] = wait_for(
+            "Succeeded",
+            lambda: get(cluster, "dreamboothjob", name, namespace),
+            lambda j: phase(j) in ("Succeeded", "Failed"),
+            TRAIN_TIMEOUT,
+            op,
+        )
     except NotReadyError as err:
         logs = {
             p["metadata"]["name"]: node_agent.logs(namespace, p["metadata"]["name"])[-3000:]
-            for p in items(cluster, "pods", namespace, "dreambooth.dev/job-name=minimal")
+            for p in items(cluster, "pods", namespace, f"dreambooth.dev/job-name={name}")
         }
         raise AssertionError(f"{err}\ntrainer logs: {json.dumps(logs, indent=1)}") from err
+    return dbj
+
+
+def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
+    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess, node_agent: Any
+) -> None:
+    _, job = staged_example(cluster, s3, namespace, steps=40)
+    apply(cluster, job, namespace)
+
+    evicted = evict_after_a_checkpoint(cluster, namespace, op)
+    dbj = wait_until_finished(cluster, namespace, op, node_agent)
     status = dbj["status"]
     assert phase(dbj) == "Succeeded", json.dumps(status, indent=1)
     assert status["restarts"]["preemptions"] == 1
@@ -190,9 +215,7 @@ def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
     assert {"Preempted", "Resumed", "TrainingCompleted"} <= reasons, reasons
     # The replacement pod resumed from a checkpoint instead of starting over.
     replacement = next(
-        p["metadata"]["name"]
-        for p in items(cluster, "pods", namespace, "dreambooth.dev/job-name=minimal")
-        if p["metadata"]["name"] != evicted
+        p["metadata"]["name"] for p in items(cluster, "pods", namespace, SELECTOR) if p["metadata"]["name"] != evicted
     )
     resumed = [
         json.loads(line)
