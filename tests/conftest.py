@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,20 @@ TIERS = ("unit", "integration", "e2e", "gpu")
 
 pytest_plugins = ["tests.infra.fixtures"]
 pytest_plugins.append("tests.nodeagent.plugin")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread in this process too (OMP_NUM_THREADS may have been set otherwise), for test
+    modules that use torch; the operator's tests never import it."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -30,15 +30,6 @@ from tests.infra.s3 import S3Server
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """On the shared 2-core test machine two intra-op threads spin against each other; one is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def aws_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from dreambooth_trainer.config import BaseModelSpec
 from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.storage import ObjectStore
 from dreambooth_trainer.tiny import build_tiny_pipeline
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """On the shared 2-core test machine two intra-op threads spin against each other; one is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_tiny_components_are_frozen(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ stops at textEncoderSteps, prior weighting, v-prediction, and the trainable stat
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,6 @@ from dreambooth_trainer.storage import ObjectStore
 
 # The tiny model is cached by config hash, so test files share one build.
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """On the shared 2-core test machine two intra-op threads spin against each other; one is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,6 @@ SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
 TOKEN = "s3cret"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """On the shared 2-core test machine two intra-op threads spin against each other; one is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -19,15 +17,6 @@ from dreambooth_trainer.validation import run_validation
 
 # The tiny model is cached by config hash, so test files share one build.
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """On the shared 2-core test machine two intra-op threads spin against each other; one is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_samples_are_written_reproducible_and_follow_the_weights(tmp_path: Path) -> None:
