@@ -13,9 +13,8 @@ from operator_harness import OperatorProcess, apply, items
 from tests.e2e.test_operator_training import (
     SELECTOR,
     evict_after_a_checkpoint,
-    phase,
     staged_example,
-    wait_until_finished,
+    wait_until_succeeded_after_one_preemption,
 )
 from tests.infra.controlplane import Cluster
 from tests.infra.s3 import S3Server
@@ -35,12 +34,7 @@ def test_two_ranks_in_one_pod_stop_together_on_eviction_and_resume(
     job["spec"]["resources"] = {"gpusPerNode": 2}
     apply(cluster, job, namespace)
     evicted = evict_after_a_checkpoint(cluster, namespace, op)
-    dbj = wait_until_finished(cluster, namespace, op, node_agent)
-    status = dbj["status"]
-    assert phase(dbj) == "Succeeded", json.dumps(status, indent=1)
-    assert status["restarts"]["preemptions"] == 1
-    assert status["restarts"]["failures"] == 0
-    assert status["progressText"] == f"{STEPS}/{STEPS}"
+    wait_until_succeeded_after_one_preemption(cluster, namespace, op, node_agent, steps=STEPS)
 
     # The evicted pod: the supervisor started two local ranks, and both stopped as preempted (exit 12).
     assert [e["procsPerNode"] for e in _events(node_agent, namespace, evicted, "launching_local_ranks")] == [2]

@@ -196,6 +196,19 @@ def wait_until_finished(
     return dbj
 
 
+def wait_until_succeeded_after_one_preemption(
+    cluster: Cluster, namespace: str, op: OperatorProcess, node_agent: Any, steps: int
+) -> dict[str, Any]:
+    """The job once finished, checked to have succeeded with all `steps` after one preemption and no failure."""
+    dbj = wait_until_finished(cluster, namespace, op, node_agent)
+    status = dbj["status"]
+    assert phase(dbj) == "Succeeded", json.dumps(status, indent=1)
+    assert status["restarts"]["preemptions"] == 1
+    assert status["restarts"]["failures"] == 0
+    assert status["progressText"] == f"{steps}/{steps}"
+    return dbj
+
+
 def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
     cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess, node_agent: Any
 ) -> None:
@@ -203,12 +216,7 @@ def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
     apply(cluster, job, namespace)
 
     evicted = evict_after_a_checkpoint(cluster, namespace, op)
-    dbj = wait_until_finished(cluster, namespace, op, node_agent)
-    status = dbj["status"]
-    assert phase(dbj) == "Succeeded", json.dumps(status, indent=1)
-    assert status["restarts"]["preemptions"] == 1
-    assert status["restarts"]["failures"] == 0
-    assert status["progressText"] == "40/40"
+    wait_until_succeeded_after_one_preemption(cluster, namespace, op, node_agent, steps=40)
     batch = get(cluster, "job.batch", "minimal-a0", namespace) or {}
     assert (batch.get("status") or {}).get("failed", 0) == 0  # the ignored disruption used no backoffLimit
     reasons = event_reasons(cluster, namespace, "minimal")

@@ -204,6 +204,19 @@ def model_cache(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[
     )
 
 
+def apply_scheduling_overrides(pod_spec: dict[str, Any], overrides: Any) -> None:
+    """Copy a podTemplate's scheduling and identity fields (node selection, tolerations, affinity, priority, pull
+    secrets, service account) into a pod spec; shared by training and serving pods."""
+    if not overrides:
+        return
+    wire = overrides.to_wire()
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"):
+        if key in wire:
+            pod_spec[key] = wire[key]
+    if overrides.service_account_name:
+        pod_spec["serviceAccountName"] = overrides.service_account_name
+
+
 def build_pod_template(
     job: Mapping[str, Any], spec: DreamBoothJobSpec, attempt: int, settings: OperatorSettings
 ) -> dict[str, Any]:
@@ -248,13 +261,7 @@ def build_pod_template(
         "containers": [container],
         "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}, *cache_volumes],
     }
-    if overrides:
-        wire = overrides.to_wire()
-        for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"):
-            if key in wire:
-                pod_spec[key] = wire[key]
-        if overrides.service_account_name:
-            pod_spec["serviceAccountName"] = overrides.service_account_name
+    apply_scheduling_overrides(pod_spec, overrides)
     return {"metadata": metadata, "spec": pod_spec}
 
 

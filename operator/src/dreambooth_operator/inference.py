@@ -28,7 +28,12 @@ from dreambooth_operator.api.constants import (
     Reason,
 )
 from dreambooth_operator.api.inference import InferenceServiceSpec, InferenceServiceStatus
-from dreambooth_operator.builders import RESTRICTED_CONTAINER_SECURITY, container_resources, model_cache
+from dreambooth_operator.builders import (
+    RESTRICTED_CONTAINER_SECURITY,
+    apply_scheduling_overrides,
+    container_resources,
+    model_cache,
+)
 from dreambooth_operator.settings import OperatorSettings
 
 SERVE_PORT: Final = 8080
@@ -142,13 +147,7 @@ def build_deployment(
     if cache_volumes:
         pod_spec["containers"][0]["volumeMounts"] = cache_mounts
         pod_spec["volumes"] = cache_volumes
-    if overrides:
-        wire = overrides.to_wire()
-        for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"):
-            if key in wire:
-                pod_spec[key] = wire[key]
-        if overrides.service_account_name:
-            pod_spec["serviceAccountName"] = overrides.service_account_name
+    apply_scheduling_overrides(pod_spec, overrides)
     template: dict[str, Any] = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
     if overrides and overrides.annotations:
         template["metadata"]["annotations"] = dict(overrides.annotations)
