@@ -60,12 +60,17 @@ def _one_run(cluster: Any, s3: Any, log_dir: Path, index: int) -> dict[str, Any]
         start = time.monotonic()
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job))
         times: dict[str, float] = {}
+        timeline: list[tuple[float, str, str]] = []  # every (phase, message) change, to show what the wait was
         phase = None
         while time.monotonic() - start < TIMEOUT_SECONDS:
             obj = get(cluster, "dreamboothjob", job["metadata"]["name"], namespace) or {}
-            phase = (obj.get("status") or {}).get("phase")
+            status = obj.get("status") or {}
+            phase = status.get("phase")
+            elapsed = round(time.monotonic() - start, 2)
             if phase and phase not in times:
-                times[phase] = round(time.monotonic() - start, 2)
+                times[phase] = elapsed
+            if phase and (not timeline or timeline[-1][1:] != (phase, status.get("message") or "")):
+                timeline.append((elapsed, phase, status.get("message") or ""))
             if phase in ("Succeeded", "Failed"):
                 break
             time.sleep(POLL_SECONDS)
@@ -81,6 +86,7 @@ def _one_run(cluster: Any, s3: Any, log_dir: Path, index: int) -> dict[str, Any]
     return {
         "finalPhase": phase,
         "phaseFirstSeenSeconds": times,
+        "timeline": timeline,
         "applyToRunningSeconds": times.get("Running"),
         "applyToSucceededSeconds": times.get("Succeeded"),
         "reconciles": count,
