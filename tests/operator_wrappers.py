@@ -20,6 +20,10 @@ def iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _controller(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True}
+
+
 class JobWrapper:
     def __init__(self, name: str, namespace: str = "team-a") -> None:
         self._obj: dict[str, Any] = {
@@ -125,6 +129,7 @@ class BatchJobWrapper:
                 "namespace": job["metadata"]["namespace"],
                 "uid": f"uid-{name}-a{attempt}",
                 "labels": {"dreambooth.dev/job-name": name, "dreambooth.dev/attempt": str(attempt)},
+                "ownerReferences": [_controller(API_VERSION, "DreamBoothJob", name, job["metadata"]["uid"])],
             },
             "spec": {"suspend": False},
             "status": {},
@@ -148,6 +153,16 @@ class BatchJobWrapper:
 
     def failed_count(self, n: int) -> Self:
         self._obj["status"]["failed"] = n
+        return self
+
+    def counters(self, **counts: int) -> Self:
+        """The Job controller's status counters (active, ready, succeeded, failed)."""
+        self._obj["status"].update(counts)
+        return self
+
+    def owner(self, uid: str) -> Self:
+        """Controlled by another DreamBoothJob object (say, an earlier one with the same name)."""
+        self._obj["metadata"]["ownerReferences"][0]["uid"] = uid
         return self
 
     def deleting(self) -> Self:
@@ -181,6 +196,7 @@ class PodWrapper:
                     "dreambooth.dev/attempt": str(attempt),
                     "batch.kubernetes.io/job-completion-index": str(rank),
                 },
+                "ownerReferences": [_controller("batch/v1", "Job", f"{name}-a{attempt}", f"uid-{name}-a{attempt}")],
             },
             "status": {"phase": "Pending"},
         }
@@ -219,8 +235,14 @@ class PodWrapper:
         )
         return self
 
-    def deleting(self) -> Self:
-        self._obj["metadata"]["deletionTimestamp"] = iso(T0)
+    def deleting(self, at: datetime = T0) -> Self:
+        """Deletion requested; `at` is the deletionTimestamp (the request time plus the grace period)."""
+        self._obj["metadata"]["deletionTimestamp"] = iso(at)
+        return self
+
+    def owner(self, uid: str) -> Self:
+        """Controlled by another batch Job (say, one of an earlier DreamBoothJob with the same name)."""
+        self._obj["metadata"]["ownerReferences"][0]["uid"] = uid
         return self
 
     def obj(self) -> dict[str, Any]:

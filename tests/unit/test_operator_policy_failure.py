@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from operator_wrappers import PodWrapper, make_job, make_pod
 
-from dreambooth_operator.policies.failure import FailureKind, classify, exceeds_backoff, gang_failure
+from dreambooth_operator.policies.failure import (
+    FailureKind,
+    GangFailure,
+    classify,
+    exceeds_backoff,
+    gang_failure,
+)
 
 JOB = make_job().nodes(2).obj()
 
@@ -27,13 +33,20 @@ def test_classify(pod: PodWrapper, kind: FailureKind | None) -> None:
     assert classify(pod.obj()) is kind
 
 
-def test_gang_failure_prefers_invalid_input_then_retryable_then_preemption() -> None:
-    preempted = make_pod(JOB, rank=0).running().disrupted().obj()
-    crashed = make_pod(JOB, rank=1).exited(11, "boom").obj()
-    gang = gang_failure([preempted, crashed])
+def test_gang_failure_prefers_invalid_input_then_preemption_then_retryable() -> None:
+    """A rank that loses its preempted peer crashes on the broken collective: the attempt was preempted."""
+    preempted = make_pod(JOB, rank=1).running().disrupted().obj()
+    crashed = make_pod(JOB, rank=0).exited(11, "gloo: connection reset by peer").obj()
+    gang = gang_failure([crashed, preempted])
     assert gang is not None
-    assert gang.kind is FailureKind.RETRYABLE
-    assert gang.message == "rank 1 (pod cat-a0-1-abcde) failed (exit code 11): boom"
+    assert gang.kind is FailureKind.PREEMPTED
+    assert gang.message == "rank 1 (pod cat-a0-1-abcde) was preempted"
+    exited12 = make_pod(JOB, rank=1).exited(12).obj()
+    assert gang_failure([crashed, exited12]) == GangFailure(FailureKind.PREEMPTED, exited12)
+    invalid = make_pod(JOB, rank=1).exited(10, {"message": "bad image"}).obj()
+    assert gang_failure([preempted, invalid]) == GangFailure(FailureKind.INVALID_INPUT, invalid)
+    only_crash = gang_failure([crashed, make_pod(JOB, rank=1).running().obj()])
+    assert only_crash == GangFailure(FailureKind.RETRYABLE, crashed)
     assert gang_failure([make_pod(JOB).running().obj()]) is None
 
 

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_operator.builders import parse_spec, pod_spec_hash
-from dreambooth_operator.reconcile import Action, ActionKind, Observed, Plan, ProgressSample, reconcile
+from dreambooth_operator.handlers import OperatorState, batch_jobs_by_owner, execute, pods_by_owner
+from dreambooth_operator.reconcile import (
+    Action,
+    ActionKind,
+    Observed,
+    Plan,
+    ProgressSample,
+    owned_batch_jobs,
+    reconcile,
+)
 
 NOW = T0 + timedelta(seconds=30)
 
@@ -324,3 +334,143 @@ def test_pods_stopped_by_a_suspend_are_not_preemptions() -> None:
     resumed["spec"]["runPolicy"]["suspend"] = False
     again = run(resumed, [make_batch_job(job).suspended().obj()], [stopped])
     assert again.status.restarts.preemptions == 0
+
+
+def test_a_preempted_rank_and_its_peer_crashing_on_the_broken_collective_count_as_one_preemption() -> None:
+    job = make_job().nodes(2).run_policy(backoffLimit=0).status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    peer = make_pod(job, 0, 0).exited(11, "gloo: connection reset by peer").obj()
+    reclaimed = make_pod(job, 0, 1).running().disrupted().deleting().obj()
+    plan = run(job, [make_batch_job(job, 0).obj()], [peer, reclaimed])
+    assert plan.status.phase == "Pending"
+    assert plan.status.attempt == 1
+    assert (plan.status.restarts.preemptions, plan.status.restarts.failures) == (1, 0)
+    assert cond(plan, "Running") == ("False", "Preempted")
+    assert "rank 1 (pod cat-a0-1-abcde) was preempted" in (plan.status.message or "")
+    assert plan.actions == [Action(ActionKind.DELETE_BATCH_JOB, name="cat-a0")]
+
+
+def test_time_queued_for_admission_does_not_count_against_the_deadline() -> None:
+    job = make_job().queue("gpu").run_policy(activeDeadlineSeconds=3600).obj()
+    plan = run(job)
+    assert plan.status.phase == "Queued"
+    assert plan.status.start_time is None
+    job = after(job, plan)
+    queued = T0 + timedelta(hours=2)
+    plan = run(job, [make_batch_job(job).suspended().obj()], [], now=queued)
+    assert plan.status.phase == "Queued"
+    assert plan.status.start_time is None
+    assert plan.requeue_after is None
+    admitted = queued + timedelta(seconds=5)
+    plan = run(after(job, plan), [make_batch_job(job).obj()], [make_pod(job).running().obj()], now=admitted)
+    assert plan.status.phase == "Initializing"
+    assert plan.status.start_time == admitted
+    assert plan.requeue_after == 3600
+
+
+def test_admission_or_resume_restarts_a_deadline_clock_started_before() -> None:
+    """A startTime set while queued or before a suspend (say, by an older operator) is reset, not counted."""
+    for phase, spec_job in (("Queued", make_job().queue("gpu")), ("Suspended", make_job())):
+        job = spec_job.run_policy(activeDeadlineSeconds=60).status(attempt=0, phase=phase, startTime=iso(T0)).obj()
+        later = T0 + timedelta(hours=1)
+        plan = run(job, [make_batch_job(job).suspended(phase == "Suspended").obj()], [], now=later)
+        assert plan.status.phase != "Failed"
+        assert plan.status.start_time == later
+        assert plan.requeue_after == 60
+
+
+def test_older_attempt_pods_stuck_deleting_on_a_lost_node_are_force_deleted() -> None:
+    job = make_job().nodes(2).status(attempt=1, phase="Pending", startTime=iso(T0)).obj()
+    old_job = make_batch_job(job, 0).deleting().obj()
+    stuck = make_pod(job, 0, 1).running().deleting(at=T0).obj()
+    waiting = run(job, [old_job], [stuck], now=T0 + timedelta(seconds=10))
+    assert waiting.actions == []
+    assert waiting.status.phase == "Pending"
+    assert "cat-a0-1-abcde" in (waiting.status.message or "")
+    assert "force-deleted" in (waiting.status.message or "")
+    assert waiting.requeue_after == 2.0
+    forced = run(job, [old_job], [stuck], now=T0 + timedelta(seconds=31))
+    assert forced.actions == [
+        Action(ActionKind.FORCE_DELETE_POD, name="cat-a0-1-abcde", uid="pod-cat-a0-1"),
+        Action(ActionKind.CREATE_ATTEMPT, attempt=1),
+    ]
+    assert cond(forced, "Running") == ("False", "StuckPodsForceDeleted")
+    assert ("Warning", "StuckPodsForceDeleted") in reasons(forced)
+    assert "force-deleted 1 pod(s)" in (forced.status.message or "")
+    # A pod whose deletion was not requested yet is waited for (the batch Job's deletion reaches it first).
+    alive = make_pod(job, 0, 0).running().obj()
+    assert run(job, [old_job], [alive, stuck], now=T0 + timedelta(days=1)).actions == []
+
+
+def test_force_delete_action_deletes_the_pod_at_once_with_a_uid_precondition() -> None:
+    calls: list[tuple[str, str, Any]] = []
+
+    class Api:
+        def call_api(self, path: str, method: str, **kwargs: Any) -> Any:
+            calls.append((method, path, kwargs["body"]))
+            return {}
+
+    job = make_job().obj()
+    plan = Plan(status=run(job).status, actions=[Action(ActionKind.FORCE_DELETE_POD, name="cat-a0-1-x", uid="u1")])
+    execute(cast("OperatorState", SimpleNamespace(api=Api())), job, [], plan)
+    assert calls == [
+        (
+            "DELETE",
+            "/api/v1/namespaces/team-a/pods/cat-a0-1-x",
+            {
+                "apiVersion": "v1",
+                "kind": "DeleteOptions",
+                "propagationPolicy": "Background",
+                "gracePeriodSeconds": 0,
+                "preconditions": {"uid": "u1"},
+            },
+        )
+    ]
+
+
+def test_phase_stays_running_while_the_batch_job_counts_the_ranks_that_pods_do_not_show() -> None:
+    progress = {"step": 20, "totalSteps": 20, "stage": "Exporting", "updatedAt": iso(T0)}
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0), progress=progress).obj()
+    # The finished pod is gone (podgc) before the Job controller marks the Job Complete.
+    gone = run(job, [make_batch_job(job).counters(succeeded=1).obj()], [])
+    assert gone.status.phase == "Running"
+    assert cond(gone, "Running") == ("True", "Training")
+    # The running pod is not in the index yet; the Job controller counts it as active.
+    init = make_job().status(attempt=0, phase="Initializing", startTime=iso(T0)).obj()
+    assert run(init, [make_batch_job(init).counters(active=1).obj()], []).status.phase == "Initializing"
+    assert run(init, [make_batch_job(init).counters(active=1, ready=1).obj()], []).status.phase == "Initializing"
+    # A pod that is not running is a new cause: Pending.
+    pending = make_pod(init, uid="p2").obj()
+    assert run(init, [make_batch_job(init).counters(active=1, ready=1).obj()], [pending]).status.phase == "Pending"
+    # A job that never ran does not jump ahead on the counters.
+    fresh = make_job().status(attempt=0, phase="Pending", startTime=iso(T0)).obj()
+    assert run(fresh, [make_batch_job(fresh).counters(active=1).obj()], []).status.phase == "Pending"
+
+
+def test_children_of_an_earlier_job_with_the_same_name_are_not_adopted() -> None:
+    job = make_job().obj()  # re-applied: a new uid, while the old object's children are still there
+    old_job = make_batch_job(job).owner("uid-old").complete()
+    old_pod = make_pod(job).exited(0, {"modelUri": "s3://old/model"}).obj()
+    plan = run(job, [old_job.obj()], [old_pod])
+    assert plan.status.phase == "Pending"
+    assert plan.actions == []
+    assert plan.requeue_after == 2.0
+    assert "cat-a0" in (plan.status.message or "")
+    assert "earlier" in (plan.status.message or "")
+    deleting = run(job, [old_job.deleting().obj()], [old_pod])
+    assert "to be deleted" in (deleting.status.message or "")
+    # Once it is gone, attempt 0 is created; foreign Jobs of other attempts are neither waited for nor deleted.
+    other = make_batch_job(job, 3).owner("uid-old").obj()
+    other_pod = make_pod(job, 3, 0).owner("uid-cat-a3").running().obj()
+    assert run(job, [other], [other_pod]).actions == [Action(ActionKind.CREATE_ATTEMPT, attempt=0)]
+    assert owned_batch_jobs(job, [old_job.obj(), other, make_batch_job(job).obj()]) == [make_batch_job(job).obj()]
+    # A pod of a foreign batch Job is not one of this job's pods.
+    mine = after(job, plan) | {"status": {"attempt": 0, "phase": "Running", "startTime": iso(T0)}}
+    foreign_pod = make_pod(job, uid="old").owner("uid-old-a0").exited(0).obj()
+    assert run(mine, [make_batch_job(job).obj()], [foreign_pod]).status.phase == "Pending"
+
+
+def test_the_child_indexes_keep_the_owner_references_that_adoption_checks() -> None:
+    job = make_job().obj()
+    for index, child in ((batch_jobs_by_owner, make_batch_job(job).obj()), (pods_by_owner, make_pod(job).obj())):
+        entry = index(namespace="team-a", labels=child["metadata"]["labels"], body=child)
+        assert entry[("team-a", "cat")]["metadata"]["ownerReferences"] == child["metadata"]["ownerReferences"]

@@ -44,6 +44,7 @@ from dreambooth_operator.reconcile import (
     Plan,
     ProgressSample,
     now_utc,
+    owned_batch_jobs,
     parse_status,
     reconcile,
 )
@@ -85,7 +86,16 @@ def _trim(body: Mapping[str, Any], spec_keys: Iterable[str] = ()) -> dict[str, A
     trimmed: dict[str, Any] = {
         "metadata": {
             k: copy.deepcopy(meta[k])
-            for k in ("name", "namespace", "uid", "labels", "annotations", "deletionTimestamp", "creationTimestamp")
+            for k in (
+                "name",
+                "namespace",
+                "uid",
+                "labels",
+                "annotations",
+                "ownerReferences",
+                "deletionTimestamp",
+                "creationTimestamp",
+            )
             if k in meta
         },
         "status": copy.deepcopy(dict(body.get("status") or {})),
@@ -204,7 +214,7 @@ async def reconcile_job(
     sample = await poll_progress(state, key, job, observed_pods, logger)
     prev = parse_status(job)
     plan = reconcile(Observed(job=job, batch_jobs=observed_jobs, pods=observed_pods, now=now_utc(), progress=sample))
-    await asyncio.to_thread(execute, state, job, observed_jobs, plan)
+    await asyncio.to_thread(execute, state, job, owned_batch_jobs(job, observed_jobs), plan)
     if plan.counted_pods is not None:
         annotations = {COUNTED_PODS_ANNOTATION: json.dumps(plan.counted_pods)}
         await asyncio.to_thread(
@@ -263,7 +273,7 @@ async def poll_progress(
 
 
 def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]], plan: Plan) -> None:
-    """Carry out the plan's actions (blocking; runs in a worker thread)."""
+    """Carry out the plan's actions (blocking; runs in a worker thread). `batch_jobs`: those the job owns."""
     api = state.api
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
     for action in plan.actions:
@@ -274,6 +284,9 @@ def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mappi
         elif action.kind is ActionKind.DELETE_BATCH_JOB:
             # Foreground: the Job stays until its pods have stopped (and written their checkpoint).
             kube.delete(api, "batch/v1", "Job", namespace, action.name, propagation="Foreground")
+        elif action.kind is ActionKind.FORCE_DELETE_POD:
+            # Its node is lost: no kubelet will confirm the stop, so remove the object without waiting.
+            kube.delete(api, "v1", "Pod", namespace, action.name, grace_period_seconds=0, uid=action.uid or None)
         elif action.kind is ActionKind.SET_SUSPEND:
             kube.merge_patch(api, "batch/v1", "Job", namespace, action.name, {"spec": {"suspend": action.suspend}})
         elif action.kind is ActionKind.DELETE_CHILDREN:

@@ -116,14 +116,29 @@ def patch_status(
 
 
 def delete(
-    api: client.ApiClient, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background"
+    api: client.ApiClient,
+    api_version: str,
+    kind: str,
+    namespace: str,
+    name: str,
+    propagation: str = "Background",
+    *,
+    grace_period_seconds: int | None = None,
+    uid: str | None = None,
 ) -> bool:
-    """Delete the object; False when it is already gone."""
-    body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+    """Delete the object; False when it is already gone (or, with `uid`, replaced by another object).
+
+    `grace_period_seconds=0` force-deletes; `uid` is a precondition, so a same-named successor is never deleted.
+    """
+    body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+    if grace_period_seconds is not None:
+        body["gracePeriodSeconds"] = grace_period_seconds
+    if uid:
+        body["preconditions"] = {"uid": uid}
     try:
         request(api, "DELETE", path_of(api_version, kind, namespace, name), body)
     except ApiException as err:
-        if err.status == 404:
+        if err.status == 404 or (uid and err.status == 409):
             return False
         raise
     return True

@@ -141,8 +141,26 @@ def job_failed_count(batch_job: Mapping[str, Any]) -> int:
     return int(_status(batch_job).get("failed") or 0)
 
 
+def job_count(batch_job: Mapping[str, Any], counter: str) -> int:
+    """One of the Job controller's status counters (active, ready, succeeded, failed); 0 when absent."""
+    value = _status(batch_job).get(counter)
+    return value if isinstance(value, int) and value > 0 else 0
+
+
 def is_deleting(obj: Mapping[str, Any]) -> bool:
     return bool(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+def deletion_time(obj: Mapping[str, Any]) -> datetime | None:
+    """metadata.deletionTimestamp: the deletion request's time plus its grace period (when the object should be
+    gone); None when not deleting."""
+    return parse_time(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid in the object's controller ownerReference, or None without one."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return next((str(r.get("uid")) for r in refs if isinstance(r, Mapping) and r.get("controller")), None)
 
 
 def parse_time(value: Any) -> datetime | None:

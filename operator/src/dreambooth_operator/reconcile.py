@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final
 
@@ -42,6 +42,11 @@ from dreambooth_operator.validation import validate
 COUNTED_PODS_ANNOTATION: Final = "dreambooth.dev/counted-preemptions"
 COUNTED_PODS_KEEP: Final = 32
 TRAINING_STAGES: Final = frozenset({"Training", "Checkpointing", "Exporting", "Succeeded"})
+STUCK_POD_MARGIN_SECONDS: Final = 30.0
+"""How long past its deletionTimestamp (the deletion request plus the grace period, when the kubelet should have
+stopped it) a pod of an older attempt may hold up the next attempt; then its node is lost and it is force-deleted."""
+STUCK_PODS_FORCE_DELETED: Final = "StuckPodsForceDeleted"
+"""Condition and event reason: pods of the previous attempt stuck deleting were force-deleted."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class ActionKind(StrEnum):
     """Set batch Job `name`'s spec.suspend to `suspend`."""
     DELETE_CHILDREN = "DeleteChildren"
     """TTL: delete every batch Job, the Service and the ConfigMap of the job."""
+    FORCE_DELETE_POD = "ForceDeletePod"
+    """Delete pod `name` (precondition: `uid`) with gracePeriodSeconds=0: it is stuck deleting on a lost node."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Action:
     name: str = ""
     attempt: int = 0
     suspend: bool = False
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,25 @@ def parse_status(job: Mapping[str, Any]) -> DreamBoothJobStatus:
     except ValidationError:
         # A hand-edited or foreign status: keep what the counters need, start the rest afresh.
         return DreamBoothJobStatus(attempt=int(raw.get("attempt") or 0))
+
+
+def owned_batch_jobs(job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The batch Jobs this DreamBoothJob object controls (by uid): not those of an earlier object with the same
+    name that are still being garbage-collected. All of them when the job has no uid (never from the API)."""
+    uid = (job.get("metadata") or {}).get("uid")
+    return [j for j in batch_jobs if not uid or podstate.controller_uid(j) == str(uid)]
+
+
+def _owned(obs: Observed) -> tuple[Observed, list[Mapping[str, Any]]]:
+    """The observation cut down to this object's children (pods: those of an owned batch Job), and the
+    foreign batch Jobs that carry the job's label."""
+    if not (obs.job.get("metadata") or {}).get("uid"):
+        return obs, []
+    owned = owned_batch_jobs(obs.job, obs.batch_jobs)
+    uids = {str(j["metadata"].get("uid")) for j in owned}
+    foreign = [j for j in obs.batch_jobs if str(j["metadata"].get("uid")) not in uids]
+    pods = [p for p in obs.pods if podstate.controller_uid(p) in uids]
+    return replace(obs, batch_jobs=owned, pods=pods), foreign
 
 
 def _attempt_of(obj: Mapping[str, Any]) -> int | None:
@@ -189,6 +216,7 @@ _WARNING_REASONS: Final = frozenset(
         Reason.DEADLINE_EXCEEDED,
         Reason.UNSCHEDULABLE,
         Reason.IMAGE_PULL_FAILED,
+        STUCK_PODS_FORCE_DELETED,
     }
 )
 
@@ -217,6 +245,7 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
     name = str(meta.get("name"))
     generation = meta.get("generation")
     prev = parse_status(job)
+    obs, foreign = _owned(obs)
     b = _Builder(obs, prev, generation)
 
     # A stale body (older than what the status already reflects) must not change anything.
@@ -252,25 +281,63 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
 
     _progress(b, obs.progress, attempt, current_pods)
 
-    # Deadline (counted from startTime, which a resume resets).
-    left = deadline.remaining_seconds(prev.start_time, spec.run_policy.active_deadline_seconds, obs.now)
-    if left is not None and not spec.run_policy.suspend:
-        if left <= 0:
-            msg = f"the job ran longer than activeDeadlineSeconds ({spec.run_policy.active_deadline_seconds}s)"
-            if current is not None and not podstate.is_deleting(current):
-                b.actions.append(Action(ActionKind.DELETE_BATCH_JOB, name=current_name))
-            b.fail(Reason.DEADLINE_EXCEEDED, msg)
-            return _finished(b, name, counted)
-        b.requeue.append(left)
+    if _deadline_passed(b, spec, current, current_name):
+        return _finished(b, name, counted)
 
     outcome = _outcome(b, spec, name, current, current_name, current_pods, counted)
     if outcome is not None:
         return outcome
 
     if current is None:
+        blocker = next((j for j in foreign if j["metadata"]["name"] == current_name), None)
+        if blocker is not None:
+            return _wait_for_foreign_child(b, blocker, counted)
         return _start_attempt(b, spec, attempt, older_active, counted)
 
     return _running(b, spec, current, current_pods, counted)
+
+
+def _deadline_passed(
+    b: _Builder, spec: DreamBoothJobSpec, current: Mapping[str, Any] | None, current_name: str
+) -> bool:
+    """activeDeadlineSeconds, counted from startTime: set (or reset) when the job runs after a suspend or an
+    admission; the clock stops while the job is held. Past the deadline the attempt is stopped and the job fails."""
+    if _clock_stopped(spec, b.obs.job, current):
+        return False
+    if b.status.start_time is None or b.prev.phase in (JobPhase.QUEUED, JobPhase.SUSPENDED):
+        b.status.start_time = b.obs.now
+    seconds = spec.run_policy.active_deadline_seconds
+    left = deadline.remaining_seconds(b.status.start_time, seconds, b.obs.now)
+    if left is None:
+        return False
+    if left > 0:
+        b.requeue.append(left)
+        return False
+    if current is not None and not podstate.is_deleting(current):
+        b.actions.append(Action(ActionKind.DELETE_BATCH_JOB, name=current_name))
+    b.fail(Reason.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds ({seconds}s)")
+    return True
+
+
+def _clock_stopped(spec: DreamBoothJobSpec, job: Mapping[str, Any], current: Mapping[str, Any] | None) -> bool:
+    """The deadline clock does not run: the user suspended the job, or its attempt is (to be) created suspended
+    for a queue and is not admitted yet."""
+    if spec.run_policy.suspend:
+        return True
+    return is_queued_by_kueue(job) and (current is None or podstate.job_suspended(current))
+
+
+def _wait_for_foreign_child(b: _Builder, blocker: Mapping[str, Any], counted: list[str] | None) -> Plan:
+    """A batch Job with this attempt's name belongs to another object (an earlier DreamBoothJob of the same
+    name): never adopt it; wait until it is gone."""
+    name = blocker["metadata"]["name"]
+    if podstate.is_deleting(blocker):
+        message = f"waiting for the batch Job {name} of an earlier object with this name to be deleted"
+    else:
+        message = f"the batch Job {name} belongs to another object (an earlier job with this name); delete it"
+    b.phase(JobPhase.PENDING, message)
+    b.requeue.append(2.0)
+    return b.plan(counted)
 
 
 def _outcome(
@@ -505,6 +572,26 @@ def _replace_stuck_attempt(b: _Builder, current_name: str, stuck: str, counted: 
     return b.plan(counted)
 
 
+def _stuck_since(pod: Mapping[str, Any]) -> datetime | None:
+    """When a deleting pod counts as stuck (its node is lost): its deletionTimestamp plus the margin."""
+    at = podstate.deletion_time(pod)
+    return at + timedelta(seconds=STUCK_POD_MARGIN_SECONDS) if at is not None else None
+
+
+def _pod_names(pods: list[Mapping[str, Any]], limit: int = 3) -> str:
+    names_ = [str(p.get("metadata", {}).get("name")) for p in pods]
+    more = f" and {len(names_) - limit} more" if len(names_) > limit else ""
+    return ", ".join(names_[:limit]) + more
+
+
+def _waiting_message(pods: list[Mapping[str, Any]]) -> str:
+    forced = [t for p in pods if (t := _stuck_since(p)) is not None]
+    text = f"waiting for {len(pods)} pod(s) of the previous attempt to stop (last checkpoint): {_pod_names(pods)}"
+    if forced:
+        text += f"; pods still deleting at {max(forced).strftime('%Y-%m-%dT%H:%M:%SZ')} are force-deleted"
+    return text
+
+
 def _start_attempt(
     b: _Builder,
     spec: DreamBoothJobSpec,
@@ -512,14 +599,26 @@ def _start_attempt(
     older_active: list[Mapping[str, Any]],
     counted: list[str] | None,
 ) -> Plan:
-    if older_active:
+    now = b.obs.now
+    stuck = [p for p in older_active if (t := _stuck_since(p)) is not None and now >= t]
+    waiting = [p for p in older_active if all(p is not s for s in stuck)]
+    if waiting:
         # The previous attempt's pods are still writing their last checkpoint; the next one must resume from it.
-        b.phase(JobPhase.PENDING, f"waiting for {len(older_active)} pod(s) of the previous attempt to stop")
+        b.phase(JobPhase.PENDING, _waiting_message(waiting))
         b.requeue.append(2.0)
         return b.plan(counted)
+    note = ""
+    if stuck:
+        # Past their grace period the pods write nothing more (a checkpoint counts once its manifest is written).
+        b.actions.extend(
+            Action(ActionKind.FORCE_DELETE_POD, name=str(p["metadata"]["name"]), uid=podstate.pod_uid(p)) for p in stuck
+        )
+        note = (
+            f"force-deleted {len(stuck)} pod(s) of the previous attempt still deleting "
+            f"{int(STUCK_POD_MARGIN_SECONDS)}s past their grace period (node lost?): {_pod_names(stuck)}"
+        )
+        b.condition(JobConditionType.RUNNING, False, STUCK_PODS_FORCE_DELETED, f"{note}; starting attempt {attempt}")
     b.actions.append(Action(ActionKind.CREATE_ATTEMPT, attempt=attempt))
-    if b.status.start_time is None:
-        b.status.start_time = b.obs.now
     if spec.run_policy.suspend:
         b.phase(JobPhase.SUSPENDED, "suspended by spec.runPolicy.suspend")
         b.condition(JobConditionType.SUSPENDED, True, Reason.SUSPENDED_BY_USER, "spec.runPolicy.suspend is true")
@@ -527,7 +626,7 @@ def _start_attempt(
         b.phase(JobPhase.QUEUED, "waiting for the queue to admit the job")
         b.condition(JobConditionType.QUEUED, True, Reason.WAITING_FOR_ADMISSION, "waiting for admission")
     else:
-        b.phase(JobPhase.PENDING, f"creating attempt {attempt}")
+        b.phase(JobPhase.PENDING, f"creating attempt {attempt}" + (f" ({note})" if note else ""))
     return b.plan(counted)
 
 
@@ -545,15 +644,12 @@ def _running(
     wanted = suspend.desired_batch_suspend(user_suspend, batch_suspended, kueue)
     if wanted is not None:
         b.actions.append(Action(ActionKind.SET_SUSPEND, name=name, suspend=wanted))
-    was_suspended = b.prev.phase == JobPhase.SUSPENDED
     if user_suspend:
         b.phase(JobPhase.SUSPENDED, "suspended by spec.runPolicy.suspend; pods stop after a checkpoint")
         b.condition(JobConditionType.SUSPENDED, True, Reason.SUSPENDED_BY_USER, "spec.runPolicy.suspend is true")
         b.condition(JobConditionType.RUNNING, False, Reason.SUSPENDED_BY_USER, "suspended")
         return b.plan(counted)
-    if was_suspended or find_condition(b.status.conditions, JobConditionType.SUSPENDED.value):
-        if was_suspended:
-            b.status.start_time = b.obs.now  # suspended time does not count against the deadline
+    if find_condition(b.status.conditions, JobConditionType.SUSPENDED.value):
         b.condition(JobConditionType.SUSPENDED, False, Reason.RESUMED, "resumed from the last checkpoint")
     if suspend.waiting_for_admission(user_suspend, batch_suspended or wanted is True, kueue):
         b.phase(JobPhase.QUEUED, "waiting for the queue to admit the job")
@@ -565,11 +661,8 @@ def _running(
     active = [p for p in pods if podstate.is_active(p) and not podstate.is_deleting(p)]
     pull = next((m for p in active if (m := podstate.image_pull_failure(p))), None)
     unsched = next((m for p in active if (m := podstate.unschedulable(p))), None)
-    running = [p for p in active if podstate.is_running(p)]
-    # Ranks that already exited 0 count as running until the Job controller marks the Job Complete, so the
-    # phase does not drop back to Pending in between.
-    done = [p for p in pods if podstate.pod_phase(p) == "Succeeded"]
     nodes = spec.resources.nodes
+    running, done = _running_and_done(current, pods)
     stuck = pull or unsched
     if stuck is not None and _pod_spec_changed(current, spec):
         return _replace_stuck_attempt(b, name, stuck, counted)
@@ -579,10 +672,10 @@ def _running(
     elif unsched is not None:
         b.phase(JobPhase.PENDING, f"pods cannot be scheduled: {unsched}")
         b.condition(JobConditionType.RUNNING, False, Reason.UNSCHEDULABLE, unsched)
-    elif len(running) + len(done) < nodes:
-        b.phase(JobPhase.PENDING, f"{len(running)}/{nodes} pods running")
+    elif running + done < nodes and not _ranks_unseen(b.prev.phase, current, pods, nodes):
+        b.phase(JobPhase.PENDING, f"{running}/{nodes} pods running")
         if find_condition(b.status.conditions, JobConditionType.RUNNING.value) is None:
-            b.condition(JobConditionType.RUNNING, False, Reason.PODS_PENDING, f"{len(running)}/{nodes} pods running")
+            b.condition(JobConditionType.RUNNING, False, Reason.PODS_PENDING, f"{running}/{nodes} pods running")
     else:
         restarted = b.status.attempt > 0 or b.status.restarts.total > 0 or b.status.restarts.preemptions > 0
         restarted = restarted or b.status.restarts.failures > 0
@@ -595,6 +688,32 @@ def _running(
         reason = Reason.RESUMED if restarted else (Reason.TRAINING if training else Reason.PODS_RUNNING)
         b.condition(JobConditionType.RUNNING, True, reason, f"{nodes} pod(s) running (attempt {b.status.attempt})")
     return b.plan(counted)
+
+
+def _all_up(pods: list[Mapping[str, Any]]) -> bool:
+    """No observed pod is a new cause to leave Running: each one runs or exited 0."""
+    return all(podstate.is_running(p) or podstate.pod_phase(p) == "Succeeded" for p in pods)
+
+
+def _running_and_done(current: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> tuple[int, int]:
+    """Ranks running and ranks that exited 0. While no pod says otherwise, the Job controller's counters
+    (`ready`, `succeeded`) count too: a finished pod may be gone (podgc) or not seen yet. Finished ranks count
+    as running until the Job is Complete, so the phase does not drop back to Pending in between."""
+    running = sum(1 for p in pods if podstate.is_running(p))
+    done = sum(1 for p in pods if podstate.pod_phase(p) == "Succeeded")
+    if not _all_up(pods):
+        return running, done
+    return max(running, podstate.job_count(current, "ready")), max(done, podstate.job_count(current, "succeeded"))
+
+
+def _ranks_unseen(
+    prev_phase: JobPhase | None, current: Mapping[str, Any], pods: list[Mapping[str, Any]], nodes: int
+) -> bool:
+    """A running job whose missing ranks are only not seen (yet): no pod says otherwise, and the Job controller
+    counts every rank as active or succeeded. No new cause, so the phase stays."""
+    if prev_phase not in (JobPhase.RUNNING, JobPhase.INITIALIZING) or not _all_up(pods):
+        return False
+    return podstate.job_count(current, "active") + podstate.job_count(current, "succeeded") >= nodes
 
 
 def now_utc() -> datetime:

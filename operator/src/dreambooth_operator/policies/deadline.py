@@ -1,7 +1,8 @@
 """Deadline policy: spec.runPolicy.activeDeadlineSeconds, counted from status.startTime.
 
-The start time is reset when a suspended job resumes (as the Job controller does for a batch Job), so time
-spent suspended does not count.
+The clock stops while the job is suspended or its attempt waits for a queue's (Kueue's) admission: the start
+time is set (or reset) when the job resumes or is admitted, as the Job controller does for a batch Job, so time
+spent suspended or queued does not count.
 """
 
 from __future__ import annotations

@@ -54,12 +54,17 @@ class GangFailure:
         return f"{text}: {detail}" if detail else text
 
 
-# Most severe first: invalid input ends the job; a preemption does not use up retries.
-_SEVERITY = {FailureKind.INVALID_INPUT: 0, FailureKind.RETRYABLE: 1, FailureKind.PREEMPTED: 2}
+# Deciding first: invalid input ends the job; then a preemption, since a rank that loses its peer crashes on
+# the broken collective (exit 11) and that crash must not use up a retry.
+_SEVERITY = {FailureKind.INVALID_INPUT: 0, FailureKind.PREEMPTED: 1, FailureKind.RETRYABLE: 2}
 
 
 def gang_failure(pods: list[Mapping[str, Any]]) -> GangFailure | None:
-    """The failure that ends an attempt of a gang: any rank failed or was disrupted."""
+    """The failure that ends an attempt of a gang: any rank failed or was disrupted.
+
+    When any rank was disrupted (DisruptionTarget or exit 12), the attempt was preempted, whatever its peers'
+    exit codes; only invalid input outranks that.
+    """
     failures = [GangFailure(kind, pod) for pod in pods if (kind := classify(pod)) is not None]
     if not failures:
         return None
