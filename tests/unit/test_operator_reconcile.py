@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_operator.builders import parse_spec, pod_spec_hash
-from dreambooth_operator.handlers import OperatorState, batch_jobs_by_owner, execute, pods_by_owner
+from dreambooth_operator.handlers import batch_jobs_by_owner, pods_by_owner
 from dreambooth_operator.reconcile import (
     Action,
     ActionKind,
@@ -399,32 +398,6 @@ def test_older_attempt_pods_stuck_deleting_on_a_lost_node_are_force_deleted() ->
     # A pod whose deletion was not requested yet is waited for (the batch Job's deletion reaches it first).
     alive = make_pod(job, 0, 0).running().obj()
     assert run(job, [old_job], [alive, stuck], now=T0 + timedelta(days=1)).actions == []
-
-
-def test_force_delete_action_deletes_the_pod_at_once_with_a_uid_precondition() -> None:
-    calls: list[tuple[str, str, Any]] = []
-
-    class Api:
-        def call_api(self, path: str, method: str, **kwargs: Any) -> Any:
-            calls.append((method, path, kwargs["body"]))
-            return {}
-
-    job = make_job().obj()
-    plan = Plan(status=run(job).status, actions=[Action(ActionKind.FORCE_DELETE_POD, name="cat-a0-1-x", uid="u1")])
-    execute(cast("OperatorState", SimpleNamespace(api=Api())), job, [], plan)
-    assert calls == [
-        (
-            "DELETE",
-            "/api/v1/namespaces/team-a/pods/cat-a0-1-x",
-            {
-                "apiVersion": "v1",
-                "kind": "DeleteOptions",
-                "propagationPolicy": "Background",
-                "gracePeriodSeconds": 0,
-                "preconditions": {"uid": "u1"},
-            },
-        )
-    ]
 
 
 def test_phase_stays_running_while_the_batch_job_counts_the_ranks_that_pods_do_not_show() -> None:
