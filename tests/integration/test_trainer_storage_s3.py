@@ -106,3 +106,15 @@ def test_wrong_credentials_are_a_permanent_error(s3: S3Server, monkeypatch: pyte
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(InvalidInputError, match=f"s3://{bucket}/x"):
         make_store(s3).write_bytes(f"s3://{bucket}/x", b"1")
+
+
+def test_keys_with_uri_characters_round_trip(s3: S3Server, aws_env: None) -> None:
+    store = make_store(s3)
+    bucket = s3.make_bucket()
+    names = ["dog#1.jpg", "what?.jpg", "100%25.png"]
+    for name in names:
+        store.write_bytes(f"s3://{bucket}/photos/{name}", name.encode())
+    listed = store.list(f"s3://{bucket}/photos")
+    assert sorted(o.uri for o in listed) == sorted(f"s3://{bucket}/photos/{n}" for n in names)
+    assert all(o.etag for o in listed)
+    assert {store.read_bytes(o.uri) for o in listed} == {n.encode() for n in names}

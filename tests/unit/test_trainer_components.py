@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec
 from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
+from dreambooth_trainer.model_files import select_files
 from dreambooth_trainer.storage import ObjectStore
 from dreambooth_trainer.tiny import build_tiny_pipeline
 
@@ -80,6 +82,7 @@ def test_hub_id_loads_from_the_hub_cache(offline_hub_cache: Path, revision: str)
         BaseModelSpec(id="dreambooth-test/tiny-sd", revision=revision), ObjectStore(), offline_hub_cache
     )
     assert comps.model_dir.name == COMMIT
+    assert comps.identity == f"hub:dreambooth-test/tiny-sd@{COMMIT}"  # the resolved commit, not the branch
     assert not any(p.requires_grad for p in comps.unet.parameters())
 
 
@@ -132,3 +135,66 @@ def test_shared_model_cache_env_and_concurrent_downloads(tmp_path: Path, monkeyp
     assert resolve_model_dir(spec, store, cache) == folder
     assert not abandoned.exists()
     assert live.exists()
+
+
+def test_hub_listing_selects_bin_weights_and_the_identity_is_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository with only .bin weights: the hub's file list goes through the same selection as object storage."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    listing = [
+        "model_index.json",
+        "safety_checker/pytorch_model.bin",
+        *(f"{part}/config.json" for part in ("unet", "vae", "text_encoder")),
+        "unet/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.bin",
+        "text_encoder/pytorch_model.bin",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ]
+    snapshot = tmp_path / "snapshots" / COMMIT
+    shutil.copytree(build_tiny_pipeline(tmp_path / "build"), snapshot)
+    calls: list[dict[str, object]] = []
+
+    def model_info(_self: object, repo_id: str, revision: str | None = None, **_: object) -> object:
+        assert (repo_id, revision) == ("org/bin-only", "main")
+        return SimpleNamespace(sha=COMMIT, siblings=[SimpleNamespace(rfilename=f) for f in listing])
+
+    def snapshot_download(**kw: object) -> str:
+        calls.append(kw)
+        return str(snapshot)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    comps = load_components(BaseModelSpec(id="org/bin-only"), ObjectStore(), tmp_path / "cache")
+    [call] = calls
+    assert call["revision"] == "main"
+    assert call["allow_patterns"] == select_files(listing, None)
+    assert "unet/diffusion_pytorch_model.bin" in call["allow_patterns"]  # type: ignore[operator]
+    assert "safety_checker/pytorch_model.bin" not in call["allow_patterns"]  # type: ignore[operator]
+    assert comps.identity == f"hub:org/bin-only@{COMMIT}"
+
+
+def test_overwritten_uri_model_is_downloaded_again(tmp_path: Path) -> None:
+    """Re-uploading different weights to the same URI changes the model's identity and its cache folder."""
+    from safetensors.torch import load_file, save_file
+
+    store = ObjectStore()
+    uri = (tmp_path / "bucket" / "sd").as_uri()
+    src = build_tiny_pipeline(tmp_path / "build")
+    store.upload_dir(src, uri)
+    first = load_components(BaseModelSpec(uri=uri), store, tmp_path / "cache")
+    assert first.identity.startswith(f"uri:{uri}#")
+
+    weights = src / "unet" / "diffusion_pytorch_model.safetensors"
+    changed = {k: v + 1.0 for k, v in load_file(weights).items()}
+    save_file(changed, tmp_path / "changed.safetensors")
+    store.upload_file(tmp_path / "changed.safetensors", f"{uri}/unet/diffusion_pytorch_model.safetensors")
+    second = load_components(BaseModelSpec(uri=uri), store, tmp_path / "cache")
+    assert second.identity != first.identity
+    assert second.model_dir != first.model_dir
+    name, param = next(iter(second.unet.named_parameters()))
+    assert torch.equal(param, changed[name])

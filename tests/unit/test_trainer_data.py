@@ -228,3 +228,76 @@ def test_prepare_dataset_with_priors_and_caches(store: ObjectStore, tmp_path: Pa
     assert batch["latent_params"].shape[0] == 4
     raw = prepare_dataset(prepare_job(tmp_path, "random", True), comps, store)
     assert set(collate_fn([raw[1]])) == {"num_instance", "pixel_values", "input_ids"}
+
+
+def test_16_bit_grayscale_is_scaled_not_saturated(store: ObjectStore, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 48), 30000, dtype=np.uint16)).save(buf, format="PNG")  # about 46% gray
+    put(store, tmp_path, "gray16.png", buf.getvalue())
+    (example,) = load_instance_examples(spec(tmp_path), store, resolution=32)
+    values = np.asarray(example.image)
+    assert example.image.mode == "RGB"
+    assert abs(int(values.min()) - 117) <= 1
+    assert abs(int(values.max()) - 117) <= 1
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "GIF"])
+def test_only_jpeg_png_and_webp_are_decoded(store: ObjectStore, tmp_path: Path, fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), (10, 200, 10)).save(buf, format=fmt)
+    put(store, tmp_path, "other.png", buf.getvalue())
+    with pytest.raises(InvalidInputError, match=r"other\.png is not a decodable image"):
+        load_instance_examples(spec(tmp_path), store, resolution=32)
+
+
+def test_webp_is_decoded(store: ObjectStore, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), (10, 200, 10)).save(buf, format="WEBP", lossless=True)
+    put(store, tmp_path, "a.webp", buf.getvalue())
+    (example,) = load_instance_examples(spec(tmp_path), store, resolution=32)
+    assert example.image.getpixel((0, 0)) == (10, 200, 10)
+
+
+def test_oversized_object_is_refused_before_it_is_read(
+    store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dreambooth_trainer import imageio
+
+    big = put(store, tmp_path, "big.png", png((64, 64)))
+    monkeypatch.setattr(imageio, "MAX_IMAGE_BYTES", 100)
+    reads: list[str] = []
+
+    def read_bytes(uri: str) -> bytes:
+        reads.append(uri)
+        return b""
+
+    monkeypatch.setattr(store, "read_bytes", read_bytes)
+    with pytest.raises(InvalidInputError, match=r"big\.png is too large"):
+        load_instance_examples(spec(tmp_path), store, resolution=32)
+    assert big not in reads
+
+
+def test_a_rank_with_nothing_to_generate_does_not_move_the_models(store: ObjectStore, tmp_path: Path) -> None:
+    """With the class set complete, the UNet stays where it is: "meta" as the device would break any move."""
+    from dreambooth_trainer.prepare import prepare_dataset
+
+    put(store, tmp_path / "in", "0.png", png((48, 40)))
+    comps = load_components(BaseModelSpec(tiny=True), store, SHARED_MODELS)
+    job = prepare_job(tmp_path, "center", False)
+    job.training.cache_latents = False
+    prepare_dataset(job, comps, store)  # fills the class-image cache on the CPU
+    dataset = prepare_dataset(job, comps, store, device="meta")
+    assert len(dataset) == 3
+    assert {p.device.type for p in comps.unet.parameters()} == {"cpu"}
+
+
+def test_generation_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dreambooth_trainer.config import MixedPrecision
+    from dreambooth_trainer.prepare import generation_dtype
+
+    assert generation_dtype(MixedPrecision.NO, "cuda") is None
+    assert generation_dtype(MixedPrecision.BF16, "cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert generation_dtype(MixedPrecision.FP16, "cuda:0") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert generation_dtype(MixedPrecision.BF16, torch.device("cuda")) is torch.float16

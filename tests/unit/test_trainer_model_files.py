@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
-from dreambooth_trainer.model_files import hub_patterns, select_files
+from dreambooth_trainer.model_files import hub_allow_patterns, hub_patterns, select_files
 
 # The file list of stable-diffusion-v1-5/stable-diffusion-v1-5 (sizes in the comments).
 SD15 = [
@@ -110,3 +110,22 @@ def test_a_part_without_safetensors_falls_back_to_its_bin_weights_in_a_listing()
     listing = ["vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.bin"]
     assert select_files(listing, None) == ["vae/config.json", "vae/diffusion_pytorch_model.bin"]
     assert select_files(listing, "fp16") == ["vae/config.json", "vae/diffusion_pytorch_model.fp16.bin"]
+
+
+BIN_ONLY = [name for name in SD15 if not name.endswith(".safetensors")]
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_hub_allow_patterns_follow_the_listing(variant: str | None) -> None:
+    """A hub repository that has only .bin weights downloads them (the same rule as object storage)."""
+    tag = f".{variant}" if variant else ""
+    chosen = filter_repo_objects(BIN_ONLY, allow_patterns=hub_allow_patterns(BIN_ONLY, variant))
+    weights = [f"text_encoder/pytorch_model{tag}.bin", f"unet/diffusion_pytorch_model{tag}.bin"]
+    assert sorted(chosen) == sorted([*CONFIGS, *weights, f"vae/diffusion_pytorch_model{tag}.bin"])
+    # with safetensors in the repository the listing picks exactly what the static patterns pick
+    full = filter_repo_objects(SD15, allow_patterns=hub_allow_patterns(SD15, variant))
+    assert sorted(full) == sorted(filter_repo_objects(SD15, allow_patterns=hub_patterns(variant)))
+
+
+def test_hub_allow_patterns_without_a_listing_are_the_static_patterns() -> None:
+    assert hub_allow_patterns(None, "fp16") == hub_patterns("fp16")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from dreambooth_trainer.priors import (
     image_uri,
     latents_uri,
     load_class_images,
+    walk_order,
 )
 from dreambooth_trainer.storage import ObjectStore
 
@@ -57,9 +62,35 @@ def test_key_covers_what_changes_the_images() -> None:
         class_cache_key(TINY, prior(seed=1), RES),
         class_cache_key(BaseModelSpec(id="org/model"), prior(), RES),
         class_cache_key(BaseModelSpec(id="org/model", revision="abc"), prior(), RES),
+        class_cache_key(BaseModelSpec(id="org/model"), prior(), RES, "hub:org/model@" + "1" * 40),
+        class_cache_key(BaseModelSpec(uri="s3://bkt/sd"), prior(), RES, "uri:s3://bkt/sd#digest1"),
+        class_cache_key(BaseModelSpec(uri="s3://bkt/sd"), prior(), RES, "uri:s3://bkt/sd#digest2"),
     }
     assert base not in others
-    assert len(others) == 8
+    assert len(others) == 11
+    # the resolved commit, not the branch name, identifies a hub model: main and its commit share one set
+    commit = "2" * 40
+    main = BaseModelSpec(id="org/model", revision="main")
+    pinned = BaseModelSpec(id="org/model", revision=commit)
+    assert class_cache_key(main, prior(), RES, main.cache_identity(commit)) == class_cache_key(
+        pinned, prior(), RES, pinned.cache_identity(commit)
+    )
+
+
+def test_the_key_follows_the_loaded_weights(comps: Components, tmp_path: Path) -> None:
+    store = ObjectStore()
+    root = (tmp_path / "cache").as_uri()
+    base = BaseModelSpec(id="org/model")
+    old = generate_class_images(
+        replace(comps, identity="hub:org/model@" + "1" * 40), base, prior(numImages=1), RES, store, root
+    )
+    new = generate_class_images(
+        replace(comps, identity="hub:org/model@" + "2" * 40), base, prior(numImages=1), RES, store, root
+    )
+    assert old.uri != new.uri
+    assert new.generated == 1
+    meta = json.loads(store.read_bytes(new.uri + "/meta.json"))
+    assert meta["model"] == "hub:org/model@" + "2" * 40
 
 
 def test_default_cache_location_is_beside_the_output() -> None:
@@ -121,6 +152,53 @@ def test_ranks_split_the_work(comps: Components, tmp_path: Path) -> None:
     r0 = generate_class_images(comps, TINY, spec, RES, store, root, rank=0, world_size=2)
     assert r0.generated == 3
     assert existing_indices(store, r0.uri) == {0, 1, 2, 3, 4}
+
+
+def test_meta_is_written_by_whichever_rank_generates(comps: Components, tmp_path: Path) -> None:
+    store = ObjectStore()
+    root = (tmp_path / "cache").as_uri()
+    spec = prior(numImages=4)
+    r0 = generate_class_images(comps, TINY, spec, RES, store, root, rank=0, world_size=2)
+    store.delete(r0.uri + "/meta.json")
+    # only odd indices are missing now: rank 0 has nothing to do, rank 1 fills the set and records it
+    assert generate_class_images(comps, TINY, spec, RES, store, root, rank=0, world_size=2).generated == 0
+    assert generate_class_images(comps, TINY, spec, RES, store, root, rank=1, world_size=2).generated == 2
+    assert json.loads(store.read_bytes(r0.uri + "/meta.json"))["classPrompt"] == "a photo of dog"
+
+
+def test_nothing_to_generate_calls_no_setup(comps: Components, tmp_path: Path) -> None:
+    store = ObjectStore()
+    root = (tmp_path / "cache").as_uri()
+    calls: list[int] = []
+    generate_class_images(comps, TINY, prior(numImages=2), RES, store, root, before_generating=lambda: calls.append(1))
+    assert calls == [1]  # once, however many batches
+    generate_class_images(comps, TINY, prior(numImages=2), RES, store, root, before_generating=lambda: calls.append(1))
+    assert calls == [1]
+
+
+def job_walking(order: list[int]) -> str:
+    """A job name whose walk over six indices is `order` (the walk is a stable hash of the name)."""
+    return next(f"ns/job-{n}" for n in range(10_000) if walk_order(list(range(6)), f"ns/job-{n}") == order)
+
+
+def test_concurrent_jobs_share_the_work(comps: Components, tmp_path: Path) -> None:
+    """Two jobs filling the same set at once generate each image about once (the old code generated it twice)."""
+    store = ObjectStore()
+    root = (tmp_path / "cache").as_uri()
+    spec = prior(numImages=6)
+    jobs = [job_walking([0, 1, 2, 3, 4, 5]), job_walking([3, 2, 1, 0, 5, 4])]
+    start = threading.Barrier(2)
+
+    def run(job: str) -> int:
+        start.wait()
+        return generate_class_images(comps, TINY, spec, RES, store, root, batch_size=1, job=job).generated
+
+    with ThreadPoolExecutor(2) as pool:
+        generated = list(pool.map(run, jobs))
+    prefix = generate_class_images(comps, TINY, spec, RES, store, root).uri
+    assert existing_indices(store, prefix) == set(range(6))
+    # each job may repeat at most the batch it had in flight when they met (twice: in the middle and at the end)
+    assert sum(generated) <= 6 + 2, generated
 
 
 def test_latents_are_cached_beside_the_images(comps: Components, tmp_path: Path) -> None:

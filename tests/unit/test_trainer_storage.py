@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_trainer.config import StorageSettings
+from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, join_uri, parse_uri
 
 
@@ -84,3 +85,72 @@ def test_parse_and_join() -> None:
         parse_uri("http://example.com/x")
     with pytest.raises(InvalidInputError):
         parse_uri("s3:///nobucket")
+
+
+@pytest.mark.parametrize("name", ["dog#1.jpg", "what?.jpg", "100%25.png", "a b.png", "x%.png"])
+def test_s3_keys_are_taken_verbatim(name: str) -> None:
+    parsed = parse_uri(f"s3://bkt/photos/{name}")
+    assert (parsed.bucket, parsed.key) == ("bkt", f"photos/{name}")
+
+
+@pytest.mark.parametrize("name", ["dog#1.jpg", "what?.jpg", "100%25.png", "a b.png", "x%.png"])
+def test_file_names_with_uri_characters_round_trip(store: ObjectStore, tmp_path: Path, name: str) -> None:
+    """What a listing returns reads back, and folders copy with the same names."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / name).write_bytes(b"img")
+    prefix = (tmp_path / "bucket").as_uri()
+    [uploaded] = store.upload_dir(src, prefix)
+    assert (tmp_path / "bucket" / name).read_bytes() == b"img"
+    [listed] = store.list(prefix)
+    assert listed.uri == uploaded
+    assert store.read_bytes(listed.uri) == b"img"
+    assert store.exists(listed.uri)
+    assert parse_uri((tmp_path / name).as_uri()).path == tmp_path / name
+    store.download_dir(prefix, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [name]
+
+
+@pytest.fixture
+def no_aws_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def unreachable_store() -> ObjectStore:
+    return ObjectStore(StorageSettings(endpoint="http://127.0.0.1:9", region="us-east-1"))
+
+
+def test_missing_credentials_are_invalid_input_naming_the_uri(
+    no_aws_credentials: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod without (or with half of) its credentials Secret fails at once instead of retrying."""
+    with pytest.raises(InvalidInputError, match=r"s3://bkt/x\.png") as info:
+        unreachable_store().read_bytes("s3://bkt/x.png")
+    assert not isinstance(info.value, RetryableError)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "only-the-id")
+    with pytest.raises(InvalidInputError, match=r"s3://bkt/y\.png") as info:
+        unreachable_store().write_bytes("s3://bkt/y.png", b"1")
+    assert not isinstance(info.value, RetryableError)
+
+
+def test_invalid_request_parameters_are_invalid_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    with pytest.raises(InvalidInputError, match=r"s3://bkt/") as info:
+        unreachable_store().read_bytes("s3://bkt/")  # an empty key
+    assert not isinstance(info.value, RetryableError)
+
+
+def test_region_comes_from_settings_then_boto3_then_default(
+    no_aws_credentials: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ObjectStore(StorageSettings(endpoint="http://127.0.0.1:9")).s3.meta.region_name == "us-east-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert ObjectStore(StorageSettings(endpoint="http://127.0.0.1:9")).s3.meta.region_name == "eu-west-1"
+    settings = StorageSettings(endpoint="http://127.0.0.1:9", region="ap-south-1")
+    assert ObjectStore(settings).s3.meta.region_name == "ap-south-1"

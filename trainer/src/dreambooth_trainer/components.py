@@ -1,7 +1,9 @@
 """Load the Stable Diffusion parts that training needs from a hub id, an object-storage folder, or the tiny model.
 
 `load_components` returns the UNet, VAE, text encoder, tokenizer and noise scheduler, plus the local diffusers folder
-they came from (export and sampling reuse its configs). A base model that is not there, or not a Stable Diffusion
+they came from (export and sampling reuse its configs) and the identity of the weights that were resolved: the hub
+commit, or a digest of the object-storage folder's listing (ETags and sizes), so that caches keyed by it notice a
+moved branch or an overwritten folder. A base model that is not there, or not a Stable Diffusion
 diffusers folder, raises `InvalidInputError` naming it.
 """
 
@@ -18,8 +20,8 @@ from typing import Any
 
 from dreambooth_trainer.config import BaseModelSpec
 from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
-from dreambooth_trainer.model_files import REQUIRED_PARTS, hub_patterns, select_files
-from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, join_uri
+from dreambooth_trainer.model_files import REQUIRED_PARTS, hub_allow_patterns, select_files
+from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, relative_path
 from dreambooth_trainer.tiny import build_tiny_pipeline
 
 COMPLETE_MARKER = ".complete"
@@ -45,36 +47,64 @@ class Components:
     tokenizer: Any
     noise_scheduler: Any
     model_dir: Path
+    identity: str = ""
+    """`BaseModelSpec.cache_identity` of the resolved weights (empty when loaded from a folder by path)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A local diffusers folder and the identity of the weights in it."""
+
+    path: Path
+    identity: str
 
 
 def resolve_model_dir(spec: BaseModelSpec, store: ObjectStore, cache_dir: Path) -> Path:
     """A local diffusers folder with the base model's files (downloaded or built once, then cached)."""
+    return resolve_model(spec, store, cache_dir).path
+
+
+def resolve_model(spec: BaseModelSpec, store: ObjectStore, cache_dir: Path) -> ResolvedModel:
+    """The base model's local folder and its resolved identity (hub commit, or uri listing digest)."""
     cache_dir = Path(cache_dir)
     if spec.tiny:
-        return build_tiny_pipeline(cache_dir / "tiny")
+        return ResolvedModel(build_tiny_pipeline(cache_dir / "tiny"), spec.cache_identity())
     if spec.uri:
-        return _download_uri(spec.uri, spec.variant, store, cache_dir)
+        path, digest = _download_uri(spec.uri, spec.variant, store, cache_dir)
+        return ResolvedModel(path, spec.cache_identity(digest))
     assert spec.id is not None
-    return _download_hub(spec, cache_dir)
+    path = _download_hub(spec, cache_dir)
+    return ResolvedModel(path, spec.cache_identity(path.name))  # the snapshot folder is named by its commit
 
 
-def _download_uri(uri: str, variant: str | None, store: ObjectStore, cache_dir: Path) -> Path:
-    key = hashlib.sha256(f"{uri}#{variant or ''}".encode()).hexdigest()[:16]
+def listing_digest(objects: list[tuple[str, int, str]]) -> str:
+    """A digest of (relative path, size, ETag) of the files a model is made of; changes when one is replaced."""
+    lines = "\n".join(f"{rel}\t{size}\t{etag}" for rel, size, etag in sorted(objects))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def _download_uri(uri: str, variant: str | None, store: ObjectStore, cache_dir: Path) -> tuple[Path, str]:
+    """Download the training files of a diffusers folder once per content; returns (folder, listing digest)."""
+    try:
+        listed = {relative_path(uri, obj.uri): obj for obj in store.list(uri)}
+    except ObjectNotFoundError as err:
+        raise InvalidInputError(f"baseModel.uri {uri}: {err}") from err
+    if "model_index.json" not in listed:
+        raise InvalidInputError(f"baseModel.uri {uri} is not a diffusers folder (no model_index.json)")
+    selected = select_files(listed, variant)
+    digest = listing_digest([(rel, listed[rel].size, listed[rel].etag) for rel in selected])
+    key = hashlib.sha256(f"{uri}#{variant or ''}#{digest}".encode()).hexdigest()[:16]
     target = cache_dir / "models" / key
     if (target / COMPLETE_MARKER).is_file():
-        return target
-    if not store.exists(join_uri(uri, "model_index.json")):
-        raise InvalidInputError(f"baseModel.uri {uri} is not a diffusers folder (no model_index.json)")
-    root = uri.rstrip("/")
+        return target, digest
     # Download beside the target and rename it into place, so that pods sharing the cache never see a half-copied
     # model: the first complete copy wins, a later one is discarded.
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_downloads(target.parent, key)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
-        listing = [obj.uri[len(root) + 1 :] for obj in store.list(uri)]
-        for rel in select_files(listing, variant):
-            store.download_file(f"{root}/{rel}", tmp / rel)
+        for rel in selected:
+            store.download_file(listed[rel].uri, tmp / rel)
         (tmp / COMPLETE_MARKER).write_text(uri)
         if target.is_dir() and not (target / COMPLETE_MARKER).is_file():
             shutil.rmtree(target, ignore_errors=True)  # left by an older, non-atomic download
@@ -87,7 +117,7 @@ def _download_uri(uri: str, variant: str | None, store: ObjectStore, cache_dir: 
         raise InvalidInputError(f"baseModel.uri {uri}: {err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return target, digest
 
 
 def _sweep_stale_downloads(folder: Path, key: str) -> None:
@@ -115,9 +145,9 @@ def _download_hub(spec: BaseModelSpec, cache_dir: Path) -> Path:
     try:
         path = snapshot_download(
             repo_id=str(spec.id),
-            revision=spec.revision,
+            revision=spec.revision,  # not the listed commit: a branch must stay resolvable offline (refs/<branch>)
             cache_dir=str(cache_dir / "hub"),
-            allow_patterns=hub_patterns(spec.variant),
+            allow_patterns=hub_allow_patterns(_hub_listing(spec), spec.variant),
         )
     except LocalEntryNotFoundError as err:
         # The hub is unreachable (or switched off) and the cache lacks this revision: worth a retry. It subclasses
@@ -128,6 +158,23 @@ def _download_hub(spec: BaseModelSpec, cache_dir: Path) -> Path:
     except OSError as err:
         raise RetryableError(f"downloading baseModel.id {spec.id}@{spec.revision} failed: {err}") from err
     return Path(path)
+
+
+def _hub_listing(spec: BaseModelSpec) -> list[str] | None:
+    """The repository's files at `spec.revision`; None when the hub cannot be reached (`snapshot_download` then
+    reads the local cache). A missing repository or revision raises."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        info = HfApi().model_info(str(spec.id), revision=spec.revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
+        raise
+    except OSError:  # connection errors, timeouts, 5xx (requests' errors are OSErrors)
+        return None
+    return [s.rfilename for s in info.siblings or []]
 
 
 def load_components_from_dir(model_dir: Path, variant: str | None = None, name: str | None = None) -> Components:
@@ -154,9 +201,10 @@ def load_components_from_dir(model_dir: Path, variant: str | None = None, name: 
 
 def load_components(spec: BaseModelSpec, store: ObjectStore, cache_dir: Path) -> Components:
     """Resolve the base model to a local folder and load its parts (frozen, eval mode, fp32, on CPU)."""
-    model_dir = resolve_model_dir(spec, store, cache_dir)
+    resolved = resolve_model(spec, store, cache_dir)
     label = spec.uri or (f"{spec.id}@{spec.revision}" if spec.id else "tiny")
-    comps = load_components_from_dir(model_dir, variant=spec.variant, name=label)
+    comps = load_components_from_dir(resolved.path, variant=spec.variant, name=label)
+    comps.identity = resolved.identity
     for model in (comps.unet, comps.vae, comps.text_encoder):
         model.requires_grad_(False)
         model.eval()

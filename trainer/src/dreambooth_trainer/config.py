@@ -111,13 +111,18 @@ class BaseModelSpec(Model):
             raise ValueError("baseModel needs exactly one of id, uri or tiny: true")
         return self
 
-    def cache_identity(self) -> str:
-        """A stable identity of the weights, used in content-addressed cache keys."""
+    def cache_identity(self, resolved: str | None = None) -> str:
+        """A stable identity of the weights, used in content-addressed cache keys.
+
+        `resolved` is what the base model resolved to when it was fetched: the hub commit of `revision`, or a
+        digest of the uri folder's listing (see `components.resolve_model`). Without it the identity is only the
+        name (`revision` may be a branch that moves, a uri may be overwritten).
+        """
         if self.tiny:
             return "tiny"
         if self.id:
-            return f"hub:{self.id}@{self.revision}"
-        return f"uri:{self.uri}"
+            return f"hub:{self.id}@{resolved or self.revision}"
+        return f"uri:{self.uri}" + (f"#{resolved}" if resolved else "")
 
 
 class InstanceImagesSpec(Model):

@@ -26,7 +26,14 @@ from torch.utils.data import Dataset
 
 from dreambooth_trainer.config import Crop, InstanceImagesSpec
 from dreambooth_trainer.exitcodes import InvalidInputError
-from dreambooth_trainer.imageio import crop_box, decode_image, is_image_name, resize_shorter_side, to_tensor
+from dreambooth_trainer.imageio import (
+    check_size,
+    crop_box,
+    decode_image,
+    is_image_name,
+    resize_shorter_side,
+    to_tensor,
+)
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore
 
 INSTANCE = 0
@@ -56,13 +63,18 @@ def identifier_tokens(spec: InstanceImagesSpec, class_prompt: str | None) -> lis
 
 def list_instance_uris(spec: InstanceImagesSpec, store: ObjectStore) -> list[str]:
     """The image URIs of the instance set (a prefix's jpg/jpeg/png/webp objects, or the explicit list)."""
+    return [uri for uri, _size in list_instance_objects(spec, store)]
+
+
+def list_instance_objects(spec: InstanceImagesSpec, store: ObjectStore) -> list[tuple[str, int | None]]:
+    """The instance images as (URI, size in bytes); the size is None for an explicit list (not listed)."""
     if spec.files is not None:
-        return list(spec.files)
+        return [(uri, None) for uri in spec.files]
     assert spec.uri is not None
-    uris = [o.uri for o in store.list(spec.uri) if is_image_name(o.uri)]
-    if not uris:
+    objects: list[tuple[str, int | None]] = [(o.uri, o.size) for o in store.list(spec.uri) if is_image_name(o.uri)]
+    if not objects:
         raise InvalidInputError(f"no instance images (jpg, jpeg, png, webp) under instanceImages.uri {spec.uri}")
-    return uris
+    return objects
 
 
 def _caption_uri(image_uri: str) -> str:
@@ -77,10 +89,12 @@ def load_instance_examples(
     class_prompt: str | None = None,
 ) -> list[Example]:
     """Read, decode, validate and resize the instance images (and their captions). Fails on the first bad one."""
-    uris = list_instance_uris(spec, store)
-    if len(uris) < spec.min_images:
+    objects = list_instance_objects(spec, store)
+    if len(objects) < spec.min_images:
         where = spec.uri or "instanceImages.files"
-        raise InvalidInputError(f"found {len(uris)} instance images in {where}, fewer than minImages={spec.min_images}")
+        raise InvalidInputError(
+            f"found {len(objects)} instance images in {where}, fewer than minImages={spec.min_images}"
+        )
     min_side = max(spec.min_resolution, 1)
     identifiers = identifier_tokens(spec, class_prompt) if spec.captions else []
     if spec.captions and not identifiers:
@@ -88,7 +102,9 @@ def load_instance_examples(
             "captions: true needs the identifier token: set instanceImages.identifier (or a class prompt)"
         )
     examples = []
-    for uri in uris:
+    for uri, size in objects:
+        if size is not None:
+            check_size(size, uri)  # before reading the object into memory
         try:
             data = store.read_bytes(uri)
         except ObjectNotFoundError as err:

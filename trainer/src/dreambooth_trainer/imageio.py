@@ -22,20 +22,32 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 # Refuse files larger than this before reading them into memory.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# The formats Pillow may decode (docs/api.md promises jpg, jpeg, png, webp); others are refused unparsed.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+# Pillow's modes of more than 8 bits per sample (16-bit PNGs open as I;16 or I) and their full-scale value.
+_WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def check_size(size: int, name: str) -> None:
+    """Refuse an image file over MAX_IMAGE_BYTES (call it with the listed size before reading the object)."""
+    if size > MAX_IMAGE_BYTES:
+        raise InvalidInputError(f"instance image {name} is too large ({size} bytes > {MAX_IMAGE_BYTES})")
+
+
 def decode_image(data: bytes, name: str, min_resolution: int = 1, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode bytes to an RGB image with its EXIF orientation applied. Raises InvalidInputError naming `name`."""
-    if len(data) > MAX_IMAGE_BYTES:
-        raise InvalidInputError(f"instance image {name} is too large ({len(data)} bytes > {MAX_IMAGE_BYTES})")
+    """Decode JPEG, PNG or WEBP bytes to an RGB image with its EXIF orientation applied.
+
+    Raises InvalidInputError naming `name`.
+    """
+    check_size(len(data), name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
+            opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = opened.size
             if width * height > max_pixels:
                 raise InvalidInputError(
@@ -60,12 +72,22 @@ def decode_image(data: bytes, name: str, min_resolution: int = 1, max_pixels: in
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
+    if img.mode in _WIDE_MODES:
+        return _to_8bit(img, _WIDE_MODES[img.mode]).convert("RGB")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image, full_scale: float) -> Image.Image:
+    """A grayscale image of more than 8 bits per sample scaled to mode L (0..full_scale -> 0..255)."""
+    import numpy as np
+
+    arr = np.asarray(img, dtype=np.float64) * (255.0 / full_scale)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:

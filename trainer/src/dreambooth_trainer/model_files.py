@@ -5,8 +5,10 @@ UNet as full, fp16 and non-EMA safetensors and again as `.bin`, about 9.8 GB for
 is needed. Downloading only the weights of the requested variant (fp32 when none is given) as safetensors cuts the
 time from apply to training start for every job that does not find the model cached.
 
-`hub_patterns` are the `allow_patterns` for `huggingface_hub.snapshot_download`; `select_files` applies the same
-choice to a listing (an object-storage folder), and falls back to a part's `.bin` weights when it has no safetensors.
+`select_files` makes the choice on a listing (a hub repository's files or an object-storage folder), and falls back
+to a part's `.bin` weights when it has no safetensors. `hub_allow_patterns` turns it into the `allow_patterns` of
+`huggingface_hub.snapshot_download`; `hub_patterns` (safetensors only) is the fallback when the hub cannot be listed
+(offline, reading a pre-filled cache).
 """
 
 from __future__ import annotations
@@ -64,3 +66,10 @@ def select_files(paths: Iterable[str], variant: str | None) -> list[str]:
         )
         chosen |= configs | set(weights)
     return [p for p in listing if p in chosen]
+
+
+def hub_allow_patterns(listing: Iterable[str] | None, variant: str | None) -> list[str]:
+    """`allow_patterns` for a hub repository: the selected files of its listing, or `hub_patterns` without one."""
+    if listing is None:
+        return hub_patterns(variant)
+    return select_files(listing, variant)

@@ -2,7 +2,8 @@
 
 The runtime calls `prepare_dataset` on every rank after loading the components and before building the module:
 class images are generated with the base weights (each rank its share, then `barrier()`), every rank loads the
-same sets, and the latent and text caches are filled when the VAE and text encoder are frozen.
+same sets, and the latent and text caches are filled when the VAE and text encoder are frozen. The models move to the
+device only on a rank that generates something; with mixed precision on CUDA generation runs under autocast.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from dreambooth_trainer.components import Components
-from dreambooth_trainer.config import Crop, JobConfig
+from dreambooth_trainer.config import Crop, JobConfig, MixedPrecision
 from dreambooth_trainer.data import CLASS, DreamBoothDataset, class_examples, load_instance_examples
 from dreambooth_trainer.priors import class_latents, default_cache_root, generate_class_images, load_class_images
 from dreambooth_trainer.storage import ObjectStore
@@ -45,7 +46,7 @@ def prepare_dataset(
     if prior.enabled:
         if on_phase:
             on_phase("GeneratingPriors")
-        moved = _to_device(components, device)
+        moved: list[bool] = []
         result = generate_class_images(
             components,
             config.base_model,
@@ -56,6 +57,9 @@ def prepare_dataset(
             rank=rank,
             world_size=world_size,
             device=device,
+            job=f"{config.namespace}/{config.name}",
+            autocast_dtype=generation_dtype(t.mixed_precision, device),
+            before_generating=lambda: moved.append(_to_device(components, device)),
         )
         if barrier is not None:
             barrier()
@@ -63,11 +67,12 @@ def prepare_dataset(
         assert prior.class_prompt is not None
         classes = class_examples([img for _, img in loaded], prior.class_prompt, t.resolution, [u for u, _ in loaded])
         if t.cache_latents and config.instance_images.crop is Crop.CENTER:
+            vae = components.vae.to(device)  # back on the CPU below, with the dataset's caches
             latents = class_latents(
-                store, result.uri, [c.image for c in classes], components.vae, t.resolution, device, write=rank == 0
+                store, result.uri, [c.image for c in classes], vae, t.resolution, device, write=rank == 0
             )
             preset = {(CLASS, i, False): p for i, p in latents.items()}
-        if moved:
+        if any(moved):
             _to_device(components, "cpu")
     dataset = DreamBoothDataset(
         instances,
@@ -86,6 +91,13 @@ def prepare_dataset(
         components.vae.to("cpu")
         components.text_encoder.to("cpu")
     return dataset
+
+
+def generation_dtype(mixed_precision: MixedPrecision, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for class-image generation: bf16 where supported, else fp16, on CUDA with mixed precision."""
+    if mixed_precision is MixedPrecision.NO or torch.device(device).type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _to_device(components: Components, device: torch.device | str) -> bool:

@@ -7,14 +7,23 @@ missing indices, and a job that wants fewer uses the first ones.
 
 Image `i` is generated from seed `seed + i`, so an image does not depend on which rank made it or in what batch.
 Ranks split the missing indices (`i % world_size == rank`); the caller puts a barrier after `generate_class_images`
-before every rank reads the set with `load_class_images`.
+before every rank reads the set with `load_class_images`. Jobs that fill the same set at the same time share the
+work: each walks its share from a job-specific start and direction and re-lists the set before every batch,
+skipping what another job has written meanwhile (only a batch in flight when two jobs meet is generated twice).
+
+The base model in the key is its resolved identity (`Components.identity`: the hub commit, or a digest of the uri
+folder's listing). The precision of generation (autocast on CUDA with mixed precision) is not part of the key: it
+changes pixels slightly, not what the images show.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +49,16 @@ KEY_VERSION = 1
 _IMAGE_RE = re.compile(r"class-(\d{5,})\.png$")
 
 
-def class_cache_key(base: BaseModelSpec, prior: PriorPreservationSpec, resolution: int) -> str:
-    """The content address of a class-image set (everything that changes the images except their count)."""
+def class_cache_key(
+    base: BaseModelSpec, prior: PriorPreservationSpec, resolution: int, model_identity: str | None = None
+) -> str:
+    """The content address of a class-image set (everything that changes the images except their count).
+
+    `model_identity` is the resolved `Components.identity`; without it the base model counts by name only.
+    """
     identity = {
         "v": KEY_VERSION,
-        "model": base.cache_identity(),
+        "model": model_identity or base.cache_identity(),
         "variant": base.variant,
         "classPrompt": prior.class_prompt,
         "resolution": resolution,
@@ -67,8 +81,8 @@ def default_cache_root(config: JobConfig) -> str:
     return join_uri(parent, "class-cache")
 
 
-def class_cache_uri(config: JobConfig) -> str:
-    key = class_cache_key(config.base_model, config.prior_preservation, config.training.resolution)
+def class_cache_uri(config: JobConfig, model_identity: str | None = None) -> str:
+    key = class_cache_key(config.base_model, config.prior_preservation, config.training.resolution, model_identity)
     return join_uri(default_cache_root(config), key)
 
 
@@ -99,9 +113,32 @@ class PriorResult:
     """Images that were already in the cache (counted on rank 0 only)."""
 
 
-def _write_meta(store: ObjectStore, prefix: str, base: BaseModelSpec, prior: PriorPreservationSpec, res: int) -> None:
+def share(missing: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's missing indices: `i % world_size == rank`."""
+    return [i for i in missing if i % world_size == rank]
+
+
+def walk_order(indices: list[int], job: str | None) -> list[int]:
+    """`indices` in the order a job generates them: from a start and a direction hashed from `job` (a per-run nonce
+    without one). Jobs at other starts meet late, and jobs walking towards each other stop when they meet."""
+    if not indices:
+        return []
+    digest = hashlib.sha256(job.encode() if job else os.urandom(8)).digest()
+    start = int.from_bytes(digest[:8], "big") % len(indices)
+    rotated = indices[start:] + indices[:start]
+    return rotated[:1] + rotated[:0:-1] if digest[8] & 1 else rotated
+
+
+def next_batch(order: list[int], done: set[int], size: int) -> list[int]:
+    """The next `size` indices of `order` that are not done (by this job or by another)."""
+    return [i for i in order if i not in done][:size]
+
+
+def _write_meta(
+    store: ObjectStore, prefix: str, model: str, base: BaseModelSpec, prior: PriorPreservationSpec, res: int
+) -> None:
     meta = {
-        "model": base.cache_identity(),
+        "model": model,
         "variant": base.variant,
         "classPrompt": prior.class_prompt,
         "resolution": res,
@@ -127,49 +164,65 @@ def generate_class_images(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     batch_size: int = 4,
+    *,
+    job: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    before_generating: Callable[[], Any] | None = None,
 ) -> PriorResult:
     """Generate this rank's share of the missing class images of the set; existing images are never regenerated.
 
-    `components` has unet, vae, text_encoder, tokenizer, noise_scheduler (the base weights, before training).
+    `components` has unet, vae, text_encoder, tokenizer, noise_scheduler (the base weights, before training) and
+    `identity`. `job` names the job (see `walk_order`).
+    `autocast_dtype` runs the pipeline under `torch.autocast` on `device`. `before_generating` is called once,
+    before the first batch, and never when this rank has nothing to generate (to move the models to the device).
     """
     if not prior.class_prompt:
         raise InvalidInputError("priorPreservation.classPrompt is required to generate class images")
-    prefix = join_uri(cache_root, class_cache_key(base, prior, resolution))
+    model = getattr(components, "identity", "") or base.cache_identity()
+    prefix = join_uri(cache_root, class_cache_key(base, prior, resolution, model))
     present = existing_indices(store, prefix)
-    wanted = range(prior.num_images)
-    missing = [i for i in wanted if i not in present]
+    missing = [i for i in range(prior.num_images) if i not in present]
     reused = prior.num_images - len(missing)
     if rank == 0:
         CLASS_IMAGES_REUSED.inc(reused)
-    mine = [i for i in missing if i % world_size == rank]
-    if not mine:
-        return PriorResult(prefix, 0, reused)
-    if rank == 0:
-        _write_meta(store, prefix, base, prior, resolution)
-    pipe = build_pipeline(
-        components.unet,
-        components.vae,
-        components.text_encoder,
-        components.tokenizer,
-        components.noise_scheduler.config,
-        prior.sampler,
-    )
+    order = walk_order(share(missing, rank, world_size), job)
+    pipe = None
+    done = set(present)
     generated = 0
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        images = pipe(
-            [prior.class_prompt] * len(chunk),
-            height=resolution,
-            width=resolution,
-            num_inference_steps=prior.steps,
-            guidance_scale=prior.guidance_scale,
-            generator=[generator_for(prior.seed + i, device) for i in chunk],
-        ).images
+    while chunk := next_batch(order, done, batch_size):
+        if pipe is None:
+            if before_generating is not None:
+                before_generating()
+            _write_meta(store, prefix, model, base, prior, resolution)
+            pipe = build_pipeline(
+                components.unet,
+                components.vae,
+                components.text_encoder,
+                components.tokenizer,
+                components.noise_scheduler.config,
+                prior.sampler,
+            )
+        with _autocast(device, autocast_dtype):
+            images = pipe(
+                [prior.class_prompt] * len(chunk),
+                height=resolution,
+                width=resolution,
+                num_inference_steps=prior.steps,
+                guidance_scale=prior.guidance_scale,
+                generator=[generator_for(prior.seed + i, device) for i in chunk],
+            ).images
         for index, image in zip(chunk, images, strict=True):
             store.write_bytes(image_uri(prefix, index), encode_png(image))
             generated += 1
             CLASS_IMAGES_GENERATED.inc()
+        done |= set(chunk) | existing_indices(store, prefix)  # what other jobs wrote meanwhile
     return PriorResult(prefix, generated, reused)
+
+
+def _autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def load_class_images(store: ObjectStore, prefix: str, num_images: int) -> list[tuple[str, Image.Image]]:

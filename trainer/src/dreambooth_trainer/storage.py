@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote
 
 from dreambooth_trainer.config import StorageSettings
 from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
@@ -49,6 +49,8 @@ class ObjectInfo:
 
     uri: str
     size: int
+    etag: str = ""
+    """The S3 ETag, or the modification time in nanoseconds for file:// (a cheap change marker)."""
 
 
 @dataclass(frozen=True)
@@ -63,16 +65,23 @@ class ParsedUri:
 
 
 def parse_uri(uri: str) -> ParsedUri:
-    """Split `s3://bucket/key` or `file:///abs/path` into scheme, bucket and key (the path without its leading /)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
+    """Split `s3://bucket/key` or `file:///abs/path` into scheme, bucket and key (the path without its leading /).
+
+    S3 keys are taken verbatim (`#`, `?` and `%` are part of the key). File paths are percent-decoded, as
+    `Path.as_uri()` encodes them; listings encode file names the same way, so listed URIs read back.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        raise InvalidInputError(f"unsupported URI scheme (want s3:// or file://): {uri}")
+    host, _slash, path = rest.partition("/")
+    if scheme == "s3":
+        if not host:
             raise InvalidInputError(f"not an object-storage URI (no bucket): {uri}")
-        return ParsedUri("s3", parsed.netloc, parsed.path.lstrip("/"))
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
+        return ParsedUri("s3", host, path)
+    if scheme == "file":
+        if host not in ("", "localhost"):
             raise InvalidInputError(f"file URIs must be absolute (file:///path): {uri}")
-        return ParsedUri("file", "", unquote(parsed.path).lstrip("/"))
+        return ParsedUri("file", "", unquote(path).lstrip("/"))
     raise InvalidInputError(f"unsupported URI scheme (want s3:// or file://): {uri}")
 
 
@@ -87,6 +96,17 @@ def join_uri(prefix: str, *parts: str) -> str:
 
 def _dir_prefix(uri: str) -> str:
     return uri.rstrip("/") + "/"
+
+
+def child_uri(prefix_uri: str, rel: str) -> str:
+    """The URI of the relative path `rel` under `prefix_uri` (percent-encoded for file://, verbatim for s3://)."""
+    return join_uri(prefix_uri, quote(rel) if prefix_uri.startswith("file:") else rel)
+
+
+def relative_path(prefix_uri: str, uri: str) -> str:
+    """The path of `uri` (an object listed under `prefix_uri`) relative to the prefix, decoded for file://."""
+    rel = uri[len(_dir_prefix(prefix_uri)) :]
+    return unquote(rel) if uri.startswith("file:") else rel
 
 
 class ObjectStore:
@@ -118,10 +138,11 @@ class ObjectStore:
                     connect_timeout=10,
                     read_timeout=60,
                 )
-                self._client = boto3.session.Session().client(
+                session = boto3.session.Session()
+                self._client = session.client(
                     "s3",
                     endpoint_url=self.settings.endpoint,
-                    region_name=self.settings.region or os.environ.get("AWS_REGION") or "us-east-1",
+                    region_name=_region(session, self.settings.region),
                     config=config,
                 )
             return self._client
@@ -148,7 +169,15 @@ class ObjectStore:
     def _s3_error(self, err: Exception, uri: str) -> Exception:
         if self._is_missing(err):
             return ObjectNotFoundError(uri)
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import (
+            ClientError,
+            NoCredentialsError,
+            ParamValidationError,
+            PartialCredentialsError,
+        )
+
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError, ParamValidationError)):
+            return InvalidInputError(f"object storage request for {uri} is invalid: {err}")
 
         if isinstance(err, ClientError):
             code = str(err.response.get("Error", {}).get("Code", ""))
@@ -258,14 +287,16 @@ class ObjectStore:
                         continue  # an unfinished atomic write
                     full = Path(dirpath) / name
                     rel = full.relative_to(root).as_posix()
-                    yield ObjectInfo(join_uri(prefix_uri, rel), full.stat().st_size)
+                    stat = full.stat()
+                    yield ObjectInfo(child_uri(prefix_uri, rel), stat.st_size, str(stat.st_mtime_ns))
             return
         prefix = _dir_prefix(p.key) if p.key else ""
         try:
             paginator = self.s3.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=p.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(f"s3://{p.bucket}/{obj['Key']}", int(obj.get("Size", 0)))
+                    uri = f"s3://{p.bucket}/{obj['Key']}"
+                    yield ObjectInfo(uri, int(obj.get("Size", 0)), str(obj.get("ETag", "")))
         except Exception as err:
             raise self._s3_error(err, prefix_uri) from err
 
@@ -296,7 +327,7 @@ class ObjectStore:
         for path in sorted(local_dir.rglob("*")):
             if path.is_file():
                 rel = path.relative_to(local_dir).as_posix()
-                uri = join_uri(prefix_uri, rel)
+                uri = child_uri(prefix_uri, rel)
                 self.upload_file(path, uri)
                 written.append(uri)
         return written
@@ -304,19 +335,23 @@ class ObjectStore:
     def download_dir(self, prefix_uri: str, local_dir: Path | str) -> builtins.list[Path]:
         """Download every object under prefix_uri into local_dir; raises ObjectNotFoundError when there is none."""
         local_dir = Path(local_dir)
-        base = _dir_prefix(prefix_uri)
         objects = self.list(prefix_uri)
         if not objects:
             raise ObjectNotFoundError(prefix_uri)
         out = []
         for obj in objects:
-            rel = obj.uri[len(base) :]
+            rel = relative_path(prefix_uri, obj.uri)
             target = (local_dir / rel).resolve()
             if not target.is_relative_to(local_dir.resolve()):
                 raise InvalidInputError(f"object key escapes the target folder: {obj.uri}")
             self.download_file(obj.uri, target)
             out.append(target)
         return out
+
+
+def _region(session: Any, configured: str | None) -> str:
+    """The configured region, else boto3's (AWS_DEFAULT_REGION, the profile), else AWS_REGION, else us-east-1."""
+    return configured or session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
 
 
 def _atomic_write(path: Path, write: Any) -> None:
