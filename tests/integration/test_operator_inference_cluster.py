@@ -66,3 +66,40 @@ def test_inference_service_from_job(cluster: Cluster, namespace: str, op: Operat
     env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert json.loads(env["DREAMBOOTH_SERVE_CONFIG"]["value"])["modelUri"] == "s3://bkt/out/cat/model"
     assert get(cluster, "dreamboothjob", "cat", namespace)["status"]["phase"] == "Succeeded"  # type: ignore[index]
+
+
+def test_autoscaling_hands_the_replica_count_to_an_hpa(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
+    isvc = {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "auto"},
+        "spec": {
+            "model": {"modelUri": "s3://bkt/out/auto/model", "baseModel": {"tiny": True}},
+            "scaling": {"minReplicas": 2, "maxReplicas": 5, "targetInflightRequests": 3},
+            "resources": {"gpus": 0},
+            "podTemplate": {"nodeSelector": NOWHERE},
+        },
+    }
+    apply(cluster, isvc, namespace)
+    hpa = wait_for(
+        "HPA", lambda: get(cluster, "horizontalpodautoscaler.v2.autoscaling", "auto", namespace), bool, op=op
+    )
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "auto"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    assert hpa["spec"]["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "3"}
+    assert [r["name"] for r in hpa["metadata"]["ownerReferences"]] == ["auto"]
+    shown = cluster.kubectl("get", "deployment", "auto", "-n", namespace, "-o", "json", "--show-managed-fields")
+    deployment = json.loads(shown.stdout)
+    managed = [f for f in deployment["metadata"]["managedFields"] if f["manager"] == "dreambooth-operator"]
+    assert managed
+    assert all("f:replicas" not in (f.get("fieldsV1") or {}).get("f:spec", {}) for f in managed)
+    # The test control plane runs no HPA controller, so the count stays at the API server's default of 1.
+    assert deployment["spec"]["replicas"] == 1
+    loading = wait_for(
+        "Loading",
+        lambda: get(cluster, "inferenceservice", "auto", namespace),
+        lambda s: (s.get("status") or {}).get("phase") == "Loading",
+        op=op,
+    )
+    assert loading["status"]["message"] == "0/1 replicas ready; loading the model"
+    assert "servedModelUri" not in loading["status"]

@@ -96,9 +96,11 @@ def test_from_a_succeeded_job() -> None:
     }
     assert container["command"] == ["dreambooth-serve"]
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
-    ready = reconcile_inference(isvc(), job, {"status": {"replicas": 1, "readyReplicas": 1}}, SETTINGS, T0)
+    two = rolled_out(deployment, replicas=2, updatedReplicas=2)
+    ready = reconcile_inference(isvc(scaling={"replicas": 2}), job, two, SETTINGS, T0)
     assert ready.status.phase == "Ready"
     assert ready.status.ready_replicas == 1
+    assert ready.status.message == "1/2 replicas ready at http://dog.ns.svc:80"
     assert ("Normal", "ReplicasReady") in [(t, r) for t, r, _ in ready.events]
 
 
@@ -141,3 +143,107 @@ def test_serving_pods_share_the_model_cache_volume_when_configured() -> None:
     container = pod["containers"][0]
     assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": "/var/cache/dreambooth"}]
     assert {"name": "DREAMBOOTH_MODEL_CACHE_DIR", "value": "/var/cache/dreambooth"} in container["env"]
+
+
+NEW = "s3://bkt/out/new"
+OLD = "s3://bkt/out/old"
+
+
+def rolled_out(built: dict[str, Any], *, generation: int = 1, observed: int = 1, **counts: int) -> dict[str, Any]:
+    """A built Deployment as the cluster would return it, with a rollout status (one ready new pod by default)."""
+    status = {"observedGeneration": observed, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1} | counts
+    return built | {"metadata": built["metadata"] | {"generation": generation}, "status": status}
+
+
+def served(model_uri: str, **rollout: int) -> dict[str, Any]:
+    """The Deployment built for `model_uri`, with a rollout status."""
+    built = reconcile_inference(isvc(model={"modelUri": model_uri}), None, None, SETTINGS, T0).children[0]
+    return rolled_out(built, **rollout)
+
+
+def serving(model_uri: str, served_model_uri: str | None = OLD) -> dict[str, Any]:
+    """An InferenceService whose last status says it serves `served_model_uri`."""
+    return isvc(model={"modelUri": model_uri}) | {"status": {"servedModelUri": served_model_uri}}
+
+
+@pytest.mark.parametrize(
+    ("deployment", "phase", "reason", "served_uri"),
+    [
+        # The spec just changed: the Deployment still has the old template, fully rolled out.
+        (served(OLD), "Loading", "RollingOut", OLD),
+        # The new template is applied but the Deployment controller has not seen it yet.
+        (served(NEW, generation=2, observed=1), "Loading", "RollingOut", OLD),
+        # The new pod is not ready (for example crash-looping): the old one still serves.
+        (served(NEW, generation=2, observed=2, replicas=2, updatedReplicas=1), "Loading", "RollingOut", OLD),
+        # The new pod is ready but the old one is not gone yet.
+        (served(NEW, generation=2, observed=2, replicas=2, readyReplicas=2), "Loading", "RollingOut", OLD),
+        # Only new pods remain and one is ready.
+        (served(NEW, generation=2, observed=2), "Ready", "ReplicasReady", NEW),
+        # Only new pods remain, none ready.
+        (served(NEW, generation=2, observed=2, readyReplicas=0), "Loading", "ReplicasNotReady", None),
+    ],
+)
+def test_ready_only_when_every_ready_replica_serves_the_new_model(
+    deployment: dict[str, Any], phase: str, reason: str, served_uri: str | None
+) -> None:
+    plan = reconcile_inference(serving(NEW), None, deployment, SETTINGS, T0)
+    ready = next(c for c in plan.status.conditions if c.type == "Ready")
+    assert (plan.status.phase, ready.status.value, ready.reason) == (phase, str(phase == "Ready"), reason)
+    assert (plan.status.model_uri, plan.status.served_model_uri) == (NEW, served_uri)
+
+
+def test_served_model_is_read_from_a_rolled_out_deployment() -> None:
+    # No earlier status (an operator restart): the complete Deployment's own config says which model it serves.
+    plan = reconcile_inference(serving(NEW, None), None, served(OLD), SETTINGS, T0)
+    assert plan.status.served_model_uri == OLD
+    assert OLD in (plan.status.message or "")
+    assert plan.status.to_wire()["servedModelUri"] == OLD
+
+
+@pytest.mark.parametrize("target", [None, 5])
+def test_autoscaling_creates_an_hpa_on_in_flight_requests_and_leaves_replicas_to_it(target: int | None) -> None:
+    scaling = {"minReplicas": 1, "maxReplicas": 4} | ({"targetInflightRequests": target} if target else {})
+    plan = reconcile_inference(isvc(scaling=scaling), source("Succeeded", NEW), None, SETTINGS, T0)
+    deployment, service, hpa = plan.children
+    assert plan.stale == []
+    assert "replicas" not in deployment["spec"]
+    assert service["kind"] == "Service"
+    assert hpa == {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "dog", "namespace": "ns", "labels": LABELS, "ownerReferences": [OWNER]},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "dog"},
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": "dreambooth_serve_inflight_requests"},
+                        "target": {"type": "AverageValue", "averageValue": str(target or 2)},
+                    },
+                }
+            ],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("scaling", "replicas"), [({}, 1), ({"replicas": 3}, 3), ({"minReplicas": 2, "maxReplicas": 2}, 2)]
+)
+def test_fixed_replicas_have_no_hpa_and_a_leftover_one_is_deleted(scaling: dict[str, int], replicas: int) -> None:
+    plan = reconcile_inference(isvc(scaling=scaling), source("Succeeded", NEW), None, SETTINGS, T0)
+    assert [c["kind"] for c in plan.children] == ["Deployment", "Service"]
+    assert plan.children[0]["spec"]["replicas"] == replicas
+    assert plan.stale == [("autoscaling/v2", "HorizontalPodAutoscaler", "dog")]
+
+
+def test_autoscaled_readiness_counts_the_replicas_the_hpa_chose() -> None:
+    spec = {"model": {"modelUri": NEW}, "scaling": {"minReplicas": 1, "maxReplicas": 4}}
+    built = reconcile_inference(isvc(**spec), None, None, SETTINGS, T0).children[0]
+    deployment = rolled_out(built, replicas=3, updatedReplicas=3, readyReplicas=2)
+    deployment["spec"] = deployment["spec"] | {"replicas": 3}  # set by the HPA
+    plan = reconcile_inference(isvc(**spec), None, deployment, SETTINGS, T0)
+    assert plan.status.phase == "Ready"
+    assert plan.status.message == "2/3 replicas ready at http://dog.ns.svc:80"

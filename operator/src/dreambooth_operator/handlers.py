@@ -377,6 +377,8 @@ def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tupl
     plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc())
     for child in plan.children:
         kube.apply(state.api, child)
+    for api_version, kind, child_name in plan.stale:  # e.g. the HPA once autoscaling is off; a 404 is fine
+        kube.delete(state.api, api_version, kind, namespace, child_name)
     patch = kube.merge_diff(isvc.get("status"), plan.status.to_wire(), keep=frozenset({"kopf"}))
     if patch:
         kube.patch_status(state.api, namespace, name, patch, kind="InferenceService")

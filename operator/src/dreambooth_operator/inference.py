@@ -2,6 +2,8 @@
 
 `spec.model.fromJob` resolves to the job's `status.outputs.modelUri` and its `spec.baseModel` once the job has
 succeeded; until then the service is Pending (WaitingForJob), and Failed when the job failed or is missing.
+It is Ready only when every ready replica runs the desired server config (no old replicas left); while a rollout
+is under way it is Loading (RollingOut) and `servedModelUri` names the model the old replicas still serve.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ from dreambooth_operator.settings import OperatorSettings
 SERVE_PORT: Final = 8080
 SERVICE_PORT: Final = 80
 CONTAINER: Final = "server"
+CONFIG_ENV: Final = "DREAMBOOTH_SERVE_CONFIG"
+# The sampling server's gauge (trainer serve.py INFLIGHT); the HPA reads it through a custom metrics adapter.
+INFLIGHT_METRIC: Final = "dreambooth_serve_inflight_requests"
+DEFAULT_TARGET_INFLIGHT: Final = 2
+HPA_API_VERSION: Final = "autoscaling/v2"
+HPA_KIND: Final = "HorizontalPodAutoscaler"
 
 
 @dataclass(frozen=True)
@@ -95,9 +103,16 @@ def serve_config(spec: InferenceServiceSpec, model: ResolvedModel) -> dict[str, 
 
 
 def replicas(spec: InferenceServiceSpec) -> int:
+    """The fixed number of replicas, or the fewest when autoscaling."""
     if spec.scaling.replicas is not None:
         return spec.scaling.replicas
     return spec.scaling.min_replicas or 1
+
+
+def autoscaled(spec: InferenceServiceSpec) -> bool:
+    """True when an HPA owns the replica count (maxReplicas above minReplicas)."""
+    low, high = spec.scaling.min_replicas, spec.scaling.max_replicas
+    return low is not None and high is not None and high > low
 
 
 def build_deployment(
@@ -106,7 +121,7 @@ def build_deployment(
     name = str(isvc["metadata"]["name"])
     overrides = spec.pod_template
     env: list[dict[str, Any]] = [
-        {"name": "DREAMBOOTH_SERVE_CONFIG", "value": json.dumps(serve_config(spec, model), sort_keys=True)},
+        {"name": CONFIG_ENV, "value": json.dumps(serve_config(spec, model), sort_keys=True)},
         {"name": "DREAMBOOTH_BIND_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "DREAMBOOTH_SERVE_PORT", "value": str(SERVE_PORT)},
     ]
@@ -151,18 +166,47 @@ def build_deployment(
     template: dict[str, Any] = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
     if overrides and overrides.annotations:
         template["metadata"]["annotations"] = dict(overrides.annotations)
-    deployment = {
+    deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name, "labels": labels(isvc)},
         "spec": {
-            "replicas": replicas(spec),
             "selector": {"matchLabels": {LABEL_INFERENCE_NAME: name}},
             "template": template,
         },
     }
+    if not autoscaled(spec):
+        # Left out when autoscaling, so that the operator's apply does not fight the HPA over it.
+        deployment["spec"]["replicas"] = replicas(spec)
     kopf.adopt(deployment, owner=cast("kopf.Body", dict(isvc)))
     return deployment
+
+
+def build_hpa(isvc: Mapping[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
+    """An autoscaling/v2 HPA that keeps the average in-flight requests per replica at the target."""
+    name = str(isvc["metadata"]["name"])
+    target = spec.scaling.target_inflight_requests or DEFAULT_TARGET_INFLIGHT
+    hpa = {
+        "apiVersion": HPA_API_VERSION,
+        "kind": HPA_KIND,
+        "metadata": {"name": name, "labels": labels(isvc)},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": spec.scaling.min_replicas,
+            "maxReplicas": spec.scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": INFLIGHT_METRIC},
+                        "target": {"type": "AverageValue", "averageValue": str(target)},
+                    },
+                }
+            ],
+        },
+    }
+    kopf.adopt(hpa, owner=cast("kopf.Body", dict(isvc)))
+    return hpa
 
 
 def build_service(isvc: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,11 +224,63 @@ def build_service(isvc: Mapping[str, Any]) -> dict[str, Any]:
     return service
 
 
+def _server_fingerprint(deployment: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(image, serve config) of the server container: what decides which model and code a pod serves."""
+    containers = ((deployment.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+    server: Mapping[str, Any] = next((c for c in containers if c.get("name") == CONTAINER), {})
+    config = next((e.get("value") for e in server.get("env") or [] if e.get("name") == CONFIG_ENV), None)
+    return server.get("image"), config
+
+
+def _config_model_uri(deployment: Mapping[str, Any]) -> str | None:
+    config = _server_fingerprint(deployment)[1]
+    try:
+        uri = json.loads(config).get("modelUri") if config else None
+    except (ValueError, AttributeError):
+        return None
+    return uri if isinstance(uri, str) else None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The observed Deployment's rollout, compared with the Deployment the operator wants."""
+
+    replicas: int
+    """Pods that exist, old and new."""
+    ready: int
+    desired: int
+    """The Deployment's spec.replicas (chosen by the HPA when autoscaling)."""
+    complete: bool
+    """The controller has seen the latest spec and no pods of an older template remain."""
+    current: bool
+    """Complete, and the template runs the wanted server image and config."""
+    model_uri: str | None
+    """The model in the observed template's config."""
+
+
+def observe_rollout(deployment: Mapping[str, Any] | None, wanted: Mapping[str, Any], default_replicas: int) -> Rollout:
+    if deployment is None:
+        return Rollout(0, 0, default_replicas, complete=False, current=False, model_uri=None)
+    status = deployment.get("status") or {}
+    count = int(status.get("replicas") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    desired = (deployment.get("spec") or {}).get("replicas")
+    desired = default_replicas if desired is None else int(desired)
+    generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+    observed = int(status.get("observedGeneration") or 0)
+    complete = observed >= generation and updated == count and updated >= desired
+    current = complete and _server_fingerprint(deployment) == _server_fingerprint(wanted)
+    ready = int(status.get("readyReplicas") or 0)
+    return Rollout(count, ready, desired, complete, current, _config_model_uri(deployment))
+
+
 @dataclass
 class InferencePlan:
     status: InferenceServiceStatus
     children: list[dict[str, Any]] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    stale: list[tuple[str, str, str]] = field(default_factory=list)
+    """(apiVersion, kind, name) of children to delete when they exist (an HPA after autoscaling was turned off)."""
 
 
 def reconcile_inference(
@@ -237,22 +333,41 @@ def reconcile_inference(
         cond(InferenceConditionType.READY, False, reason, message)
         return plan
     status.model_uri = model.model_uri
-    plan.children = [build_deployment(isvc, spec, model, settings), build_service(isvc)]
-    want = replicas(spec)
-    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
-    status.replicas = int(((deployment or {}).get("status") or {}).get("replicas") or 0)
-    status.ready_replicas = ready
-    status.url = f"http://{meta['name']}.{meta['namespace']}.svc:{SERVICE_PORT}"
-    if want == 0:
-        status.phase = InferencePhase.READY
-        status.message = "scaled to zero"
-        cond(InferenceConditionType.READY, False, Reason.SCALED_TO_ZERO, "scaled to zero")
-    elif ready > 0:
-        status.phase = InferencePhase.READY
-        status.message = f"{ready}/{want} replicas ready at {status.url}"
-        cond(InferenceConditionType.READY, True, Reason.REPLICAS_READY, status.message)
+    wanted = build_deployment(isvc, spec, model, settings)
+    plan.children = [wanted, build_service(isvc)]
+    if autoscaled(spec):
+        plan.children.append(build_hpa(isvc, spec))
     else:
-        status.phase = InferencePhase.LOADING
-        status.message = f"0/{want} replicas ready; loading the model"
-        cond(InferenceConditionType.READY, False, Reason.REPLICAS_NOT_READY, status.message)
+        plan.stale.append((HPA_API_VERSION, HPA_KIND, str(meta["name"])))
+    rollout = observe_rollout(deployment, wanted, replicas(spec))
+    want = rollout.desired if autoscaled(spec) else replicas(spec)
+    status.replicas = rollout.replicas
+    status.ready_replicas = rollout.ready
+    status.url = f"http://{meta['name']}.{meta['namespace']}.svc:{SERVICE_PORT}"
+    status.served_model_uri = served_model_uri(rollout, prev.served_model_uri)
+    status.phase, ok, reason, status.message = readiness(rollout, want, model.model_uri, status)
+    cond(InferenceConditionType.READY, ok, reason, status.message)
     return plan
+
+
+def readiness(
+    rollout: Rollout, want: int, model_uri: str | None, status: InferenceServiceStatus
+) -> tuple[InferencePhase, bool, str, str]:
+    """(phase, Ready, reason, message). Ready only when no replica of an older template is left."""
+    if want == 0:
+        return InferencePhase.READY, False, Reason.SCALED_TO_ZERO, "scaled to zero"
+    if rollout.current and rollout.ready > 0:
+        message = f"{rollout.ready}/{want} replicas ready at {status.url}"
+        return InferencePhase.READY, True, Reason.REPLICAS_READY, message
+    if rollout.ready > 0:
+        old = status.served_model_uri or "the previous model"
+        message = f"rolling out {model_uri}: {rollout.ready} ready, old replicas still serve {old}"
+        return InferencePhase.LOADING, False, Reason.ROLLING_OUT, message
+    return InferencePhase.LOADING, False, Reason.REPLICAS_NOT_READY, f"0/{want} replicas ready; loading the model"
+
+
+def served_model_uri(rollout: Rollout, previous: str | None) -> str | None:
+    """The model the ready replicas serve: a complete rollout's own; mid-rollout, the one reported before."""
+    if rollout.ready == 0:
+        return None
+    return rollout.model_uri if rollout.complete else previous

@@ -26,6 +26,7 @@ _KINDS: Final = {
     ("v1", "Pod"): ("/api/v1", "pods"),
     ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     (f"{GROUP}/{VERSION}", "DreamBoothJob"): (f"/apis/{GROUP}/{VERSION}", JOB_PLURAL),
     (f"{GROUP}/{VERSION}", "InferenceService"): (f"/apis/{GROUP}/{VERSION}", INFERENCE_PLURAL),
 }

@@ -89,7 +89,8 @@ class InferencePhase(StrEnum):
     LOADING = "Loading"
     """Pods are running and loading the model; not ready yet."""
     READY = "Ready"
-    """At least one replica is ready and serves requests at `status.url`."""
+    """The rollout is complete (no replica serves an older model) and at least one replica serves requests at
+    `status.url`."""
     FAILED = "Failed"
     """The service cannot become ready (bad model, source job failed); the Ready condition says why."""
 
@@ -125,7 +126,7 @@ class InferenceConditionType(StrEnum):
     MODEL_RESOLVED = "ModelResolved"
     """The model URI is known (from `modelUri`, or the source job succeeded)."""
     READY = "Ready"
-    """At least one replica is ready."""
+    """At least one replica is ready and no replica of an older template remains."""
 
 
 class Reason(StrEnum):
@@ -159,4 +160,5 @@ class Reason(StrEnum):
     SOURCE_JOB_FAILED = "SourceJobFailed"
     REPLICAS_READY = "ReplicasReady"
     REPLICAS_NOT_READY = "ReplicasNotReady"
+    ROLLING_OUT = "RollingOut"
     SCALED_TO_ZERO = "ScaledToZero"

@@ -169,7 +169,7 @@ INFERENCE_COLUMNS: Final = [
     _column("Phase", "string", ".status.phase", "The service's phase."),
     _column("Ready", "integer", ".status.readyReplicas", "Replicas ready to serve."),
     _column("URL", "string", ".status.url", "The in-cluster URL of the server."),
-    _column("Model", "string", ".status.modelUri", "The model being served."),
+    _column("Model", "string", ".status.servedModelUri", "The model the ready replicas serve."),
     AGE,
 ]
 

@@ -191,7 +191,9 @@ class InferenceServiceSpec(ApiModel):
     )
     """LoRA adapters loaded on top of the model."""
     scaling: Scaling = Field(default_factory=Scaling)
-    """Replicas or autoscaling."""
+    """Replicas or autoscaling. With maxReplicas above minReplicas the operator creates a HorizontalPodAutoscaler
+    on the Pods metric dreambooth_serve_inflight_requests (exported by the server on /metrics); the cluster needs a
+    custom metrics adapter, such as prometheus-adapter, that serves that metric. Equal ones fix the count."""
     resources: InferenceResources = Field(default_factory=InferenceResources)
     """GPUs and per-pod resources."""
     server: ServerLimits = Field(default_factory=ServerLimits)
@@ -229,8 +231,11 @@ class InferenceServiceStatus(ApiModel):
     ready_replicas: int = Field(default=0, ge=0)
     """Replicas that are ready to serve (the Ready printer column)."""
     url: str | None = Field(default=None, max_length=1024)
-    """The in-cluster URL of the server, for example http://<name>.<namespace>.svc:8080."""
+    """The in-cluster URL of the server, for example http://<name>.<namespace>.svc:80."""
     model_uri: str | None = Field(default=None, max_length=1024)
-    """The model being served (resolved from fromJob or modelUri)."""
+    """The model to serve (resolved from fromJob or modelUri); servedModelUri says whether it is served yet."""
+    served_model_uri: str | None = Field(default=None, max_length=1024)
+    """The model that the ready replicas serve: modelUri once its rollout has finished, the previous model while
+    old replicas remain, unset while no replica is ready."""
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation the status was computed from."""
