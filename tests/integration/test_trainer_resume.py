@@ -3,7 +3,8 @@
 Run A trains 16 steps without interruption. Run B gets SIGTERM mid-run, exits 12 with a "preempted"
 termination message after writing a checkpoint, and a new process resumes it. Run C is SIGKILLed (no
 chance to checkpoint) and resumes from the last periodic checkpoint. All three must end with bitwise-equal
-trainable weights (CPU) and the same per-step losses in metrics.jsonl.
+trainable weights (CPU) and the same per-step losses in metrics.jsonl. A job with another seed pointed at run A's
+output refuses A's checkpoints (exit 10) and leaves them as they are.
 """
 
 from __future__ import annotations
@@ -115,3 +116,18 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(
     assert [e["step"] for e in second.named("resumed")] == [8]
     assert second.termination()["steps"] == STEPS
     _assert_same(uninterrupted, *_final(s3, bucket, "c"))
+
+
+def test_another_runs_checkpoints_are_refused_with_exit_10(
+    s3: S3Server, bucket: str, uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    checkpoints = list_keys(s3, bucket, "a/checkpoints/")
+    run = TrainerRun(tiny_job(s3, bucket, "a", seed=7), tmp_path, s3.env(), name="other")
+    assert run.wait() == 10, run._details()
+    term = run.termination()
+    assert term["reason"] == "InvalidInput"
+    assert f"s3://{bucket}/a/checkpoints/step-{STEPS:08d}" in term["message"]
+    assert "seed" in term["message"]
+    assert "new output.uri" in term["message"]
+    assert not run.named("training_started")
+    assert list_keys(s3, bucket, "a/checkpoints/") == checkpoints

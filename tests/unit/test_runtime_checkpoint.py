@@ -1,10 +1,13 @@
-"""Checkpoint folders on file:// storage: round trip, manifest-last atomicity, skipping corrupt ones, pruning."""
+"""Checkpoint folders on file:// storage: round trip, manifest-last atomicity, skipping corrupt ones, pruning,
+keeping checkpoints through storage errors, run fingerprints, and not waiting for an abandoned upload."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,12 +18,16 @@ from dreambooth_trainer.checkpoint import (
     TRAINABLE,
     AsyncCheckpointer,
     CheckpointCancelledError,
+    CheckpointMismatchError,
     CheckpointStore,
+    CheckpointUnavailableError,
+    RunFingerprint,
     Snapshot,
     to_cpu,
 )
+from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, RetryableError
 from dreambooth_trainer.logging import EventLog
-from dreambooth_trainer.storage import ObjectStore
+from dreambooth_trainer.storage import ObjectStore, StorageError
 
 
 def _snapshot(step: int) -> Snapshot:
@@ -174,3 +181,105 @@ def test_write_sync_past_the_deadline_leaves_the_previous_checkpoint(
     assert info.step == 3
     writer.close()
     assert sorted(store.complete_steps()) == [1, 3]
+
+
+def _failing(err: BaseException) -> Any:
+    def fail(*_args: object) -> None:
+        raise err
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("method", "err"),
+    [
+        ("download_file", ConnectionError("Connection reset by peer")),
+        ("download_file", TimeoutError("read timed out")),
+        ("download_file", StorageError("object storage failed: 503 SlowDown")),
+        ("read_bytes", StorageError("object storage failed: 503 SlowDown")),
+        ("read_bytes", OSError(5, "Input/output error")),
+    ],
+    ids=["reset", "timeout", "503", "manifest-503", "manifest-eio"],
+)
+def test_transient_read_error_keeps_the_checkpoint_and_is_retryable(
+    ckpts: Ckpts, method: str, err: BaseException
+) -> None:
+    store, lines = ckpts
+    store.write(_snapshot(1))
+    store.write(_snapshot(2))
+    original = getattr(store.store, method)
+    setattr(store.store, method, _failing(err))
+    with pytest.raises(CheckpointUnavailableError) as raised:
+        store.load_latest()
+    assert isinstance(raised.value, RetryableError)
+    assert raised.value.exit_code == ExitCode.RETRYABLE
+    assert store.uri_for(2) in str(raised.value)
+    assert not [x for x in lines if x["event"] == "checkpoint_skipped"]
+    # Nothing was given up: once storage is back, the newest checkpoint loads.
+    setattr(store.store, method, original)
+    assert store.complete_steps() == [2, 1]
+    loaded = store.load_latest()
+    assert loaded is not None
+    assert loaded.info.step == 2
+
+
+def _fingerprint(**fields: Any) -> RunFingerprint:
+    return RunFingerprint({"method": "lora", "seed": 42, "resolution": 512, **fields})
+
+
+def test_checkpoint_of_another_run_is_invalid_input(tmp_path: Path) -> None:
+    root = f"file://{tmp_path}/ck"
+    mine = CheckpointStore(ObjectStore(), root, fingerprint=_fingerprint())
+    mine.write(_snapshot(1))
+    manifest = json.loads((Path(mine.uri_for(1).removeprefix("file://")) / MANIFEST).read_text())
+    assert manifest["fingerprint"] == {"sha256": _fingerprint().sha256, "fields": dict(_fingerprint().fields)}
+    loaded = CheckpointStore(ObjectStore(), root, fingerprint=_fingerprint()).load_latest()
+    assert loaded is not None
+    assert loaded.fingerprint == _fingerprint().sha256
+
+    other = CheckpointStore(ObjectStore(), root, fingerprint=_fingerprint(seed=7, resolution=256))
+    with pytest.raises(CheckpointMismatchError) as raised:
+        other.load_latest()
+    assert isinstance(raised.value, InvalidInputError)
+    assert raised.value.exit_code == ExitCode.INVALID_INPUT
+    message = str(raised.value)
+    assert mine.uri_for(1) in message
+    assert "resolution, seed" in message
+    assert "new output.uri" in message
+    assert "delete the checkpoints" in message
+
+
+def test_checkpoint_without_fingerprint_is_accepted(tmp_path: Path) -> None:
+    root = f"file://{tmp_path}/ck"
+    CheckpointStore(ObjectStore(), root).write(_snapshot(3))  # an older trainer: no fingerprint in the manifest
+    loaded = CheckpointStore(ObjectStore(), root, fingerprint=_fingerprint()).load_latest()
+    assert loaded is not None
+    assert (loaded.info.step, loaded.fingerprint) == (3, None)
+
+
+def test_close_with_a_deadline_leaves_a_stuck_upload_behind(ckpts: Ckpts) -> None:
+    store, _ = ckpts
+    store.write(_snapshot(1))
+    gate = threading.Event()
+    original = store.store.upload_file
+
+    def stuck_upload(local: Path | str, uri: str) -> None:
+        gate.wait(30)
+        original(local, uri)
+
+    store.store.upload_file = stuck_upload  # type: ignore[method-assign]
+    writer = AsyncCheckpointer(store)
+    writer.submit(_snapshot(2))
+    try:
+        assert writer.close(deadline=time.monotonic() + 0.2) == 2
+        assert writer.busy
+        # The interpreter does not join the upload at exit.
+        uploads = [t for t in threading.enumerate() if t.name == "checkpoint-upload"]
+        assert uploads
+        assert all(t.daemon for t in uploads)
+    finally:
+        gate.set()
+    assert writer.wait(timeout=30)
+    # It was cancelled before its manifest: the previous checkpoint stays the valid one.
+    assert store.complete_steps() == [1]
+    assert writer.close() is None

@@ -1,4 +1,5 @@
-"""`dreambooth-train` as a subprocess: exit codes and the termination message for bad input; error mapping."""
+"""`dreambooth-train` as a subprocess: exit codes and the termination message for bad input; error mapping; the
+exit at the end of the grace period when an abandoned upload would keep the process alive."""
 
 from __future__ import annotations
 
@@ -81,3 +82,25 @@ def test_missing_instance_images_exit_10_and_result_json(tmp_path: Path) -> None
 )
 def test_classify_maps_errors_to_exit_codes(err: BaseException, code: ExitCode, reason: str) -> None:
     assert classify(err) == (code, reason)
+
+
+# A preempted process whose result is written, but whose interpreter would join a non-daemon thread forever at exit
+# (as it joins boto3's transfer threads of an abandoned upload).
+_BLOCKED_EXIT = """
+import sys, threading
+from dreambooth_trainer.preemption import Preemption
+p = Preemption(grace=1.0)
+p.trigger("SIGTERM")
+p.exit_at_grace_end(12)
+threading.Thread(target=threading.Event().wait, name="transfer").start()
+print("result written", flush=True)
+sys.exit(0)
+"""
+
+
+def test_exit_at_grace_end_ends_a_blocked_exit_with_12() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLOCKED_EXIT], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == ExitCode.PREEMPTED, proc.stderr
+    assert proc.stdout == "result written\n"

@@ -1,4 +1,5 @@
-"""The Fabric loop on a small module: exact resume after preemption, cadence, retention, final checkpoint.
+"""The Fabric loop on a small module: exact resume after preemption, cadence, retention, final checkpoint,
+which checkpoints a run may resume, and closing without waiting past the preemption deadline.
 
 The module here is a stand-in with the DreamBoothModule's interface (compute_loss, configure_optimizers,
 trainable_state_dict, load_trainable_state_dict) and real randomness (noise, dropout), so that the test
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,12 @@ import torch
 from lightning_fabric import Fabric
 
 from dreambooth_trainer.config import JobConfig
+from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, RetryableError
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.progress import Progress
 from dreambooth_trainer.storage import ObjectStore
-from dreambooth_trainer.train import TrainLoop
+from dreambooth_trainer.train import TrainLoop, run_fingerprint
 
 
 class NoisyRegressor(pl.LightningModule):
@@ -231,3 +234,117 @@ def test_time_cadence_checkpoints_when_the_interval_passed() -> None:
     assert both.by_steps(8)
     assert not both.by_steps(9)
     assert not both.by_time()
+
+
+def test_resume_during_a_storage_outage_is_retryable_and_never_starts_over(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, maxSteps=8)
+    loop, _ = _loop(cfg, Preemption(grace=30))
+    loop.run()
+    loop.close()
+    again, buf = _loop(cfg, Preemption(grace=30))
+
+    def reset(*_args: object) -> None:
+        raise ConnectionError("Connection reset by peer")
+
+    again.ckpt.store.download_file = reset  # type: ignore[method-assign]
+    with pytest.raises(RetryableError) as raised:
+        again.run()
+    again.close()
+    assert raised.value.exit_code == ExitCode.RETRYABLE
+    events = [e["event"] for e in _events(buf)]
+    assert "training_started" not in events
+    assert "checkpoint_skipped" not in events
+    assert again.ckpt.complete_steps() == [8, 4]
+
+
+def _strip_fingerprints(root: Path) -> None:
+    for manifest in root.glob("step-*/manifest.json"):
+        doc = json.loads(manifest.read_text())
+        del doc["fingerprint"]
+        manifest.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"seed": 7}, {"method": "full"}, {"lora": {"rank": 16}}, {"resolution": 256}, {"trainTextEncoder": True}],
+    ids=["seed", "method", "lora-rank", "resolution", "text-encoder"],
+)
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, change: dict[str, Any]) -> None:
+    loop, _ = _loop(_config(tmp_path, maxSteps=8), Preemption(grace=30))
+    loop.run()
+    loop.close()
+    other, buf = _loop(_config(tmp_path, maxSteps=12, **change), Preemption(grace=30))
+    with pytest.raises(InvalidInputError) as raised:
+        other.run()
+    other.close()
+    assert raised.value.exit_code == ExitCode.INVALID_INPUT
+    message = str(raised.value)
+    assert f"file://{tmp_path}/out/checkpoints/step-00000008" in message
+    assert "new output.uri" in message
+    assert "training_started" not in [e["event"] for e in _events(buf)]
+
+
+def test_resume_accepts_changed_max_steps_validation_and_cadence(tmp_path: Path) -> None:
+    loop, _ = _loop(_config(tmp_path, maxSteps=8), Preemption(grace=30))
+    loop.run()
+    loop.close()
+    changed = {
+        "maxSteps": 10,
+        "learningRate": 5e-4,
+        "validation": {"prompts": ["a sks dog"]},
+        "checkpoint": {"intervalSteps": 2, "intervalSeconds": None, "keep": 3},
+    }
+    cfg = _config(tmp_path, **changed)
+    assert run_fingerprint(cfg) == run_fingerprint(_config(tmp_path, maxSteps=8))
+    again, _ = _loop(cfg, Preemption(grace=30))
+    out = again.run()
+    again.close()
+    assert (out.resumed_from, out.step) == (8, 10)
+
+
+def test_checkpoint_without_fingerprint_resumes_only_below_max_steps(tmp_path: Path) -> None:
+    loop, _ = _loop(_config(tmp_path, maxSteps=8), Preemption(grace=30))
+    loop.run()
+    loop.close()
+    _strip_fingerprints(tmp_path / "out/checkpoints")
+    # At or past maxSteps it would be exported untrained, so it must be shown to be this run's.
+    finished, _ = _loop(_config(tmp_path, maxSteps=8), Preemption(grace=30))
+    with pytest.raises(InvalidInputError) as raised:
+        finished.run()
+    finished.close()
+    assert "step-00000008" in str(raised.value)
+    assert "training.maxSteps 8" in str(raised.value)
+    # Below maxSteps an older trainer's checkpoint resumes as before.
+    longer, _ = _loop(_config(tmp_path, maxSteps=10), Preemption(grace=30))
+    out = longer.run()
+    longer.close()
+    assert (out.resumed_from, out.step) == (8, 10)
+
+
+def test_close_after_a_missed_preemption_deadline_does_not_wait_for_the_upload(tmp_path: Path) -> None:
+    preemption = Preemption(grace=4)  # the checkpoint deadline is 1 s after the signal
+    loop, buf = _loop(_config(tmp_path), preemption, stop_at=6)
+    gate = threading.Event()
+    original = loop.ckpt.store.upload_file
+
+    def upload(local: Path | str, uri: str) -> None:
+        if "/step-00000006/" in uri:
+            gate.wait(60)  # an upload that outlives the grace period
+        original(local, uri)
+
+    loop.ckpt.store.upload_file = upload  # type: ignore[method-assign]
+    out = loop.run()
+    assert (out.status, out.step) == ("preempted", 6)
+    assert out.last_checkpoint is not None
+    assert out.last_checkpoint.step == 4
+    closed: list[bool] = []
+    closer = threading.Thread(target=lambda: closed.append(loop.close()))
+    closer.start()
+    closer.join(timeout=15)
+    stuck = closer.is_alive()
+    gate.set()
+    closer.join()
+    assert not stuck, "close() waited for the upload past the preemption deadline"
+    assert closed == [True]
+    abandoned = [e for e in _events(buf) if e["event"] == "checkpoint_incomplete" and e["reason"] == "abandoned"]
+    assert [e["step"] for e in abandoned] == [6]

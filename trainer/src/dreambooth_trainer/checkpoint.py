@@ -9,10 +9,15 @@ A checkpoint is the folder `<checkpoint uri>/step-XXXXXXXX/` holding
 | `optimizer.pt` | optimizer, LR scheduler and grad-scaler state dicts (`torch.load(weights_only=True)` reads it) |
 | `state.json` | global step, sampler position (epoch, index), RNG states, world size, elapsed seconds |
 | `config.json` | the resolved JobConfig |
-| `manifest.json` | written last: each file's size and sha256; only a folder whose manifest verifies is complete |
+| `manifest.json` | written last: each file's size and sha256, and the run fingerprint; it makes the folder complete |
 
 Writing happens from a CPU snapshot (`Snapshot`), so the training loop is blocked only while tensors are
 copied; `AsyncCheckpointer` serializes and uploads in one background thread, at most one in flight.
+
+Reading tells three failures apart: a corrupt checkpoint (size or sha256 mismatch, an object the manifest lists
+is missing, undecodable data, wrong step or name) is skipped for an older one; a storage or transport failure
+raises `CheckpointUnavailableError` (retryable, the checkpoint is kept); a checkpoint of another run (its
+fingerprint differs) raises `CheckpointMismatchError` (invalid input).
 """
 
 from __future__ import annotations
@@ -25,16 +30,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
-from dreambooth_trainer.storage import ObjectStore, join_uri
+from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, StorageError, join_uri
 
 MANIFEST = "manifest.json"
 TRAINABLE = "trainable.safetensors"
@@ -56,6 +63,50 @@ class CheckpointCorruptError(Exception):
 
 class CheckpointCancelledError(Exception):
     """The write was cancelled before its manifest was written (the folder stays incomplete)."""
+
+
+class CheckpointUnavailableError(StorageError):
+    """A checkpoint could not be read for a transient reason (storage outage, network error): it is kept, and
+    the process exits retryable instead of skipping it."""
+
+    reason = "StorageUnavailable"
+
+
+class CheckpointMismatchError(InvalidInputError):
+    """The checkpoint was written by a run with other training-relevant settings (its fingerprint differs)."""
+
+
+@dataclass(frozen=True)
+class RunFingerprint:
+    """The settings that give a run's trainable state its shape and meaning; only a checkpoint written with the
+    same ones is resumed. Checkpoints without a fingerprint (older trainers) are accepted."""
+
+    fields: Mapping[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "fields": dict(self.fields)}
+
+
+def fingerprint_mismatch(stored: Any, expected: RunFingerprint) -> list[str] | None:
+    """None when a manifest's `fingerprint` matches `expected`; else the names of the fields that differ (all of
+    `expected`'s when the stored fields are unknown). Raises ValueError when `stored` is malformed."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("sha256"), str):
+        raise ValueError(f"malformed fingerprint: {stored!r}")
+    if stored["sha256"] == expected.sha256:
+        return None
+    fields = stored.get("fields")
+    if not isinstance(fields, dict):
+        return sorted(expected.fields)
+    return sorted(k for k in set(fields) | set(expected.fields) if fields.get(k) != expected.fields.get(k))
+
+
+def is_transient(err: BaseException) -> bool:
+    """A storage or transport failure that a retry may fix; a missing object is not one."""
+    return isinstance(err, RetryableError | OSError) and not isinstance(err, ObjectNotFoundError)
 
 
 def to_cpu(obj: Any) -> Any:
@@ -153,6 +204,8 @@ class Loaded:
     ema: dict[str, torch.Tensor] | None
     state: dict[str, Any]
     config: dict[str, Any]
+    fingerprint: str | None = None
+    """The sha256 of the run fingerprint in the manifest; None for checkpoints of older trainers."""
 
 
 def _sha256_file(path: Path) -> str:
@@ -187,8 +240,8 @@ def write_files(snapshot: Snapshot, folder: Path) -> dict[str, Path]:
     return files
 
 
-def build_manifest(step: int, files: Mapping[str, Path]) -> dict[str, Any]:
-    return {
+def build_manifest(step: int, files: Mapping[str, Path], fingerprint: RunFingerprint | None = None) -> dict[str, Any]:
+    manifest: dict[str, Any] = {
         "formatVersion": FORMAT_VERSION,
         "step": step,
         "createdAt": utc_now_iso(),
@@ -196,6 +249,9 @@ def build_manifest(step: int, files: Mapping[str, Path]) -> dict[str, Any]:
             name: {"size": path.stat().st_size, "sha256": _sha256_file(path)} for name, path in sorted(files.items())
         },
     }
+    if fingerprint is not None:
+        manifest["fingerprint"] = fingerprint.to_wire()
+    return manifest
 
 
 class CheckpointStore:
@@ -209,12 +265,14 @@ class CheckpointStore:
         keep: int = 2,
         scratch: Path | None = None,
         log: EventLog | None = None,
+        fingerprint: RunFingerprint | None = None,
     ) -> None:
         self.store = store
         self.root_uri = root_uri.rstrip("/")
         self.keep = keep
         self.scratch = scratch
         self.log = log or default_log
+        self.fingerprint = fingerprint
 
     def uri_for(self, step: int) -> str:
         return join_uri(self.root_uri, step_dir_name(step))
@@ -246,7 +304,7 @@ class CheckpointStore:
         tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{snapshot.step}-", dir=self.scratch))
         try:
             files = write_files(snapshot, tmp)
-            manifest = build_manifest(snapshot.step, files)
+            manifest = build_manifest(snapshot.step, files, self.fingerprint)
             for name, path in files.items():
                 if cancel is not None and cancel.is_set():
                     raise CheckpointCancelledError(uri)
@@ -281,31 +339,64 @@ class CheckpointStore:
         return sorted(doomed)
 
     # ----- reading -------------------------------------------------------------------------------------
-    def load(self, step: int, map_location: str | torch.device = "cpu") -> Loaded:
-        """Download and verify one checkpoint; raises CheckpointCorruptError when it does not verify."""
-        from safetensors.torch import load_file
-
-        uri = self.uri_for(step)
+    def _read(self, uri: str, name: str, read: Callable[[], Any]) -> Any:
+        """Run one storage read of checkpoint `uri`: a missing object means corrupt, a transport failure means
+        unavailable; anything else propagates as it is."""
         try:
-            manifest = json.loads(self.store.read_bytes(join_uri(uri, MANIFEST)))
-            entries: dict[str, dict[str, Any]] = manifest["files"]
+            return read()
+        except ObjectNotFoundError as err:
+            raise CheckpointCorruptError(f"{uri}: {name} is missing") from err
         except Exception as err:
+            if is_transient(err):
+                raise CheckpointUnavailableError(f"{uri}/{name} could not be read (checkpoint kept): {err}") from err
+            raise
+
+    def _check_fingerprint(self, uri: str, manifest: dict[str, Any]) -> None:
+        if self.fingerprint is None or manifest.get("fingerprint") is None:
+            return
+        try:
+            differ = fingerprint_mismatch(manifest["fingerprint"], self.fingerprint)
+        except ValueError as err:
+            raise CheckpointCorruptError(f"{uri}: {err}") from err
+        if differ is not None:
+            raise CheckpointMismatchError(
+                f"checkpoint {uri} was written by a run with other settings ({', '.join(differ)}); "
+                f"use a new output.uri (or output.checkpointUri), or delete the checkpoints under {self.root_uri}"
+            )
+
+    def _manifest(self, uri: str, step: int) -> dict[str, Any]:
+        data = self._read(uri, MANIFEST, lambda: self.store.read_bytes(join_uri(uri, MANIFEST)))
+        try:
+            manifest: dict[str, Any] = json.loads(data)
+            entries = manifest["files"]
+            named_step = int(manifest.get("step", -1))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise CheckpointCorruptError(f"{uri}: unreadable manifest: {err}") from err
-        if int(manifest.get("step", -1)) != step:
+        if not isinstance(entries, dict):
+            raise CheckpointCorruptError(f"{uri}: unreadable manifest: files is not a mapping")
+        if named_step != step:
             raise CheckpointCorruptError(f"{uri}: manifest names step {manifest.get('step')}")
         for required in (TRAINABLE, OPTIMIZER, STATE):
             if required not in entries:
                 raise CheckpointCorruptError(f"{uri}: manifest lacks {required}")
+        self._check_fingerprint(uri, manifest)
+        return manifest
+
+    def load(self, step: int, map_location: str | torch.device = "cpu") -> Loaded:
+        """Download and verify one checkpoint. Raises CheckpointCorruptError when it does not verify,
+        CheckpointUnavailableError when storage fails, CheckpointMismatchError when another run wrote it."""
+        from safetensors.torch import load_file
+
+        uri = self.uri_for(step)
+        manifest = self._manifest(uri, step)
+        entries: dict[str, dict[str, Any]] = manifest["files"]
         tmp = Path(tempfile.mkdtemp(prefix=f"load-{step}-", dir=self.scratch))
         try:
             for name, entry in entries.items():
                 if "/" in name or name.startswith("."):
                     raise CheckpointCorruptError(f"{uri}: bad file name {name!r} in manifest")
                 local = tmp / name
-                try:
-                    self.store.download_file(join_uri(uri, name), local)
-                except Exception as err:
-                    raise CheckpointCorruptError(f"{uri}/{name}: {err}") from err
+                self._read(uri, name, partial(self.store.download_file, join_uri(uri, name), local))
                 size = local.stat().st_size
                 if size != int(entry["size"]):
                     raise CheckpointCorruptError(f"{uri}/{name}: size {size} != manifest {entry['size']}")
@@ -324,10 +415,15 @@ class CheckpointStore:
         info = CheckpointInfo(
             step, uri, str(manifest.get("createdAt", "")), sum(int(e["size"]) for e in entries.values())
         )
-        return Loaded(info, trainable, opt["optimizer"], opt.get("scheduler"), opt.get("scaler"), ema, state, config)
+        stored = manifest.get("fingerprint")
+        fingerprint = stored.get("sha256") if isinstance(stored, dict) else None
+        return Loaded(
+            info, trainable, opt["optimizer"], opt.get("scheduler"), opt.get("scaler"), ema, state, config, fingerprint
+        )
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> Loaded | None:
-        """The newest checkpoint that verifies; corrupt or partial ones are skipped with a warning."""
+        """The newest checkpoint that verifies; corrupt or partial ones are skipped with a warning. A storage
+        failure (CheckpointUnavailableError) or another run's checkpoint (CheckpointMismatchError) raises."""
         for step in self.complete_steps():
             try:
                 return self.load(step, map_location)
@@ -349,10 +445,11 @@ class CheckpointStats:
 
 
 class AsyncCheckpointer:
-    """Uploads snapshots in one background thread, at most one in flight.
+    """Uploads snapshots in a background thread, at most one in flight.
 
     `submit()` waits for the previous upload first (that wait is part of the training stall). Callbacks run in
-    the upload thread.
+    the upload thread. Upload threads are daemon threads, so a process that gave up on an upload (`close` with a
+    deadline) exits without waiting for it.
     """
 
     def __init__(
@@ -363,8 +460,8 @@ class AsyncCheckpointer:
         on_failure: Callable[[int, BaseException], None] | None = None,
     ) -> None:
         self.ckpt = ckpt
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._inflight: Future[CheckpointInfo | None] | None = None
+        self._inflight_step: int | None = None
         # Each write gets its own cancel flag, so cancelling one (a missed deadline) never cancels a later one.
         self._cancel = threading.Event()
         self._on_complete = on_complete
@@ -410,9 +507,19 @@ class AsyncCheckpointer:
         self._start(snapshot, after)
 
     def _start(self, snapshot: Snapshot, after: Callable[[], None] | None = None) -> Future[CheckpointInfo | None]:
-        self._cancel = threading.Event()
-        self._inflight = self._pool.submit(self._run, snapshot, self._cancel, after)
-        return self._inflight
+        cancel = self._cancel = threading.Event()
+        future: Future[CheckpointInfo | None] = Future()
+
+        def upload() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(self._run(snapshot, cancel, after))
+            except BaseException as err:  # a callback failed: the waiter sees it, as with an executor
+                future.set_exception(err)
+
+        self._inflight, self._inflight_step = future, snapshot.step
+        threading.Thread(target=upload, name="checkpoint-upload", daemon=True).start()
+        return future
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the upload in flight; False when it is still running after `timeout` seconds."""
@@ -439,7 +546,12 @@ class AsyncCheckpointer:
             self._cancel.set()
             return None
 
-    def close(self, wait: bool = True) -> None:
-        if not wait:
-            self._cancel.set()
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+    def close(self, wait: bool = True, deadline: float | None = None) -> int | None:
+        """Wait for the upload in flight, until `deadline` (monotonic) when given, or not at all with wait=False.
+        An upload still running then is cancelled before its manifest and left behind; returns its step (None when
+        nothing was left behind)."""
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if self.wait(timeout) if wait else not self.busy:
+            return None
+        self._cancel.set()
+        return self._inflight_step

@@ -2,13 +2,16 @@
 
 Kubernetes sends SIGTERM and kills the container `terminationGracePeriodSeconds` later. The handler only
 records the time; the loop finishes its current step, writes a checkpoint synchronously before
-`deadline()`, writes the result with status "preempted" and exits with ExitCode.PREEMPTED.
+`deadline()`, writes the result with status "preempted" and exits with ExitCode.PREEMPTED. When an upload was
+left running, `exit_at_grace_end` ends the process at the end of the grace period instead of waiting for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from types import FrameType
@@ -80,3 +83,21 @@ class Preemption:
 
     def seconds_left(self) -> float:
         return max(self.deadline() - time.monotonic(), 0.0)
+
+    def exit_at_grace_end(self, code: int) -> threading.Thread:
+        """End the process with `code` (os._exit, after flushing stdout and stderr) when the grace period is over.
+
+        For a process whose result is written but which cannot exit: the interpreter joins non-daemon threads at
+        exit, such as the transfer threads of an abandoned upload, until SIGKILL turns the exit code into 137."""
+        end = (self._received_at if self._received_at is not None else time.monotonic()) + self.grace
+
+        def watchdog() -> None:
+            time.sleep(max(end - time.monotonic(), 0.0))
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(code)
+
+        thread = threading.Thread(target=watchdog, name="preemption-exit", daemon=True)
+        thread.start()
+        return thread

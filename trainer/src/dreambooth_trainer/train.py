@@ -14,6 +14,8 @@ What it guarantees:
   deadline, and `run()` returns a "preempted" result.
 - Distributed: all ranks agree on every step whether to checkpoint or stop (one small all-reduce per step,
   which also averages the logged loss). Rank 0 writes checkpoints; every rank loads the step rank 0 chose.
+- Only a compatible run resumes: checkpoints carry the `run_fingerprint` of their config, and one written with
+  other settings fails the job as invalid input.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from dreambooth_trainer.checkpoint import (
     CheckpointInfo,
     CheckpointStore,
     Loaded,
+    RunFingerprint,
     Snapshot,
     StagingBuffers,
     to_cpu,
 )
-from dreambooth_trainer.config import JobConfig, LRSchedule
+from dreambooth_trainer.config import JobConfig, LRSchedule, Method
 from dreambooth_trainer.distributed import broadcast_object
+from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
 from dreambooth_trainer.preemption import Preemption
@@ -87,6 +91,40 @@ def split_optimizers(configured: Any) -> tuple[torch.optim.Optimizer, Any | None
             sched = sched.get("scheduler")
         return opt, sched
     raise TypeError(f"configure_optimizers returned an unsupported value: {type(configured).__name__}")
+
+
+def run_fingerprint(config: JobConfig) -> RunFingerprint:
+    """What gives the trainable state its shape and meaning: the base model, the subject, the method and its
+    adapters, what is trained, resolution, seed and optimizer. Not maxSteps, learning rate, validation,
+    checkpoint cadence or output formats, which a resumed run may change."""
+    t = config.training
+    images = config.instance_images
+    lora = t.lora_or_default() if t.method is Method.LORA else None
+    return RunFingerprint(
+        {
+            "baseModel": config.base_model.cache_identity(),
+            "instanceImages": images.uri if images.uri is not None else list(images.files or []),
+            "instancePrompt": images.prompt,
+            "method": t.method.value,
+            "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.target_modules},
+            "trainTextEncoder": t.train_text_encoder,
+            "resolution": t.resolution,
+            "seed": t.seed,
+            "optimizer": t.optimizer.value,
+        }
+    )
+
+
+def resume_refusal(loaded: Loaded, max_steps: int) -> str | None:
+    """Why a verified checkpoint must not be resumed (None when it may): one at or past maxSteps would be
+    exported without training, so it must carry this run's fingerprint (a mismatch was refused on load)."""
+    if loaded.info.step < max_steps or loaded.fingerprint is not None:
+        return None
+    return (
+        f"checkpoint {loaded.info.uri} is at step {loaded.info.step} >= training.maxSteps {max_steps} and has no run "
+        "fingerprint (an older trainer wrote it), so it cannot be shown to belong to this run; use a new output.uri "
+        "(or output.checkpointUri), or delete its checkpoints"
+    )
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: JobConfig) -> Any:
@@ -150,7 +188,12 @@ class TrainLoop:
         self.output_uri = config.output.uri.rstrip("/")
         self.metrics_uri = join_uri(self.output_uri, "metrics.jsonl")
         self.ckpt = CheckpointStore(
-            store, config.output.resolved_checkpoint_uri(), keep=self.t.checkpoint.keep, scratch=scratch, log=self.log
+            store,
+            config.output.resolved_checkpoint_uri(),
+            keep=self.t.checkpoint.keep,
+            scratch=scratch,
+            log=self.log,
+            fingerprint=run_fingerprint(config),
         )
         self.writer = (
             AsyncCheckpointer(self.ckpt, on_complete=self._on_checkpoint, on_failure=self._on_checkpoint_failure)
@@ -242,11 +285,15 @@ class TrainLoop:
         self.last_checkpoint = loaded.info
 
     def resume(self) -> int:
-        """Rank 0 finds the newest verified checkpoint and broadcasts its step; every rank loads it."""
+        """Rank 0 finds the newest verified checkpoint and broadcasts its step; every rank loads it. Raises
+        RetryableError when storage fails and InvalidInputError for another run's checkpoint, never starting over."""
         step: int | None = None
         loaded: Loaded | None = None
         if self.is_main:
             loaded = self.ckpt.load_latest()
+            refusal = resume_refusal(loaded, self.t.max_steps) if loaded else None
+            if refusal is not None:
+                raise InvalidInputError(refusal)
             step = loaded.info.step if loaded else None
         step = broadcast_object(self.fabric, step)
         if step is None:
@@ -467,9 +514,16 @@ class TrainLoop:
             self.progress.set_phase(Phase.PREEMPTED)
         return LoopOutcome("preempted", step, loss, self.last_checkpoint, resumed_from, losses)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close(wait=True)
+    def close(self) -> bool:
+        """Stop the upload thread. After a preemption it waits only until the preemption deadline; True when an
+        upload was left running then (cancelled before its manifest), so the process must not wait for it."""
+        if self.writer is None:
+            return False
+        deadline = self.preemption.deadline() if self.preemption.requested else None
+        left = self.writer.close(deadline=deadline)
+        if left is not None:
+            self.log.warning("checkpoint_incomplete", step=left, reason="abandoned")
+        return left is not None
 
 
 # ----- a whole run ---------------------------------------------------------------------------------------------
@@ -644,7 +698,10 @@ def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, d
     try:
         outcome = loop.run()
     finally:
-        loop.close()
+        abandoned = loop.close()
+    if abandoned and outcome.status == "preempted":
+        # Transfer threads of the abandoned upload would keep the interpreter from exiting until SIGKILL (137).
+        ctx.preemption.exit_at_grace_end(int(ExitCode.PREEMPTED))
     duration = time.monotonic() - ctx.started
     last = outcome.last_checkpoint.to_wire() if outcome.last_checkpoint else None
     if outcome.status == "preempted":
