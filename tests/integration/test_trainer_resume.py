@@ -122,6 +122,7 @@ def test_another_runs_checkpoints_are_refused_with_exit_10(
     s3: S3Server, bucket: str, uninterrupted: dict[str, Any], tmp_path: Path
 ) -> None:
     checkpoints = list_keys(s3, bucket, "a/checkpoints/")
+    kept = {name: read_object(s3, bucket, f"a/{name}") for name in ("config.json", "result.json")}
     run = TrainerRun(tiny_job(s3, bucket, "a", seed=7), tmp_path, s3.env(), name="other")
     assert run.wait() == 10, run._details()
     term = run.termination()
@@ -131,3 +132,5 @@ def test_another_runs_checkpoints_are_refused_with_exit_10(
     assert "new output.uri" in term["message"]
     assert not run.named("training_started")
     assert list_keys(s3, bucket, "a/checkpoints/") == checkpoints
+    # The other run's record of itself is not overwritten either.
+    assert {name: read_object(s3, bucket, f"a/{name}") for name in kept} == kept

@@ -75,6 +75,9 @@ class CheckpointUnavailableError(StorageError):
 class CheckpointMismatchError(InvalidInputError):
     """The checkpoint was written by a run with other training-relevant settings (its fingerprint differs)."""
 
+    foreign_output = True
+    """The output belongs to that other run: the CLI writes no result.json over it."""
+
 
 @dataclass(frozen=True)
 class RunFingerprint:
@@ -381,6 +384,16 @@ class CheckpointStore:
                 raise CheckpointCorruptError(f"{uri}: manifest lacks {required}")
         self._check_fingerprint(uri, manifest)
         return manifest
+
+    def check_compatible(self) -> None:
+        """Before a run writes anything under its output: raise CheckpointMismatchError when the newest complete
+        checkpoint belongs to another run (manifests only; corrupt ones are left to `load_latest`)."""
+        for step in self.complete_steps():
+            try:
+                self._manifest(self.uri_for(step), step)
+            except CheckpointCorruptError:
+                continue
+            return
 
     def load(self, step: int, map_location: str | torch.device = "cpu") -> Loaded:
         """Download and verify one checkpoint. Raises CheckpointCorruptError when it does not verify,

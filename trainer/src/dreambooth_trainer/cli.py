@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 exitCode=int(code),
                 traceback=traceback.format_exception(err)[-3:] if code is not ExitCode.INVALID_INPUT else None,
             )
-            _write_result(config, RunResult(status="failed", reason=reason, message=message).to_wire(), is_main)
+            doc = RunResult(status="failed", reason=reason, message=message).to_wire()
+            # The output belongs to another run: its result.json stays; the termination message still says why.
+            _write_result(None if getattr(err, "foreign_output", False) else config, doc, is_main)
             return int(code)
     _write_result(config, doc, is_main)
     code = EXIT_BY_STATUS.get(status, ExitCode.RETRYABLE)

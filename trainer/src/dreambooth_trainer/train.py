@@ -669,6 +669,10 @@ def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, d
     fabric = ctx.fabric
     log = ctx.log
     if ctx.is_main:
+        # Another run's checkpoints under this output: refuse before overwriting its config.json.
+        CheckpointStore(
+            ctx.store, cfg.output.resolved_checkpoint_uri(), fingerprint=run_fingerprint(cfg)
+        ).check_compatible()
         ctx.store.write_bytes(join_uri(cfg.output.uri, "config.json"), json.dumps(cfg.to_wire(), indent=2).encode())
         log.info("started", job=cfg.name, totalSteps=t.max_steps, worldSize=int(fabric.world_size))
     rng.seed_all(t.seed)
