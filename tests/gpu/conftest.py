@@ -66,6 +66,16 @@ def components_factory() -> Any:
     return load_tiny
 
 
+def cache_on_their_device(dataset: Any, components: Any) -> None:
+    """Cache latents and prompt embeddings with the VAE and text encoder where they are now: a module built from
+    `components` moves them to the GPU (`.to`, `fabric.setup`) and mixed precision casts them to fp16/bf16."""
+    vae = next(components.vae.parameters())
+    text = next(components.text_encoder.parameters())
+    with torch.no_grad():
+        dataset.cache_latents(components.vae, device=vae.device, dtype=vae.dtype)
+        dataset.cache_text_embeddings(components.text_encoder, device=text.device)
+
+
 def make_batch(components: Any, device: torch.device, n: int = 2, prior: bool = True) -> dict[str, Any]:
     """A collated batch with cached VAE latents and prompt embeddings (the trainer's default path)."""
     from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn
@@ -74,8 +84,7 @@ def make_batch(components: Any, device: torch.device, n: int = 2, prior: bool = 
     ds = DreamBoothDataset(
         [Example("i", square((255, 0, 0)), "a photo of sks dog")], components.tokenizer, RESOLUTION, classes
     )
-    ds.cache_latents(components.vae)
-    ds.cache_text_embeddings(components.text_encoder)
+    cache_on_their_device(ds, components)
     batch = collate_fn([ds[0]] * n)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -154,8 +163,7 @@ def make_loop(config: Any, components: Any, scratch: Path) -> Any:
         config.training.resolution,
         classes,
     )
-    dataset.cache_latents(components.vae)
-    dataset.cache_text_embeddings(components.text_encoder)
+    cache_on_their_device(dataset, components)
     module = DreamBoothModule(components, config.training)
     frozen = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(
         fabric_precision(config, torch.cuda.is_available())

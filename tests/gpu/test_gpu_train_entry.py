@@ -17,7 +17,11 @@ MAX_STEPS = 6
 
 
 def test_dreambooth_train_runs_on_cuda_and_exports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: torch.device, config_factory: Any
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    device: torch.device,
+    config_factory: Any,
+    components_factory: Any,
 ) -> None:
     from dreambooth_trainer import cli
 
@@ -75,6 +79,13 @@ def test_dreambooth_train_runs_on_cuda_and_exports(
     assert len(list((tmp_path / "class-cache").rglob("class-*.png"))) == 2
     # The work really ran on the GPU.
     assert torch.cuda.max_memory_allocated(device) - resident > 2**20
+
+    # bf16 training stored the frozen weights in bf16; the export starts again from the base model's fp32 weights.
+    from safetensors.torch import load_file
+
+    base_vae = components_factory().vae.state_dict()
+    exported_vae = load_file(out / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported_vae[k], v.half()) for k, v in base_vae.items())
 
     from diffusers import StableDiffusionPipeline
 

@@ -78,6 +78,35 @@ def test_bf16_mixed_trains_with_finite_decreasing_loss(
     assert loop.fabric._precision.precision == "bf16-mixed"
 
 
+@pytest.mark.parametrize("mixed", ["bf16", "fp16"])
+def test_validation_samples_a_full_fine_tune_in_mixed_precision(
+    mixed: str, tmp_path: Path, tiny_components: Any, loop_factory: Any, config_factory: Any
+) -> None:
+    """Full fine-tuning keeps the UNet in fp32 while mixed precision casts the frozen VAE and text encoder: the
+    validation hook must still sample (it runs inside the training loop, so a failure fails the job)."""
+    from dreambooth_trainer.storage import ObjectStore
+    from dreambooth_trainer.validation import sample_and_upload
+
+    config = config_factory(
+        tmp_path,
+        method="full",
+        mixedPrecision=mixed,
+        trainTextEncoder=True,
+        maxSteps=1,
+        validation={"prompts": ["a photo of sks dog"], "intervalSteps": 1, "steps": 2, "numImages": 1},
+    )
+    loop = loop_factory(config, tiny_components, tmp_path / "scratch")
+    try:
+        _train(loop, 1)
+        uris = sample_and_upload(config, loop.module, ObjectStore(), 1)
+        vae_dtype = next(loop.module.vae.parameters()).dtype
+    finally:
+        loop.close()
+    assert uris == [(tmp_path / "out" / "samples" / "step-00000001" / "p0-i0.png").as_uri()]
+    assert (tmp_path / "out" / "samples" / "step-00000001" / "p0-i0.png").stat().st_size > 0
+    assert vae_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed]
+
+
 def test_fp16_uses_a_grad_scaler_and_learns(
     tmp_path: Path,
     tiny_components: Any,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec, JobConfig
-from dreambooth_trainer.export import export_model
+from dreambooth_trainer.export import export_model, model_card, scheduler_class_name
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore
 
@@ -24,10 +24,10 @@ SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
 PROMPT = "a photo of sks dog"
 
 
-def job(out: Path, method: str, formats: list[str], dtype: str = "fp32") -> JobConfig:
-    training: dict[str, object] = {"method": method, "resolution": 32, "trainTextEncoder": True}
+def job(out: Path, method: str, formats: list[str], dtype: str = "fp32", **training: object) -> JobConfig:
+    training = {"method": method, "resolution": 32, "trainTextEncoder": True, **training}
     if method == "lora":
-        training["lora"] = {"rank": 4, "alpha": 8}  # alpha != rank: the export must keep the scale
+        training.setdefault("lora", {"rank": 4, "alpha": 8})  # alpha != rank: the export must keep the scale
     return JobConfig.model_validate(
         {
             "name": "export-test",
@@ -83,7 +83,10 @@ def test_lora_job_exports_all_three_formats(tmp_path: Path) -> None:
     np.testing.assert_allclose(sample(single), merged, atol=1e-5)
 
     base = StableDiffusionPipeline.from_pretrained(module.model_dir)
-    base.scheduler = folder.scheduler
+    # The folder keeps the base model's own scheduler (the tiny model's zero-terminal-SNR DDPM), not PNDM.
+    assert type(folder.scheduler) is type(base.scheduler)
+    assert dict(folder.scheduler.config) == dict(base.scheduler.config)
+    assert folder.scheduler.config.rescale_betas_zero_snr
     before = sample(base)
     base.load_lora_weights(str(out / "lora"))
     with_lora = sample(base)
@@ -116,3 +119,93 @@ def test_full_job_exports_fp16_diffusers_and_single_file(tmp_path: Path) -> None
 def test_lora_format_needs_lora_method(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lora"):
         job(tmp_path, "full", ["lora"])
+
+
+def test_merge_after_bf16_training_keeps_a_small_lora_update(tmp_path: Path) -> None:
+    """Mixed precision stores the frozen weights in bf16; the export merges into the base model's fp32 weights."""
+    config = job(tmp_path / "out", "lora", ["diffusers"], dtype="fp16", trainTextEncoder=False)
+    comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), SHARED_MODELS)
+    torch.manual_seed(0)
+    module = DreamBoothModule(comps, config.training)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 1e-3)  # a small trained update
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    base_unet = {k.replace(".base_layer.", "."): v.clone() for k, v in module.unet.state_dict().items()}
+    base_vae = {k: v.clone() for k, v in module.vae.state_dict().items()}
+    delta = merged_weight(module, key) - base_unet[key]
+    module.cast_frozen(torch.bfloat16)  # what training with mixedPrecision bf16 does on CUDA
+
+    export_model(module, config, ObjectStore(), tmp_path / "work", steps=1)
+
+    stored = load_file(tmp_path / "out" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    error = stored[key].float() - (base_unet[key] + delta)
+    assert float(error.abs().mean()) < 0.1 * float(delta.abs().mean())  # bf16 base weights lost ~70%
+    vae = load_file(tmp_path / "out" / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae[k], v.half()) for k, v in base_vae.items())  # fp32 base cast once, to fp16
+
+
+def merged_weight(module: DreamBoothModule, key: str) -> torch.Tensor:
+    from dreambooth_trainer.export import merged_unet
+
+    return merged_unet(module.unet).state_dict()[key].float()
+
+
+@pytest.mark.parametrize(
+    ("base", "zero_snr", "expected"),
+    [
+        ("PNDMScheduler", False, "PNDMScheduler"),
+        ("PNDMScheduler", True, "DDIMScheduler"),  # PNDM cannot honour a zero-terminal-SNR schedule
+        ("DDIMScheduler", True, "DDIMScheduler"),
+        ("EulerDiscreteScheduler", True, "EulerDiscreteScheduler"),
+        ("DDPMScheduler", True, "DDPMScheduler"),
+        (None, False, "DDIMScheduler"),
+        ("NoSuchScheduler", False, "DDIMScheduler"),
+    ],
+)
+def test_exported_scheduler_is_the_base_models_own(base: str | None, zero_snr: bool, expected: str) -> None:
+    assert scheduler_class_name(base, {"rescale_betas_zero_snr": zero_snr}) == expected
+
+
+def test_model_card_of_a_lora_only_export_loads_the_base_and_lists_the_settings(tmp_path: Path) -> None:
+    config = JobConfig.model_validate(
+        {
+            "name": "card",
+            "baseModel": {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+            "instanceImages": {"uri": "file:///unused", "prompt": PROMPT},
+            "training": {
+                "method": "lora",
+                "lora": {"rank": 16, "alpha": 32},
+                "trainTextEncoder": True,
+                "textEncoderSteps": 100,
+                "textEncoderLearningRate": 5e-6,
+                "mixedPrecision": "bf16",
+                "optimizer": "adamw8bit",
+                "snrGamma": 5.0,
+                "offsetNoise": 0.05,
+                "warmupSteps": 20,
+            },
+            "output": {"uri": (tmp_path / "out").as_uri(), "formats": ["lora"]},
+        }
+    )
+    card = model_card(config, 400, 0.1, ["lora/pytorch_lora_weights.safetensors"])
+    code = card.split("```python\n")[1].split("```")[0]
+    assert code.splitlines() == [
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        'pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")',
+        'pipe.load_lora_weights("<download of lora/>")',
+        f'image = pipe("{PROMPT}").images[0]',
+    ]
+    for text in (
+        "LoRA rank 16, alpha 32.0",
+        "Text encoder trained for the first 100 steps, learning rate 5e-06",
+        "mixed precision bf16",
+        "Optimizer adamw8bit",
+        "gamma 5.0",
+        "Offset noise 0.05",
+        "20 warmup steps",
+    ):
+        assert text in card, text

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -46,3 +50,35 @@ def test_tf32_is_on_by_default_and_can_be_turned_off() -> None:
 )
 def test_fabric_precision(mixed: str, cuda: bool, expected: str) -> None:
     assert fabric_precision(_config(mixedPrecision=mixed), cuda) == expected
+
+
+def _gpu_conftest() -> ModuleType:
+    """tests/gpu/conftest.py, for its batch helper (it is not a package module)."""
+    path = Path(__file__).resolve().parents[1] / "gpu" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("gpu_tier_conftest", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gpu_tier_batches_are_encoded_by_half_precision_frozen_parts(method: str) -> None:
+    """The gpu tier builds its batch after mixed precision cast the shared VAE and text encoder to bf16 (and moved
+    them to the GPU): the helper must encode with them as they are. CPU autocast supports bf16, so this runs here."""
+    from dreambooth_trainer.config import TrainingConfig
+    from dreambooth_trainer.module import DreamBoothModule
+
+    gpu = _gpu_conftest()
+    components = gpu.load_tiny()
+    module = DreamBoothModule(components, TrainingConfig(method=method, resolution=gpu.RESOLUTION))
+    module.cast_frozen(torch.bfloat16)  # as make_loop does for mixedPrecision bf16 on CUDA
+
+    batch = gpu.make_batch(components, torch.device("cpu"))
+
+    assert batch["latent_params"].dtype == torch.float32
+    assert batch["latent_params"].shape[0] == 4  # two instance rows, two class rows
+    assert "prompt_embeds" in batch
+    loss = gpu.fixed_loss(module, batch, torch.device("cpu"), torch.bfloat16)
+    assert math.isfinite(loss)

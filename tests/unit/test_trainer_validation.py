@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.config import BaseModelSpec, TrainingConfig, ValidationSpec
+from dreambooth_trainer.config import BaseModelSpec, JobConfig, TrainingConfig, ValidationSpec
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore
-from dreambooth_trainer.validation import run_validation
+from dreambooth_trainer.validation import run_validation, sample_and_upload, validation_autocast_dtype
 
 # The tiny model is cached by config hash, so test files share one build.
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
@@ -57,3 +59,47 @@ def test_no_prompts_no_samples(tmp_path: Path) -> None:
     result = run_validation(module, ValidationSpec(), 5, 32, store, (tmp_path / "o").as_uri())
     assert result.uris == []
     assert not (tmp_path / "o").exists()
+
+
+def test_full_fine_tune_with_half_frozen_parts_samples(tmp_path: Path) -> None:
+    """Mixed precision on CUDA stores the frozen VAE and text encoder in bf16 while a full fine-tune keeps the UNet
+    in fp32: validation must sample under autocast (CPU autocast supports bf16, so this runs here)."""
+    store = ObjectStore()
+    comps = load_components(BaseModelSpec(tiny=True), store, SHARED_MODELS)
+    config = JobConfig.model_validate(
+        {
+            "name": "validation-test",
+            "instanceImages": {"uri": "file:///unused", "prompt": "a photo of sks dog"},
+            "training": {
+                "method": "full",
+                "resolution": 32,
+                "validation": {"prompts": ["a photo of sks dog"], "steps": 2, "numImages": 1},
+            },
+            "output": {"uri": (tmp_path / "out").as_uri()},
+        }
+    )
+    module = DreamBoothModule(comps, config.training)
+    module.cast_frozen(torch.bfloat16)  # what train._run does for mixedPrecision bf16 on CUDA
+    assert {p.dtype for p in module.unet.parameters()} == {torch.float32}
+    assert next(module.vae.parameters()).dtype == torch.bfloat16
+
+    uris = sample_and_upload(config, module, store, 4)
+
+    assert uris == [(tmp_path / "out" / "samples" / "step-00000004" / "p0-i0.png").as_uri()]
+    assert (tmp_path / "out" / "samples" / "step-00000004" / "p0-i0.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "expected"),
+    [
+        ((torch.float32, torch.float32, torch.float32), None),
+        ((torch.float32, torch.float16, torch.float16), torch.float16),
+        ((torch.float32, torch.bfloat16, torch.float32), torch.bfloat16),
+        ((torch.bfloat16, torch.float16, torch.float32), torch.bfloat16),
+    ],
+)
+def test_validation_autocast_dtype_follows_any_half_part(
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype], expected: torch.dtype | None
+) -> None:
+    unet, vae, text = (torch.nn.Linear(2, 2).to(dtype=d) for d in dtypes)
+    assert validation_autocast_dtype(SimpleNamespace(unet=unet, vae=vae, text_encoder=text)) == expected

@@ -5,6 +5,9 @@ Stable Diffusion key layout, for `StableDiffusionPipeline.from_single_file`), `l
 (for `pipe.load_lora_weights`), `README.md`.
 
 With LoRA training the diffusers folder and the single file hold the base weights with the adapters merged in.
+Merging happens in fp32: when mixed precision stored the frozen weights in fp16/bf16, the base model's fp32 weights
+are reloaded from its folder first, and only the result is cast to `output.dtype`. The diffusers folder keeps the
+base model's own sampling scheduler (class and config).
 
 Loading the single file: diffusers infers SD 1.x/2.x configs from the weights for real models. For models whose
 architecture is not a standard one (the tiny test model), pass the exported diffusers folder as the config:
@@ -14,9 +17,10 @@ architecture is not a standard one (the tiny test model), pass the exported diff
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,6 @@ from typing import Any
 import torch
 
 from dreambooth_trainer.config import ExportDType, ExportFormat, JobConfig, Method
-from dreambooth_trainer.pipelines import build_pipeline
 from dreambooth_trainer.storage import ObjectStore, join_uri
 
 DTYPES = {ExportDType.FP32: torch.float32, ExportDType.FP16: torch.float16, ExportDType.BF16: torch.bfloat16}
@@ -153,15 +156,21 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 # ----- building the exported modules ---------------------------------------------------------------------------------
 def merged_unet(unet: Any) -> Any:
     """A copy of the UNet with LoRA adapters (if any) merged into the base weights and removed."""
-    merged = copy.deepcopy(unet)
-    if getattr(merged, "peft_config", None):
-        merged.fuse_lora()
-        merged.unload_lora()
-    return merged
+    return _fuse_unet(copy.deepcopy(unet))
+
+
+def _fuse_unet(unet: Any) -> Any:
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
+    return unet
 
 
 def merged_text_encoder(text_encoder: Any) -> Any:
-    encoder = copy.deepcopy(text_encoder)
+    return _fuse_text_encoder(copy.deepcopy(text_encoder))
+
+
+def _fuse_text_encoder(encoder: Any) -> Any:
     if getattr(encoder, "peft_config", None):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -174,6 +183,98 @@ def merged_text_encoder(text_encoder: Any) -> Any:
         del encoder.peft_config
         encoder._hf_peft_config_loaded = False
     return encoder
+
+
+@dataclass
+class ExportParts:
+    """The merged UNet and text encoder and the VAE that the diffusers folder and the single file are made from."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+
+
+def has_half_weights(models: Iterable[Any]) -> bool:
+    """Whether any floating-point weight of `models` is stored below fp32 (mixed precision casts the frozen ones)."""
+    return any(t.is_floating_point() and t.dtype != torch.float32 for m in models for t in m.state_dict().values())
+
+
+def base_weight_name(name: str) -> str:
+    """The base model's name of a weight inside a PEFT-wrapped layer (`to_q.base_layer.weight` -> `to_q.weight`)."""
+    return name.replace(".base_layer.", ".")
+
+
+def with_fp32_base(model: Any, base_state: Mapping[str, torch.Tensor]) -> Any:
+    """An fp32 copy of `model`: trained parameters (requires_grad) as they are, every other floating-point weight
+    from `base_state`, the base model's fp32 weights."""
+    out = copy.deepcopy(model).float()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, tensor in out.state_dict(keep_vars=True).items():
+            if name in trained or not tensor.is_floating_point():
+                continue
+            source = base_state.get(base_weight_name(name))
+            if source is None or source.shape != tensor.shape:
+                raise ValueError(
+                    f"the base model has no weight {base_weight_name(name)} of shape {tuple(tensor.shape)}"
+                )
+            tensor.copy_(source)
+    return out
+
+
+def export_parts(module: Any, variant: str | None = None) -> ExportParts:
+    """Merge the adapters into fp32 weights; half-precision frozen weights are replaced by the base model's fp32
+    ones, reloaded from `module.model_dir` (the half copies lost most of a small LoRA update when merged)."""
+    unet, vae, text_encoder = module.unet, module.vae, module.text_encoder
+    if not has_half_weights((unet, vae, text_encoder)):
+        return ExportParts(merged_unet(unet), copy.deepcopy(vae), merged_text_encoder(text_encoder))
+    from dreambooth_trainer.components import load_components_from_dir
+
+    base = load_components_from_dir(Path(module.model_dir), variant=variant)
+    return ExportParts(
+        unet=_fuse_unet(with_fp32_base(unet, base.unet.state_dict())),
+        vae=with_fp32_base(vae, base.vae.state_dict()),
+        text_encoder=_fuse_text_encoder(with_fp32_base(text_encoder, base.text_encoder.state_dict())),
+    )
+
+
+# Settings of the training noise schedule that the exported sampling scheduler must share with it.
+TRAINING_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
+FALLBACK_SCHEDULER = "DDIMScheduler"
+
+
+def scheduler_class_name(base_class: str | None, config: Mapping[str, Any]) -> str:
+    """The exported folder's scheduler class: the base model's own, unless it is unknown or cannot honour the
+    training schedule's zero terminal SNR (PNDM has no `rescale_betas_zero_snr`), then DDIM."""
+    import diffusers
+
+    cls = getattr(diffusers, base_class, None) if base_class else None
+    if cls is None or not hasattr(cls, "from_config"):
+        return FALLBACK_SCHEDULER
+    params = inspect.signature(cls.__init__).parameters
+    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
+        return FALLBACK_SCHEDULER
+    return str(base_class)
+
+
+def export_scheduler(model_dir: Path | None, training_config: Mapping[str, Any]) -> Any:
+    """The base model's sampling scheduler (from `<model_dir>/scheduler/scheduler_config.json`), with the training
+    schedule's settings (`TRAINING_SCHEDULE_KEYS`) on top."""
+    import diffusers
+
+    path = Path(model_dir) / "scheduler" / "scheduler_config.json" if model_dir is not None else None
+    base: dict[str, Any] = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    config = {**base, **{k: training_config[k] for k in TRAINING_SCHEDULE_KEYS if k in training_config}}
+    cls = getattr(diffusers, scheduler_class_name(base.get("_class_name"), config))
+    return cls.from_config(config)
 
 
 def lora_state_dicts(unet: Any, text_encoder: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
@@ -199,14 +300,31 @@ def _lora_metadata(model: Any) -> dict[str, Any] | None:
 
 
 def write_diffusers(
-    module: Any, out_dir: Path, dtype: torch.dtype, unet: Any | None = None, text_encoder: Any | None = None
+    module: Any,
+    out_dir: Path,
+    dtype: torch.dtype,
+    unet: Any | None = None,
+    text_encoder: Any | None = None,
+    vae: Any | None = None,
 ) -> Path:
-    """Save the trained pipeline as a diffusers folder (safetensors); returns the folder."""
-    unet = unet if unet is not None else merged_unet(module.unet)
-    text_encoder = text_encoder if text_encoder is not None else merged_text_encoder(module.text_encoder)
-    vae = copy.deepcopy(module.vae)
-    # PNDM is what Stable Diffusion 1.x folders ship; samplers can be swapped from its config at load time.
-    pipe = build_pipeline(unet, vae, text_encoder, module.tokenizer, module.noise_scheduler.config, "pndm")
+    """Save the trained pipeline as a diffusers folder (safetensors) with the base model's scheduler; returns it."""
+    from diffusers import StableDiffusionPipeline
+
+    if unet is None or text_encoder is None or vae is None:
+        parts = export_parts(module)
+        unet = unet if unet is not None else parts.unet
+        text_encoder = text_encoder if text_encoder is not None else parts.text_encoder
+        vae = vae if vae is not None else parts.vae
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=module.tokenizer,
+        unet=unet,
+        scheduler=export_scheduler(getattr(module, "model_dir", None), module.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to(dtype=dtype)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -242,6 +360,58 @@ def write_lora(module: Any, out_dir: Path, dtype: torch.dtype) -> Path:
     return out_dir / LORA_WEIGHT_NAME
 
 
+def training_settings(config: JobConfig) -> list[str]:
+    """The model card's bullet lines on how the run trained (method-specific settings included)."""
+    t = config.training
+    warmup = f", {t.warmup_steps} warmup steps" if t.warmup_steps else ""
+    lines = [
+        f"- Resolution {t.resolution}, batch size {t.batch_size} x {t.gradient_accumulation} accumulation, "
+        f"learning rate {t.learning_rate} ({t.lr_schedule.value}{warmup}), seed {t.seed}",
+        f"- Optimizer {t.optimizer.value} (weight decay {t.adam_weight_decay}), "
+        f"mixed precision {t.mixed_precision.value}",
+    ]
+    if t.method is Method.LORA:
+        spec = t.lora_or_default()
+        lines.append(
+            f"- LoRA rank {spec.rank}, alpha {spec.alpha}, dropout {spec.dropout}, "
+            f"target modules {', '.join(spec.target_modules)}"
+        )
+    if t.train_text_encoder:
+        steps = f"the first {t.text_encoder_steps} steps" if t.text_encoder_steps else "all steps"
+        lines.append(
+            f"- Text encoder trained for {steps}, learning rate {t.text_encoder_learning_rate or t.learning_rate}"
+        )
+    else:
+        lines.append("- Text encoder frozen")
+    if t.snr_gamma is not None:
+        lines.append(f"- Min-SNR loss weighting, gamma {t.snr_gamma}")
+    if t.offset_noise > 0:
+        lines.append(f"- Offset noise {t.offset_noise}")
+    return lines
+
+
+def usage_snippet(config: JobConfig) -> list[str]:
+    """Python that loads what was exported: the diffusers folder, else the single file, else base model + LoRA."""
+    formats = set(config.output.formats)
+    base = config.base_model.id or (
+        f"<download of {config.base_model.uri}>" if config.base_model.uri else "<the base model folder>"
+    )
+    lora = [
+        'pipe = StableDiffusionPipeline.from_pretrained("' + base + '")',
+        'pipe.load_lora_weights("<download of lora/>")',
+    ]
+    lines = ["from diffusers import StableDiffusionPipeline", ""]
+    if ExportFormat.DIFFUSERS in formats:
+        lines.append('pipe = StableDiffusionPipeline.from_pretrained("<download of model/>")')
+    elif ExportFormat.SAFETENSORS in formats:
+        lines.append('pipe = StableDiffusionPipeline.from_single_file("<download of model.safetensors>")')
+    else:
+        lines += lora
+    if ExportFormat.LORA in formats and formats & {ExportFormat.DIFFUSERS, ExportFormat.SAFETENSORS}:
+        lines += ["# or the base model plus the adapters:", *(f"# {line}" for line in lora)]
+    return [*lines, f'image = pipe("{config.instance_images.prompt}").images[0]']
+
+
 def model_card(config: JobConfig, steps: int, final_loss: float | None, files: list[str]) -> str:
     """A README.md with YAML front matter (the Hugging Face model-card convention) describing the run."""
     t = config.training
@@ -266,8 +436,7 @@ def model_card(config: JobConfig, steps: int, final_loss: float | None, files: l
             f"{config.prior_preservation.num_images} class images, weight {config.prior_preservation.loss_weight}"
         )
     lines += [
-        f"- Resolution {t.resolution}, batch size {t.batch_size} x {t.gradient_accumulation} accumulation, "
-        f"learning rate {t.learning_rate} ({t.lr_schedule.value}), seed {t.seed}",
+        *training_settings(config),
         f"- Final loss: {final_loss:.5f}" if final_loss is not None else "- Final loss: n/a",
         f"- Exported dtype: {config.output.dtype.value}",
         "",
@@ -278,14 +447,10 @@ def model_card(config: JobConfig, steps: int, final_loss: float | None, files: l
         "## Use",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        *usage_snippet(config),
+        "```",
         "",
     ]
-    if ExportFormat.DIFFUSERS in config.output.formats:
-        lines.append('pipe = StableDiffusionPipeline.from_pretrained("<download of model/>")')
-    if ExportFormat.LORA in config.output.formats:
-        lines.append('# or: the base model plus the adapters: pipe.load_lora_weights("<download of lora/>")')
-    lines += [f'image = pipe("{config.instance_images.prompt}").images[0]', "```", ""]
     return "\n".join(lines)
 
 
@@ -305,18 +470,21 @@ def export_model(
     result = ExportResult()
     formats = set(config.output.formats)
     files: list[str] = []
-    unet = text_encoder = None
+    parts = None
     if formats & {ExportFormat.DIFFUSERS, ExportFormat.SAFETENSORS}:
-        unet = merged_unet(module.unet)
-        text_encoder = merged_text_encoder(module.text_encoder)
+        parts = export_parts(module, config.base_model.variant)
     if ExportFormat.DIFFUSERS in formats:
-        local = write_diffusers(module, workdir / "model", dtype, unet=unet, text_encoder=text_encoder)
+        assert parts is not None
+        local = write_diffusers(
+            module, workdir / "model", dtype, unet=parts.unet, text_encoder=parts.text_encoder, vae=parts.vae
+        )
         uri = join_uri(out_uri, "model")
         store.upload_dir(local, uri)
         result.uris["diffusers"] = uri
         files.append("model/")
     if ExportFormat.SAFETENSORS in formats:
-        local_file = write_single_file(unet, module.vae, text_encoder, workdir / "model.safetensors", dtype)
+        assert parts is not None
+        local_file = write_single_file(parts.unet, parts.vae, parts.text_encoder, workdir / "model.safetensors", dtype)
         uri = join_uri(out_uri, "model.safetensors")
         store.upload_file(local_file, uri)
         result.uris["safetensors"] = uri

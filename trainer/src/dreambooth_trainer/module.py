@@ -79,25 +79,19 @@ class DreamBoothModule(pl.LightningModule):
         from peft import LoraConfig
 
         spec = t.lora_or_default()
-        self.unet.add_adapter(
-            LoraConfig(
+
+        def lora(targets: list[str]) -> LoraConfig:
+            return LoraConfig(
                 r=spec.rank,
                 lora_alpha=spec.alpha,
                 lora_dropout=spec.dropout,
                 init_lora_weights="gaussian",
-                target_modules=list(spec.target_modules),
+                target_modules=targets,
             )
-        )
+
+        _add_adapter(self.unet, lora(list(spec.target_modules)), "training.lora.targetModules", "UNet")
         if t.train_text_encoder:
-            self.text_encoder.add_adapter(
-                LoraConfig(
-                    r=spec.rank,
-                    lora_alpha=spec.alpha,
-                    lora_dropout=spec.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=TEXT_LORA_TARGETS,
-                )
-            )
+            _add_adapter(self.text_encoder, lora(TEXT_LORA_TARGETS), "training.trainTextEncoder", "text encoder")
 
     def train(self, mode: bool = True) -> DreamBoothModule:
         """Keep the frozen parts in eval mode when Lightning or Fabric switches the module to training."""
@@ -283,11 +277,26 @@ class DreamBoothModule(pl.LightningModule):
             fused = torch.cuda.is_available()
             optimizer = torch.optim.AdamW(groups, weight_decay=t.adam_weight_decay, fused=fused or None)
         optimizer.register_step_post_hook(self._count_step)
-        warmup = t.warmup_steps if t.lr_schedule is not LRSchedule.CONSTANT else 0
-        scheduler = get_scheduler(
-            t.lr_schedule.value, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=t.max_steps
-        )
+        name, warmup = lr_schedule_name(t)
+        scheduler = get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=t.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_schedule_name(t: TrainingConfig) -> tuple[str, int]:
+    """The diffusers `get_scheduler` name and warmup steps: `constant` with `warmupSteps` > 0 warms up first
+    (`constant_with_warmup`), so the warmup is never dropped silently."""
+    if t.lr_schedule is LRSchedule.CONSTANT and t.warmup_steps > 0:
+        return LRSchedule.CONSTANT_WITH_WARMUP.value, t.warmup_steps
+    return t.lr_schedule.value, t.warmup_steps
+
+
+def _add_adapter(model: Any, config: Any, field: str, part: str) -> None:
+    """`model.add_adapter(config)`; peft's ValueError for targets that match nothing is invalid input (exit 10)."""
+    try:
+        model.add_adapter(config)
+    except ValueError as err:
+        targets = sorted(config.target_modules)
+        raise InvalidInputError(f"{field}: LoRA targets {targets} match no layer of the {part}: {err}") from err
 
 
 def _adamw_8bit(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:

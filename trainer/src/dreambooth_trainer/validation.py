@@ -122,10 +122,6 @@ def sample_and_upload(
 ) -> list[str]:
     """The runtime's hook: sample `training.validation` at `step` on the module's device; returns the PNG URIs."""
     device = next(module.unet.parameters()).device
-    dtypes = {p.dtype for p in module.unet.parameters()}
-    autocast_dtype = None
-    if device.type == "cuda" and dtypes & {torch.float16, torch.bfloat16}:
-        autocast_dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
     result = run_validation(
         module,
         config.training.validation,
@@ -135,6 +131,16 @@ def sample_and_upload(
         config.output.uri,
         tensorboard_dir=tensorboard_dir,
         device=device,
-        autocast_dtype=autocast_dtype,
+        autocast_dtype=validation_autocast_dtype(module),
     )
     return result.uris
+
+
+def validation_autocast_dtype(module: Any) -> torch.dtype | None:
+    """The half dtype to sample under when any of the UNet, VAE or text encoder holds half-precision weights (mixed
+    precision casts only the frozen ones: without autocast their outputs would meet fp32 weights), else None."""
+    dtypes = {p.dtype for m in (module.unet, module.vae, module.text_encoder) for p in m.parameters()}
+    for half in (torch.bfloat16, torch.float16):
+        if half in dtypes:
+            return half
+    return None
