@@ -25,7 +25,7 @@ from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.progress import Progress
 from dreambooth_trainer.storage import ObjectStore
-from dreambooth_trainer.train import TrainLoop, run_fingerprint
+from dreambooth_trainer.train import TrainLoop, build_lr_scheduler, run_fingerprint
 
 
 class NoisyRegressor(pl.LightningModule):
@@ -348,3 +348,16 @@ def test_close_after_a_missed_preemption_deadline_does_not_wait_for_the_upload(t
     assert closed == [True]
     abandoned = [e for e in _events(buf) if e["event"] == "checkpoint_incomplete" and e["reason"] == "abandoned"]
     assert [e["step"] for e in abandoned] == [6]
+
+
+def test_the_default_scheduler_warms_up_a_constant_schedule(tmp_path: Path) -> None:
+    """`warmupSteps` with `lrSchedule: constant` warms up (it was silently dropped)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_lr_scheduler(optimizer, _config(tmp_path, lrSchedule="constant", warmupSteps=4))
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]

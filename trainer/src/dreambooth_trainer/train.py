@@ -41,7 +41,7 @@ from dreambooth_trainer.checkpoint import (
     StagingBuffers,
     to_cpu,
 )
-from dreambooth_trainer.config import JobConfig, LRSchedule, Method
+from dreambooth_trainer.config import JobConfig, Method
 from dreambooth_trainer.distributed import broadcast_object
 from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError
 from dreambooth_trainer.logging import EventLog, utc_now_iso
@@ -130,10 +130,12 @@ def resume_refusal(loaded: Loaded, max_steps: int) -> str | None:
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: JobConfig) -> Any:
     from diffusers.optimization import get_scheduler
 
-    t = config.training
-    warmup = t.warmup_steps if t.lr_schedule is not LRSchedule.CONSTANT else 0
-    name = t.lr_schedule.value
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=t.max_steps)
+    from dreambooth_trainer.module import lr_schedule_name
+
+    name, warmup = lr_schedule_name(config.training)
+    return get_scheduler(
+        name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=config.training.max_steps
+    )
 
 
 class _Due:
