@@ -247,7 +247,7 @@ class TrainingConfig(Model):
     lr_schedule: LRSchedule = Field(default=LRSchedule.CONSTANT)
     """The learning-rate schedule."""
     warmup_steps: int = Field(default=0, ge=0)
-    """Linear warmup steps."""
+    """Linear warmup steps (with lrSchedule constant: constant_with_warmup)."""
     batch_size: int = Field(default=1, ge=1, le=256)
     """Instance images per GPU per step (the same number of class images is added with prior preservation)."""
     gradient_accumulation: int = Field(default=1, ge=1, le=128)
