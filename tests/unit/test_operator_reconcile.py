@@ -447,3 +447,22 @@ def test_the_child_indexes_keep_the_owner_references_that_adoption_checks() -> N
     for index, child in ((batch_jobs_by_owner, make_batch_job(job).obj()), (pods_by_owner, make_pod(job).obj())):
         entry = index(namespace="team-a", labels=child["metadata"]["labels"], body=child)
         assert entry[("team-a", "cat")]["metadata"]["ownerReferences"] == child["metadata"]["ownerReferences"]
+
+
+def test_running_attempt_pods_stuck_deleting_on_a_lost_node_are_force_deleted() -> None:
+    """A single-node Job replaces an evicted pod only once it is gone (podReplacementPolicy Failed): on a lost node
+    that never happens by itself."""
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    batch = make_batch_job(job).obj()
+    evicted = make_pod(job, 0, 0).running().deleting(at=T0).obj()
+    early = run(job, [batch], [evicted], now=T0 + timedelta(seconds=10))
+    assert early.actions == []
+    assert early.requeue_after is not None
+    assert early.requeue_after <= 20.0
+    late = run(job, [batch], [evicted], now=T0 + timedelta(seconds=31))
+    assert late.actions == [Action(ActionKind.FORCE_DELETE_POD, name="cat-a0-0-abcde", uid="pod-cat-a0-0")]
+    assert cond(late, "Running") == ("False", "StuckPodsForceDeleted")
+    assert ("Warning", "StuckPodsForceDeleted") in reasons(late)
+    # A running pod that nobody deletes is left alone.
+    alive = make_pod(job, 0, 0).running().obj()
+    assert run(job, [batch], [alive], now=T0 + timedelta(days=1)).actions == []

@@ -600,7 +600,7 @@ def _start_attempt(
     counted: list[str] | None,
 ) -> Plan:
     now = b.obs.now
-    stuck = [p for p in older_active if (t := _stuck_since(p)) is not None and now >= t]
+    stuck = [p for p in older_active if (t := _stuck_since(p)) is not None and now > t]
     waiting = [p for p in older_active if all(p is not s for s in stuck)]
     if waiting:
         # The previous attempt's pods are still writing their last checkpoint; the next one must resume from it.
@@ -687,7 +687,27 @@ def _running(
         b.phase(phase, "training" if training else "loading the model and data")
         reason = Reason.RESUMED if restarted else (Reason.TRAINING if training else Reason.PODS_RUNNING)
         b.condition(JobConditionType.RUNNING, True, reason, f"{nodes} pod(s) running (attempt {b.status.attempt})")
+    _force_delete_lost(b, pods)
     return b.plan(counted)
+
+
+def _force_delete_lost(b: _Builder, pods: list[Mapping[str, Any]]) -> None:
+    """Pods of the running attempt still deleting past their grace period and the margin are on a lost node: the
+    Job controller (podReplacementPolicy Failed) would wait for them forever, so they are force-deleted."""
+    now = b.obs.now
+    deleting = [(p, t) for p in pods if podstate.is_active(p) and (t := _stuck_since(p)) is not None]
+    lost = [p for p, t in deleting if now > t]
+    b.requeue.extend(max(0.5, (t - now).total_seconds()) for _, t in deleting if now <= t)
+    if not lost:
+        return
+    b.actions.extend(
+        Action(ActionKind.FORCE_DELETE_POD, name=str(p["metadata"]["name"]), uid=podstate.pod_uid(p)) for p in lost
+    )
+    note = (
+        f"force-deleted {len(lost)} pod(s) still deleting {int(STUCK_POD_MARGIN_SECONDS)}s past their grace period "
+        f"(node lost?): {_pod_names(lost)}; they are replaced and resume from the last checkpoint"
+    )
+    b.condition(JobConditionType.RUNNING, False, STUCK_PODS_FORCE_DELETED, note)
 
 
 def _all_up(pods: list[Mapping[str, Any]]) -> bool:
