@@ -113,11 +113,15 @@ def test_creates_owned_children_and_reports_unschedulable(
     )
 
 
-def _reconciles(metrics: str) -> float:
+def _sample(metrics: str, name: str) -> float:
     for line in metrics.splitlines():
-        if line.startswith("dreambooth_operator_reconcile_duration_seconds_count"):
+        if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def _reconciles(metrics: str) -> float:
+    return _sample(metrics, "dreambooth_operator_reconcile_duration_seconds_count")
 
 
 def test_suspend_and_resume_toggle_the_batch_job(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
@@ -237,10 +241,16 @@ def test_metrics_endpoint(cluster: Cluster, namespace: str, op: OperatorProcess)
     assert _reconciles(text) >= 1
     # An idle job is reconciled on events and every interval (2 s here), never in a busy loop.
     before, start = _reconciles(text), time.monotonic()
+    stale_before = _sample(text, "dreambooth_operator_stale_reads_total")
     wait_for("4 seconds", time.monotonic, lambda now: now - start >= 4.0)
-    assert _reconciles(op.metrics_text()) - before <= 8
+    after = op.metrics_text()
+    assert _reconciles(after) - before <= 8
+    # The watched object catches up with the operator's own writes: an idle job is never re-read from the API.
+    assert _reconciles(after) > before
+    assert _sample(after, "dreambooth_operator_stale_reads_total") == stale_before
     for name in (
         "dreambooth_operator_reconcile_errors_total",
+        "dreambooth_operator_stale_reads_total",
         "dreambooth_operator_restarts_total",
         "dreambooth_operator_time_to_running_seconds",
         "dreambooth_operator_job_duration_seconds",

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
+from aiohttp import web
+from operator_wrappers import make_job, make_pod
 from prometheus_client import generate_latest
 
+from dreambooth_operator.handlers import OperatorState, poll_progress
 from dreambooth_operator.kube import merge_diff
 from dreambooth_operator.main import parse_args
 from dreambooth_operator.metrics import OperatorMetrics
-from dreambooth_operator.progress import progress_url
+from dreambooth_operator.progress import ProgressPoller, progress_url
 from dreambooth_operator.settings import OperatorSettings
 
 
@@ -64,3 +70,46 @@ def test_jobs_by_phase_gauge() -> None:
     assert 'dreambooth_operator_jobs{phase="Running"} 1.0' in text
     assert 'dreambooth_operator_jobs{phase="Succeeded"} 1.0' in text
     assert 'dreambooth_operator_jobs{phase="Failed"} 0.0' in text
+
+
+def test_a_slow_progress_answer_does_not_hold_up_the_reconcile() -> None:
+    """/progress is read in the background: the reconcile goes on with the last sample, and the late answer wakes
+    the job's loop with the new one."""
+    key = ("team-a", "cat")
+    job = make_job().status(attempt=0, phase="Running").obj()
+    pod = make_pod(job, 0, 0).running().obj()
+    pod["status"]["podIP"] = "127.0.0.1"
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def progress(_: web.Request) -> web.Response:
+            await release.wait()
+            return web.json_response({"step": 5, "totalSteps": 20, "stage": "Training"})
+
+        app = web.Application()
+        app.router.add_get("/progress", progress)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        poller = ProgressPoller(concurrency=1, timeout_seconds=60, interval_seconds=10, port=port)
+        state = OperatorState(settings=OperatorSettings(), api=None, metrics=OperatorMetrics(), poller=poller)
+        wake = state.wakes.setdefault(key, asyncio.Event())
+        try:
+            # Bounded only so that a regression fails instead of hanging: the answer never comes before `release`.
+            first = await asyncio.wait_for(poll_progress(state, key, job, [pod], logging.getLogger("t")), 30)
+            assert first is None
+            assert key in state.polls
+            release.set()
+            await asyncio.wait_for(wake.wait(), 30)
+            sample = state.samples[key]
+            assert sample.data["step"] == 5
+            assert sample.pod_uid == pod["metadata"]["uid"]
+            assert key not in state.polls
+        finally:
+            await poller.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())

@@ -52,6 +52,8 @@ from dreambooth_operator.settings import OperatorSettings
 
 CHILD_LABELS = {LABEL_JOB_NAME: kopf.PRESENT}
 Key = tuple[str, str]
+# How long a reconcile waits for a /progress answer before going on with the last sample.
+PROGRESS_WAIT_SECONDS = 0.5
 
 
 @dataclass
@@ -64,6 +66,10 @@ class OperatorState:
     poller: ProgressPoller
     wakes: dict[Key, asyncio.Event] = field(default_factory=dict)
     samples: dict[Key, ProgressSample] = field(default_factory=dict)
+    polls: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    """The /progress request in flight per job (at most one)."""
+    written: dict[Key, Any] = field(default_factory=dict)
+    """Per job, the status (without kopf's part) that the API returned for the operator's last status write."""
 
     def wake(self, key: Key) -> None:
         event = self.wakes.get(key)
@@ -181,6 +187,10 @@ async def job_loop(
     finally:
         state.wakes.pop(key, None)
         state.samples.pop(key, None)
+        state.written.pop(key, None)
+        poll = state.polls.pop(key, None)
+        if poll is not None:
+            poll.cancel()
         state.poller.forget(key)
 
 
@@ -209,6 +219,14 @@ async def reconcile_job(
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     key = (namespace, name)
+    if key in state.written and _own_status(job) != state.written[key]:
+        # The watch has not delivered the operator's last status write yet: a plan made from this older copy could
+        # count a restart twice or recreate a deleted attempt, so read the object itself.
+        fresh = await asyncio.to_thread(kube.get, state.api, f"{GROUP}/{VERSION}", "DreamBoothJob", namespace, name)
+        if fresh is None:
+            raise kopf.TemporaryError("the DreamBoothJob is gone", delay=1)
+        job = dict(fresh)
+        state.metrics.stale_reads.inc()
     observed_jobs = [copy.deepcopy(j) for j in batch_jobs.get(key, [])]
     observed_pods = [copy.deepcopy(p) for p in pods.get(key, [])]
     sample = await poll_progress(state, key, job, observed_pods, logger)
@@ -228,13 +246,20 @@ async def reconcile_job(
         )
     patch = kube.merge_diff(job.get("status"), plan.status_wire(), keep=frozenset({"kopf"}))
     if patch:
-        await asyncio.to_thread(kube.patch_status, state.api, namespace, name, patch)
+        written = await asyncio.to_thread(kube.patch_status, state.api, namespace, name, patch)
+        state.written[key] = _own_status(written or {})
+    else:
+        state.written[key] = _own_status(job)
     # Events only after the status write succeeded (a failed write retries the whole reconcile).
     for event in plan.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
         state.metrics.events.labels(type=event.type, reason=event.reason).inc()
     record_metrics(state.metrics, job, prev.phase, plan)
     return plan
+
+
+def _own_status(job: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (job.get("status") or {}).items() if k != "kopf"}
 
 
 async def poll_progress(
@@ -244,7 +269,11 @@ async def poll_progress(
     pods: list[Mapping[str, Any]],
     logger: kopf.Logger,
 ) -> ProgressSample | None:
-    """Read rank 0's /progress when it is due; the last good sample otherwise."""
+    """Start reading rank 0's /progress when it is due, and wait for it at most PROGRESS_WAIT_SECONDS.
+
+    Returns the newest good sample. A slow answer (a busy pod, the shared request limit) never holds up the
+    reconcile that handles failures and restarts: when it arrives, it wakes the job's loop again.
+    """
     attempt = parse_status(job).attempt
     rank0 = next(
         (
@@ -257,19 +286,31 @@ async def poll_progress(
         ),
         None,
     )
-    if rank0 is None or not state.poller.due(key):
-        return state.samples.get(key)
+    poll = state.polls.get(key)
+    if poll is None and rank0 is not None and state.poller.due(key):
+        poll = asyncio.create_task(_fetch_progress(state, key, attempt, rank0, logger))
+        state.polls[key] = poll
+    if poll is not None:
+        done, _ = await asyncio.wait({poll}, timeout=PROGRESS_WAIT_SECONDS)
+        if not done:
+            poll.add_done_callback(lambda _: state.wake(key))
+    return state.samples.get(key)
+
+
+async def _fetch_progress(
+    state: OperatorState, key: Key, attempt: int, rank0: Mapping[str, Any], logger: kopf.Logger
+) -> None:
     try:
         data = await state.poller.fetch(key, str(podstate.pod_ip(rank0)))
     except (aiohttp.ClientError, TimeoutError, ValueError) as err:
         state.metrics.progress_polls.labels(result="error").inc()
         logger.debug("/progress of %s not available: %r", rank0["metadata"]["name"], err)
-        return state.samples.get(key)
+        return
+    finally:
+        state.polls.pop(key, None)
     state.metrics.progress_polls.labels(result="ok").inc()
     started = podstate.parse_time((rank0.get("status") or {}).get("startTime"))
-    sample = ProgressSample(attempt, podstate.pod_uid(rank0), started, data, now_utc())
-    state.samples[key] = sample
-    return sample
+    state.samples[key] = ProgressSample(attempt, podstate.pod_uid(rank0), started, data, now_utc())
 
 
 def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]], plan: Plan) -> None:

@@ -29,6 +29,11 @@ class OperatorMetrics:
         self.reconcile_errors = Counter(
             "dreambooth_operator_reconcile_errors_total", "Reconciles that raised an error", registry=r
         )
+        self.stale_reads = Counter(
+            "dreambooth_operator_stale_reads_total",
+            "Reconciles whose watched DreamBoothJob predated the operator's own last status write (re-read)",
+            registry=r,
+        )
         self.restarts = Counter(
             "dreambooth_operator_restarts_total",
             "Training restarts, by reason (preemption or failure)",

@@ -22,7 +22,11 @@ def progress_url(pod_ip: str, port: int = TRAINER_METRICS_PORT) -> str:
 
 
 class ProgressPoller:
-    def __init__(self, concurrency: int, timeout_seconds: float, interval_seconds: float) -> None:
+    def __init__(
+        self, concurrency: int, timeout_seconds: float, interval_seconds: float, port: int = TRAINER_METRICS_PORT
+    ) -> None:
+        self.port = port
+        """The trainer's metrics port (the pods' named port; another value only in tests)."""
         self._semaphore = asyncio.Semaphore(concurrency)
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._interval = interval_seconds
@@ -33,12 +37,12 @@ class ProgressPoller:
         """Whether the job's last poll is older than the interval."""
         return time.monotonic() - self._last.get(key, float("-inf")) >= self._interval
 
-    async def fetch(self, key: tuple[str, str], pod_ip: str, port: int = TRAINER_METRICS_PORT) -> Mapping[str, Any]:
+    async def fetch(self, key: tuple[str, str], pod_ip: str, port: int | None = None) -> Mapping[str, Any]:
         """GET /progress; raises aiohttp.ClientError / TimeoutError / ValueError on failure."""
         self._last[key] = time.monotonic()
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        async with self._semaphore, self._session.get(progress_url(pod_ip, port)) as response:
+        async with self._semaphore, self._session.get(progress_url(pod_ip, port or self.port)) as response:
             response.raise_for_status()
             doc = await response.json(content_type=None)
         if not isinstance(doc, dict):
