@@ -1,10 +1,11 @@
 """`dreambooth-train` as a subprocess: exit codes and the termination message for bad input; error mapping; the
-exit at the end of the grace period when an abandoned upload would keep the process alive."""
+exit at the end of the grace period when an abandoned upload would keep the process alive; SIGTERM before training."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
+from PIL import Image
 
 from dreambooth_trainer.cli import classify
 from dreambooth_trainer.config import ConfigError
@@ -104,3 +106,51 @@ def test_exit_at_grace_end_ends_a_blocked_exit_with_12() -> None:
     )
     assert proc.returncode == ExitCode.PREEMPTED, proc.stderr
     assert proc.stdout == "result written\n"
+
+
+def test_sigterm_while_generating_class_images_exits_12_and_keeps_them(tmp_path: Path) -> None:
+    """A preemption before training stops at the next class-image batch (no SIGKILL at the end of the grace period),
+    and the images made so far are cached for the next attempt."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (60 * i, 120, 200)).save(images / f"{i}.png")
+    cache = tmp_path / "class-cache"
+    config = {
+        "instanceImages": {"uri": images.as_uri(), "prompt": "a sks dog"},
+        "priorPreservation": {
+            "enabled": True,
+            "classPrompt": "a dog",
+            "numImages": 10000,
+            "steps": 2,
+            "cacheUri": cache.as_uri(),
+        },
+        "training": {"maxSteps": 2, "resolution": 32},
+        "output": {"uri": (tmp_path / "out").as_uri(), "formats": ["lora"]},
+    }
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config))
+    term = tmp_path / "termination-log"
+    env = {**os.environ, "TERMINATION_MESSAGE_PATH": str(term), "DREAMBOOTH_WORKDIR": str(tmp_path / "work"),
+           "DREAMBOOTH_METRICS_PORT": "0"}  # fmt: skip
+    proc = subprocess.Popen(
+        [TRAINER, "--config", str(path), "--local"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:  # readiness from the trainer's own log, not a sleep
+            if line.startswith("{") and json.loads(line).get("phase") == "GeneratingPriors":
+                proc.send_signal(signal.SIGTERM)
+                break
+        assert proc.wait(timeout=120) == ExitCode.PREEMPTED
+    finally:
+        proc.kill()
+    doc = json.loads(term.read_text())
+    assert (doc["status"], doc["reason"]) == ("preempted", "Preempted")
+    assert "class images" in doc["message"]
+    written = list(cache.rglob("class-*.png"))
+    assert len(written) < 10000

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from dreambooth_trainer.cli import classify
 from dreambooth_trainer.components import Components, load_components
 from dreambooth_trainer.config import BaseModelSpec, JobConfig, PriorPreservationSpec
+from dreambooth_trainer.exitcodes import ExitCode, StoppedError
 from dreambooth_trainer.priors import (
     CLASS_IMAGES_GENERATED,
     class_cache_key,
@@ -174,6 +176,25 @@ def test_nothing_to_generate_calls_no_setup(comps: Components, tmp_path: Path) -
     assert calls == [1]  # once, however many batches
     generate_class_images(comps, TINY, prior(numImages=2), RES, store, root, before_generating=lambda: calls.append(1))
     assert calls == [1]
+
+
+def test_a_preemption_signal_stops_generation_between_batches(comps: Components, tmp_path: Path) -> None:
+    """SIGTERM during class-image generation ends it before the next batch (exit 12), keeping what was written."""
+    store = ObjectStore()
+    root = (tmp_path / "cache").as_uri()
+    asked: list[int] = []
+
+    def after_one_batch() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    with pytest.raises(StoppedError, match="class images") as raised:
+        generate_class_images(
+            comps, TINY, prior(numImages=3), RES, store, root, batch_size=1, should_stop=after_one_batch
+        )
+    assert classify(raised.value) == (ExitCode.PREEMPTED, "Preempted")
+    again = generate_class_images(comps, TINY, prior(numImages=3), RES, store, root, batch_size=1)
+    assert (again.reused, again.generated) == (1, 2)
 
 
 def job_walking(order: list[int]) -> str:

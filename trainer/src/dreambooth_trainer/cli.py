@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 exitCode=int(code),
                 traceback=traceback.format_exception(err)[-3:] if code is not ExitCode.INVALID_INPUT else None,
             )
-            doc = RunResult(status="failed", reason=reason, message=message).to_wire()
+            status = "preempted" if code is ExitCode.PREEMPTED else "failed"
+            doc = RunResult(status=status, reason=reason, message=message).to_wire()
             # The output belongs to another run: its result.json stays; the termination message still says why.
             _write_result(None if getattr(err, "foreign_output", False) else config, doc, is_main)
             return int(code)

@@ -37,6 +37,14 @@ class InvalidInputError(TrainerError):
     reason = "InvalidInput"
 
 
+class StoppedError(TrainerError):
+    """A preemption signal arrived before training started (loading the model, generating class images): nothing
+    needs a checkpoint (finished class images are cached), so the process stops at once with PREEMPTED."""
+
+    exit_code = ExitCode.PREEMPTED
+    reason = "Preempted"
+
+
 class RetryableError(TrainerError):
     """Transient: a new attempt may succeed."""
 

@@ -30,11 +30,13 @@ def prepare_dataset(
     device: torch.device | str = "cpu",
     barrier: Callable[[], Any] | None = None,
     on_phase: Callable[[str], Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DreamBoothDataset:
     """Load and validate instance images, generate/reuse class priors, and build the (cached) Dataset.
 
     `barrier` is called once after class-image generation (every rank must call this function). `on_phase`
-    receives "GeneratingPriors" before generation starts (for /progress).
+    receives "GeneratingPriors" before generation starts (for /progress). `should_stop` (a preemption signal) ends
+    class-image generation between batches with StoppedError.
     """
     t = config.training
     prior = config.prior_preservation
@@ -60,6 +62,7 @@ def prepare_dataset(
             job=f"{config.namespace}/{config.name}",
             autocast_dtype=generation_dtype(t.mixed_precision, device),
             before_generating=lambda: moved.append(_to_device(components, device)),
+            should_stop=should_stop,
         )
         if barrier is not None:
             barrier()

@@ -43,7 +43,7 @@ from dreambooth_trainer.checkpoint import (
 )
 from dreambooth_trainer.config import JobConfig, Method
 from dreambooth_trainer.distributed import broadcast_object
-from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError
+from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, StoppedError
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
 from dreambooth_trainer.preemption import Preemption
@@ -610,6 +610,7 @@ def build_dataset(ctx: JobContext, components: Any) -> Any:
         device=ctx.fabric.device,
         barrier=ctx.fabric.barrier,
         on_phase=on_phase,
+        should_stop=lambda: ctx.preemption.requested,
     )
     ctx.progress.set_phase(Phase.INITIALIZING)
     ctx.log.info("dataset_ready", items=len(dataset), withPrior=bool(getattr(dataset, "with_prior", False)))
@@ -679,7 +680,9 @@ def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, d
         log.info("started", job=cfg.name, totalSteps=t.max_steps, worldSize=int(fabric.world_size))
     rng.seed_all(t.seed)
     components = load_components(cfg.base_model, ctx.store, model_cache_dir(ctx.workdir.parent / "models"))
+    _stop_if_requested(ctx, "loading the base model")
     dataset = build_dataset(ctx, components)
+    _stop_if_requested(ctx, "preparing the data")
     rng.seed_all(t.seed)
     module = module_cls(components, t, prior_loss_weight=cfg.prior_preservation.loss_weight)
     frozen_dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(
@@ -741,6 +744,12 @@ def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, d
     )
     ctx.progress.set_phase(Phase.SUCCEEDED)
     return "succeeded", result.to_wire()
+
+
+def _stop_if_requested(ctx: JobContext, stage: str) -> None:
+    """Before training has started there is nothing to checkpoint: a preemption signal ends the run at once."""
+    if ctx.preemption.requested:
+        raise StoppedError(f"stopped by {ctx.preemption.signal_name or 'a signal'} after {stage}, before training")
 
 
 def _last_logged_loss(loop: TrainLoop) -> float | None:
