@@ -370,6 +370,26 @@ def parse_job_config(data: dict[str, Any]) -> JobConfig:
         raise ConfigError(_format_validation_error(err)) from err
 
 
+def _names_a_file(value: str) -> bool:
+    """Whether DREAMBOOTH_CONFIG is a path rather than an inline document (one line, an existing file)."""
+    if "\n" in value or value.startswith(("{", "-", "#")):
+        return False
+    try:
+        return Path(value).is_file()
+    except OSError:  # e.g. a one-line YAML document longer than a file name may be
+        return False
+
+
+def _parse(text: str) -> Any:
+    """JSON when it parses as JSON, else YAML (a YAML flow mapping such as `{a: 1}` also starts with a brace)."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return yaml.safe_load(text)
+
+
 def load_job_config(source: str | Path | None = None) -> JobConfig:
     """Load a JobConfig from a JSON/YAML file, or from DREAMBOOTH_CONFIG (inline JSON/YAML or a file path)."""
     text: str
@@ -378,18 +398,14 @@ def load_job_config(source: str | Path | None = None) -> JobConfig:
         if not raw:
             raise ConfigError(f"no config: pass a file or set {CONFIG_ENV}")
         stripped = raw.strip()
-        text = (
-            Path(stripped).read_text()
-            if not stripped.startswith(("{", "-", "name", "#")) and Path(stripped).is_file()
-            else raw
-        )
+        text = Path(stripped).read_text() if _names_a_file(stripped) else raw
     else:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         text = path.read_text()
     try:
-        data = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+        data = _parse(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"config is not valid JSON or YAML: {err}") from err
     if not isinstance(data, dict):
