@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from operator_wrappers import make_job
 
+from dreambooth_operator.builders import build_batch_job
+from dreambooth_operator.inference import reconcile_inference
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.settings import OperatorSettings
 from dreambooth_trainer.progress import Phase, Progress, ProgressServer
@@ -156,17 +160,18 @@ def test_rbac_is_least_privilege(chart_crds: Cluster, namespace: str, installed_
         ("create", "deployments.apps"),
         ("create", "horizontalpodautoscalers.autoscaling"),
         ("watch", "pods"),
+        ("delete", "pods"),  # force-deleting a job's pods stuck Terminating on a lost node
         ("create", "events"),
     ]:
         assert _can_i(c, sa, verb, resource, *here), f"{sa} cannot {verb} {resource}"
     assert _can_i(c, sa, "patch", "dreamboothjobs.dreambooth.dev", "--subresource=status", *here)
     assert _can_i(c, sa, "update", "dreamboothjobs.dreambooth.dev", "--subresource=finalizers", *here)
     assert _can_i(c, sa, "list", "customresourcedefinitions.apiextensions.k8s.io")
-    # And nothing more: no secrets, no pod deletion or exec, no CRD or RBAC changes.
+    # And nothing more: no secrets, no pod creation or exec, no CRD or RBAC changes.
     for verb, resource, *extra in [
         ("get", "secrets"),
         ("list", "secrets"),
-        ("delete", "pods"),
+        ("create", "pods"),
         ("create", "pods", "--subresource=exec"),
         ("delete", "dreamboothjobs.dreambooth.dev"),
         ("create", "customresourcedefinitions.apiextensions.k8s.io"),
@@ -192,7 +197,20 @@ def test_monitoring_objects_render_from_the_alert_file() -> None:
     pod_monitor = by_kind["PodMonitor"]["spec"]
     assert pod_monitor["namespaceSelector"] == {"matchNames": ["team-a"]}
     assert pod_monitor["selector"]["matchExpressions"][0]["key"] == "dreambooth.dev/component"
-    assert pod_monitor["podMetricsEndpoints"][0]["honorLabels"] is True
+    assert all(e["honorLabels"] for e in pod_monitor["podMetricsEndpoints"])
+    # Every port that the operator's pods serve /metrics on is scraped: training pods and serving pods.
+    scraped = {e["port"] for e in pod_monitor["podMetricsEndpoints"]}
+    trainer = build_batch_job(make_job("cat").obj(), 0, OperatorSettings())["spec"]["template"]["spec"]
+    isvc = {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "dog", "namespace": "ns", "uid": "uid-dog", "generation": 1},
+        "spec": {"model": {"modelUri": "s3://bucket/models/dog/model"}},
+    }
+    plan = reconcile_inference(isvc, None, None, OperatorSettings(), datetime.now(UTC))
+    server = next(c for c in plan.children if c["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert {p["name"] for p in trainer["containers"][0]["ports"]} & scraped == {"metrics"}
+    assert {p["name"] for p in server["containers"][0]["ports"]} & scraped == {"http"}
     deployment = by_kind["Deployment"]
     assert deployment["spec"]["replicas"] == 2
     assert "strategy" not in deployment["spec"]  # rolling update with peering when replicated

@@ -180,7 +180,8 @@ def test_inference_printer_columns(crds: Cluster, namespace: str) -> None:
             "replicas": 1,
             "readyReplicas": 1,
             "url": f"http://{name}.{namespace}.svc:8080",
-            "modelUri": "s3://dreambooth-examples/models/full/model",
+            "modelUri": "s3://dreambooth-examples/models/full-v2/model",
+            "servedModelUri": "s3://dreambooth-examples/models/full/model",
         }
     }
     crds.kubectl(
@@ -190,6 +191,7 @@ def test_inference_printer_columns(crds: Cluster, namespace: str) -> None:
     assert cols["PHASE"] == "Ready"
     assert cols["READY"] == "1"
     assert cols["URL"] == f"http://{name}.{namespace}.svc:8080"
+    # The column names what the ready replicas serve (mid-rollout: not yet the wanted modelUri).
     assert cols["MODEL"] == "s3://dreambooth-examples/models/full/model"
 
 

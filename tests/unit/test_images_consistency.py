@@ -19,6 +19,7 @@ import yaml
 
 from dreambooth_operator import settings
 from dreambooth_operator.api import constants as api
+from dreambooth_operator.builders import TRAINER_GID
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"operator": ROOT / "images/operator/Dockerfile", "trainer": ROOT / "images/trainer/Dockerfile"}
@@ -112,6 +113,8 @@ def test_multi_stage_pinned_non_root(image: str) -> None:
     assert re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", users[-1]), "run as a numeric non-root uid"
     labels = " ".join(a for w, a in steps if w == "LABEL")
     assert f'org.opencontainers.image.version="{settings.VERSION}"' in labels
+    if image == "trainer":  # the shared model cache volume is made writable for this group (fsGroup)
+        assert users[-1].split(":")[-1] == str(TRAINER_GID)
 
 
 def test_python_versions_agree_with_the_lock() -> None:

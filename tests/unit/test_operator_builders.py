@@ -287,6 +287,7 @@ def test_model_cache_volume_is_mounted_with_the_trainers_variable_only_when_conf
     pod = build_batch_job(make_job().obj(), 0, SETTINGS)["spec"]["template"]["spec"]
     assert [v["name"] for v in pod["volumes"]] == ["dshm"]
     assert "DREAMBOOTH_MODEL_CACHE_DIR" not in {e["name"] for e in pod["containers"][0]["env"]}
+    assert "fsGroup" not in pod["securityContext"]
 
     claim = {"persistentVolumeClaim": {"claimName": "model-cache"}}
     settings = SETTINGS.model_copy(update={"model_cache_volume": claim})
@@ -295,6 +296,9 @@ def test_model_cache_volume_is_mounted_with_the_trainers_variable_only_when_conf
     container = pod["containers"][0]
     assert {"name": "model-cache", "mountPath": "/var/cache/dreambooth"} in container["volumeMounts"]
     assert {"name": "DREAMBOOTH_MODEL_CACHE_DIR", "value": "/var/cache/dreambooth"} in container["env"]
+    # The trainer image's group (10001) may write the shared volume.
+    assert pod["securityContext"]["fsGroup"] == 10001
+    assert pod["securityContext"]["runAsNonRoot"] is True
 
 
 def test_model_cache_volume_setting_is_json_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -143,6 +143,7 @@ def test_serving_pods_share_the_model_cache_volume_when_configured() -> None:
     container = pod["containers"][0]
     assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": "/var/cache/dreambooth"}]
     assert {"name": "DREAMBOOTH_MODEL_CACHE_DIR", "value": "/var/cache/dreambooth"} in container["env"]
+    assert pod["securityContext"]["fsGroup"] == 10001
 
 
 NEW = "s3://bkt/out/new"

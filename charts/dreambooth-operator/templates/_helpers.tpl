@@ -63,10 +63,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, list, watch, create, patch, update, delete]
-# Pods are only observed (phase, exit codes, termination messages, the rank-0 IP for /progress).
+# Pods are observed (phase, exit codes, termination messages, the rank-0 IP for /progress). delete is only used
+# with gracePeriodSeconds 0 and a uid precondition, on a job's own pods still Terminating 30 s past their grace
+# period (their node is lost), so that the job can go on (reason StuckPodsForceDeleted).
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, delete]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

@@ -190,6 +190,17 @@ RESTRICTED_CONTAINER_SECURITY: Final[dict[str, Any]] = {
 
 
 MODEL_CACHE_VOLUME: Final = "model-cache"
+TRAINER_GID: Final = 10001
+"""The trainer image's group (images/trainer/Dockerfile): owner of the shared model cache volume's files."""
+
+
+def pod_security_context(settings: OperatorSettings) -> dict[str, Any]:
+    """The restricted pod securityContext; with a model cache volume, fsGroup makes it writable by the trainer's
+    group where the volume supports ownership management (an NFS-like volume must be writable by gid 10001)."""
+    context: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if settings.model_cache_volume:
+        context |= {"fsGroup": TRAINER_GID, "fsGroupChangePolicy": "OnRootMismatch"}
+    return context
 
 
 def model_cache(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -257,7 +268,7 @@ def build_pod_template(
         "restartPolicy": "Never",
         "subdomain": names.service_name(name),
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security_context(settings),
         "containers": [container],
         "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}, *cache_volumes],
     }

@@ -35,6 +35,7 @@ from dreambooth_operator.builders import (
     apply_scheduling_overrides,
     container_resources,
     model_cache,
+    pod_security_context,
 )
 from dreambooth_operator.settings import OperatorSettings
 
@@ -145,7 +146,7 @@ def build_deployment(
     resources = container_resources(res.cpu, res.memory, res.gpu_resource_name or settings.gpu_resource_name, res.gpus)
     pod_labels = {**(overrides.labels if overrides and overrides.labels else {}), **labels(isvc)}
     pod_spec: dict[str, Any] = {
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security_context(settings),
         "containers": [
             {
                 "name": CONTAINER,
