@@ -4,9 +4,11 @@
 #
 #   bash bench/device_check.sh          (from the repository root; OUT must name an empty, writable folder)
 #
-# Carry `.whl` (the cp312 wheels: diffusers, transformers, huggingface-hub, pydantic(+core), annotated-types,
-# typing-inspection; optionally bitsandbytes). boto3/botocore are not needed: storage imports boto3 lazily and the
-# tests and benchmarks use file:// storage. Every step has its own `timeout`; the whole script stays under ~8 minutes.
+# Carry `.whl`, filled by `bash bench/device_wheels.sh` (cp312 wheels of what the device's Python lacks: diffusers,
+# transformers, huggingface-hub, pydantic(+core), annotated-types, typing-inspection, prometheus-client,
+# tensorboard with absl-py and protobuf, and bitsandbytes slimmed to its CUDA 13 libraries; about 31 MiB).
+# boto3/botocore are not needed: storage imports boto3 lazily and the tests and benchmarks use file:// storage.
+# Checked on the CPU with Python 3.12 + torch 2.11 (cu130) and these wheels: only CUDA-only assertions fail. Every step has its own `timeout`; the whole script stays under ~8 minutes.
 # Tunable: DEVICE_CHECK_{INSTALL,TESTS,BENCH}_SECONDS.
 set -uo pipefail
 

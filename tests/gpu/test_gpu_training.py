@@ -59,13 +59,14 @@ def test_bf16_mixed_trains_with_finite_decreasing_loss(
     batch_factory: Any,
     device: torch.device,
 ) -> None:
-    config = config_factory(tmp_path, method=method, learningRate=lr, mixedPrecision="bf16", maxSteps=30)
+    # 100 steps: at 30 LoRA's drop was 0.79x on the CPU dry run, too close to the 0.8x bound.
+    config = config_factory(tmp_path, method=method, learningRate=lr, mixedPrecision="bf16", maxSteps=100)
     loop = loop_factory(config, tiny_components, tmp_path / "scratch")
     try:
         module = loop.module
         batch = batch_factory(tiny_components, device)
         before = loss_at_fixed_noise(module, batch, device, torch.bfloat16)
-        losses = _train(loop, 30)
+        losses = _train(loop, 100)
         after = loss_at_fixed_noise(module, batch, device, torch.bfloat16)
     finally:
         loop.close()
@@ -116,15 +117,16 @@ def test_fp16_uses_a_grad_scaler_and_learns(
     batch_factory: Any,
     device: torch.device,
 ) -> None:
-    config = config_factory(tmp_path, method="lora", learningRate=1e-2, mixedPrecision="fp16", maxSteps=30)
+    # 100 steps: at 30 the drop was 0.81x with torch 2.11 on the CPU dry run, too close to the 0.8x bound.
+    config = config_factory(tmp_path, method="lora", learningRate=1e-2, mixedPrecision="fp16", maxSteps=100)
     loop = loop_factory(config, tiny_components, tmp_path / "scratch")
     try:
         module = loop.module
         batch = batch_factory(tiny_components, device)
         before = loss_at_fixed_noise(module, batch, device, torch.float16)
-        losses = _train(loop, 30)
+        losses = _train(loop, 100)
         after = loss_at_fixed_noise(module, batch, device, torch.float16)
-        snapshot = loop.snapshot(30)
+        snapshot = loop.snapshot(100)
     finally:
         loop.close()
     assert all(math.isfinite(v) for v in losses), losses
@@ -152,22 +154,22 @@ def test_adamw_8bit_steps_and_checkpoints(
 ) -> None:
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed on this machine")
     config = config_factory(
-        tmp_path, method="full", optimizer="adamw8bit", learningRate=1e-3, mixedPrecision="bf16", maxSteps=25
+        tmp_path, method="full", optimizer="adamw8bit", learningRate=1e-3, mixedPrecision="bf16", maxSteps=50
     )
     loop = loop_factory(config, tiny_components, tmp_path / "scratch")
     try:
         module = loop.module
         batch = batch_factory(tiny_components, device)
         before = loss_at_fixed_noise(module, batch, device, torch.bfloat16)
-        losses = _train(loop, 25)
+        losses = _train(loop, 50)
         after = loss_at_fixed_noise(module, batch, device, torch.bfloat16)
         optimizer = _inner(loop.optimizer)
         # 8-bit state (uint8 moments) for the large tensors: that is what saves the memory.
         state_dtypes = {v.dtype for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)}
         # The optimizer state goes through the checkpoint and back.
-        info = loop.ckpt.write(loop.snapshot(25))
+        info = loop.ckpt.write(loop.snapshot(50))
         loop.restore(loop.ckpt.load(info.step))
-        more = _train(loop, 2, start=25)
+        more = _train(loop, 2, start=50)
     finally:
         loop.close()
     assert type(optimizer).__name__ == "AdamW8bit"
