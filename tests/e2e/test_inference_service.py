@@ -1,4 +1,5 @@
-"""End to end: InferenceServices (fromJob with a token, then modelUri without) run the real `dreambooth-serve`.
+"""End to end: InferenceServices (fromJob with a token, then a single-file modelUri without) run the real
+`dreambooth-serve`; a service whose model cannot be loaded is Failed with the server's error.
 
 The operator trains a tiny job (the real trainer, in pods the node agent runs), then deploys the sampling server
 from `model.fromJob`; the node agent runs the Deployment's pod, the readiness probe (/healthz) passes once the
@@ -56,7 +57,7 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
             "baseModel": {"tiny": True},
             "instanceImages": {"uri": f"s3://{bucket}/subjects/dog/", "prompt": "a photo of sks dog"},
             "training": {"maxSteps": 4, "resolution": 64},
-            "output": {"uri": f"s3://{bucket}/models/dog/"},
+            "output": {"uri": f"s3://{bucket}/models/dog/", "formats": ["diffusers", "safetensors", "lora"]},
             "storage": store,
             "resources": {"gpusPerNode": 0},
             "podTemplate": {"env": ONE_THREAD},
@@ -138,13 +139,15 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
     assert image.format == "PNG"
     assert image.size == (64, 64)
 
-    # The same model by modelUri, without auth: a request without a token is served.
+    # The same model as one single-file checkpoint (its config from baseModel), without auth: a request without a
+    # token is served.
+    single_file = f"s3://{bucket}/models/dog/model.safetensors"
     direct = {
         "apiVersion": "dreambooth.dev/v1alpha1",
         "kind": "InferenceService",
         "metadata": {"name": "direct"},
         "spec": {
-            "model": {"modelUri": model_uri, "baseModel": {"tiny": True}},
+            "model": {"modelUri": single_file, "baseModel": {"tiny": True}},
             "resources": {"gpus": 0},
             "storage": store,
             "podTemplate": {"env": ONE_THREAD},
@@ -159,7 +162,7 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
         op,
     )
     assert phase(served) == "Ready", json.dumps(served["status"], indent=1)
-    assert served["status"]["modelUri"] == model_uri
+    assert served["status"]["modelUri"] == single_file
     pod = next(
         p
         for p in items(cluster, "pods", namespace, "dreambooth.dev/inference-service=direct")
@@ -168,3 +171,27 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
     code, content_type, png = post_generate(f"http://{pod['status']['podIP']}:{port}/generate", body, token=None)
     assert (code, content_type) == (200, "image/png"), png[:500]
     assert Image.open(io.BytesIO(png)).size == (64, 64)
+
+    # A model that is not there: the server exits with the error, and the service says so (not Loading forever).
+    broken = {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "broken"},
+        "spec": {
+            "model": {"modelUri": f"s3://{bucket}/models/nothing-here/"},
+            "resources": {"gpus": 0},
+            "storage": store,
+            "podTemplate": {"env": ONE_THREAD},
+        },
+    }
+    apply(cluster, broken, namespace)
+    failed = wait_for(
+        "the broken service Failed",
+        lambda: get(cluster, "inferenceservice", "broken", namespace),
+        lambda s: phase(s) in ("Ready", "Failed"),
+        SERVE_TIMEOUT,
+        op,
+    )
+    assert phase(failed) == "Failed", json.dumps(failed["status"], indent=1)
+    assert (condition(failed, "Ready") or {}).get("reason") == "ModelLoadFailed"
+    assert "nothing-here" in failed["status"]["message"], failed["status"]["message"]

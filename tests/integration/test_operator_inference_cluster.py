@@ -103,3 +103,64 @@ def test_autoscaling_hands_the_replica_count_to_an_hpa(cluster: Cluster, namespa
     )
     assert loading["status"]["message"] == "0/1 replicas ready; loading the model"
     assert "servedModelUri" not in loading["status"]
+
+
+def test_a_server_that_failed_to_load_its_model_is_reported(
+    cluster: Cluster, namespace: str, op: OperatorProcess
+) -> None:
+    """The operator lists the service's pods and reports a crashed server's termination message."""
+    isvc = {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "broken"},
+        "spec": {
+            "model": {"modelUri": "s3://bkt/out/broken/model.safetensors"},
+            "scaling": {"replicas": 1},
+            "resources": {"gpus": 0},
+            "podTemplate": {"nodeSelector": NOWHERE},
+        },
+    }
+    apply(cluster, isvc, namespace)
+    wait_for(
+        "Loading",
+        lambda: get(cluster, "inferenceservice", "broken", namespace),
+        lambda s: (s.get("status") or {}).get("phase") == "Loading",
+        op=op,
+    )
+    # A serving pod as the kubelet reports it after the server exited 1 (written through the status subresource).
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "broken-crashed", "labels": {"dreambooth.dev/inference-service": "broken"}},
+        "spec": {"nodeSelector": NOWHERE, "containers": [{"name": "server", "image": "trainer:test"}]},
+    }
+    apply(cluster, pod, namespace)
+    message = json.dumps({"status": "failed", "reason": "ModelLoadFailed", "message": "ValueError: no model"})
+    terminated = {"exitCode": 1, "reason": "Error", "message": message, "startedAt": None, "finishedAt": None}
+    status = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "server",
+                    "image": "trainer:test",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 1,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": terminated},
+                }
+            ]
+        }
+    }
+    cluster.kubectl(
+        "patch", "pod", "broken-crashed", "-n", namespace, "--subresource=status", "--type=merge", "-p",
+        json.dumps(status),
+    )  # fmt: skip
+    failed = wait_for(
+        "ModelLoadFailed",
+        lambda: get(cluster, "inferenceservice", "broken", namespace),
+        lambda s: (condition(s, "Ready") or {}).get("reason") == "ModelLoadFailed",
+        op=op,
+    )
+    assert failed["status"]["phase"] == "Failed"
+    assert failed["status"]["message"] == "the server failed to load the model: ValueError: no model"

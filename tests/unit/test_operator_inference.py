@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from operator_wrappers import T0
 
+from dreambooth_operator.api.inference import ServerLimits
 from dreambooth_operator.inference import build_service, reconcile_inference
 from dreambooth_operator.settings import OperatorSettings
 
@@ -248,3 +249,87 @@ def test_autoscaled_readiness_counts_the_replicas_the_hpa_chose() -> None:
     plan = reconcile_inference(isvc(**spec), None, deployment, SETTINGS, T0)
     assert plan.status.phase == "Ready"
     assert plan.status.message == "2/3 replicas ready at http://dog.ns.svc:80"
+
+
+@pytest.mark.parametrize(
+    ("shared_memory", "volumes"),
+    [
+        (None, None),
+        ("2Gi", [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}]),
+    ],
+)
+def test_shared_memory_mounts_a_memory_backed_dev_shm(shared_memory: str | None, volumes: Any) -> None:
+    resources: dict[str, Any] = {"gpus": 0} | ({"sharedMemory": shared_memory} if shared_memory else {})
+    plan = reconcile_inference(isvc(model={"modelUri": "s3://bkt/m"}, resources=resources), None, None, SETTINGS, T0)
+    pod = plan.children[0]["spec"]["template"]["spec"]
+    assert pod.get("volumes") == volumes
+    mounts = None if volumes is None else [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert pod["containers"][0].get("volumeMounts") == mounts
+    assert pod["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def crashed(message: str, exit_code: int = 1, finished: str = "2026-01-01T00:00:10Z") -> dict[str, Any]:
+    """A serving pod whose server exited with `message` and now waits in CrashLoopBackOff."""
+    terminated = {"exitCode": exit_code, "reason": "Error", "message": message, "finishedAt": finished}
+    return {
+        "metadata": {"name": "dog-abc"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "server",
+                    "ready": False,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": terminated},
+                }
+            ]
+        },
+    }
+
+
+LOAD_ERROR = json.dumps({"status": "failed", "reason": "ModelLoadFailed", "message": "ValueError: Invalid LoRA"})
+
+
+@pytest.mark.parametrize(
+    ("pods", "phase", "reason", "message"),
+    [
+        ([], "Loading", "ReplicasNotReady", "0/1 replicas ready; loading the model"),
+        ([crashed(LOAD_ERROR, exit_code=0)], "Loading", "ReplicasNotReady", "0/1 replicas ready; loading the model"),
+        (
+            [crashed("old", finished="2026-01-01T00:00:01Z"), crashed(LOAD_ERROR)],
+            "Failed",
+            "ModelLoadFailed",
+            "the server failed to load the model: ValueError: Invalid LoRA",
+        ),
+        (
+            [crashed("Traceback ...\nOSError: disk full")],
+            "Failed",
+            "ModelLoadFailed",
+            "the server failed to load the model: Traceback ...\nOSError: disk full",
+        ),
+    ],
+)
+def test_a_failed_model_load_is_reported_from_the_pods(
+    pods: list[dict[str, Any]], phase: str, reason: str, message: str
+) -> None:
+    deployment = served(NEW, generation=2, observed=2, readyReplicas=0)
+    plan = reconcile_inference(serving(NEW), None, deployment, SETTINGS, T0, pods)
+    ready = next(c for c in plan.status.conditions if c.type == "Ready")
+    assert (plan.status.phase, ready.reason, plan.status.message) == (phase, reason, message)
+    if reason == "ModelLoadFailed":
+        assert ("Warning", "ModelLoadFailed", message) in plan.events
+
+
+def test_a_failed_load_mid_rollout_keeps_the_old_replicas_serving() -> None:
+    deployment = served(NEW, generation=2, observed=2, replicas=2, updatedReplicas=1)
+    plan = reconcile_inference(serving(NEW), None, deployment, SETTINGS, T0, [crashed(LOAD_ERROR)])
+    assert plan.status.phase == "Loading"
+    assert plan.status.message == (
+        f"rolling out {NEW}: 1 ready, old replicas still serve {OLD}; "
+        "a new replica failed to load the model: ValueError: Invalid LoRA"
+    )
+
+
+def test_max_batch_size_documents_per_request_chunks() -> None:
+    description = ServerLimits.model_fields["max_batch_size"].description or ""
+    assert "a request's images are generated in chunks of this size" in description
+    assert "requests are not batched together" in description

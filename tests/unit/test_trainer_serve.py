@@ -1,24 +1,42 @@
-"""The sampling server on the tiny model: PNG and JSON answers, fixed seeds, LoRA adapters, limits, auth, metrics."""
+"""The sampling server on the tiny model: PNG and JSON answers, fixed seeds, LoRA adapters, limits, auth, metrics;
+the three kinds of modelUri, a failed load, errors while generating, keep-alive and draining."""
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import socket
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from prometheus_client import REGISTRY
 
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.config import BaseModelSpec, TrainingConfig
-from dreambooth_trainer.export import write_diffusers, write_lora
+from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_trainer.export import export_parts, write_diffusers, write_lora, write_single_file
 from dreambooth_trainer.module import DreamBoothModule
-from dreambooth_trainer.serve import TOKEN_ENV, Server, load_serve_config
+from dreambooth_trainer.result import TERMINATION_ENV
+from dreambooth_trainer.serve import (
+    TOKEN_ENV,
+    GenerateRequest,
+    ModelRunner,
+    Server,
+    content_length,
+    load_serve_config,
+    serve,
+    token_matches,
+)
 from dreambooth_trainer.storage import ObjectStore
 
 # The tiny model is cached by config hash, so test files share one build.
@@ -27,7 +45,8 @@ TOKEN = "s3cret"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained LoRA module's exports: `model` (diffusers, merged), `model.safetensors` (merged), `lora`."""
     root = tmp_path_factory.mktemp("serve")
     comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), SHARED_MODELS)
     torch.manual_seed(0)  # PEFT draws lora_A from the global generator: the same adapters every run
@@ -37,7 +56,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             if "lora_B" in name:
                 param.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     write_diffusers(module, root / "store" / "model", torch.float32)  # the merged model
+    parts = export_parts(module, None)
+    write_single_file(parts.unet, parts.vae, parts.text_encoder, root / "store" / "model.safetensors", torch.float32)
     write_lora(module, root / "store" / "lora", torch.float32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(store: Path) -> Iterator[Server]:
+    root = store
     config = load_serve_config(
         json.dumps(
             {
@@ -125,5 +152,164 @@ def test_auth_and_metrics(server: Server) -> None:
     assert code == 200
     text = body.decode()
     assert 'dreambooth_serve_requests_total{code="401"}' in text
-    assert "dreambooth_serve_images_generated_total" in text
     assert "dreambooth_serve_ready 1.0" in text
+    before = REGISTRY.get_sample_value("dreambooth_serve_images_generated_total") or 0.0
+    req = {"prompt": "x", "numImages": 2, "format": "json", "width": 32, "height": 32}
+    assert call(server, "/generate", req)[0] == 200
+    assert REGISTRY.get_sample_value("dreambooth_serve_images_generated_total") == before + 2
+
+
+def served(config: dict[str, Any], workdir: Path) -> Server:
+    srv = Server(load_serve_config(json.dumps(config)), "127.0.0.1", 0, workdir=workdir)
+    srv.start()
+    assert srv.wait_loaded(120) == "ready", srv.error
+    return srv
+
+
+def pixels(srv: Server) -> np.ndarray[Any, Any]:
+    req = GenerateRequest(prompt="a photo of sks dog", seed=5, steps=2, width=32, height=32)
+    images, _ = srv.sampler.generate(req)
+    srv.stop()
+    return np.asarray(images[0], dtype=np.int16)
+
+
+def test_model_uris_diffusers_single_file_and_lora(store: Path, tmp_path: Path) -> None:
+    """Each kind of job output serves the same merged model; a user adapter may be named `model`."""
+    files = store / "store"
+    merged = pixels(served({"modelUri": (files / "model").as_uri()}, tmp_path / "a"))
+    base = {"baseModel": {"tiny": True}}
+    single = pixels(served({**base, "modelUri": (files / "model.safetensors").as_uri()}, tmp_path / "b"))
+    assert np.abs(single - merged).max() <= 1
+    lora_file = (files / "lora" / "pytorch_lora_weights.safetensors").as_uri()
+    clash = [{"name": "model", "uri": (files / "lora").as_uri(), "weight": 0.0}]
+    srv = served({**base, "modelUri": lora_file, "adapters": clash}, tmp_path / "c")
+    assert srv.sampler.check(GenerateRequest(prompt="x", adapters={"model": 0.0})) is None
+    assert np.abs(pixels(srv) - merged).max() <= 2  # the LoRA modelUri is on, the user's "model" at 0
+    plain = pixels(served(base, tmp_path / "d"))
+    assert np.abs(plain - merged).max() > 2  # the adapters matter: the comparisons above are not vacuous
+
+
+def test_failed_load_exits_1_with_the_error_in_the_termination_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TERMINATION_ENV, str(tmp_path / "termination-log"))
+    config = load_serve_config(json.dumps({"modelUri": (tmp_path / "missing").as_uri()}))
+    srv = Server(config, "127.0.0.1", 0, workdir=tmp_path / "work")
+    assert serve(srv, drain_seconds=1) == 1
+    assert srv.state == "failed"
+    doc = json.loads((tmp_path / "termination-log").read_text())
+    assert doc["reason"] == "ModelLoadFailed"
+    assert doc["message"] == srv.error
+    assert "missing" in doc["message"]
+
+
+def test_invalid_configs_and_request_values(store: Path) -> None:
+    with pytest.raises(InvalidInputError, match="defaultSteps may not exceed maxSteps"):
+        load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxSteps": 10}}))
+    config = load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxResolution": 16}}))
+    runner = ModelRunner(config, store / "unused")
+    runner.native_size = 32  # the model's own size applies when a request names none
+    assert runner.check(GenerateRequest(prompt="x")) == (
+        "width may not exceed 16 (the model's native size 32; name a smaller one)"
+    )
+    assert runner.check(GenerateRequest(prompt="x", width=16, height=16)) is None
+    assert (content_length(None), content_length("12"), content_length("-1"), content_length("abc")) == (
+        0,
+        12,
+        None,
+        None,
+    )
+    assert token_matches("Bearer t", "t")
+    assert not token_matches("Bearer tt", "t")
+    assert not token_matches(None, "t")
+
+
+@pytest.mark.parametrize("adapters", ['{"subject": NaN}', '{"subject": Infinity}', '{"subject": 10.5}'])
+def test_adapter_weights_are_bounded(server: Server, adapters: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = f'{{"prompt": "x", "adapters": {adapters}}}'
+    conn.request("POST", "/generate", body=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    resp = conn.getresponse()
+    assert resp.status == 400
+    assert "adapters.subject" in json.loads(resp.read())["error"]
+
+
+def raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+@pytest.mark.parametrize(("length", "status"), [("-1", b"400"), ("abc", b"400"), (str(1 << 20), b"413")])
+def test_bad_content_length_is_answered_and_closes(server: Server, length: str, status: bytes) -> None:
+    head = f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {length}\r\n\r\n"
+    answer = raw(server.port, head.encode() + b'{"prompt": "x"}')
+    assert answer.startswith(b"HTTP/1.1 " + status), answer
+    assert b"Connection: close" in answer
+    assert server.httpd.RequestHandlerClass.timeout == 30  # type: ignore[attr-defined]
+
+
+def test_keep_alive_survives_early_answers(server: Server) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    for path, headers, code in [
+        ("/generate", {}, 401),
+        ("/nope", {"Authorization": f"Bearer {TOKEN}"}, 404),
+    ]:
+        conn.request("POST", path, body=b'{"prompt": "x"}', headers=headers)
+        resp = conn.getresponse()
+        assert resp.status == code
+        resp.read()
+        conn.request("GET", "/healthz")  # the same connection: the unread body must not leak into it
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(RuntimeError("scheduler broke"), 500), (torch.cuda.OutOfMemoryError("CUDA out of memory"), 503)],
+)
+def test_generate_errors_answer_json_and_are_counted(
+    server: Server, monkeypatch: pytest.MonkeyPatch, error: Exception, code: int
+) -> None:
+    def boom(req: GenerateRequest) -> tuple[list[Any], int]:
+        raise error
+
+    monkeypatch.setattr(server.sampler, "generate", boom)
+    metric = "dreambooth_serve_requests_total"
+    before = REGISTRY.get_sample_value(metric, {"code": str(code)}) or 0.0
+    status, body, ctype = call(server, "/generate", {"prompt": "x"})
+    assert (status, ctype) == (code, "application/json")
+    assert str(error) in json.loads(body)["error"]
+    assert REGISTRY.get_sample_value(metric, {"code": str(code)}) == before + 1
+
+
+def test_drain_finishes_requests_in_flight_and_stops_accepting(tmp_path: Path) -> None:
+    srv = Server(load_serve_config(json.dumps({"baseModel": {"tiny": True}})), "127.0.0.1", 0, workdir=tmp_path)
+    srv.state = "ready"  # a stand-in model: generate blocks until released
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(req: GenerateRequest) -> tuple[list[Any], int]:
+        entered.set()
+        assert release.wait(60)
+        return [Image.new("RGB", (8, 8))], 0
+
+    srv.sampler.generate = slow  # type: ignore[method-assign]
+    threading.Thread(target=srv.httpd.serve_forever, daemon=True).start()
+    probe = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    probe.request("GET", "/healthz")
+    assert probe.getresponse().read() == b'{"status": "ok"}'
+    answers: list[tuple[int, bytes, str]] = []
+    client = threading.Thread(target=lambda: answers.append(call(srv, "/generate", {"prompt": "x"}, token=None)))
+    client.start()
+    assert entered.wait(60)
+    assert not srv.drain(0.05)  # one request still in flight
+    probe.request("GET", "/healthz")
+    resp = probe.getresponse()
+    assert (resp.status, json.loads(resp.read())) == (503, {"status": "draining"})
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    release.set()
+    assert srv.drain(60)
+    client.join(60)
+    assert answers[0][0] == 200

@@ -415,7 +415,9 @@ def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tupl
     source_name = ((isvc.get("spec") or {}).get("model") or {}).get("fromJob")
     source = kube.get(state.api, f"{GROUP}/{VERSION}", "DreamBoothJob", namespace, source_name) if source_name else None
     deployment = kube.get(state.api, "apps/v1", "Deployment", namespace, name)
-    plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc())
+    selector = f"{LABEL_INFERENCE_NAME}={name}"  # the serving pods, for a failed model load's termination message
+    pods = kube.request(state.api, "GET", kube.path_of("v1", "Pod", namespace), query=[("labelSelector", selector)])
+    plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc(), pods.get("items") or [])
     for child in plan.children:
         kube.apply(state.api, child)
     for api_version, kind, child_name in plan.stale:  # e.g. the HPA once autoscaling is off; a 404 is fine

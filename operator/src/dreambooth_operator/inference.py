@@ -4,12 +4,14 @@
 succeeded; until then the service is Pending (WaitingForJob), and Failed when the job failed or is missing.
 It is Ready only when every ready replica runs the desired server config (no old replicas left); while a rollout
 is under way it is Loading (RollingOut) and `servedModelUri` names the model the old replicas still serve.
+A server that cannot load its model exits with the error as its termination message; with no replica ready the
+service is then Failed (ModelLoadFailed) with that message, until a replica loads.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, cast
@@ -32,6 +34,7 @@ from dreambooth_operator.api.constants import (
 from dreambooth_operator.api.inference import InferenceServiceSpec, InferenceServiceStatus
 from dreambooth_operator.builders import (
     RESTRICTED_CONTAINER_SECURITY,
+    SHM_VOLUME,
     apply_scheduling_overrides,
     container_resources,
     model_cache,
@@ -116,6 +119,15 @@ def autoscaled(spec: InferenceServiceSpec) -> bool:
     return low is not None and high is not None and high > low
 
 
+def shared_memory_volume(size: object | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, mount) of the memory-backed /dev/shm; `size` limits it."""
+    empty_dir: dict[str, Any] = {"medium": "Memory"}
+    if size is not None:
+        empty_dir["sizeLimit"] = str(size)
+    mount = {"name": SHM_VOLUME, "mountPath": "/dev/shm"}  # noqa: S108 - the pod's shared memory
+    return {"name": SHM_VOLUME, "emptyDir": empty_dir}, mount
+
+
 def build_deployment(
     isvc: Mapping[str, Any], spec: InferenceServiceSpec, model: ResolvedModel, settings: OperatorSettings
 ) -> dict[str, Any]:
@@ -157,12 +169,19 @@ def build_deployment(
                 "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
                 "resources": resources,
                 "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+                # The server writes a failed load's error to the file; a crash before that leaves its log tail.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
     }
-    if cache_volumes:
-        pod_spec["containers"][0]["volumeMounts"] = cache_mounts
-        pod_spec["volumes"] = cache_volumes
+    volumes, mounts = list(cache_volumes), list(cache_mounts)
+    if res.shared_memory is not None:
+        shm_volume, shm_mount = shared_memory_volume(res.shared_memory)
+        volumes.insert(0, shm_volume)
+        mounts.insert(0, shm_mount)
+    if volumes:
+        pod_spec["containers"][0]["volumeMounts"] = mounts
+        pod_spec["volumes"] = volumes
     apply_scheduling_overrides(pod_spec, overrides)
     template: dict[str, Any] = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
     if overrides and overrides.annotations:
@@ -284,12 +303,42 @@ class InferencePlan:
     """(apiVersion, kind, name) of children to delete when they exist (an HPA after autoscaling was turned off)."""
 
 
+def load_failure(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """The newest load error of the server containers: the termination message of a failed run (the server's
+    JSON `message`, or the log tail), or None when no server container failed."""
+    newest: tuple[str, str] | None = None
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") != CONTAINER:
+                continue
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                term = state.get("terminated") or {}
+                if int(term.get("exitCode") or 0) == 0:
+                    continue
+                at = str(term.get("finishedAt") or "")
+                if newest is None or at > newest[0]:
+                    newest = (at, _termination_text(term))
+    return None if newest is None else newest[1]
+
+
+def _termination_text(terminated: Mapping[str, Any]) -> str:
+    text = str(terminated.get("message") or "").strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and doc.get("message"):
+        return str(doc["message"])
+    return text or f"exit code {terminated.get('exitCode')} ({terminated.get('reason') or 'Error'})"
+
+
 def reconcile_inference(
     isvc: Mapping[str, Any],
     source_job: Mapping[str, Any] | None,
     deployment: Mapping[str, Any] | None,
     settings: OperatorSettings,
     now: datetime,
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> InferencePlan:
     meta = isvc["metadata"]
     generation = meta.get("generation")
@@ -321,7 +370,7 @@ def reconcile_inference(
         )
         old = find_condition(status.conditions, type_.value)
         if old is None or old.status != new.status or old.reason != new.reason:
-            warn = reason in (Reason.SOURCE_JOB_FAILED, Reason.SOURCE_JOB_NOT_FOUND)
+            warn = reason in (Reason.SOURCE_JOB_FAILED, Reason.SOURCE_JOB_NOT_FOUND, Reason.MODEL_LOAD_FAILED)
             plan.events.append(("Warning" if warn else "Normal", reason, message))
         status.conditions = set_condition(status.conditions, new)
 
@@ -346,15 +395,16 @@ def reconcile_inference(
     status.ready_replicas = rollout.ready
     status.url = f"http://{meta['name']}.{meta['namespace']}.svc:{SERVICE_PORT}"
     status.served_model_uri = served_model_uri(rollout, prev.served_model_uri)
-    status.phase, ok, reason, status.message = readiness(rollout, want, model.model_uri, status)
+    status.phase, ok, reason, status.message = readiness(rollout, want, model.model_uri, status, load_failure(pods))
     cond(InferenceConditionType.READY, ok, reason, status.message)
     return plan
 
 
 def readiness(
-    rollout: Rollout, want: int, model_uri: str | None, status: InferenceServiceStatus
+    rollout: Rollout, want: int, model_uri: str | None, status: InferenceServiceStatus, failure: str | None = None
 ) -> tuple[InferencePhase, bool, str, str]:
-    """(phase, Ready, reason, message). Ready only when no replica of an older template is left."""
+    """(phase, Ready, reason, message). Ready only when no replica of an older template is left; `failure` is a
+    server's load error (`load_failure`)."""
     if want == 0:
         return InferencePhase.READY, False, Reason.SCALED_TO_ZERO, "scaled to zero"
     if rollout.current and rollout.ready > 0:
@@ -363,7 +413,11 @@ def readiness(
     if rollout.ready > 0:
         old = status.served_model_uri or "the previous model"
         message = f"rolling out {model_uri}: {rollout.ready} ready, old replicas still serve {old}"
+        if failure:
+            message += f"; a new replica failed to load the model: {failure}"
         return InferencePhase.LOADING, False, Reason.ROLLING_OUT, message
+    if failure:
+        return InferencePhase.FAILED, False, Reason.MODEL_LOAD_FAILED, f"the server failed to load the model: {failure}"
     return InferencePhase.LOADING, False, Reason.REPLICAS_NOT_READY, f"0/{want} replicas ready; loading the model"
 
 

@@ -162,3 +162,4 @@ class Reason(StrEnum):
     REPLICAS_NOT_READY = "ReplicasNotReady"
     ROLLING_OUT = "RollingOut"
     SCALED_TO_ZERO = "ScaledToZero"
+    MODEL_LOAD_FAILED = "ModelLoadFailed"

@@ -142,7 +142,8 @@ class ServerLimits(ApiModel):
     )
 
     max_batch_size: int = Field(default=4, ge=1, le=64)
-    """Images generated together in one forward pass (requests are batched up to this)."""
+    """Images generated together in one forward pass: a request's images are generated in chunks of this size
+    (requests are not batched together; each replica answers one request at a time)."""
     max_images_per_request: int = Field(default=4, ge=1, le=64)
     """The most images one request may ask for."""
     max_steps: int = Field(default=50, ge=1, le=1000)
