@@ -1,9 +1,10 @@
-"""`dreambooth run --local` with the real trainer subprocess: a bad photo is a one-line input error, and Ctrl-C
-stops at a checkpoint that the same command resumes from.
+"""`dreambooth run --local` with the real trainer subprocess: a bad photo is a one-line input error, Ctrl-C
+stops at a checkpoint that the same command resumes from, and so does SIGTERM to the CLI.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import yaml
 from PIL import Image
 
 from dreambooth_operator.cli.errors import ExitStatus
+from dreambooth_operator.cli.events import parse_line
 from dreambooth_operator.report import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,3 +106,69 @@ def test_interrupt_checkpoints_and_the_same_command_resumes(tmp_path: Path) -> N
     run = load_run(output)
     assert run.metrics[-1].step == 30
     assert run.result["status"] == "succeeded"
+
+
+class StderrLines:
+    """A subprocess's stderr, read line by line in a thread; `wait_for` blocks until a line matches."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._pattern: re.Pattern[str] | None = None
+        self._seen = threading.Event()
+        self._lock = threading.Lock()
+        self._process = process
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stderr is not None
+        for line in self._process.stderr:
+            with self._lock:
+                self.lines.append(line)
+                if self._pattern is not None and self._pattern.match(line):
+                    self._seen.set()
+        self._seen.set()  # EOF: wait_for returns, and the caller sees no match
+
+    def wait_for(self, pattern: str, timeout: float) -> bool:
+        with self._lock:
+            self._pattern = re.compile(pattern)
+            if any(self._pattern.match(line) for line in self.lines):
+                return True
+        self._seen.wait(timeout)
+        with self._lock:
+            return any(self._pattern.match(line) for line in self.lines)
+
+    def join(self) -> str:
+        self._reader.join(timeout=30)
+        return "".join(self.lines)
+
+
+def test_sigterm_to_the_cli_stops_the_trainer_at_a_checkpoint(tmp_path: Path) -> None:
+    """As `timeout` or a CI cancel does: the trainer gets SIGTERM, writes its checkpoint, result and termination
+    message, and its output is read to the end (no BrokenPipeError)."""
+    workdir = tmp_path / "w"
+    argv = [DREAMBOOTH, "run", str(job_file(tmp_path, 400)), "--local", "--workdir", str(workdir)]
+    argv += ["--images", str(photos(tmp_path / "photos"))]
+    cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    stderr = StderrLines(cli)
+    try:
+        assert stderr.wait_for(r"step \d+/400", timeout=300), "".join(stderr.lines)
+        cli.send_signal(signal.SIGTERM)
+        cli.wait(timeout=300)
+    finally:
+        cli.kill()
+    text = stderr.join()
+    assert cli.returncode == ExitStatus.JOB_FAILED, text
+    assert "SIGTERM: the trainer is writing a checkpoint" in text
+    assert "run the same command to resume" in text.strip().splitlines()[-1]
+
+    output = workdir / "s3" / "demo" / "models" / "demo-toy"
+    checkpoints = sorted((output / "checkpoints").glob("step-*/manifest.json"))
+    assert len(checkpoints) == 1, "the stopped trainer writes one checkpoint"
+    assert 0 < int(checkpoints[0].parent.name.removeprefix("step-")) < 400
+    assert json.loads((workdir / "termination-log").read_text())["status"] == "preempted"
+    log = (workdir / "train.log").read_text()
+    assert "BrokenPipeError" not in log
+    finished = [e for e in map(parse_line, log.splitlines()) if e and e.get("event") == "finished"]
+    assert [e["status"] for e in finished] == ["preempted"]
+    assert load_run(output).result["status"] == "preempted"

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ def dreambooth(env: dict[str, str], *args: str, timeout: float = 120) -> subproc
 
 
 @pytest.fixture
-def storage(cluster: Any, s3: Any, namespace: str) -> Iterator[dict[str, Any]]:
+def storage(cluster: Any, s3: Any, namespace: str) -> dict[str, Any]:
     """A bucket, and a Secret in the namespace with its credentials (as the job's pods would get them)."""
     bucket = s3.make_bucket()
     cluster.kubectl(
@@ -149,11 +148,12 @@ def test_submit_uploads_changed_photos_and_creates_the_job(
     assert result.returncode == 0, result.stderr
     assert "images: 1 uploaded, 2 unchanged" in result.stdout
 
-    # Submitting an existing name fails with the API server's message, in one line.
+    # Submitting an existing name is a conflict (its own exit status), not invalid input; one line.
     result = dreambooth(cli_env, "submit", str(write_job(tmp_path, job)), "-n", namespace)
-    assert result.returncode == ExitStatus.INVALID_INPUT
-    assert "already exists" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == ExitStatus.ALREADY_EXISTS, result.stderr
+    assert result.stderr.strip() == (
+        f"error: {api.JOB_KIND} {namespace}/toy already exists (delete it first, or change metadata.name)"
+    )
 
 
 @pytest.mark.usefixtures("crds")
@@ -172,6 +172,27 @@ def test_submit_rejected_by_dry_run_uploads_nothing(
     assert "rejected by the API server (dry run" in line
     assert "classPrompt" in line
     assert "Contents" not in s3.client().list_objects_v2(Bucket=bucket)
+
+
+@pytest.mark.usefixtures("crds")
+def test_submit_rejects_an_unknown_field(
+    cluster: Any, s3: Any, namespace: str, storage: dict[str, Any], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A misspelled field is an error (strict field validation), not silently pruned by the API server."""
+    bucket = storage["bucket"]
+    typo = job_manifest("typo", bucket, storage["spec"])
+    typo["spec"]["training"] = {"maxStep": 50, "resolution": 32}
+    result = dreambooth(
+        cli_env, "submit", str(write_job(tmp_path, typo)), "--images", str(photos(tmp_path / "p")), "-n", namespace
+    )
+    assert result.returncode == ExitStatus.INVALID_INPUT, result.stderr
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "rejected by the API server (dry run" in line
+    assert "spec.training.maxStep" in line
+    assert "Contents" not in s3.client().list_objects_v2(Bucket=bucket)
+    listed = cluster.kubectl("get", "dbj", "-n", namespace, "-o", "name").stdout
+    assert "typo" not in listed
 
 
 @pytest.mark.usefixtures("crds")

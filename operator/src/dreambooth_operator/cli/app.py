@@ -17,11 +17,12 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dreambooth_operator.api import constants as api
 from dreambooth_operator.cli import kube, localrun, manifest, present, subject
 from dreambooth_operator.cli.display import ProgressDisplay
-from dreambooth_operator.cli.errors import CliError, ExitStatus, InputError
+from dreambooth_operator.cli.errors import ApiError, CliError, ExitStatus, InputError
 from dreambooth_operator.cli.sync import collect_images, sync_to_folder
 from dreambooth_operator.report import load_run, write_report
 from dreambooth_operator.report.data import looks_like_run
@@ -42,6 +43,13 @@ Namespace = Annotated[str | None, typer.Option("--namespace", "-n", help="Namesp
 Context = Annotated[str | None, typer.Option("--context", help="The kubeconfig context to use.")]
 Kubeconfig = Annotated[Path | None, typer.Option("--kubeconfig", help="Path of the kubeconfig (default: $KUBECONFIG).")]
 JobName = Annotated[str, typer.Argument(help="The DreamBoothJob's name.", show_default=False)]
+WATCH_RETRY_SECONDS = 300.0
+"""Without --timeout, `watch` gives up after this long without one successful read."""
+
+
+def say(text: str) -> None:
+    """One line on stdout, printed as it is (data may hold rich markup such as `[x]`)."""
+    out.print(Text(text), soft_wrap=True)
 
 
 @app.command()
@@ -61,19 +69,19 @@ def run(
         raise InputError("run needs --local (to run on a cluster use: dreambooth submit JOB.yaml)")
     job = manifest.load_job_manifest(job_file)
     note = manifest.check_schema(job_file, job)
-    err_console.print(f"{job_file}: {note}")
+    err_console.print(f"{job_file}: {note}", markup=False)
     config = localrun.local_trainer_config(job, workdir, tiny=tiny)
     if images is not None:
         copied, skipped = sync_to_folder(collect_images(images), localrun.instance_images_dir(config))
-        err_console.print(f"images: {copied} copied, {skipped} already there")
+        err_console.print(f"images: {copied} copied, {skipped} already there", markup=False)
     with ProgressDisplay(err_console, description=job["metadata"]["name"]) as display:
         result = localrun.run_trainer(config, workdir, display)
     localrun.check_outcome(result)
     output = result.output_dir
     report = write_report(load_run(output), workdir / "report.html", title=str(job["metadata"]["name"]))
-    out.print(f"model:   {output / 'model'}")
-    out.print(f"samples: {output / 'samples'}")
-    out.print(f"report:  {report}")
+    say(f"model:   {output / 'model'}")
+    say(f"samples: {output / 'samples'}")
+    say(f"report:  {report}")
 
 
 @app.command()
@@ -93,29 +101,42 @@ def submit(
     target = kube.connect(kubeconfig, context, namespace or job["metadata"].get("namespace"))
     job["metadata"]["namespace"] = target.namespace
     name = job["metadata"]["name"]
+    ns = target.namespace
     create = target.custom.create_namespaced_custom_object
-    args = (api.GROUP, api.VERSION, target.namespace, api.JOB_PLURAL, job)
+    args = (api.GROUP, api.VERSION, ns, api.JOB_PLURAL, job)
+    # Strict: an unknown or misspelled field is an error, not silently pruned (kubectl apply does the same).
     try:
-        kube.call(target, create, *args, dry_run="All")
-    except CliError as err:
-        if err.status in (ExitStatus.NO_CLUSTER, ExitStatus.NOT_FOUND):
-            raise
-        raise InputError(
-            f"{job_file}: rejected by the API server (dry run; CRD schema and rules): {err.message}"
-        ) from err
+        kube.call(target, create, *args, dry_run="All", field_validation="Strict")
+    except ApiError as err:
+        raise submit_error(job_file, f"{ns}/{name}", err, dry_run=True) from err
     if images is not None:
         uri = job["spec"].get("instanceImages", {}).get("uri")
         if not isinstance(uri, str) or not uri.startswith("s3://"):
             raise InputError("--images needs spec.instanceImages.uri to be an s3:// prefix")
         uploaded, skipped = s3.upload_images(s3.client_for_job(target, job), collect_images(images), uri)
-        out.print(f"images: {uploaded} uploaded, {skipped} unchanged, to {uri}")
-    kube.call(target, create, *args)
-    ns = target.namespace
-    out.print(f"{api.JOB_KIND} {ns}/{name} created. Next:")
-    out.print(f"  kubectl get dbj {name} -n {ns}")
-    out.print(f"  dreambooth watch {name} -n {ns}")
-    out.print(f"  dreambooth logs {name} -n {ns} --follow")
-    out.print(f"  dreambooth report {name} -n {ns} -o {name}-report.html")
+        say(f"images: {uploaded} uploaded, {skipped} unchanged, to {uri}")
+    try:
+        kube.call(target, create, *args, field_validation="Strict")
+    except ApiError as err:
+        raise submit_error(job_file, f"{ns}/{name}", err, dry_run=False) from err
+    say(f"{api.JOB_KIND} {ns}/{name} created. Next:")
+    say(f"  kubectl get dbj {name} -n {ns}")
+    say(f"  dreambooth watch {name} -n {ns}")
+    say(f"  dreambooth logs {name} -n {ns} --follow")
+    say(f"  dreambooth report {name} -n {ns} -o {name}-report.html")
+
+
+def submit_error(job_file: Path, job: str, err: ApiError, *, dry_run: bool) -> CliError:
+    """What a failed create means: 400/422 is invalid input, 409 an existing job, anything else as it is."""
+    if err.http_status in (400, 422):
+        check = "dry run; CRD schema and rules" if dry_run else "CRD schema and rules"
+        return InputError(f"{job_file}: rejected by the API server ({check}): {err.message}")
+    if err.http_status == 409:
+        return CliError(
+            f"{api.JOB_KIND} {job} already exists (delete it first, or change metadata.name)",
+            ExitStatus.ALREADY_EXISTS,
+        )
+    return err
 
 
 @app.command("list")
@@ -132,12 +153,12 @@ def list_(
     jobs = kube.list_jobs(target, all_namespaces)
     if not jobs:
         where = "any namespace" if all_namespaces else f"namespace {target.namespace}"
-        err_console.print(f"no {api.JOB_PLURAL} in {where}")
+        err_console.print(f"no {api.JOB_PLURAL} in {where}", markup=False)
         return
     table = Table("NAME", "NAMESPACE", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "AGE", box=None, pad_edge=False)
     now = datetime.now(UTC)
     for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"]["name"])):
-        table.add_row(*present.job_row(job, now))
+        table.add_row(*(Text(cell) for cell in present.job_row(job, now)))
     out.print(table)
 
 
@@ -148,14 +169,14 @@ def status(name: JobName, namespace: Namespace = None, context: Context = None, 
     job = kube.get_job(target, name)
     details = Table(show_header=False, box=None, pad_edge=False)
     for key, value in present.detail_rows(job):
-        details.add_row(f"[bold]{key}[/bold]", value)
-    out.print(f"[bold]{api.JOB_KIND} {target.namespace}/{name}[/bold]")
+        details.add_row(Text(key, style="bold"), Text(value))
+    out.print(Text(f"{api.JOB_KIND} {target.namespace}/{name}", style="bold"))
     out.print(details)
     rows = present.condition_rows(job)
     if rows:
         table = Table("TYPE", "STATUS", "REASON", "MESSAGE", "LAST TRANSITION", title="Conditions")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         out.print(table)
 
 
@@ -180,8 +201,19 @@ def watch(
     deadline = time.monotonic() + timeout if timeout else None
     last_phase = ""
     with ProgressDisplay(err_console, description=name) as display:
+
+        def retrying(err: ApiError, delay: float) -> None:
+            display.note(f"{name}: {err.message}; retrying in {delay:g}s")
+
         while True:
-            job = kube.get_job(target, name)
+            give_up_at = deadline if deadline is not None else time.monotonic() + WATCH_RETRY_SECONDS
+            job = kube.retry_transient(
+                lambda: kube.get_job(target, name),
+                give_up_at=give_up_at,
+                on_retry=retrying,
+                clock=time.monotonic,
+                sleep=time.sleep,
+            )
             phase = present.phase_of(job)
             if phase != last_phase:
                 display.note(f"{name}: {phase}")
@@ -195,7 +227,7 @@ def watch(
     if phase == api.JobPhase.FAILED:
         raise CliError(f"{name} failed: {_failure_message(job)}", ExitStatus.JOB_FAILED)
     outputs = present.status_of(job).get("outputs") or {}
-    out.print(f"{name} succeeded; model: {outputs.get('modelUri', '-')}")
+    say(f"{name} succeeded; model: {outputs.get('modelUri', '-')}")
 
 
 @app.command()
@@ -263,7 +295,7 @@ def report(
         if not looks_like_run(run_dir):
             raise InputError(f"{folder}: no run outputs here (metrics.jsonl, config.json, result.json or samples/)")
         path = write_report(load_run(run_dir), output or folder / "report.html")
-        out.print(f"report: {path}")
+        say(f"report: {path}")
         return
     from dreambooth_operator.cli import s3
 
@@ -277,7 +309,7 @@ def report(
         with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
             run_dir = s3.download_run(s3.client_for_job(target, job), uri, Path(tmp))
             path = write_report(load_run(run_dir), destination, title=source)
-    out.print(f"report: {path}")
+    say(f"report: {path}")
 
 
 @app.command("demo-subject", hidden=True)
@@ -288,12 +320,21 @@ def demo_subject(
 ) -> None:
     """Draw the demo's synthetic subject (a coloured geometric toy at a few poses)."""
     paths = subject.write_subject(folder, size=size, count=count)
-    out.print(f"wrote {len(paths)} images to {folder}")
+    say(f"wrote {len(paths)} images to {folder}")
 
 
 def _prog_name() -> str:
     name = Path(sys.argv[0]).name
     return "kubectl dreambooth" if name.startswith("kubectl-") else "dreambooth"
+
+
+def usage_message(err: click.ClickException) -> str:
+    """One line for a bad command line: click's message and where to find the usage."""
+    message = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    if isinstance(err, click.UsageError) and ctx is not None:
+        return f"{message} (see: {ctx.command_path} --help)"
+    return message
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,8 +351,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(int(err.status))
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
+    except click.exceptions.NoArgsIsHelpError as err:
+        err.show()  # the help text, as for --help
+        sys.exit(err.exit_code)
     except click.ClickException as err:
-        err.show()
+        err_console.print(f"error: {usage_message(err)}", markup=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         err_console.print("aborted")

@@ -6,6 +6,7 @@ import time
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from dreambooth_operator.cli.events import Progress as TrainingProgress
@@ -31,13 +32,13 @@ class ProgressDisplay:
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
+                TextColumn("{task.fields[stats]}", markup=False),
                 TimeElapsedColumn(),
                 console=self.console,
                 transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self.description, total=None, stats="starting")
+            self._task = self._bar.add_task(escape(self.description), total=None, stats="starting")
         return self
 
     def __exit__(
@@ -54,7 +55,7 @@ class ProgressDisplay:
                 completed=progress.step,
                 total=progress.total_steps,
                 stats=stats,
-                description=progress.phase or self.description,
+                description=escape(progress.phase or self.description),
             )
             return
         now = time.monotonic()
@@ -63,7 +64,7 @@ class ProgressDisplay:
         if progress.step == self._last_step:
             return
         if force or first or finished or now - self._last_plain >= PLAIN_INTERVAL_SECONDS:
-            self.console.print(progress.describe(), highlight=False, soft_wrap=True)
+            self.console.print(progress.describe(), highlight=False, markup=False, soft_wrap=True)
             self._last_plain = now
             self._last_step = progress.step
 

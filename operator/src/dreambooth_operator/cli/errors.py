@@ -19,6 +19,8 @@ class ExitStatus(IntEnum):
     """The job (or the local training run) failed."""
     NOT_FOUND = 5
     """The named job does not exist."""
+    ALREADY_EXISTS = 6
+    """`submit`: a job of that name already exists in the namespace."""
 
 
 class CliError(Exception):
@@ -33,3 +35,16 @@ class CliError(Exception):
 class InputError(CliError):
     def __init__(self, message: str) -> None:
         super().__init__(message, ExitStatus.INVALID_INPUT)
+
+
+class ApiError(CliError):
+    """A failed API call: `http_status` is the response's status, None when no response came (connection error)."""
+
+    def __init__(self, message: str, status: ExitStatus, http_status: int | None) -> None:
+        super().__init__(message, status)
+        self.http_status = http_status
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: no response, 429 Too Many Requests or a 5xx."""
+        return self.http_status is None or self.http_status == 429 or self.http_status >= 500

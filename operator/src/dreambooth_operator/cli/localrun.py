@@ -15,9 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, TextIO
 from urllib.parse import unquote, urlparse
 
 from dreambooth_operator.cli.display import ProgressDisplay
@@ -31,6 +34,10 @@ RUN_RECORD = "run.json"
 """Written into the workdir: where the outputs of the local run are (so `dreambooth report DIR` finds them)."""
 INVALID_INPUT_EXIT = 10  # trainer/src/dreambooth_trainer/exitcodes.py: ExitCode.INVALID_INPUT
 PREEMPTED_EXIT = 12  # ExitCode.PREEMPTED: SIGTERM handled, checkpoint written
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+TRAINER_GRACE_DEFAULT_SECONDS = 25.0  # the trainer's DREAMBOOTH_GRACE_SECONDS default (docs/contracts.md)
+STOP_MARGIN_SECONDS = 30.0
+"""After forwarding SIGTERM, the trainer is killed if it still runs this long after its own grace period."""
 
 
 def to_local_uri(uri: str, workdir: Path) -> str:
@@ -128,8 +135,70 @@ def thread_env(config: dict[str, Any], environ: dict[str, str]) -> dict[str, str
     return {}
 
 
+def stop_grace_seconds(environ: Mapping[str, str]) -> float:
+    """How long a stopping trainer may take: its DREAMBOOTH_GRACE_SECONDS plus a margin."""
+    try:
+        grace = float(environ.get("DREAMBOOTH_GRACE_SECONDS", TRAINER_GRACE_DEFAULT_SECONDS))
+    except ValueError:
+        grace = TRAINER_GRACE_DEFAULT_SECONDS
+    return max(grace, 0.0) + STOP_MARGIN_SECONDS
+
+
+class Stopper:
+    """While the trainer runs, SIGINT, SIGTERM and SIGHUP to us send it one SIGTERM (it checkpoints and exits).
+
+    Later signals are ignored; the trainer is killed if it still runs `grace_seconds` after the first. Handlers
+    are installed only in the main thread, and the previous ones are restored on exit.
+    """
+
+    def __init__(self, process: subprocess.Popen[str], grace_seconds: float) -> None:
+        self.process = process
+        self.grace_seconds = grace_seconds
+        self.signum: int | None = None
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> Stopper:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.stop()
+
+    def stop(self) -> None:
+        """Send SIGTERM to the trainer and start the grace timer."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self._timer = threading.Timer(self.grace_seconds, self._kill)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+def stop_note(signum: int) -> str:
+    return f"{signal.Signals(signum).name}: the trainer is writing a checkpoint; run the same command again to resume"
+
+
 def run_trainer(config: dict[str, Any], workdir: Path, display: ProgressDisplay) -> LocalRun:
-    """Run the trainer to its end, feeding the display; Ctrl-C sends SIGTERM so that it checkpoints first."""
+    """Run the trainer to its end, feeding the display.
+
+    Ctrl-C, SIGTERM and SIGHUP send it SIGTERM so that it checkpoints first; its output is read to its end.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     scratch = workdir / "scratch"
     scratch.mkdir(exist_ok=True)
@@ -150,7 +219,6 @@ def run_trainer(config: dict[str, Any], workdir: Path, display: ProgressDisplay)
         "PYTHONUNBUFFERED": "1",
         **thread_env(config, dict(os.environ)),
     }
-    progress = Progress()
     with (workdir / "train.log").open("a", encoding="utf-8") as log:
         process = subprocess.Popen(
             [*trainer_command(), "--local"],  # one process, ignore PET_*/WORLD_SIZE from the environment
@@ -159,27 +227,36 @@ def run_trainer(config: dict[str, Any], workdir: Path, display: ProgressDisplay)
             stderr=log,
             text=True,
             bufsize=1,
-            start_new_session=True,  # Ctrl-C reaches only us; we forward SIGTERM so the trainer checkpoints
+            start_new_session=True,  # signals to our process group reach only us; Stopper forwards SIGTERM
         )
-        assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                log.write(line)
-                event = parse_line(line)
-                if event is None:
-                    continue
-                if progress.update(event):
-                    display.update(progress)
-                elif is_notable(event):
-                    display.note(describe_event(event))
-            exit_code = process.wait()
-        except KeyboardInterrupt:
-            process.send_signal(signal.SIGTERM)
-            display.note("interrupted: the trainer is writing a checkpoint; run the same command again to resume")
-            exit_code = process.wait()
-        display.update(progress, force=True)
+        with Stopper(process, stop_grace_seconds(env)) as stopper:
+            exit_code = _follow(process, log, display, stopper)
     termination = read_json(termination_path)
     return LocalRun(workdir, config, exit_code, termination)
+
+
+def _follow(process: subprocess.Popen[str], log: TextIO, display: ProgressDisplay, stopper: Stopper) -> int:
+    """Copy the trainer's stdout to the log and the display until it closes; returns the exit code."""
+    assert process.stdout is not None
+    progress = Progress()
+    noted = False
+    for line in process.stdout:
+        log.write(line)
+        if stopper.signum is not None and not noted:
+            display.note(stop_note(stopper.signum))
+            noted = True
+        event = parse_line(line)
+        if event is None:
+            continue
+        if progress.update(event):
+            display.update(progress)
+        elif is_notable(event):
+            display.note(describe_event(event))
+    exit_code = process.wait()
+    if stopper.signum is not None and not noted:
+        display.note(stop_note(stopper.signum))
+    display.update(progress, force=True)
+    return exit_code
 
 
 def check_outcome(run: LocalRun) -> None:
