@@ -113,6 +113,10 @@ def test_logs_of_a_rank_and_follow(cluster: Any, node_agent: Any, namespace: str
     )
     assert follow.returncode == 0, follow.stderr
     assert follow.stdout.splitlines() == [f"tick {i}" for i in range(6)]
+    # The log stream ends when the process exits; the node agent writes the pod's phase right after that.
+    deadline = time.monotonic() + 30
+    while phase(cluster, namespace, "logged-a2-r1") != "Succeeded" and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling the API for the phase, not a fixed wait
     assert phase(cluster, namespace, "logged-a2-r1") == "Succeeded"
     assert time.monotonic() - started < 100
 
