@@ -173,7 +173,7 @@ def test_model_card_of_a_lora_only_export_loads_the_base_and_lists_the_settings(
     config = JobConfig.model_validate(
         {
             "name": "card",
-            "baseModel": {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+            "baseModel": {"id": "example-org/base-model"},
             "instanceImages": {"uri": "file:///unused", "prompt": PROMPT},
             "training": {
                 "method": "lora",
@@ -195,7 +195,7 @@ def test_model_card_of_a_lora_only_export_loads_the_base_and_lists_the_settings(
     assert code.splitlines() == [
         "from diffusers import StableDiffusionPipeline",
         "",
-        'pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")',
+        'pipe = StableDiffusionPipeline.from_pretrained("example-org/base-model")',
         'pipe.load_lora_weights("<download of lora/>")',
         f'image = pipe("{PROMPT}").images[0]',
     ]
