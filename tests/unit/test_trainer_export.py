@@ -170,10 +170,11 @@ def test_exported_scheduler_is_the_base_models_own(base: str | None, zero_snr: b
 
 
 def test_model_card_of_a_lora_only_export_loads_the_base_and_lists_the_settings(tmp_path: Path) -> None:
+    base_id = "example-org/base-model"  # only written into the card's text; nothing is loaded
     config = JobConfig.model_validate(
         {
             "name": "card",
-            "baseModel": {"id": "example-org/base-model"},
+            "baseModel": {"id": base_id},
             "instanceImages": {"uri": "file:///unused", "prompt": PROMPT},
             "training": {
                 "method": "lora",
@@ -195,7 +196,7 @@ def test_model_card_of_a_lora_only_export_loads_the_base_and_lists_the_settings(
     assert code.splitlines() == [
         "from diffusers import StableDiffusionPipeline",
         "",
-        'pipe = StableDiffusionPipeline.from_pretrained("example-org/base-model")',
+        f'pipe = StableDiffusionPipeline.from_pretrained("{base_id}")',
         'pipe.load_lora_weights("<download of lora/>")',
         f'image = pipe("{PROMPT}").images[0]',
     ]
