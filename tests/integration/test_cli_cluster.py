@@ -157,42 +157,39 @@ def test_submit_uploads_changed_photos_and_creates_the_job(
 
 
 @pytest.mark.usefixtures("crds")
-def test_submit_rejected_by_dry_run_uploads_nothing(
-    s3: Any, namespace: str, storage: dict[str, Any], cli_env: dict[str, str], tmp_path: Path
+@pytest.mark.parametrize(
+    ("name", "spec", "named"),
+    [
+        # Prior preservation without a class prompt: only the CRD's CEL rule catches this.
+        ("bad", {"priorPreservation": {"enabled": True}}, "classPrompt"),
+        # A misspelled field is an error (strict field validation), not silently pruned by the API server.
+        ("typo", {"training": {"maxStep": 50, "resolution": 32}}, "spec.training.maxStep"),
+    ],
+)
+def test_submit_rejected_by_dry_run_uploads_and_creates_nothing(
+    cluster: Any,
+    s3: Any,
+    namespace: str,
+    storage: dict[str, Any],
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    name: str,
+    spec: dict[str, Any],
+    named: str,
 ) -> None:
     bucket = storage["bucket"]
-    # Prior preservation without a class prompt: only the CRD's CEL rule catches this.
-    bad = job_manifest("bad", bucket, storage["spec"], priorPreservation={"enabled": True})
+    manifest = job_manifest(name, bucket, storage["spec"], **spec)
     result = dreambooth(
-        cli_env, "submit", str(write_job(tmp_path, bad)), "--images", str(photos(tmp_path / "p")), "-n", namespace
+        cli_env, "submit", str(write_job(tmp_path, manifest)), "--images", str(photos(tmp_path / "p")), "-n", namespace
     )
     assert result.returncode == ExitStatus.INVALID_INPUT, result.stderr
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1
     assert "rejected by the API server (dry run" in line
-    assert "classPrompt" in line
-    assert "Contents" not in s3.client().list_objects_v2(Bucket=bucket)
-
-
-@pytest.mark.usefixtures("crds")
-def test_submit_rejects_an_unknown_field(
-    cluster: Any, s3: Any, namespace: str, storage: dict[str, Any], cli_env: dict[str, str], tmp_path: Path
-) -> None:
-    """A misspelled field is an error (strict field validation), not silently pruned by the API server."""
-    bucket = storage["bucket"]
-    typo = job_manifest("typo", bucket, storage["spec"])
-    typo["spec"]["training"] = {"maxStep": 50, "resolution": 32}
-    result = dreambooth(
-        cli_env, "submit", str(write_job(tmp_path, typo)), "--images", str(photos(tmp_path / "p")), "-n", namespace
-    )
-    assert result.returncode == ExitStatus.INVALID_INPUT, result.stderr
-    line = result.stderr.strip()
-    assert len(line.splitlines()) == 1
-    assert "rejected by the API server (dry run" in line
-    assert "spec.training.maxStep" in line
+    assert named in line
     assert "Contents" not in s3.client().list_objects_v2(Bucket=bucket)
     listed = cluster.kubectl("get", "dbj", "-n", namespace, "-o", "name").stdout
-    assert "typo" not in listed
+    assert name not in listed
 
 
 @pytest.mark.usefixtures("crds")

@@ -159,17 +159,8 @@ def test_write_sync_past_the_deadline_leaves_the_previous_checkpoint(
 ) -> None:
     store, _ = ckpts
     store.write(_snapshot(1))
-    gate = threading.Event()
-    original = store.store.upload_file
-
-    def slow_upload(local: Path | str, uri: str) -> None:
-        gate.wait(10)
-        original(local, uri)
-
-    store.store.upload_file = slow_upload  # type: ignore[method-assign]
+    gate = _hold_uploads(store)
     writer = AsyncCheckpointer(store)
-    import time
-
     assert writer.write_sync(_snapshot(2), deadline=time.monotonic() + 0.2) is None
     gate.set()
     assert writer.wait(timeout=30)
@@ -181,6 +172,19 @@ def test_write_sync_past_the_deadline_leaves_the_previous_checkpoint(
     assert info.step == 3
     writer.close()
     assert sorted(store.complete_steps()) == [1, 3]
+
+
+def _hold_uploads(store: CheckpointStore) -> threading.Event:
+    """Make every upload of `store` wait until the returned event is set (at most 30 s)."""
+    gate = threading.Event()
+    original = store.store.upload_file
+
+    def held_upload(local: Path | str, uri: str) -> None:
+        gate.wait(30)
+        original(local, uri)
+
+    store.store.upload_file = held_upload  # type: ignore[method-assign]
+    return gate
 
 
 def _failing(err: BaseException) -> Any:
@@ -260,14 +264,7 @@ def test_checkpoint_without_fingerprint_is_accepted(tmp_path: Path) -> None:
 def test_close_with_a_deadline_leaves_a_stuck_upload_behind(ckpts: Ckpts) -> None:
     store, _ = ckpts
     store.write(_snapshot(1))
-    gate = threading.Event()
-    original = store.store.upload_file
-
-    def stuck_upload(local: Path | str, uri: str) -> None:
-        gate.wait(30)
-        original(local, uri)
-
-    store.store.upload_file = stuck_upload  # type: ignore[method-assign]
+    gate = _hold_uploads(store)
     writer = AsyncCheckpointer(store)
     writer.submit(_snapshot(2))
     try:
