@@ -20,6 +20,14 @@ log() { printf '[build-binaries] %s\n' "$*" >&2; }
 
 link() { ln -sf "$1" "$bin/$(basename "$1")"; }
 
+# A system command, looked up without our own .tools/bin (the Makefile puts it first on PATH): finding our link
+# there and linking it onto itself would leave a symlink loop on every second run.
+system_command() {
+  local dirs
+  dirs=$(printf '%s' "$PATH" | tr ':' '\n' | grep -vxF "$bin" | paste -sd: -)
+  PATH="$dirs" command -v "$1"
+}
+
 build_etcd() {
   local out="$cache/etcd-$ETCD_VERSION"
   if [[ ! -x "$out/etcd" ]]; then
@@ -141,25 +149,25 @@ install_seaweedfs() {
 }
 
 install_prometheus() {
-  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if ! system_command prometheus >/dev/null || ! system_command promtool >/dev/null; then
     log "installing prometheus and promtool from Debian"
     if [[ $(id -u) == 0 ]]; then sudo=""; else sudo="sudo"; fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   fi
-  link "$(command -v prometheus)"
-  link "$(command -v promtool)"
+  link "$(system_command prometheus)"
+  link "$(system_command promtool)"
 }
 
 install_chromium() {
   # Headless Debian chromium renders the HTML report in the screenshot test.
-  if ! command -v chromium >/dev/null; then
+  if ! system_command chromium >/dev/null; then
     log "installing chromium from Debian"
     if [[ $(id -u) == 0 ]]; then sudo=""; else sudo="sudo"; fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
   fi
-  link "$(command -v chromium)"
+  link "$(system_command chromium)"
 }
 
 what=${1:-all}
