@@ -269,7 +269,7 @@ class TrainingConfig(Model):
     gradient_checkpointing: bool = Field(default=False)
     """Trade compute for memory with activation checkpointing."""
     optimizer: Optimizer = Optimizer.ADAMW
-    """adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA only)."""
+    """adamw (fused on CUDA) or adamw8bit (bitsandbytes; 8-bit optimizer state, on CUDA or the CPU)."""
     adam_weight_decay: float = Field(default=1e-2, ge=0.0, le=1.0)
     """AdamW weight decay."""
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)

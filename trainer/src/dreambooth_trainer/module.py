@@ -300,10 +300,12 @@ def _add_adapter(model: Any, config: Any, field: str, part: str) -> None:
 
 
 def _adamw_8bit(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
-    if not torch.cuda.is_available():
-        raise InvalidInputError("optimizer adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on CPU")
+    """bitsandbytes' AdamW8bit: uint8 moments (block-wise quantized) for tensors of 4096 elements or more. It runs
+    wherever bitsandbytes imports: on CUDA, and on the CPU with the pinned bitsandbytes 0.50 (the unit tier trains
+    and resumes with it)."""
     try:
-        import bitsandbytes as bnb
+        from bitsandbytes.optim.adamw import AdamW8bit
     except ImportError as err:
         raise InvalidInputError("optimizer adamw8bit needs bitsandbytes (pip install dreambooth-trainer[bnb])") from err
-    return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)  # type: ignore[no-any-return]
+    # bitsandbytes ships py.typed but leaves its optimizers' __init__ unannotated.
+    return AdamW8bit(groups, weight_decay=weight_decay)  # type: ignore[no-untyped-call]
