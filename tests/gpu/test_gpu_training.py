@@ -238,21 +238,23 @@ def _compile_toolchain_missing() -> str | None:
 def test_torch_compile_of_the_unet_runs_training_steps(
     tmp_path: Path, tiny_components: Any, loop_factory: Any, config_factory: Any, device: torch.device
 ) -> None:
-    """The trainer has no compile option; this checks that compiling our module's UNet works with our loss, loop
-    and bf16 autocast, so adding the option is safe."""
+    """training.compileUnet on CUDA: Triton kernels for the UNet's training step under our loss, loop and bf16
+    autocast (the CPU/inductor path is in tests/unit/test_trainer_compile.py)."""
     missing = _compile_toolchain_missing() if device.type == "cuda" else None
     if missing:
         pytest.skip(f"torch.compile (Triton) cannot build its launcher: {missing}")
     import torch._dynamo
 
     torch._dynamo.reset()
-    config = config_factory(tmp_path, method="lora", learningRate=1e-2, mixedPrecision="bf16", maxSteps=3)
+    config = config_factory(
+        tmp_path, method="lora", learningRate=1e-2, mixedPrecision="bf16", maxSteps=3, compileUnet=True
+    )
     loop = loop_factory(config, tiny_components, tmp_path / "scratch")
     try:
         eager = {
             n: p.detach().clone() for n, p in zip(loop.module._unet_names, loop.module.unet_parameters(), strict=True)
         }
-        loop.module.unet.compile()
+        assert loop.module._training_unet, "compileUnet did not route the loss through torch.compile"
         losses = _train(loop, 3)
         trained = dict(zip(loop.module._unet_names, loop.module.unet_parameters(), strict=True))
     finally:

@@ -59,6 +59,9 @@ class DreamBoothModule(pl.LightningModule):
             self.unet.enable_gradient_checkpointing()
             if self._text_names:
                 self.text_encoder.gradient_checkpointing_enable()
+        # The loss calls the UNet through this; validation and export use the eager module. A tuple, so the compiled
+        # wrapper is not registered as a submodule (state dict keys stay those of the UNet). Compiled at first call.
+        self._training_unet: tuple[Any, ...] = (torch.compile(self.unet),) if training.compile_unet else ()
         self.unet.train()
         self.vae.eval()
         self.text_encoder.train(bool(self._text_names))
@@ -206,7 +209,8 @@ class DreamBoothModule(pl.LightningModule):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = self._encoder_hidden_states(batch)
         unet_dtype = next(self.unet.parameters()).dtype
-        pred = self.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype)).sample.float()
+        unet = self._training_unet[0] if self._training_unet else self.unet
+        pred = unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype)).sample.float()
 
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dreambooth_trainer import rng
+from dreambooth_trainer import compilation, rng
 from dreambooth_trainer.checkpoint import (
     AsyncCheckpointer,
     CheckpointInfo,
@@ -678,6 +678,8 @@ def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, d
         ).check_compatible()
         ctx.store.write_bytes(join_uri(cfg.output.uri, "config.json"), json.dumps(cfg.to_wire(), indent=2).encode())
         log.info("started", job=cfg.name, totalSteps=t.max_steps, worldSize=int(fabric.world_size))
+    if t.compile_unet:
+        compilation.prepare(cuda=torch.cuda.is_available())
     rng.seed_all(t.seed)
     components = load_components(cfg.base_model, ctx.store, model_cache_dir(ctx.workdir.parent / "models"))
     _stop_if_requested(ctx, "loading the base model")
