@@ -19,6 +19,7 @@ from PIL import Image
 
 from tests.e2e.test_operator_training import credentials_secret, phase, upload_images
 from tests.infra.controlplane import Cluster
+from tests.infra.inference import inference_service
 from tests.infra.s3 import S3Server
 
 TRAIN_TIMEOUT = 420.0
@@ -31,6 +32,31 @@ ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}]
 def storage(cluster: Cluster, s3: S3Server, namespace: str) -> dict[str, Any]:
     credentials_secret(cluster, s3, namespace)
     return {"endpoint": s3.endpoint, "addressingStyle": "path", "credentialsSecret": {"name": "s3-credentials"}}
+
+
+def settled(cluster: Cluster, namespace: str, op: OperatorProcess, name: str) -> dict[str, Any]:
+    """The InferenceService once it is Ready or Failed."""
+    found: dict[str, Any] = wait_for(
+        f"the service {name} Ready (or Failed)",
+        lambda: get(cluster, "inferenceservice", name, namespace),
+        lambda s: phase(s) in ("Ready", "Failed"),
+        SERVE_TIMEOUT,
+        op,
+    )
+    return found
+
+
+def serve(
+    cluster: Cluster, namespace: str, op: OperatorProcess, name: str, model: dict[str, Any], store: dict[str, Any]
+) -> dict[str, Any]:
+    """Apply an InferenceService of `model` without auth; return it once it is Ready or Failed."""
+    apply(cluster, inference_service(name, model, storage=store, podTemplate={"env": ONE_THREAD}), namespace)
+    return settled(cluster, namespace, op, name)
+
+
+def running_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    pods = items(cluster, "pods", namespace, f"dreambooth.dev/inference-service={name}")
+    return [p for p in pods if p["status"].get("phase") == "Running"]
 
 
 def post_generate(url: str, body: dict[str, Any], token: str | None) -> tuple[int, str, bytes]:
@@ -64,18 +90,10 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
         },
     }
     cluster.kubectl("create", "secret", "generic", "serve-token", "-n", namespace, f"--from-literal=token={TOKEN}")
-    isvc = {
-        "apiVersion": "dreambooth.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "dog-server"},
-        "spec": {
-            "model": {"fromJob": "dog"},
-            "resources": {"gpus": 0},
-            "storage": store,
-            "auth": {"bearerTokenSecret": {"name": "serve-token"}},
-            "podTemplate": {"env": ONE_THREAD},
-        },
-    }
+    auth = {"bearerTokenSecret": {"name": "serve-token"}}
+    isvc = inference_service(
+        "dog-server", {"fromJob": "dog"}, storage=store, auth=auth, podTemplate={"env": ONE_THREAD}
+    )
     # Applied together: the InferenceService waits for its job.
     apply(cluster, job, namespace)
     apply(cluster, isvc, namespace)
@@ -99,11 +117,8 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
     assert phase(dbj) == "Succeeded", json.dumps(dbj["status"], indent=1)
     model_uri = dbj["status"]["outputs"]["modelUri"]
 
-    def fetch() -> dict[str, Any] | None:
-        return get(cluster, "inferenceservice", "dog-server", namespace)
-
     try:
-        served = wait_for("the service Ready", fetch, lambda s: phase(s) in ("Ready", "Failed"), SERVE_TIMEOUT, op)
+        served = settled(cluster, namespace, op, "dog-server")
     except Exception as err:
         pods = items(cluster, "pods", namespace, "dreambooth.dev/inference-service=dog-server")
         logs = {p["metadata"]["name"]: node_agent.logs(namespace, p["metadata"]["name"])[-3000:] for p in pods}
@@ -115,11 +130,7 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
     assert status["url"] == f"http://dog-server.{namespace}.svc:80"
     assert (condition(served, "Ready") or {}).get("status") == "True"
 
-    pods = [
-        p
-        for p in items(cluster, "pods", namespace, "dreambooth.dev/inference-service=dog-server")
-        if p["status"].get("phase") == "Running"
-    ]
+    pods = running_pods(cluster, namespace, "dog-server")
     assert len(pods) == 1
     container = pods[0]["spec"]["containers"][0]
     assert container["command"] == ["dreambooth-serve"]
@@ -142,56 +153,16 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
     # The same model as one single-file checkpoint (its config from baseModel), without auth: a request without a
     # token is served.
     single_file = f"s3://{bucket}/models/dog/model.safetensors"
-    direct = {
-        "apiVersion": "dreambooth.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "direct"},
-        "spec": {
-            "model": {"modelUri": single_file, "baseModel": {"tiny": True}},
-            "resources": {"gpus": 0},
-            "storage": store,
-            "podTemplate": {"env": ONE_THREAD},
-        },
-    }
-    apply(cluster, direct, namespace)
-    served = wait_for(
-        "the modelUri service Ready",
-        lambda: get(cluster, "inferenceservice", "direct", namespace),
-        lambda s: phase(s) in ("Ready", "Failed"),
-        SERVE_TIMEOUT,
-        op,
-    )
+    served = serve(cluster, namespace, op, "direct", {"modelUri": single_file, "baseModel": {"tiny": True}}, store)
     assert phase(served) == "Ready", json.dumps(served["status"], indent=1)
     assert served["status"]["modelUri"] == single_file
-    pod = next(
-        p
-        for p in items(cluster, "pods", namespace, "dreambooth.dev/inference-service=direct")
-        if p["status"].get("phase") == "Running"
-    )
+    pod = running_pods(cluster, namespace, "direct")[0]
     code, content_type, png = post_generate(f"http://{pod['status']['podIP']}:{port}/generate", body, token=None)
     assert (code, content_type) == (200, "image/png"), png[:500]
     assert Image.open(io.BytesIO(png)).size == (64, 64)
 
     # A model that is not there: the server exits with the error, and the service says so (not Loading forever).
-    broken = {
-        "apiVersion": "dreambooth.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "broken"},
-        "spec": {
-            "model": {"modelUri": f"s3://{bucket}/models/nothing-here/"},
-            "resources": {"gpus": 0},
-            "storage": store,
-            "podTemplate": {"env": ONE_THREAD},
-        },
-    }
-    apply(cluster, broken, namespace)
-    failed = wait_for(
-        "the broken service Failed",
-        lambda: get(cluster, "inferenceservice", "broken", namespace),
-        lambda s: phase(s) in ("Ready", "Failed"),
-        SERVE_TIMEOUT,
-        op,
-    )
+    failed = serve(cluster, namespace, op, "broken", {"modelUri": f"s3://{bucket}/models/nothing-here/"}, store)
     assert phase(failed) == "Failed", json.dumps(failed["status"], indent=1)
     assert (condition(failed, "Ready") or {}).get("reason") == "ModelLoadFailed"
     assert "nothing-here" in failed["status"]["message"], failed["status"]["message"]

@@ -158,6 +158,7 @@ def test_rbac_is_least_privilege(chart_crds: Cluster, namespace: str, installed_
         ("create", "services"),
         ("create", "configmaps"),
         ("create", "deployments.apps"),
+        ("patch", "deployments.apps"),  # server-side apply
         ("create", "horizontalpodautoscalers.autoscaling"),
         ("watch", "pods"),
         ("delete", "pods"),  # force-deleting a job's pods stuck Terminating on a lost node
@@ -165,15 +166,24 @@ def test_rbac_is_least_privilege(chart_crds: Cluster, namespace: str, installed_
     ]:
         assert _can_i(c, sa, verb, resource, *here), f"{sa} cannot {verb} {resource}"
     assert _can_i(c, sa, "patch", "dreamboothjobs.dreambooth.dev", "--subresource=status", *here)
-    assert _can_i(c, sa, "update", "dreamboothjobs.dreambooth.dev", "--subresource=finalizers", *here)
+    assert _can_i(c, sa, "patch", "inferenceservices.dreambooth.dev", "--subresource=status", *here)
+    for kind in ("dreamboothjobs", "inferenceservices"):
+        assert _can_i(c, sa, "update", f"{kind}.dreambooth.dev", "--subresource=finalizers", *here)
     assert _can_i(c, sa, "list", "customresourcedefinitions.apiextensions.k8s.io")
-    # And nothing more: no secrets, no pod creation or exec, no CRD or RBAC changes.
+    # And nothing more: no secrets, no pod creation or exec, no CRD or RBAC changes, and no "update" (PUT) but on
+    # finalizers (the operator and kopf only patch and server-side apply).
     for verb, resource, *extra in [
         ("get", "secrets"),
         ("list", "secrets"),
         ("create", "pods"),
         ("create", "pods", "--subresource=exec"),
         ("delete", "dreamboothjobs.dreambooth.dev"),
+        ("update", "dreamboothjobs.dreambooth.dev"),
+        ("update", "inferenceservices.dreambooth.dev", "--subresource=status"),
+        ("update", "jobs.batch"),
+        ("update", "configmaps"),
+        ("update", "deployments.apps"),
+        ("update", "horizontalpodautoscalers.autoscaling"),
         ("create", "customresourcedefinitions.apiextensions.k8s.io"),
         ("create", "rolebindings.rbac.authorization.k8s.io"),
         ("patch", "nodes"),

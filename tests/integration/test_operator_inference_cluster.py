@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from operator_harness import OperatorProcess, apply, as_manifest, condition, get, running_operator, wait_for
 from operator_wrappers import make_job
 
 from tests.infra.controlplane import Cluster
+from tests.infra.inference import inference_service
 
 NOWHERE = {"dbo.test/no-such-node": "true"}
+AUTOSCALED = {"minReplicas": 2, "maxReplicas": 5}
+OPERATOR, HANDOVER = "dreambooth-operator/Apply", "dreambooth-operator-handover/Apply"
+Predicate = Callable[[dict[str, Any]], bool]
 
 
 @pytest.fixture
@@ -21,41 +26,66 @@ def op(cluster: Cluster, namespace: str, infra_log_dir: Path) -> Iterator[Operat
         yield operator
 
 
-def test_inference_service_from_job(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
-    apply(cluster, as_manifest(make_job("cat").pod_template(nodeSelector=NOWHERE).obj()), namespace)
-    isvc = {
-        "apiVersion": "dreambooth.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "cat-server"},
-        "spec": {
-            "model": {"fromJob": "cat"},
-            "scaling": {"replicas": 1},
-            "resources": {"gpus": 0},
-            "podTemplate": {"nodeSelector": NOWHERE},
-        },
+@pytest.fixture
+def op_on_events_only(cluster: Cluster, namespace: str, infra_log_dir: Path) -> Iterator[OperatorProcess]:
+    """An operator whose periodic reconcile never comes during a test: only watch events start reconciles."""
+    env = {"DREAMBOOTH_OPERATOR_RECONCILE_INTERVAL_SECONDS": "3600"}
+    with running_operator(cluster, infra_log_dir, [namespace], env) as operator:
+        yield operator
+
+
+def unschedulable(name: str, model: dict[str, Any], scaling: dict[str, int]) -> dict[str, Any]:
+    """An InferenceService whose pods stay Pending (no node matches): the tests look at the objects only."""
+    return inference_service(name, model, scaling=scaling, podTemplate={"nodeSelector": NOWHERE})
+
+
+def wait_on(
+    cluster: Cluster, namespace: str, op: OperatorProcess, kind: str, name: str, what: str, predicate: Predicate
+) -> dict[str, Any]:
+    """Poll the object until `predicate` holds (`what` names the wait in the error); return it."""
+    found: dict[str, Any] = wait_for(what, lambda: get(cluster, kind, name, namespace), predicate, op=op)
+    return found
+
+
+def is_phase(phase: str) -> Predicate:
+    return lambda obj: (obj.get("status") or {}).get("phase") == phase
+
+
+def patch_status(cluster: Cluster, namespace: str, kind: str, name: str, status: dict[str, Any]) -> None:
+    """Merge `status` into the object's status through the status subresource (as its controller would)."""
+    patch = json.dumps({"status": status})
+    cluster.kubectl("patch", kind, name, "-n", namespace, "--subresource=status", "--type=merge", "-p", patch)
+
+
+def replicas_owners(cluster: Cluster, namespace: str, name: str) -> tuple[int, set[str]] | None:
+    """The Deployment's spec.replicas and the field managers that own it (managedFields); None before it exists."""
+    args = ["get", "deployment", name, "-n", namespace, "-o", "json", "--show-managed-fields"]
+    shown = cluster.kubectl(*args, check=False)
+    if shown.returncode != 0:
+        return None
+    deployment = json.loads(shown.stdout)
+    owners = {
+        f"{f['manager']}/{f['operation']}"
+        for f in deployment["metadata"]["managedFields"]
+        if "f:replicas" in (f.get("fieldsV1") or {}).get("f:spec", {})
     }
-    apply(cluster, isvc, namespace)
-    waiting = wait_for(
-        "WaitingForJob",
-        lambda: get(cluster, "inferenceservice", "cat-server", namespace),
+    return int(deployment["spec"]["replicas"]), owners
+
+
+def test_inference_service_from_job(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
+    model_uri = "s3://bkt/out/cat/model"
+    apply(cluster, as_manifest(make_job("cat").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    apply(cluster, unschedulable("cat-server", {"fromJob": "cat"}, {"replicas": 1}), namespace)
+    waiting = wait_on(
+        cluster, namespace, op, "inferenceservice", "cat-server", "WaitingForJob",
         lambda s: (condition(s, "ModelResolved") or {}).get("reason") == "WaitingForJob",
-        op=op,
-    )
+    )  # fmt: skip
     assert waiting["status"]["phase"] == "Pending"
     assert get(cluster, "deployment", "cat-server", namespace) is None
     # The job succeeds (written as the operator would, through the status subresource; terminal is sticky).
-    status = {"status": {"phase": "Succeeded", "outputs": {"modelUri": "s3://bkt/out/cat/model"}}}
-    cluster.kubectl(
-        "patch", "dreamboothjob", "cat", "-n", namespace, "--subresource=status", "--type=merge", "-p",
-        json.dumps(status),
-    )  # fmt: skip
-    loading = wait_for(
-        "Loading",
-        lambda: get(cluster, "inferenceservice", "cat-server", namespace),
-        lambda s: (s.get("status") or {}).get("phase") == "Loading",
-        op=op,
-    )
-    assert loading["status"]["modelUri"] == "s3://bkt/out/cat/model"
+    patch_status(cluster, namespace, "dreamboothjob", "cat", {"phase": "Succeeded", "outputs": {"modelUri": model_uri}})
+    loading = wait_on(cluster, namespace, op, "inferenceservice", "cat-server", "Loading", is_phase("Loading"))
+    assert loading["status"]["modelUri"] == model_uri
     assert loading["status"]["url"] == f"http://cat-server.{namespace}.svc:80"
     deployment = get(cluster, "deployment", "cat-server", namespace)
     service = get(cluster, "service", "cat-server", namespace)
@@ -64,69 +94,77 @@ def test_inference_service_from_job(cluster: Cluster, namespace: str, op: Operat
     for child in (deployment, service):
         assert [r["name"] for r in child["metadata"]["ownerReferences"]] == ["cat-server"]
     env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(env["DREAMBOOTH_SERVE_CONFIG"]["value"])["modelUri"] == "s3://bkt/out/cat/model"
+    assert json.loads(env["DREAMBOOTH_SERVE_CONFIG"]["value"])["modelUri"] == model_uri
     assert get(cluster, "dreamboothjob", "cat", namespace)["status"]["phase"] == "Succeeded"  # type: ignore[index]
 
 
 def test_autoscaling_hands_the_replica_count_to_an_hpa(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
-    isvc = {
-        "apiVersion": "dreambooth.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "auto"},
-        "spec": {
-            "model": {"modelUri": "s3://bkt/out/auto/model", "baseModel": {"tiny": True}},
-            "scaling": {"minReplicas": 2, "maxReplicas": 5, "targetInflightRequests": 3},
-            "resources": {"gpus": 0},
-            "podTemplate": {"nodeSelector": NOWHERE},
-        },
-    }
-    apply(cluster, isvc, namespace)
-    hpa = wait_for(
-        "HPA", lambda: get(cluster, "horizontalpodautoscaler.v2.autoscaling", "auto", namespace), bool, op=op
-    )
+    model = {"modelUri": "s3://bkt/out/auto/model", "baseModel": {"tiny": True}}
+    apply(cluster, unschedulable("auto", model, AUTOSCALED | {"targetInflightRequests": 3}), namespace)
+    hpa = wait_on(cluster, namespace, op, "horizontalpodautoscaler.v2.autoscaling", "auto", "HPA", bool)
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "auto"}
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
     assert hpa["spec"]["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "3"}
     assert [r["name"] for r in hpa["metadata"]["ownerReferences"]] == ["auto"]
-    shown = cluster.kubectl("get", "deployment", "auto", "-n", namespace, "-o", "json", "--show-managed-fields")
-    deployment = json.loads(shown.stdout)
-    managed = [f for f in deployment["metadata"]["managedFields"] if f["manager"] == "dreambooth-operator"]
-    assert managed
-    assert all("f:replicas" not in (f.get("fieldsV1") or {}).get("f:spec", {}) for f in managed)
-    # The test control plane runs no HPA controller, so the count stays at the API server's default of 1.
-    assert deployment["spec"]["replicas"] == 1
-    loading = wait_for(
-        "Loading",
-        lambda: get(cluster, "inferenceservice", "auto", namespace),
-        lambda s: (s.get("status") or {}).get("phase") == "Loading",
+    # Created at minReplicas, then the count is handed over: the operator's own apply no longer sets it. (The test
+    # control plane runs no HPA controller, so the count stays at 2.)
+    wait_for(
+        "the replica count handed over",
+        lambda: replicas_owners(cluster, namespace, "auto"),
+        lambda r: r == (2, {HANDOVER}),
         op=op,
     )
-    assert loading["status"]["message"] == "0/1 replicas ready; loading the model"
+    loading = wait_on(cluster, namespace, op, "inferenceservice", "auto", "Loading", is_phase("Loading"))
+    assert loading["status"]["message"] == "0/2 replicas ready; loading the model"
     assert "servedModelUri" not in loading["status"]
 
 
-def test_a_server_that_failed_to_load_its_model_is_reported(
+def test_switching_to_autoscaling_keeps_the_running_replicas(
     cluster: Cluster, namespace: str, op: OperatorProcess
 ) -> None:
-    """The operator lists the service's pods and reports a crashed server's termination message."""
-    isvc = {
-        "apiVersion": "dreambooth.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "broken"},
-        "spec": {
-            "model": {"modelUri": "s3://bkt/out/broken/model.safetensors"},
-            "scaling": {"replicas": 1},
-            "resources": {"gpus": 0},
-            "podTemplate": {"nodeSelector": NOWHERE},
-        },
-    }
-    apply(cluster, isvc, namespace)
+    model = {"modelUri": "s3://bkt/out/switch/model", "baseModel": {"tiny": True}}
+    apply(cluster, unschedulable("switch", model, {"replicas": 3}), namespace)
     wait_for(
-        "Loading",
-        lambda: get(cluster, "inferenceservice", "broken", namespace),
-        lambda s: (s.get("status") or {}).get("phase") == "Loading",
+        "3 fixed replicas", lambda: replicas_owners(cluster, namespace, "switch"), lambda r: r == (3, {OPERATOR}), op=op
+    )
+    # Fixed -> autoscaling: the HPA takes over the live count (3, within 2..5); it is never reset to the default of 1
+    # when the operator's apply stops setting it.
+    apply(cluster, unschedulable("switch", model, AUTOSCALED), namespace)
+    wait_on(cluster, namespace, op, "horizontalpodautoscaler.v2.autoscaling", "switch", "HPA", bool)
+    wait_for(
+        "the replica count handed over",
+        lambda: replicas_owners(cluster, namespace, "switch"),
+        lambda r: r[1] == {HANDOVER},
         op=op,
     )
+    assert replicas_owners(cluster, namespace, "switch") == (3, {HANDOVER})
+    # Autoscaling -> fixed: the operator sets the count again, and deletes the HPA.
+    apply(cluster, unschedulable("switch", model, {"replicas": 4}), namespace)
+    wait_for(
+        "4 fixed replicas", lambda: replicas_owners(cluster, namespace, "switch"), lambda r: r == (4, {OPERATOR}), op=op
+    )
+    wait_for(
+        "the HPA deleted",
+        lambda: get(cluster, "horizontalpodautoscaler.v2.autoscaling", "switch", namespace) or {},
+        lambda h: not h,
+        op=op,
+    )
+
+
+def test_a_server_that_failed_to_load_its_model_is_reported(
+    cluster: Cluster, namespace: str, op_on_events_only: OperatorProcess
+) -> None:
+    """The operator lists the service's pods and reports a crashed server's termination message. It watches the
+    serving pods: with no periodic reconcile, the pod's change alone makes the service Failed."""
+    op = op_on_events_only
+    model = {"modelUri": "s3://bkt/out/broken/model.safetensors"}
+    apply(cluster, unschedulable("broken", model, {"replicas": 1}), namespace)
+    wait_on(cluster, namespace, op, "inferenceservice", "broken", "Loading", is_phase("Loading"))
+    # The Deployment's own changes (which wake the service too) are over: its one pod stays Pending.
+    wait_on(
+        cluster, namespace, op, "deployment", "broken", "the Deployment's status",
+        lambda d: (d.get("status") or {}).get("unavailableReplicas") == 1,
+    )  # fmt: skip
     # A serving pod as the kubelet reports it after the server exited 1 (written through the status subresource).
     pod = {
         "apiVersion": "v1",
@@ -137,30 +175,19 @@ def test_a_server_that_failed_to_load_its_model_is_reported(
     apply(cluster, pod, namespace)
     message = json.dumps({"status": "failed", "reason": "ModelLoadFailed", "message": "ValueError: no model"})
     terminated = {"exitCode": 1, "reason": "Error", "message": message, "startedAt": None, "finishedAt": None}
-    status = {
-        "status": {
-            "containerStatuses": [
-                {
-                    "name": "server",
-                    "image": "trainer:test",
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 1,
-                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                    "lastState": {"terminated": terminated},
-                }
-            ]
-        }
+    server = {
+        "name": "server",
+        "image": "trainer:test",
+        "imageID": "",
+        "ready": False,
+        "restartCount": 1,
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": terminated},
     }
-    cluster.kubectl(
-        "patch", "pod", "broken-crashed", "-n", namespace, "--subresource=status", "--type=merge", "-p",
-        json.dumps(status),
-    )  # fmt: skip
-    failed = wait_for(
-        "ModelLoadFailed",
-        lambda: get(cluster, "inferenceservice", "broken", namespace),
+    patch_status(cluster, namespace, "pod", "broken-crashed", {"containerStatuses": [server]})
+    failed = wait_on(
+        cluster, namespace, op, "inferenceservice", "broken", "ModelLoadFailed",
         lambda s: (condition(s, "Ready") or {}).get("reason") == "ModelLoadFailed",
-        op=op,
-    )
+    )  # fmt: skip
     assert failed["status"]["phase"] == "Failed"
     assert failed["status"]["message"] == "the server failed to load the model: ValueError: no model"

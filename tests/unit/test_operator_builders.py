@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from operator_wrappers import JobWrapper, make_job
 
-from dreambooth_operator.builders import build_batch_job, build_configmap, build_service, parse_spec, pod_spec_hash
+from dreambooth_operator.builders import (
+    build_batch_job,
+    build_configmap,
+    build_service,
+    parse_spec,
+    pod_spec_hash,
+    shared_memory_volume,
+)
 from dreambooth_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(trainer_image="trainer:test", termination_grace_seconds=60, grace_margin_seconds=10)
@@ -299,6 +306,17 @@ def test_model_cache_volume_is_mounted_with_the_trainers_variable_only_when_conf
     # The trainer image's group (10001) may write the shared volume.
     assert pod["securityContext"]["fsGroup"] == 10001
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize(("size", "empty_dir"), [(None, {}), ("8Gi", {"sizeLimit": "8Gi"})])
+def test_dev_shm_comes_from_the_helper_that_serving_pods_use_too(size: str | None, empty_dir: dict[str, str]) -> None:
+    # One builder of the memory-backed /dev/shm for training pods (always) and serving pods (with sharedMemory).
+    volume, mount = shared_memory_volume(size)
+    assert volume == {"name": "dshm", "emptyDir": {"medium": "Memory", **empty_dir}}
+    assert mount == {"name": "dshm", "mountPath": "/dev/shm"}
+    pod = build_batch_job(make_job().cpu_memory("4", "16Gi", shm=size).obj(), 0, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["volumes"][0] == volume
+    assert pod["containers"][0]["volumeMounts"][0] == mount
 
 
 def test_model_cache_volume_setting_is_json_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,15 +1,22 @@
-"""InferenceService: model resolution from a job, the Deployment/Service builders, and status."""
+"""InferenceService: model resolution from a job, the Deployment/Service builders, status, and what wakes its loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 
+import kopf
 import pytest
-from operator_wrappers import T0
+from operator_wrappers import T0, make_job, make_pod
 
+from dreambooth_operator import handlers
 from dreambooth_operator.api.inference import ServerLimits
+from dreambooth_operator.handlers import OperatorState
 from dreambooth_operator.inference import build_service, reconcile_inference
+from dreambooth_operator.metrics import OperatorMetrics
+from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(trainer_image="trainer:test")
@@ -208,7 +215,7 @@ def test_autoscaling_creates_an_hpa_on_in_flight_requests_and_leaves_replicas_to
     plan = reconcile_inference(isvc(scaling=scaling), source("Succeeded", NEW), None, SETTINGS, T0)
     deployment, service, hpa = plan.children
     assert plan.stale == []
-    assert "replicas" not in deployment["spec"]
+    assert deployment["spec"]["replicas"] == 1  # a new Deployment starts at minReplicas
     assert service["kind"] == "Service"
     assert hpa == {
         "apiVersion": "autoscaling/v2",
@@ -249,6 +256,72 @@ def test_autoscaled_readiness_counts_the_replicas_the_hpa_chose() -> None:
     plan = reconcile_inference(isvc(**spec), None, deployment, SETTINGS, T0)
     assert plan.status.phase == "Ready"
     assert plan.status.message == "2/3 replicas ready at http://dog.ns.svc:80"
+
+
+AUTOSCALED = {"minReplicas": 2, "maxReplicas": 5}
+OPERATOR, HANDOVER = "dreambooth-operator", "dreambooth-operator-handover"
+
+
+def owner(manager: str, operation: str = "Apply") -> dict[str, Any]:
+    """A managedFields entry in which `manager` owns the Deployment's spec.replicas."""
+    fields: dict[str, Any] = {"f:spec": {"f:replicas": {}}}
+    return {"manager": manager, "operation": operation, "fieldsType": "FieldsV1", "fieldsV1": fields}
+
+
+def live(scaling: dict[str, int], replicas: int, *owners: dict[str, Any]) -> dict[str, Any]:
+    """The Deployment built for `scaling`, as the API returns it: `replicas` running, its managedFields `owners`."""
+    built = reconcile_inference(isvc(model={"modelUri": NEW}, scaling=scaling), None, None, SETTINGS, T0).children[0]
+    deployment = rolled_out(built, replicas=replicas, updatedReplicas=replicas, readyReplicas=replicas)
+    deployment["metadata"] = deployment["metadata"] | {"managedFields": list(owners)}
+    deployment["spec"] = deployment["spec"] | {"replicas": replicas}
+    return deployment
+
+
+def handover(replicas: int) -> dict[str, Any]:
+    meta = {"name": "dog", "namespace": "ns"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {"replicas": replicas}}
+
+
+@pytest.mark.parametrize(
+    ("scaling", "deployment", "applied", "expected_handover"),
+    [
+        # A new autoscaled Deployment starts at minReplicas (the HPA scales it from there).
+        (AUTOSCALED, None, 2, None),
+        # Fixed (3 replicas, the operator's apply owns the count) -> autoscaling: the count is left out of the
+        # operator's apply, and first handed over at its live value, so that it is not reset to the default of 1.
+        (AUTOSCALED, live({"replicas": 3}, 3, owner(OPERATOR)), None, handover(3)),
+        # The same after the Deployment was created at minReplicas.
+        (AUTOSCALED, live(AUTOSCALED, 2, owner(OPERATOR)), None, handover(2)),
+        # Scaled to zero -> autoscaling: raised to minReplicas first (an HPA does not act on a Deployment at zero).
+        (AUTOSCALED, live({"replicas": 0}, 0, owner(OPERATOR)), 2, None),
+        # Handed over (or scaled by the HPA since): the operator neither sets nor hands over the count again.
+        (AUTOSCALED, live(AUTOSCALED, 2, owner(HANDOVER)), None, None),
+        (AUTOSCALED, live(AUTOSCALED, 4, owner("kube-controller-manager", "Update")), None, None),
+        # Autoscaling -> fixed: the fixed count is applied (the HPA is stale, see below), nothing is handed over.
+        (
+            {"replicas": 3},
+            live(AUTOSCALED, 4, owner(HANDOVER), owner("kube-controller-manager", "Update")),
+            3,
+            None,
+        ),
+    ],
+    ids=["new", "fixed-to-autoscaled", "created-at-min", "zero-to-autoscaled", "handed-over", "hpa-scaled", "to-fixed"],
+)
+def test_the_replica_count_is_the_operators_or_the_hpas_never_both(
+    scaling: dict[str, int], deployment: dict[str, Any] | None, applied: int | None, expected_handover: Any
+) -> None:
+    plan = reconcile_inference(isvc(model={"modelUri": NEW}, scaling=scaling), None, deployment, SETTINGS, T0)
+    built = plan.children[0]
+    assert built["spec"].get("replicas") == applied
+    assert plan.handover == expected_handover
+    kinds = [c["kind"] for c in plan.children]
+    if "maxReplicas" in scaling:
+        assert (kinds, plan.stale) == (["Deployment", "Service", "HorizontalPodAutoscaler"], [])
+    else:
+        assert (kinds, plan.stale) == (
+            ["Deployment", "Service"],
+            [("autoscaling/v2", "HorizontalPodAutoscaler", "dog")],
+        )
 
 
 @pytest.mark.parametrize(
@@ -333,3 +406,37 @@ def test_max_batch_size_documents_per_request_chunks() -> None:
     description = ServerLimits.model_fields["max_batch_size"].description or ""
     assert "a request's images are generated in chunks of this size" in description
     assert "requests are not batched together" in description
+
+
+def pod_event_handlers(labels: Mapping[str, str]) -> list[Any]:
+    """The kopf event handlers that a pod with `labels` is routed to (their resource and label filters)."""
+    pods = kopf.Resource("", "v1", "pods")
+    routed = []
+    for handler in kopf.get_default_registry()._watching.get_all_handlers():
+        wanted = handler.labels or {}
+        if (
+            handler.selector is not None
+            and handler.selector.check(pods)
+            and all(key in labels and (value is kopf.PRESENT or labels[key] == value) for key, value in wanted.items())
+        ):
+            routed.append(handler.fn)
+    return routed
+
+
+def test_a_serving_pod_event_wakes_its_inference_service_loop() -> None:
+    """A serving pod that crashed on its model load is reported at once, not at the next periodic reconcile."""
+    poller = ProgressPoller(concurrency=1, timeout_seconds=1, interval_seconds=10, port=1)
+    state = OperatorState(settings=SETTINGS, api=None, metrics=OperatorMetrics(), poller=poller)
+    service_key, job_key = ("ns", "inferenceservice/dog"), ("ns", "dog")
+    wakes = {key: state.wakes.setdefault(key, asyncio.Event()) for key in (service_key, job_key)}
+    serving = reconcile_inference(isvc(model={"modelUri": NEW}), None, None, SETTINGS, T0).children[0]
+    labels = serving["spec"]["template"]["metadata"]["labels"]
+    routed = pod_event_handlers(labels)
+    assert routed == [handlers.wake_on_serving_pod]
+    for fn in routed:
+        fn(namespace="ns", labels=labels, memo={"state": state}, type="MODIFIED")
+    assert wakes[service_key].is_set()
+    assert not wakes[job_key].is_set()
+    # A training pod of a job with the same name still wakes the job's loop only.
+    training = make_pod(make_job("dog", "ns").obj(), attempt=0, rank=0).obj()["metadata"]["labels"]
+    assert pod_event_handlers(training) == [handlers.wake_on_pod]

@@ -36,15 +36,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) -}}
 {{- end -}}
 
-{{/* Permissions on the namespaced objects the operator manages (used by the ClusterRole or each Role). */}}
+{{/* Permissions on the namespaced objects the operator manages (used by the ClusterRole or each Role).
+No "update" (PUT) except on finalizers: the operator and kopf only get, list, watch, create, patch (merge patches
+and server-side apply) and delete. */}}
 {{- define "dbo.namespacedRules" -}}
 # The custom resources: read and watch them, write kopf's annotations and finalizer, and their status.
 - apiGroups: [dreambooth.dev]
   resources: [dreamboothjobs, inferenceservices]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [dreambooth.dev]
   resources: [dreamboothjobs/status, inferenceservices/status]
-  verbs: [get, patch, update]
+  verbs: [get, patch]
 # ownerReferences with blockOwnerDeletion on children need update on the owner's finalizers.
 - apiGroups: [dreambooth.dev]
   resources: [dreamboothjobs/finalizers, inferenceservices/finalizers]
@@ -53,16 +55,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 # (Deployment, Service, HorizontalPodAutoscaler).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps, services]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # Pods are observed (phase, exit codes, termination messages, the rank-0 IP for /progress). delete is only used
 # with gracePeriodSeconds 0 and a uid precondition, on a job's own pods still Terminating 30 s past their grace
 # period (their node is lost), so that the job can go on (reason StuckPodsForceDeleted).

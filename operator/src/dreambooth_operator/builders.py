@@ -215,6 +215,15 @@ def model_cache(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[
     )
 
 
+def shared_memory_volume(size: object | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, mount) of the memory-backed /dev/shm of a training or sampling-server pod; `size` limits it."""
+    empty_dir: dict[str, Any] = {"medium": "Memory"}
+    if size is not None:
+        empty_dir["sizeLimit"] = str(size)
+    mount = {"name": SHM_VOLUME, "mountPath": "/dev/shm"}  # noqa: S108 - the pod's shared memory
+    return {"name": SHM_VOLUME, "emptyDir": empty_dir}, mount
+
+
 def apply_scheduling_overrides(pod_spec: dict[str, Any], overrides: Any) -> None:
     """Copy a podTemplate's scheduling and identity fields (node selection, tolerations, affinity, priority, pull
     secrets, service account) into a pod spec; shared by training and serving pods."""
@@ -240,9 +249,7 @@ def build_pod_template(
     if overrides and overrides.annotations:
         metadata["annotations"] = dict(overrides.annotations)
     cache_volumes, cache_mounts, _ = model_cache(settings)
-    shm: dict[str, Any] = {"medium": "Memory"}
-    if spec.resources.shared_memory is not None:
-        shm["sizeLimit"] = str(spec.resources.shared_memory)
+    shm_volume, shm_mount = shared_memory_volume(spec.resources.shared_memory)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": (overrides.image if overrides and overrides.image else settings.trainer_image),
@@ -258,7 +265,7 @@ def build_pod_template(
             "failureThreshold": 3,
         },
         "resources": _resources(spec, settings),
-        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}, *cache_mounts],  # noqa: S108 - the pod's shared memory
+        "volumeMounts": [shm_mount, *cache_mounts],
         "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -270,7 +277,7 @@ def build_pod_template(
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": pod_security_context(settings),
         "containers": [container],
-        "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}, *cache_volumes],
+        "volumes": [shm_volume, *cache_volumes],
     }
     apply_scheduling_overrides(pod_spec, overrides)
     return {"metadata": metadata, "spec": pod_spec}

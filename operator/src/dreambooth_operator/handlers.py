@@ -34,7 +34,7 @@ from dreambooth_operator.api.constants import (
     JobPhase,
 )
 from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
-from dreambooth_operator.inference import reconcile_inference
+from dreambooth_operator.inference import HANDOVER_FIELD_MANAGER, reconcile_inference
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.reconcile import (
@@ -362,16 +362,29 @@ def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase:
 # --- InferenceService: one loop per service (lower volume; reads its source job and Deployment directly) ---
 
 INFERENCE_PREFIX = "inferenceservice/"
+SERVING_LABELS = {LABEL_INFERENCE_NAME: kopf.PRESENT}
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={LABEL_INFERENCE_NAME: kopf.PRESENT})
+@kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
 def wake_on_deployment(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
-    state_of(memo).wake((namespace or "", INFERENCE_PREFIX + labels[LABEL_INFERENCE_NAME]))
+    state_of(memo).wake(inference_key(namespace, labels[LABEL_INFERENCE_NAME]))
+
+
+@kopf.on.event("v1", "pods", labels=SERVING_LABELS)
+def wake_on_serving_pod(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    """A serving pod changed (for example its server exited on a failed model load): reconcile its service now,
+    not at the next periodic reconcile. (The same pods watch as the training pods', filtered by label.)"""
+    state_of(memo).wake(inference_key(namespace, labels[LABEL_INFERENCE_NAME]))
 
 
 @kopf.on.event(GROUP, VERSION, INFERENCE_PLURAL)
 def wake_on_inference(*, namespace: str | None, name: str | None, memo: Any, **_: Any) -> None:
-    state_of(memo).wake((namespace or "", INFERENCE_PREFIX + (name or "")))
+    state_of(memo).wake(inference_key(namespace, name))
+
+
+def inference_key(namespace: str | None, name: str | None) -> Key:
+    """The wake-up key of an InferenceService's loop (apart from the DreamBoothJobs' keys)."""
+    return (namespace or "", INFERENCE_PREFIX + (name or ""))
 
 
 @kopf.daemon(GROUP, VERSION, INFERENCE_PLURAL, cancellation_timeout=5.0)
@@ -387,7 +400,7 @@ async def inference_loop(
 ) -> None:
     """Resolve the model, apply the Deployment and Service, and report readiness, until deleted."""
     state = state_of(memo)
-    key = (namespace or "", INFERENCE_PREFIX + (name or ""))
+    key = inference_key(namespace, name)
     wake = state.wakes.setdefault(key, asyncio.Event())
     try:
         while not stopped:
@@ -418,11 +431,26 @@ def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tupl
     selector = f"{LABEL_INFERENCE_NAME}={name}"  # the serving pods, for a failed model load's termination message
     pods = kube.request(state.api, "GET", kube.path_of("v1", "Pod", namespace), query=[("labelSelector", selector)])
     plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc(), pods.get("items") or [])
-    for child in plan.children:
-        kube.apply(state.api, child)
+    # Stale children first: a leftover HPA must not rescale the Deployment after the fixed count is applied.
     for api_version, kind, child_name in plan.stale:  # e.g. the HPA once autoscaling is off; a 404 is fine
         kube.delete(state.api, api_version, kind, namespace, child_name)
+    if plan.handover is not None:
+        hand_over(state.api, plan.handover)
+    for child in plan.children:
+        kube.apply(state.api, child)
     patch = kube.merge_diff(isvc.get("status"), plan.status.to_wire(), keep=frozenset({"kopf"}))
     if patch:
         kube.patch_status(state.api, namespace, name, patch, kind="InferenceService")
     return plan.events
+
+
+def hand_over(api: client.ApiClient, manifest: Mapping[str, Any]) -> None:
+    """Apply `manifest` (the live spec.replicas) as HANDOVER_FIELD_MANAGER, which then co-owns the field.
+
+    Not forced: should the HPA have changed the count since the Deployment was read, the apply conflicts (409),
+    this reconcile fails before the operator's own apply, and the next one sees that the HPA owns the field.
+    """
+    meta = manifest["metadata"]
+    path = kube.path_of(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+    query = [("fieldManager", HANDOVER_FIELD_MANAGER)]
+    kube.request(api, "PATCH", path, dict(manifest), content_type=kube.APPLY_PATCH, query=query)

@@ -6,6 +6,8 @@ It is Ready only when every ready replica runs the desired server config (no old
 is under way it is Loading (RollingOut) and `servedModelUri` names the model the old replicas still serve.
 A server that cannot load its model exits with the error as its termination message; with no replica ready the
 service is then Failed (ModelLoadFailed) with that message, until a replica loads.
+With autoscaling (maxReplicas above minReplicas) an HPA owns the Deployment's replica count: the operator sets it
+only when it creates the Deployment (to minReplicas), and hands the field over when a fixed count was set before.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from dreambooth_operator.api.constants import (
 from dreambooth_operator.api.inference import InferenceServiceSpec, InferenceServiceStatus
 from dreambooth_operator.builders import (
     RESTRICTED_CONTAINER_SECURITY,
-    SHM_VOLUME,
     apply_scheduling_overrides,
     container_resources,
     model_cache,
     pod_security_context,
+    shared_memory_volume,
 )
+from dreambooth_operator.kube import FIELD_MANAGER
 from dreambooth_operator.settings import OperatorSettings
 
 SERVE_PORT: Final = 8080
@@ -51,6 +54,9 @@ INFLIGHT_METRIC: Final = "dreambooth_serve_inflight_requests"
 DEFAULT_TARGET_INFLIGHT: Final = 2
 HPA_API_VERSION: Final = "autoscaling/v2"
 HPA_KIND: Final = "HorizontalPodAutoscaler"
+# The field manager that keeps a Deployment's spec.replicas when the operator's apply stops setting it (the switch
+# from a fixed count to an HPA); see `replicas_handover`.
+HANDOVER_FIELD_MANAGER: Final = "dreambooth-operator-handover"
 
 
 @dataclass(frozen=True)
@@ -119,18 +125,61 @@ def autoscaled(spec: InferenceServiceSpec) -> bool:
     return low is not None and high is not None and high > low
 
 
-def shared_memory_volume(size: object | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(volume, mount) of the memory-backed /dev/shm; `size` limits it."""
-    empty_dir: dict[str, Any] = {"medium": "Memory"}
-    if size is not None:
-        empty_dir["sizeLimit"] = str(size)
-    mount = {"name": SHM_VOLUME, "mountPath": "/dev/shm"}  # noqa: S108 - the pod's shared memory
-    return {"name": SHM_VOLUME, "emptyDir": empty_dir}, mount
+def applied_replicas(spec: InferenceServiceSpec, deployment: Mapping[str, Any] | None) -> int | None:
+    """The spec.replicas of the operator's apply: the fixed count; when autoscaling, minReplicas for a Deployment
+    that does not exist yet (or whose count the operator still sets, below minReplicas: an HPA never scales up
+    from zero), else None: the field is left out, so that the apply never overwrites the HPA's count."""
+    if not autoscaled(spec) or deployment is None:
+        return replicas(spec)
+    live = _live_replicas(deployment)
+    if owns_replicas(deployment) and (live is None or live < replicas(spec)):
+        return replicas(spec)
+    return None
+
+
+def _live_replicas(deployment: Mapping[str, Any]) -> int | None:
+    live = (deployment.get("spec") or {}).get("replicas")
+    return None if live is None else int(live)
+
+
+def owns_replicas(deployment: Mapping[str, Any] | None, manager: str = FIELD_MANAGER) -> bool:
+    """True when `manager`'s server-side apply owns the Deployment's spec.replicas (its managedFields entry)."""
+    for entry in ((deployment or {}).get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") != manager or entry.get("operation") != "Apply":
+            continue
+        if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
+            return True
+    return False
+
+
+def replicas_handover(spec: InferenceServiceSpec, deployment: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """When an HPA takes over a Deployment whose spec.replicas the operator's apply owns (it had a fixed count, or
+    was created at minReplicas): the live count, to be applied by HANDOVER_FIELD_MANAGER before the operator's own
+    apply leaves the field out. Without it, server-side apply would remove the field that its manager no longer
+    sets, and the API server would default it to 1, stopping serving pods until the HPA scales up again.
+    (Kubernetes' documented hand-over of a field: a second manager takes co-ownership first.)"""
+    if deployment is None or applied_replicas(spec, deployment) is not None or not owns_replicas(deployment):
+        return None
+    live = _live_replicas(deployment)
+    if live is None:
+        return None
+    meta = deployment["metadata"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+        "spec": {"replicas": live},
+    }
 
 
 def build_deployment(
-    isvc: Mapping[str, Any], spec: InferenceServiceSpec, model: ResolvedModel, settings: OperatorSettings
+    isvc: Mapping[str, Any],
+    spec: InferenceServiceSpec,
+    model: ResolvedModel,
+    settings: OperatorSettings,
+    replica_count: int | None,
 ) -> dict[str, Any]:
+    """The serving Deployment; `replica_count` None leaves spec.replicas out of it (`applied_replicas`)."""
     name = str(isvc["metadata"]["name"])
     overrides = spec.pod_template
     env: list[dict[str, Any]] = [
@@ -195,9 +244,8 @@ def build_deployment(
             "template": template,
         },
     }
-    if not autoscaled(spec):
-        # Left out when autoscaling, so that the operator's apply does not fight the HPA over it.
-        deployment["spec"]["replicas"] = replicas(spec)
+    if replica_count is not None:
+        deployment["spec"]["replicas"] = replica_count
     kopf.adopt(deployment, owner=cast("kopf.Body", dict(isvc)))
     return deployment
 
@@ -301,6 +349,8 @@ class InferencePlan:
     events: list[tuple[str, str, str]] = field(default_factory=list)
     stale: list[tuple[str, str, str]] = field(default_factory=list)
     """(apiVersion, kind, name) of children to delete when they exist (an HPA after autoscaling was turned off)."""
+    handover: dict[str, Any] | None = None
+    """To apply as HANDOVER_FIELD_MANAGER, before the children (`replicas_handover`)."""
 
 
 def load_failure(pods: Sequence[Mapping[str, Any]]) -> str | None:
@@ -383,8 +433,9 @@ def reconcile_inference(
         cond(InferenceConditionType.READY, False, reason, message)
         return plan
     status.model_uri = model.model_uri
-    wanted = build_deployment(isvc, spec, model, settings)
+    wanted = build_deployment(isvc, spec, model, settings, applied_replicas(spec, deployment))
     plan.children = [wanted, build_service(isvc)]
+    plan.handover = replicas_handover(spec, deployment)
     if autoscaled(spec):
         plan.children.append(build_hpa(isvc, spec))
     else:
