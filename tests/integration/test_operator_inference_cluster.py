@@ -72,7 +72,9 @@ def replicas_owners(cluster: Cluster, namespace: str, name: str) -> tuple[int, s
     return int(deployment["spec"]["replicas"]), owners
 
 
-def test_inference_service_from_job(cluster: Cluster, namespace: str, op: OperatorProcess) -> None:
+def test_inference_service_from_job(cluster: Cluster, namespace: str, op_on_events_only: OperatorProcess) -> None:
+    """With no periodic reconcile, the source job's success alone starts the waiting service's deployment."""
+    op = op_on_events_only
     model_uri = "s3://bkt/out/cat/model"
     apply(cluster, as_manifest(make_job("cat").pod_template(nodeSelector=NOWHERE).obj()), namespace)
     apply(cluster, unschedulable("cat-server", {"fromJob": "cat"}, {"replicas": 1}), namespace)

@@ -440,3 +440,28 @@ def test_a_serving_pod_event_wakes_its_inference_service_loop() -> None:
     # A training pod of a job with the same name still wakes the job's loop only.
     training = make_pod(make_job("dog", "ns").obj(), attempt=0, rank=0).obj()["metadata"]["labels"]
     assert pod_event_handlers(training) == [handlers.wake_on_pod]
+
+
+def test_only_a_finished_or_deleted_job_wakes_the_services_that_serve_it() -> None:
+    """Progress writes of a running job do not make its services reconcile; its end does, at once."""
+    poller = ProgressPoller(concurrency=1, timeout_seconds=1, interval_seconds=10, port=1)
+    state = OperatorState(settings=SETTINGS, api=None, metrics=OperatorMetrics(), poller=poller)
+    served = state.wakes.setdefault(("ns", "inferenceservice/dog-server"), asyncio.Event())
+    other = state.wakes.setdefault(("ns", "inferenceservice/cat-server"), asyncio.Event())
+    spec = isvc(model={"fromJob": "dog"})["spec"]
+    index = {
+        ("ns", "dog"): [handlers.services_by_source_job(namespace="ns", name="dog-server", spec=spec)[("ns", "dog")]]
+    }
+    assert handlers.services_by_source_job(namespace="ns", name="x", spec={"model": {"modelUri": NEW}}) is None
+    for event, phase, woken in [
+        ("MODIFIED", "Running", False),
+        ("MODIFIED", "Succeeded", True),
+        ("DELETED", None, True),
+    ]:
+        served.clear()
+        status = {"phase": phase} if phase else {}
+        handlers.wake_on_job(
+            namespace="ns", name="dog", memo={"state": state}, type=event, status=status, services_by_source_job=index
+        )
+        assert served.is_set() is woken, (event, phase)
+        assert not other.is_set()

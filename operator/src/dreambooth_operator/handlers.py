@@ -30,6 +30,7 @@ from dreambooth_operator.api.constants import (
     LABEL_ATTEMPT,
     LABEL_INFERENCE_NAME,
     LABEL_JOB_NAME,
+    TERMINAL_JOB_PHASES,
     VERSION,
     JobPhase,
 )
@@ -131,13 +132,33 @@ def wake_on_pod(*, namespace: str | None, labels: Mapping[str, str], memo: Any, 
     state_of(memo).wake((namespace or "", labels[LABEL_JOB_NAME]))
 
 
+@kopf.index(GROUP, VERSION, INFERENCE_PLURAL)
+def services_by_source_job(*, namespace: str | None, name: str | None, spec: kopf.Spec, **_: Any) -> Any:
+    """InferenceServices that serve a DreamBoothJob's model (model.fromJob), by (namespace, job name)."""
+    job = (spec.get("model") or {}).get("fromJob")
+    return {(namespace, job): name} if job else None
+
+
 @kopf.on.event(GROUP, VERSION, JOB_PLURAL)
-def wake_on_job(*, namespace: str | None, name: str | None, memo: Any, type: str, **_: Any) -> None:
+def wake_on_job(
+    *,
+    namespace: str | None,
+    name: str | None,
+    memo: Any,
+    type: str,
+    status: kopf.Status,
+    **kwargs: Any,
+) -> None:
+    services: kopf.Index[tuple[str | None, str], str] = kwargs["services_by_source_job"]
     state = state_of(memo)
     key = (namespace or "", name or "")
     if type == "DELETED":
         state.metrics.set_phase(*key, None)
     state.wake(key)
+    if type == "DELETED" or status.get("phase") in TERMINAL_JOB_PHASES:
+        # A service waiting for this job's model serves it now, not at its next periodic reconcile.
+        for service in services.get((namespace, name or ""), []):
+            state.wake(inference_key(namespace, service))
 
 
 # --- the reconcile loop ----------------------------------------------------------------------------------
