@@ -423,10 +423,15 @@ def pod_event_handlers(labels: Mapping[str, str]) -> list[Any]:
     return routed
 
 
+def operator_state() -> OperatorState:
+    """The operator's in-memory state, without an API client (the wake handlers never call the API)."""
+    poller = ProgressPoller(concurrency=1, timeout_seconds=1, interval_seconds=10, port=1)
+    return OperatorState(settings=SETTINGS, api=None, metrics=OperatorMetrics(), poller=poller)
+
+
 def test_a_serving_pod_event_wakes_its_inference_service_loop() -> None:
     """A serving pod that crashed on its model load is reported at once, not at the next periodic reconcile."""
-    poller = ProgressPoller(concurrency=1, timeout_seconds=1, interval_seconds=10, port=1)
-    state = OperatorState(settings=SETTINGS, api=None, metrics=OperatorMetrics(), poller=poller)
+    state = operator_state()
     service_key, job_key = ("ns", "inferenceservice/dog"), ("ns", "dog")
     wakes = {key: state.wakes.setdefault(key, asyncio.Event()) for key in (service_key, job_key)}
     serving = reconcile_inference(isvc(model={"modelUri": NEW}), None, None, SETTINGS, T0).children[0]
@@ -444,8 +449,7 @@ def test_a_serving_pod_event_wakes_its_inference_service_loop() -> None:
 
 def test_only_a_finished_or_deleted_job_wakes_the_services_that_serve_it() -> None:
     """Progress writes of a running job do not make its services reconcile; its end does, at once."""
-    poller = ProgressPoller(concurrency=1, timeout_seconds=1, interval_seconds=10, port=1)
-    state = OperatorState(settings=SETTINGS, api=None, metrics=OperatorMetrics(), poller=poller)
+    state = operator_state()
     served = state.wakes.setdefault(("ns", "inferenceservice/dog-server"), asyncio.Event())
     other = state.wakes.setdefault(("ns", "inferenceservice/cat-server"), asyncio.Event())
     spec = isvc(model={"fromJob": "dog"})["spec"]
