@@ -216,7 +216,9 @@ def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
     apply(cluster, job, namespace)
 
     evicted = evict_after_a_checkpoint(cluster, namespace, op)
-    wait_until_succeeded_after_one_preemption(cluster, namespace, op, node_agent, steps=40)
+    dbj = wait_until_succeeded_after_one_preemption(cluster, namespace, op, node_agent, steps=40)
+    # The evicted pod checkpointed on its way out, so its replacement redid no step.
+    assert dbj["status"]["progress"]["stepsRedone"] == 0, dbj["status"]["progress"]
     batch = get(cluster, "job.batch", "minimal-a0", namespace) or {}
     assert (batch.get("status") or {}).get("failed", 0) == 0  # the ignored disruption used no backoffLimit
     reasons = event_reasons(cluster, namespace, "minimal")

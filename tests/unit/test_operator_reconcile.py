@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_operator.builders import parse_spec, pod_spec_hash
-from dreambooth_operator.handlers import batch_jobs_by_owner, pods_by_owner
+from dreambooth_operator.handlers import batch_jobs_by_owner, pods_by_owner, record_metrics
+from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.reconcile import (
     Action,
     ActionKind,
@@ -159,6 +160,55 @@ def test_running_pod_is_initializing_until_progress_says_training() -> None:
     # A sample from another attempt is ignored.
     other = ProgressSample(1, pod["metadata"]["uid"], T0, {"step": 9, "totalSteps": 10}, NOW)
     assert run(after(job, plan), [make_batch_job(job).obj()], [pod], progress=other).status.progress_text == "5/10"
+
+
+def test_steps_redone_after_restarts_are_counted_once_against_the_resumed_checkpoint() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    batch = [make_batch_job(job).obj()]
+
+    def sample(pod: dict[str, Any], at: datetime, phase: str, step: int, resumed: int | None) -> ProgressSample:
+        data = {"phase": phase, "step": step, "totalSteps": 100, "resumedFrom": resumed}
+        return ProgressSample(0, pod["metadata"]["uid"], _started(pod), data, at)
+
+    first = make_pod(job, uid="p1").running(started=T0).obj()
+    plan = run(job, batch, [first], progress=sample(first, NOW, "Training", 30, None))
+    # Killed at step 30 or later (no checkpoint on the way out); its replacement loads the model first: progress
+    # keeps the step seen last until the checkpoint is restored, and shows the new pod's stage.
+    second = make_pod(job, uid="p2").running(started=NOW + timedelta(seconds=10)).obj()
+    loading = run(
+        after(job, plan), batch, [second], progress=sample(second, NOW + timedelta(seconds=20), "Initializing", 0, None)
+    )
+    assert loading.status.progress is not None
+    assert (loading.status.progress.step, loading.status.progress.stage) == (30, "Initializing")
+    assert loading.status.progress.steps_redone == 0
+    # It resumed from the checkpoint at step 20: steps 20..30 are done again.
+    resumed = run(
+        after(job, loading), batch, [second], progress=sample(second, NOW + timedelta(seconds=30), "Training", 22, 20)
+    )
+    assert resumed.status.progress is not None
+    assert (resumed.status.progress.step, resumed.status.progress.steps_redone) == (22, 10)
+    metrics = OperatorMetrics()
+    record_metrics(metrics, after(job, loading), None, resumed)
+    assert metrics.steps_redone._value.get() == 10
+    # Counted once: later samples of that pod add nothing.
+    later = run(
+        after(job, resumed), batch, [second], progress=sample(second, NOW + timedelta(seconds=40), "Training", 40, 20)
+    )
+    assert later.status.progress is not None
+    assert (later.status.progress.step, later.status.progress.steps_redone) == (40, 10)
+    record_metrics(metrics, after(job, resumed), None, later)
+    assert metrics.steps_redone._value.get() == 10
+    # A preemption that checkpointed on the way out (step 40) loses nothing.
+    third = make_pod(job, uid="p3").running(started=NOW + timedelta(seconds=50)).obj()
+    again = run(
+        after(job, later), batch, [third], progress=sample(third, NOW + timedelta(seconds=60), "Training", 41, 40)
+    )
+    assert again.status.progress is not None
+    assert (again.status.progress.step, again.status.progress.steps_redone) == (41, 10)
+
+
+def _started(pod: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(pod["status"]["startTime"])
 
 
 def test_success_sets_outputs_and_is_sticky() -> None:

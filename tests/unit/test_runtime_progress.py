@@ -51,6 +51,7 @@ def test_server_reports_live_values_on_every_endpoint() -> None:
         assert doc["stepsPerSecond"] > 0
         assert doc["etaSeconds"] == pytest.approx(8 / doc["stepsPerSecond"])
         assert doc["lastCheckpoint"] == {"step": 2, "uri": "s3://b/ck/step-00000002", "time": "2026-11-27T00:00:00Z"}
+        assert doc["resumedFrom"] is None  # started from step 0
         _, ctype, body = _get(base + "/metrics")
         assert ctype.startswith("text/plain")
         s = _samples(body.decode())
@@ -68,6 +69,14 @@ def test_server_reports_live_values_on_every_endpoint() -> None:
             _get(base + "/nope")
     finally:
         server.stop()
+
+
+def test_progress_names_the_checkpoint_step_it_resumed_from() -> None:
+    progress = Progress("job-a", "ns1", rank=0, total_steps=10)
+    progress.on_resume(6)
+    progress.on_step(7, loss=0.5, lr=1e-4, images=2, data_wait=0.0)
+    doc = progress.state.to_wire()
+    assert (doc["step"], doc["resumedFrom"]) == (7, 6)
 
 
 def test_rate_meter_window() -> None:

@@ -368,6 +368,11 @@ def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase:
         metrics.restarts.labels(reason="preemption").inc(status.restarts.preemptions - prev.restarts.preemptions)
     if status.restarts.failures > prev.restarts.failures:
         metrics.restarts.labels(reason="failure").inc(status.restarts.failures - prev.restarts.failures)
+    redone = (status.progress.steps_redone if status.progress else 0) - (
+        prev.progress.steps_redone if prev.progress else 0
+    )
+    if redone > 0:
+        metrics.steps_redone.inc(redone)
     if phase == prev_phase:
         return
     created = podstate.parse_time(meta.get("creationTimestamp"))

@@ -40,6 +40,11 @@ class OperatorMetrics:
             ["reason"],
             registry=r,
         )
+        self.steps_redone = Counter(
+            "dreambooth_operator_steps_redone_total",
+            "Training steps done again after restarts (lost work: past the checkpoint a restarted pod resumed from)",
+            registry=r,
+        )
         self.time_to_running = Histogram(
             "dreambooth_operator_time_to_running_seconds",
             "From a DreamBoothJob's creation to its first training step (phase Running)",

@@ -472,6 +472,10 @@ def _checkpoint(b: _Builder, raw: Mapping[str, Any]) -> None:
     b.condition(JobConditionType.CHECKPOINTED, True, Reason.CHECKPOINT_WRITTEN, f"step {ref.step} at {ref.uri}")
 
 
+# Stages the trainer reports once it has restored its checkpoint (/progress `phase`, docs/contracts.md).
+RESUMED_STAGES: Final = frozenset({"Training", "Checkpointing", "Exporting", "Succeeded"})
+
+
 def _progress(b: _Builder, sample: ProgressSample | None, attempt: int, current_pods: list[Mapping[str, Any]]) -> None:
     """Take rank 0's /progress when it is from this attempt and does not go back (except after a restart)."""
     if sample is None or sample.attempt != attempt:
@@ -504,8 +508,21 @@ def _progress(b: _Builder, sample: ProgressSample | None, attempt: int, current_
             else None
         )
 
+    phase = data.get("phase")
+    if restarted and prev is not None and phase is not None and phase not in RESUMED_STAGES:
+        # A restarted pod that has not restored its checkpoint yet: keep the last step seen before the restart (and
+        # its time, so that the restart is still recognised), and show the new pod's stage.
+        b.status.progress = prev.model_copy(update={"stage": str(phase)[:64], "steps_per_second": None})
+        return
+    redone = prev.steps_redone if prev is not None else 0
+    if restarted and prev is not None:
+        # The restarted pod's first sample since it resumed: the steps between its checkpoint (resumedFrom; null
+        # when it started from step 0; absent from older trainers) and the last step seen before the restart.
+        resumed = data.get("resumedFrom", step)
+        redone += max(0, prev.step - (resumed if isinstance(resumed, int) and resumed >= 0 else 0))
     b.status.progress = Progress(
         step=step,
+        steps_redone=redone,
         total_steps=max(int(total or 0), 0),
         loss=num("loss"),
         steps_per_second=num("stepsPerSecond"),

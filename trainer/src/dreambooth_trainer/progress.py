@@ -123,6 +123,8 @@ class ProgressState:
     steps_per_second: float | None = None
     eta_seconds: float | None = None
     last_checkpoint: dict[str, Any] | None = None
+    resumed_from: int | None = None
+    """The checkpoint step this process resumed from (None: it started from step 0)."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
@@ -135,6 +137,7 @@ class ProgressState:
                 "stepsPerSecond": self.steps_per_second,
                 "etaSeconds": self.eta_seconds,
                 "lastCheckpoint": self.last_checkpoint,
+                "resumedFrom": self.resumed_from,
             }
         return out
 
@@ -204,7 +207,7 @@ class Progress:
             self.metrics.gpu_reserved.set(torch.cuda.memory_reserved())
 
     def on_resume(self, step: int) -> None:
-        self.state.update(step=step)
+        self.state.update(step=step, resumed_from=step)
         self.metrics.step.set(step)
         self.rate.reset()
 

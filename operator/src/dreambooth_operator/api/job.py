@@ -175,6 +175,9 @@ class Progress(ApiModel):
     """The trainer's own stage: Initializing, GeneratingPriors, Training, Checkpointing, Exporting."""
     updated_at: datetime | None = None
     """When the operator last read progress."""
+    steps_redone: int = Field(default=0, ge=0)
+    """Training steps lost to restarts and done again: at each restart, the step last seen before it minus the
+    checkpoint step the new pod resumed from. 0 when every preemption checkpointed before its pod stopped."""
 
 
 class Restarts(ApiModel):
