@@ -254,6 +254,7 @@ def test_dashboard_queries_answer_from_real_exporters(prometheus: PrometheusFact
     metrics.set_phase("team-a", "dog", "Running")
     metrics.set_phase("team-a", "cat", "Succeeded")
     metrics.restarts.labels(reason="preemption").inc()
+    metrics.steps_redone.inc(5)
     metrics.time_to_running.observe(42)
     metrics.job_duration.labels(phase="Succeeded").observe(600)
     metrics.reconcile_duration.observe(0.02)
