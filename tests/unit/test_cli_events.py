@@ -68,8 +68,15 @@ def test_job_row_and_details_from_status() -> None:
     status = {
         "phase": "Running",
         "attempt": 1,
-        "progress": {"step": 412, "totalSteps": 800, "loss": 0.11, "stepsPerSecond": 4.2, "etaSeconds": 92.0},
-        "restarts": {"preemptions": 2, "failures": 1},
+        "progress": {
+            "step": 412,
+            "totalSteps": 800,
+            "loss": 0.11,
+            "stepsPerSecond": 4.2,
+            "etaSeconds": 92.0,
+            "stepsRedone": 7,
+        },
+        "restarts": {"preemptions": 2, "failures": 1, "total": 3},  # as the operator writes it
         "lastCheckpoint": {"step": 400, "uri": "s3://b/out/checkpoints/step-00000400"},
         "outputs": {"modelUri": "s3://b/out/model", "evaluation": {"clipScore": 0.3}},
         "conditions": [
@@ -80,7 +87,11 @@ def test_job_row_and_details_from_status() -> None:
     assert present.job_row(job(status), now) == ["toy", "ml", "Running", "412/800", "0.1100", "3", "1d"]
     details = dict(present.detail_rows(job(status)))
     assert details["progress"] == "step 412/800 loss 0.1100 4.20 it/s eta 92s"
-    assert details["restarts"] == "failures 1, preemptions 2"
+    assert details["restarts"] == "failures 1, preemptions 2, total 3"
+    assert details["steps redone"] == "7 (lost to restarts between a checkpoint and a hard kill)"
+    # Without a total (an older status), the two counts are added.
+    older = {**status, "restarts": {"preemptions": 2, "failures": 1}}
+    assert present.job_row(job(older), now)[5] == "3"
     assert details["last checkpoint"] == "step 400 s3://b/out/checkpoints/step-00000400"
     assert details["modelUri"] == "s3://b/out/model"
     assert details["evaluation clipScore"] == "0.3"

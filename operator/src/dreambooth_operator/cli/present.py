@@ -51,10 +51,14 @@ def progress_of(job: dict[str, Any]) -> Progress:
 
 
 def restarts_of(job: dict[str, Any]) -> int:
+    """status.restarts.total (preemptions + failures), as the RESTARTS printer column shows it."""
     restarts = status_of(job).get("restarts")
     if not isinstance(restarts, dict):
         return 0
-    return sum(v for v in restarts.values() if isinstance(v, int))
+    total = restarts.get("total")
+    if isinstance(total, int):
+        return total
+    return sum(v for k, v in restarts.items() if k in ("preemptions", "failures") and isinstance(v, int))
 
 
 def fmt_loss(value: float | None) -> str:
@@ -96,6 +100,9 @@ def detail_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
     restarts = status.get("restarts")
     if isinstance(restarts, dict) and restarts:
         rows.append(("restarts", ", ".join(f"{k} {v}" for k, v in sorted(restarts.items()))))
+    redone = (status.get("progress") or {}).get("stepsRedone")
+    if isinstance(redone, int) and redone > 0:
+        rows.append(("steps redone", f"{redone} (lost to restarts between a checkpoint and a hard kill)"))
     checkpoint = status.get("lastCheckpoint")
     if isinstance(checkpoint, dict) and checkpoint:
         rows.append(("last checkpoint", f"step {checkpoint.get('step')} {checkpoint.get('uri', '')}".strip()))
