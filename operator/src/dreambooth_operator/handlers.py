@@ -461,22 +461,13 @@ def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tupl
     for api_version, kind, child_name in plan.stale:  # e.g. the HPA once autoscaling is off; a 404 is fine
         kube.delete(state.api, api_version, kind, namespace, child_name)
     if plan.handover is not None:
-        hand_over(state.api, plan.handover)
+        # The live spec.replicas, applied by a second manager that then co-owns the field. Not forced: should the
+        # HPA have changed the count since the Deployment was read, this conflicts (409) and the reconcile fails
+        # before the operator's own apply; the next one sees that the HPA owns the field.
+        kube.apply(state.api, plan.handover, manager=HANDOVER_FIELD_MANAGER, force=False)
     for child in plan.children:
         kube.apply(state.api, child)
     patch = kube.merge_diff(isvc.get("status"), plan.status.to_wire(), keep=frozenset({"kopf"}))
     if patch:
         kube.patch_status(state.api, namespace, name, patch, kind="InferenceService")
     return plan.events
-
-
-def hand_over(api: client.ApiClient, manifest: Mapping[str, Any]) -> None:
-    """Apply `manifest` (the live spec.replicas) as HANDOVER_FIELD_MANAGER, which then co-owns the field.
-
-    Not forced: should the HPA have changed the count since the Deployment was read, the apply conflicts (409),
-    this reconcile fails before the operator's own apply, and the next one sees that the HPA owns the field.
-    """
-    meta = manifest["metadata"]
-    path = kube.path_of(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-    query = [("fieldManager", HANDOVER_FIELD_MANAGER)]
-    kube.request(api, "PATCH", path, dict(manifest), content_type=kube.APPLY_PATCH, query=query)

@@ -88,18 +88,13 @@ def create(api: client.ApiClient, manifest: Mapping[str, Any]) -> bool:
     return True
 
 
-def apply(api: client.ApiClient, manifest: Mapping[str, Any]) -> Any:
-    """Server-side apply (force): the object ends up as the operator wants the fields it owns."""
+def apply(api: client.ApiClient, manifest: Mapping[str, Any], manager: str = FIELD_MANAGER, force: bool = True) -> Any:
+    """Server-side apply as `manager`; forced by default: the object ends up as the operator wants the fields it
+    owns. Unforced, a field another manager changed since is a conflict (409)."""
     meta = manifest["metadata"]
     path = path_of(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-    return request(
-        api,
-        "PATCH",
-        path,
-        dict(manifest),
-        content_type=APPLY_PATCH,
-        query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-    )
+    query = [("fieldManager", manager)] + ([("force", "true")] if force else [])
+    return request(api, "PATCH", path, dict(manifest), content_type=APPLY_PATCH, query=query)
 
 
 def merge_patch(
