@@ -89,6 +89,8 @@ def _one_run(cluster: Any, s3: Any, log_dir: Path, index: int) -> dict[str, Any]
         "timeline": timeline,
         "applyToRunningSeconds": times.get("Running"),
         "applyToSucceededSeconds": times.get("Succeeded"),
+        "podSeconds": (status.get("usage") or {}).get("podSeconds"),
+        "gpuSeconds": (status.get("usage") or {}).get("gpuSeconds"),
         "reconciles": count,
         "meanReconcileSeconds": round(reconcile.get("dreambooth_operator_reconcile_duration_seconds_sum", 0.0)
                                       / count, 4) if count else None,
@@ -127,6 +129,9 @@ def run(results_dir: Path, reps: int = 1) -> dict[str, Any]:
         "succeeded": len(ok),
         "applyToRunningSecondsMedian": statistics.median(r["applyToRunningSeconds"] for r in ok) if ok else None,
         "applyToSucceededSecondsMedian": statistics.median(r["applyToSucceededSeconds"] for r in ok) if ok else None,
+        "gpuSecondsPerSubjectMedian": statistics.median(r["gpuSeconds"] for r in ok) if ok else None,
+        "gpuSecondsNote": "status.usage.gpuSeconds: the pod's hold on its node, binding to exit, x gpusPerNode (1); "
+        "the node agent's GPU is a fake one, so this is the per-subject pod time of the CPU run",
         "runs": runs,
         "cpus": os.cpu_count(),
         "loadAverage": os.getloadavg(),

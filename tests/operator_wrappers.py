@@ -222,9 +222,18 @@ class PodWrapper:
     def image_pull(self, reason: str = "ImagePullBackOff", message: str = "back-off pulling image") -> Self:
         return self._container({"waiting": {"reason": reason, "message": message}})
 
-    def exited(self, code: int, message: dict[str, Any] | str | None = None) -> Self:
+    def scheduled(self, at: datetime = T0) -> Self:
+        """Bound to a node at `at` (the PodScheduled condition)."""
+        conditions = [c for c in self._status.get("conditions", []) if c["type"] != "PodScheduled"]
+        conditions.append({"type": "PodScheduled", "status": "True", "lastTransitionTime": iso(at)})
+        self._status["conditions"] = conditions
+        return self
+
+    def exited(self, code: int, message: dict[str, Any] | str | None = None, finished: datetime | None = None) -> Self:
         self._status["phase"] = "Succeeded" if code == 0 else "Failed"
         term: dict[str, Any] = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+        if finished is not None:
+            term["finishedAt"] = iso(finished)
         if message is not None:
             term["message"] = message if isinstance(message, str) else json.dumps(message)
         return self._container({"terminated": term})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,26 @@ def keys(s3: S3Server, bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def held_seconds(pod: dict[str, Any]) -> float:
+    """How long a stopped pod held its node, read from the API: PodScheduled to its trainer's finishedAt."""
+    scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+    finished = pod["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"]
+    return (_time(finished) - _time(scheduled["lastTransitionTime"])).total_seconds()
+
+
+def usage_by_pod(dbj: dict[str, Any]) -> dict[str, float]:
+    """status.usage's ledger (pod uid -> seconds held), checked to add up to podSeconds and gpuSeconds."""
+    usage = dbj["status"]["usage"]
+    runs = {r["uid"]: (_time(r["end"]) - _time(r["start"])).total_seconds() for r in usage["pods"]}
+    assert usage["podSeconds"] == round(sum(runs.values())) + usage.get("earlierPodSeconds", 0), usage
+    assert usage["gpuSeconds"] == usage["podSeconds"] * usage["gpusPerPod"], usage
+    return runs
+
+
 def test_minimal_example_succeeds_across_an_operator_restart(
     cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess
 ) -> None:
@@ -104,7 +125,15 @@ def test_minimal_example_succeeds_across_an_operator_restart(
     assert [j["metadata"]["name"] for j in items(cluster, "jobs.batch", namespace)] == [f"{name}-a0"]
     assert any(k.startswith("models/minimal/model/") for k in keys(s3, bucket, "models/minimal/"))
     assert "TrainingCompleted" in event_reasons(cluster, namespace, name)
+    # GPU time: the pod that trained, from its binding to its exit, counted once across the operator restart.
+    pods = items(cluster, "pods", namespace, f"dreambooth.dev/job-name={name}")
+    done = next(p for p in pods if p["status"].get("phase") == "Succeeded")
+    runs = usage_by_pod(dbj)
+    assert len(runs) == 1 + failed, runs
+    assert runs[done["metadata"]["uid"]] == held_seconds(done)
+    assert status["usage"]["gpusPerPod"] == 1
     metrics = op.metrics_text()
+    assert 'dreambooth_operator_job_gpu_seconds_count{phase="Succeeded"} 1.0' in metrics
     assert 'dreambooth_operator_jobs{phase="Succeeded"} 1.0' in metrics
     assert 'dreambooth_operator_job_duration_seconds_count{phase="Succeeded"} 1.0' in metrics
 
@@ -219,6 +248,13 @@ def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
     dbj = wait_until_succeeded_after_one_preemption(cluster, namespace, op, node_agent, steps=40)
     # The evicted pod checkpointed on its way out, so its replacement redid no step.
     assert dbj["status"]["progress"]["stepsRedone"] == 0, dbj["status"]["progress"]
+    # GPU time counts both pods: the evicted one until it stopped (or was last seen), and its replacement.
+    runs = usage_by_pod(dbj)
+    assert len(runs) == 2, runs
+    done = next(p for p in items(cluster, "pods", namespace, SELECTOR) if p["status"].get("phase") == "Succeeded")
+    assert runs.pop(done["metadata"]["uid"]) == held_seconds(done)
+    (evicted_seconds,) = runs.values()
+    assert evicted_seconds >= 1  # it trained to a checkpoint (step 5 or later) before the eviction
     batch = get(cluster, "job.batch", "minimal-a0", namespace) or {}
     assert (batch.get("status") or {}).get("failed", 0) == 0  # the ignored disruption used no backoffLimit
     reasons = event_reasons(cluster, namespace, "minimal")

@@ -257,6 +257,7 @@ def test_dashboard_queries_answer_from_real_exporters(prometheus: PrometheusFact
     metrics.steps_redone.inc(5)
     metrics.time_to_running.observe(42)
     metrics.job_duration.labels(phase="Succeeded").observe(600)
+    metrics.job_gpu_seconds.labels(phase="Succeeded").observe(900)
     metrics.reconcile_duration.observe(0.02)
     metrics.progress_polls.labels(result="ok").inc()
     progress = Progress("dog", "team-a", 0, total_steps=800)
@@ -288,6 +289,11 @@ def test_dashboard_queries_answer_from_real_exporters(prometheus: PrometheusFact
         }
         assert phases["Running"] == 1
         assert phases["Succeeded"] == 1
+        # GPU-minutes per succeeded job: the jobs that ended within the range only (a later job's 1500 s).
+        gpu_expr = _substitute(next(e for e in exprs if "job_gpu_seconds_sum" in e))
+        metrics.job_gpu_seconds.labels(phase="Succeeded").observe(1500)
+        (per_job,) = prom.wait_for(gpu_expr, lambda r: bool(r) and float(r[0]["value"][1]) > 0, timeout=60)
+        assert float(per_job["value"][1]) == pytest.approx(1500 / 60)
     finally:
         server.stop()
 

@@ -79,6 +79,12 @@ def test_job_row_and_details_from_status() -> None:
         "restarts": {"preemptions": 2, "failures": 1, "total": 3},  # as the operator writes it
         "lastCheckpoint": {"step": 400, "uri": "s3://b/out/checkpoints/step-00000400"},
         "outputs": {"modelUri": "s3://b/out/model", "evaluation": {"clipScore": 0.3}},
+        "usage": {
+            "podSeconds": 187,
+            "gpuSeconds": 748,
+            "gpusPerPod": 4,
+            "pods": [{"uid": "a", "start": "t", "end": "t"}, {"uid": "b", "start": "t", "end": "t"}],
+        },
         "conditions": [
             {"type": "Running", "status": "True", "reason": "Training", "message": "", "lastTransitionTime": "t"},
         ],
@@ -89,6 +95,8 @@ def test_job_row_and_details_from_status() -> None:
     assert details["progress"] == "step 412/800 loss 0.1100 4.20 it/s eta 92s"
     assert details["restarts"] == "failures 1, preemptions 2, total 3"
     assert details["steps redone"] == "7 (lost to restarts between a checkpoint and a hard kill)"
+    assert details["gpu time"] == "12.5 GPU-min (2 pod(s) x 4 GPU(s), 187 pod-s)"
+    assert "gpu time" not in dict(present.detail_rows(job({"phase": "Pending"})))
     # Without a total (an older status), the two counts are added.
     older = {**status, "restarts": {"preemptions": 2, "failures": 1}}
     assert present.job_row(job(older), now)[5] == "3"

@@ -375,6 +375,8 @@ def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase:
         metrics.steps_redone.inc(redone)
     if phase == prev_phase:
         return
+    if phase in (JobPhase.SUCCEEDED, JobPhase.FAILED):
+        metrics.job_gpu_seconds.labels(phase=phase.value).observe(status.usage.gpu_seconds if status.usage else 0)
     created = podstate.parse_time(meta.get("creationTimestamp"))
     if created is None:
         return

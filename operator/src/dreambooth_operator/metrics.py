@@ -10,6 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 # Buckets for minutes-to-hours durations (time to Running and job duration).
 DURATION_BUCKETS: Final = (5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400)
 
+# Buckets for GPU-seconds per job: a few GPU-minutes (a LoRA on one GPU) to GPU-days (large full fine-tunes).
+GPU_SECONDS_BUCKETS: Final = (60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
+
 
 class OperatorMetrics:
     """All metrics of one operator process (a fresh registry each, so tests can run several)."""
@@ -56,6 +59,14 @@ class OperatorMetrics:
             "From a DreamBoothJob's creation to Succeeded or Failed, by final phase",
             ["phase"],
             buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.job_gpu_seconds = Histogram(
+            "dreambooth_operator_job_gpu_seconds",
+            "GPU-seconds a DreamBoothJob used (status.usage.gpuSeconds: all pods, all attempts), observed when it "
+            "ends, by final phase",
+            ["phase"],
+            buckets=GPU_SECONDS_BUCKETS,
             registry=r,
         )
         self.progress_polls = Counter(

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from dreambooth_operator import names, podstate
+from dreambooth_operator import names, podstate, usage
 from dreambooth_operator.api.common import Condition, find_condition, set_condition
 from dreambooth_operator.api.constants import (
     ANNOTATION_POD_SPEC_HASH,
@@ -252,6 +252,9 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
     if prev.observed_generation is not None and generation is not None and generation < prev.observed_generation:
         b.status = prev
         return Plan(status=prev, requeue_after=None)
+
+    if obs.pods or prev.usage is not None:
+        b.status.usage = usage.account(prev.usage, obs.pods, usage.gpus_per_pod(job), obs.now)
 
     if prev.phase in TERMINAL_JOB_PHASES:
         return _finished(b, name)

@@ -162,6 +162,9 @@ JOB_COLUMNS: Final = [
     _column("Loss", "number", ".status.progress.loss", "The latest training loss."),
     _column("Restarts", "integer", ".status.restarts.total", "Gang restarts (preemptions and failures)."),
     AGE,
+    _column(
+        "GPU-Seconds", "integer", ".status.usage.gpuSeconds", "GPU time used, over all pods and attempts.", priority=1
+    ),
     _column("Model", "string", ".status.outputs.modelUri", "Where the trained model is.", priority=1),
 ]
 

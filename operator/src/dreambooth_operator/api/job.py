@@ -213,6 +213,36 @@ class Outputs(ApiModel):
     """Evaluation scores by metric name (for example clipScore), when evaluation ran."""
 
 
+class PodRun(ApiModel):
+    """One training pod's hold on its node, from its binding to its stop."""
+
+    uid: str = Field(max_length=64)
+    """The pod's uid."""
+    start: datetime
+    """When the scheduler bound it to a node (its PodScheduled condition; else its startTime)."""
+    end: datetime
+    """When it stopped (its containers' last finishedAt) once `final`; before that, when it was last seen holding
+    its node (a pod that disappears unseen is counted until then)."""
+    final: bool = False
+    """The pod has stopped and `end` will not change."""
+
+
+class Usage(ApiModel):
+    """What the job cost in node and GPU time: every pod of every attempt, from its binding to its stop. Pods
+    that were preempted, failed or stopped for a suspend count too; the time a job waits unscheduled does not."""
+
+    pod_seconds: int = Field(default=0, ge=0)
+    """Seconds that the job's pods held their nodes, summed over pods."""
+    gpu_seconds: int = Field(default=0, ge=0)
+    """podSeconds times resources.gpusPerNode: the GPU time the job was charged (GPU-seconds per subject)."""
+    gpus_per_pod: int = Field(default=0, ge=0)
+    """The GPUs each pod holds (resources.gpusPerNode)."""
+    pods: list[PodRun] = Field(default_factory=list, max_length=512)
+    """The pods counted: those still observed, and the last few that are gone."""
+    earlier_pod_seconds: int = Field(default=0, ge=0)
+    """podSeconds of pods no longer listed in `pods` (older pods are folded in to keep the status small)."""
+
+
 class DreamBoothJobStatus(ApiModel):
     """The observed state of a DreamBoothJob, written by the operator through the status subresource."""
 
@@ -237,6 +267,8 @@ class DreamBoothJobStatus(ApiModel):
     """The newest complete checkpoint; a restarted attempt resumes from it."""
     outputs: Outputs | None = None
     """Where the model and samples are (set when the job succeeded)."""
+    usage: Usage | None = None
+    """Node and GPU time used so far, over all pods and attempts."""
     start_time: datetime | None = None
     """When the first attempt started running."""
     completion_time: datetime | None = None

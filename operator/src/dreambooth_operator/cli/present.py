@@ -89,6 +89,20 @@ def condition_rows(job: dict[str, Any]) -> list[list[str]]:
     return [[str(c.get(k, "")) for k in keys] for c in conditions if isinstance(c, dict)]
 
 
+def usage_text(usage: Any) -> str | None:
+    """status.usage as "12.5 GPU-min (3 pods x 4 GPUs, 187 pod-s)"; None before any pod was bound."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("podSeconds"), int):
+        return None
+    pods = usage.get("pods")
+    listed = len(pods) if isinstance(pods, list) else 0
+    gpus = usage.get("gpusPerPod", 0)
+    more = "+" if usage.get("earlierPodSeconds") else ""  # older pods folded out of the list
+    return (
+        f"{usage.get('gpuSeconds', 0) / 60:.1f} GPU-min ({listed}{more} pod(s) x {gpus} GPU(s), "
+        f"{usage['podSeconds']} pod-s)"
+    )
+
+
 def detail_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
     """Key facts for `status`: phase, progress, attempt, restarts, checkpoint, outputs, times."""
     status = status_of(job)
@@ -103,6 +117,9 @@ def detail_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
     redone = (status.get("progress") or {}).get("stepsRedone")
     if isinstance(redone, int) and redone > 0:
         rows.append(("steps redone", f"{redone} (lost to restarts between a checkpoint and a hard kill)"))
+    gpu_time = usage_text(status.get("usage"))
+    if gpu_time:
+        rows.append(("gpu time", gpu_time))
     checkpoint = status.get("lastCheckpoint")
     if isinstance(checkpoint, dict) and checkpoint:
         rows.append(("last checkpoint", f"step {checkpoint.get('step')} {checkpoint.get('uri', '')}".strip()))

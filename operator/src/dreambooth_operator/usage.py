@@ -1,0 +1,91 @@
+"""GPU-time accounting of a DreamBoothJob (pure): how long each of its pods held a node, summed over attempts.
+
+A pod holds its node's GPUs from the moment the scheduler binds it (PodScheduled) until it stops (its containers'
+last finishedAt, once the pod is Succeeded or Failed). Each pod is counted once, by uid, in a ledger kept in the
+status, so an operator restart or a re-listed pod never counts twice. A pod that disappears before the operator
+saw it stop (deleted with its batch Job on a gang restart) is counted until it was last seen running; the
+undercount is at most one reconcile interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Final
+
+from dreambooth_operator import podstate
+from dreambooth_operator.api.job import PodRun, Usage
+
+KEEP_GONE: Final = 16
+"""Ledger entries kept for pods no longer observed; older ones are folded into earlierPodSeconds."""
+
+
+def bound_at(pod: Mapping[str, Any]) -> datetime | None:
+    """When the pod was bound to its node: its PodScheduled condition's transition to True, else its startTime;
+    None while it is unscheduled."""
+    scheduled = podstate.condition(pod, "PodScheduled")
+    if scheduled is not None and scheduled.get("status") == "True":
+        at = podstate.parse_time(scheduled.get("lastTransitionTime"))
+        if at is not None:
+            return at
+    return podstate.parse_time((pod.get("status") or {}).get("startTime"))
+
+
+def stopped_at(pod: Mapping[str, Any]) -> datetime | None:
+    """When a pod in a terminal phase stopped: its containers' last finishedAt, else the last transition of its
+    conditions (a pod that failed before any container ran); None while it runs."""
+    if not podstate.is_terminal(pod):
+        return None
+    status = pod.get("status") or {}
+    statuses = list(status.get("containerStatuses") or []) + list(status.get("initContainerStatuses") or [])
+    finished = [
+        t
+        for cs in statuses
+        if (t := podstate.parse_time(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt")))
+    ]
+    if finished:
+        return max(finished)
+    changed = [t for c in status.get("conditions") or [] if (t := podstate.parse_time(c.get("lastTransitionTime")))]
+    return max(changed) if changed else None
+
+
+def _seconds(run: PodRun) -> float:
+    return max(0.0, (run.end - run.start).total_seconds())
+
+
+def account(prev: Usage | None, pods: list[Mapping[str, Any]], gpus_per_pod: int, now: datetime) -> Usage:
+    """The ledger after observing `pods` (all pods of the job, of every attempt) at `now`."""
+    runs = {r.uid: r for r in prev.pods} if prev is not None else {}
+    earlier = prev.earlier_pod_seconds if prev is not None else 0
+    seen: set[str] = set()
+    for pod in pods:
+        uid, start = podstate.pod_uid(pod), bound_at(pod)
+        if not uid or start is None:
+            continue
+        seen.add(uid)
+        old = runs.get(uid)
+        if old is not None and old.final:
+            continue
+        stop = stopped_at(pod)
+        if stop is None and podstate.is_terminal(pod):
+            stop = old.end if old is not None else now  # stopped, with no time recorded: as last seen
+        end = stop if stop is not None else max(now, old.end if old is not None else now)
+        runs[uid] = PodRun(uid=uid, start=start, end=max(end, start), final=stop is not None)
+    gone = sorted((r for r in runs.values() if r.uid not in seen), key=lambda r: r.end)
+    for run in gone[: max(0, len(gone) - KEEP_GONE)]:
+        earlier += round(_seconds(run))
+        del runs[run.uid]
+    pod_seconds = earlier + round(sum(_seconds(r) for r in runs.values()))
+    return Usage(
+        pod_seconds=pod_seconds,
+        gpu_seconds=pod_seconds * gpus_per_pod,
+        gpus_per_pod=gpus_per_pod,
+        pods=sorted(runs.values(), key=lambda r: (r.start, r.uid)),
+        earlier_pod_seconds=earlier,
+    )
+
+
+def gpus_per_pod(job: Mapping[str, Any]) -> int:
+    """spec.resources.gpusPerNode (immutable), defaulting as the CRD does; 0 when malformed."""
+    value = ((job.get("spec") or {}).get("resources") or {}).get("gpusPerNode", 1)
+    return value if isinstance(value, int) and value >= 0 else 0
