@@ -11,7 +11,7 @@ from dreambooth_operator.api.job import DreamBoothJobStatus, Usage
 from dreambooth_operator.handlers import record_metrics
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.reconcile import Observed, reconcile
-from dreambooth_operator.usage import KEEP_GONE, account, bound_at, stopped_at
+from dreambooth_operator.usage import KEEP_GONE, REFRESH_SECONDS, account, bound_at, stopped_at
 
 
 def at(seconds: float) -> Any:
@@ -35,6 +35,15 @@ def test_a_running_pod_counts_from_its_binding_and_grows_with_time() -> None:
     again = account(first, [running("p", 10)], gpus_per_pod=4, now=at(100))
     assert (again.pod_seconds, again.gpu_seconds) == (90, 360)
     assert [(r.uid, r.final) for r in again.pods] == [("p", False)]
+
+
+def test_a_running_pods_time_advances_in_steps_so_that_the_operators_own_writes_do_not_loop() -> None:
+    first = account(None, [running("p", 0)], gpus_per_pod=1, now=at(60))
+    soon = account(first, [running("p", 0)], gpus_per_pod=1, now=at(60 + REFRESH_SECONDS - 1))
+    assert soon == first  # nothing to write
+    assert account(first, [running("p", 0)], gpus_per_pod=1, now=at(60 + REFRESH_SECONDS)).pod_seconds == 75
+    # A stop is recorded at once, whenever it comes.
+    assert account(first, [stopped("p", 0, 62)], gpus_per_pod=1, now=at(63)).pod_seconds == 62
 
 
 def test_a_stopped_pod_counts_until_its_containers_finished_and_never_again() -> None:

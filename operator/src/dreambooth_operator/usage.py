@@ -4,7 +4,7 @@ A pod holds its node's GPUs from the moment the scheduler binds it (PodScheduled
 last finishedAt, once the pod is Succeeded or Failed). Each pod is counted once, by uid, in a ledger kept in the
 status, so an operator restart or a re-listed pod never counts twice. A pod that disappears before the operator
 saw it stop (deleted with its batch Job on a gang restart) is counted until it was last seen running; the
-undercount is at most one reconcile interval.
+undercount is at most one reconcile interval plus REFRESH_SECONDS.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from typing import Any, Final
 from dreambooth_operator import podstate
 from dreambooth_operator.api.job import PodRun, Usage
 
+REFRESH_SECONDS: Final = 15.0
+"""A running pod's end (last seen) advances in steps of at least this: the operator's own status write wakes its
+loop, so a value that changed at every reconcile would keep it busy. The live figure lags by up to this much."""
 KEEP_GONE: Final = 16
 """Ledger entries kept for pods no longer observed; older ones are folded into earlierPodSeconds."""
 
@@ -69,7 +72,12 @@ def account(prev: Usage | None, pods: list[Mapping[str, Any]], gpus_per_pod: int
         stop = stopped_at(pod)
         if stop is None and podstate.is_terminal(pod):
             stop = old.end if old is not None else now  # stopped, with no time recorded: as last seen
-        end = stop if stop is not None else max(now, old.end if old is not None else now)
+        if stop is not None:
+            end = stop
+        elif old is not None and (now - old.end).total_seconds() < REFRESH_SECONDS:
+            end = old.end  # unchanged: a status write (which wakes the reconcile loop) only every REFRESH_SECONDS
+        else:
+            end = now
         runs[uid] = PodRun(uid=uid, start=start, end=max(end, start), final=stop is not None)
     gone = sorted((r for r in runs.values() if r.uid not in seen), key=lambda r: r.end)
     for run in gone[: max(0, len(gone) - KEEP_GONE)]:
