@@ -16,6 +16,7 @@ from typing import Any
 
 from dreambooth_trainer.config import ConfigError, JobConfig, load_job_config
 from dreambooth_trainer.exitcodes import ExitCode, TrainerError
+from dreambooth_trainer.lean_imports import keep_out, unused_packages
 from dreambooth_trainer.logging import log
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.result import RunResult, write_termination_message
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = load_job_config(args.config)
             log.bind(job=config.name)
+            keep_out(unused_packages(config))
             from dreambooth_trainer.train import run_job
 
             status, doc = run_job(config, preemption=preemption, log=log, workdir=workdir, local=args.local)

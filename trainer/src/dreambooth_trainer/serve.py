@@ -42,6 +42,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from dreambooth_trainer.config import BaseModelSpec, Model, Sampler, StorageSettings, Uri
 from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_trainer.lean_imports import keep_out, unused_packages
 from dreambooth_trainer.result import write_termination_message
 from dreambooth_trainer.storage import ObjectStore, join_uri
 
@@ -508,6 +509,7 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
 
 def main() -> int:
     """Entry point of `dreambooth-serve`."""
+    keep_out(unused_packages(None))
     config = load_serve_config()
     host = os.environ.get("DREAMBOOTH_BIND_ADDRESS", "0.0.0.0")  # noqa: S104 - a pod's server listens everywhere
     port = int(os.environ.get("DREAMBOOTH_SERVE_PORT", "8080"))
