@@ -205,6 +205,7 @@ def test_list_and_status_show_progress_and_conditions(
             "phase": "Running",
             "progress": {"step": 12, "totalSteps": 20, "loss": 0.25, "stepsPerSecond": 2.0, "etaSeconds": 4.0},
             "restarts": {"preemptions": 1, "failures": 0},
+            "usage": {"podSeconds": 90, "gpuSeconds": 720, "gpusPerPod": 8},
             "conditions": [
                 {
                     "type": "Running",
@@ -219,7 +220,7 @@ def test_list_and_status_show_progress_and_conditions(
     listed = dreambooth(cli_env, "list", "-n", namespace)
     assert listed.returncode == 0, listed.stderr
     row = next(line.split() for line in listed.stdout.splitlines() if line.startswith("shown"))
-    assert row[:6] == ["shown", namespace, "Running", "12/20", "0.2500", "1"]
+    assert row[:7] == ["shown", namespace, "Running", "12/20", "0.2500", "1", "12.0"]
 
     # The same through kubectl's plugin mechanism (kubectl-dreambooth on PATH).
     plugin = subprocess.run(
@@ -232,7 +233,7 @@ def test_list_and_status_show_progress_and_conditions(
     )
     assert plugin.returncode == 0, plugin.stderr
     plugin_row = next(line.split() for line in plugin.stdout.splitlines() if line.startswith("shown"))
-    assert plugin_row[:6] == row[:6]
+    assert plugin_row[:7] == row[:7]
 
     shown = dreambooth(cli_env, "status", "shown", "-n", namespace)
     assert shown.returncode == 0, shown.stderr

@@ -61,7 +61,7 @@ def job(status: dict | None = None) -> dict:
 
 def test_job_row_before_any_status() -> None:
     now = datetime(2026, 11, 27, 0, 2, 5, tzinfo=UTC)
-    assert present.job_row(job(), now) == ["toy", "ml", "Pending", "0/800", "-", "0", "2m"]
+    assert present.job_row(job(), now) == ["toy", "ml", "Pending", "0/800", "-", "0", "-", "2m"]
 
 
 def test_job_row_and_details_from_status() -> None:
@@ -90,7 +90,7 @@ def test_job_row_and_details_from_status() -> None:
         ],
     }
     now = datetime(2026, 11, 28, 1, 0, 0, tzinfo=UTC)
-    assert present.job_row(job(status), now) == ["toy", "ml", "Running", "412/800", "0.1100", "3", "1d"]
+    assert present.job_row(job(status), now) == ["toy", "ml", "Running", "412/800", "0.1100", "3", "12.5", "1d"]
     details = dict(present.detail_rows(job(status)))
     assert details["progress"] == "step 412/800 loss 0.1100 4.20 it/s eta 92s"
     assert details["restarts"] == "failures 1, preemptions 2, total 3"

@@ -155,7 +155,9 @@ def list_(
         where = "any namespace" if all_namespaces else f"namespace {target.namespace}"
         err_console.print(f"no {api.JOB_PLURAL} in {where}", markup=False)
         return
-    table = Table("NAME", "NAMESPACE", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "AGE", box=None, pad_edge=False)
+    table = Table(
+        "NAME", "NAMESPACE", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "GPU-MIN", "AGE", box=None, pad_edge=False
+    )
     now = datetime.now(UTC)
     for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"]["name"])):
         table.add_row(*(Text(cell) for cell in present.job_row(job, now)))

@@ -65,8 +65,14 @@ def fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def gpu_minutes(job: dict[str, Any]) -> str:
+    """status.usage.gpuSeconds in GPU-minutes (one decimal); "-" before any pod was bound."""
+    seconds = (status_of(job).get("usage") or {}).get("gpuSeconds")
+    return f"{seconds / 60:.1f}" if isinstance(seconds, int) else "-"
+
+
 def job_row(job: dict[str, Any], now: datetime | None = None) -> list[str]:
-    """NAME, NAMESPACE, PHASE, PROGRESS, LOSS, RESTARTS, AGE."""
+    """NAME, NAMESPACE, PHASE, PROGRESS, LOSS, RESTARTS, GPU-MIN, AGE."""
     now = now or datetime.now(UTC)
     meta = job.get("metadata", {})
     progress = progress_of(job)
@@ -78,6 +84,7 @@ def job_row(job: dict[str, Any], now: datetime | None = None) -> list[str]:
         steps,
         fmt_loss(progress.loss),
         str(restarts_of(job)),
+        gpu_minutes(job),
         age(meta.get("creationTimestamp"), now),
     ]
 
