@@ -4,11 +4,20 @@ and resumes from the shared checkpoint."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
 from operator_harness import OperatorProcess, apply, event_reasons, get, items, wait_for
-from test_operator_training import credentials_secret, example, phase, upload_images
+from test_operator_training import (
+    credentials_secret,
+    example,
+    held_seconds,
+    parse_time,
+    phase,
+    upload_images,
+    usage_by_pod,
+)
 
 from tests.infra.controlplane import Cluster
 from tests.infra.processes import NotReadyError
@@ -55,6 +64,7 @@ def test_multi_node_gang_restarts_as_a_new_attempt_after_an_eviction(
         for p in items(cluster, "pods", namespace, "dreambooth.dev/attempt=0")
         if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "1"
     )
+    evicted_at = datetime.now(UTC)
     with cluster.api_client() as api:
         client.CoreV1Api(api).create_namespaced_pod_eviction(
             rank1, namespace, client.V1Eviction(metadata=client.V1ObjectMeta(name=rank1, namespace=namespace))
@@ -82,3 +92,13 @@ def test_multi_node_gang_restarts_as_a_new_attempt_after_an_eviction(
     assert resumed, _logs(cluster, node_agent, namespace)
     assert resumed[0]["step"] >= 5
     assert {"Preempted", "TrainingCompleted"} <= event_reasons(cluster, namespace, "minimal")
+    # Usage: all four pods (two per attempt), the first attempt's deleted with its batch Job; no GPUs requested.
+    runs = usage_by_pod(dbj)
+    assert len(runs) == 4, runs
+    assert status["usage"]["gpuSeconds"] == 0
+    for pod in new_pods:
+        assert runs.pop(pod["metadata"]["uid"]) == held_seconds(pod)
+    # Attempt 0's pods were deleted with their batch Job: closed from their last state, at a stop after the eviction.
+    first = [r for r in status["usage"]["pods"] if r["uid"] in runs]
+    assert all(r["final"] for r in first), first
+    assert all(parse_time(r["end"]) >= evicted_at.replace(microsecond=0) for r in first), (evicted_at, first)

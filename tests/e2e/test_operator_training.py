@@ -68,7 +68,7 @@ def keys(s3: S3Server, bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def _time(value: str) -> datetime:
+def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
@@ -76,13 +76,13 @@ def held_seconds(pod: dict[str, Any]) -> float:
     """How long a stopped pod held its node, read from the API: PodScheduled to its trainer's finishedAt."""
     scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
     finished = pod["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"]
-    return (_time(finished) - _time(scheduled["lastTransitionTime"])).total_seconds()
+    return (parse_time(finished) - parse_time(scheduled["lastTransitionTime"])).total_seconds()
 
 
 def usage_by_pod(dbj: dict[str, Any]) -> dict[str, float]:
     """status.usage's ledger (pod uid -> seconds held), checked to add up to podSeconds and gpuSeconds."""
     usage = dbj["status"]["usage"]
-    runs = {r["uid"]: (_time(r["end"]) - _time(r["start"])).total_seconds() for r in usage["pods"]}
+    runs = {r["uid"]: (parse_time(r["end"]) - parse_time(r["start"])).total_seconds() for r in usage["pods"]}
     assert usage["podSeconds"] == round(sum(runs.values())) + usage.get("earlierPodSeconds", 0), usage
     assert usage["gpuSeconds"] == usage["podSeconds"] * usage["gpusPerPod"], usage
     return runs
@@ -255,6 +255,7 @@ def test_eviction_is_a_preemption_and_training_resumes_from_the_checkpoint(
     assert runs.pop(done["metadata"]["uid"]) == held_seconds(done)
     (evicted_seconds,) = runs.values()
     assert evicted_seconds >= 1  # it trained to a checkpoint (step 5 or later) before the eviction
+    assert all(r["final"] for r in dbj["status"]["usage"]["pods"]), dbj["status"]["usage"]  # both closed at a stop
     batch = get(cluster, "job.batch", "minimal-a0", namespace) or {}
     assert (batch.get("status") or {}).get("failed", 0) == 0  # the ignored disruption used no backoffLimit
     reasons = event_reasons(cluster, namespace, "minimal")

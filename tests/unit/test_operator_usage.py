@@ -72,6 +72,22 @@ def test_a_pod_that_vanished_unseen_counts_until_it_was_last_seen_and_its_replac
     assert account(after, [running("a1", 130, attempt=1)], gpus_per_pod=2, now=at(160)) == after
 
 
+def test_a_deleted_pods_last_state_closes_its_entry_at_its_stop() -> None:
+    # Seen once at 60 s; then it ran to 70 s, stopped, and was deleted before the next reconcile at 72 s: its
+    # watch DELETED event's state closes the entry at the true stop, though the index no longer lists it.
+    seen = account(None, [running("a0", 0)], gpus_per_pod=1, now=at(60))
+    closed = account(seen, [], gpus_per_pod=1, now=at(72), gone=[stopped("a0", 0, 70, code=12)])
+    assert closed.pod_seconds == 70
+    assert closed.pods[0].final
+    # Force-deleted while running (a lost node): at the latest its deletion time, and never after `now`.
+    forced = make_pod(JOB, uid="a0").scheduled(at(0)).running().deleting(at(66)).obj()
+    assert account(seen, [], gpus_per_pod=1, now=at(72), gone=[forced]).pod_seconds == 66
+    # A pod never counted while it lived is not added from its deletion; one still listed is not closed.
+    assert account(seen, [], gpus_per_pod=1, now=at(72), gone=[stopped("other", 0, 70)]) == seen
+    still = account(seen, [running("a0", 0)], gpus_per_pod=1, now=at(72), gone=[stopped("a0", 0, 70)])
+    assert not still.pods[0].final
+
+
 def test_stop_time_falls_back_to_the_conditions_when_no_container_ran() -> None:
     evicted = make_pod(JOB, uid="p").scheduled(at(0)).obj()
     evicted["status"]["phase"] = "Failed"

@@ -71,6 +71,8 @@ class OperatorState:
     """The /progress request in flight per job (at most one)."""
     written: dict[Key, Any] = field(default_factory=dict)
     """Per job, the status (without kopf's part) that the API returned for the operator's last status write."""
+    gone_pods: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    """Per job, the last state of each pod deleted since its last reconcile (by uid), for the usage ledger."""
 
     def wake(self, key: Key) -> None:
         event = self.wakes.get(key)
@@ -128,8 +130,16 @@ def wake_on_batch_job(*, namespace: str | None, labels: Mapping[str, str], memo:
 
 
 @kopf.on.event("v1", "pods", labels=CHILD_LABELS)
-def wake_on_pod(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
-    state_of(memo).wake((namespace or "", labels[LABEL_JOB_NAME]))
+def wake_on_pod(
+    *, namespace: str | None, labels: Mapping[str, str], memo: Any, type: str, body: kopf.Body, **_: Any
+) -> None:
+    state = state_of(memo)
+    key = (namespace or "", labels[LABEL_JOB_NAME])
+    if type == "DELETED" and key in state.wakes:
+        # The index forgets a deleted pod; its last state (often Failed or Succeeded with finishedAt, written just
+        # before the deletion) still closes its usage entry at the next reconcile.
+        state.gone_pods.setdefault(key, {})[podstate.pod_uid(body)] = _trim(body)
+    state.wake(key)
 
 
 @kopf.index(GROUP, VERSION, INFERENCE_PLURAL)
@@ -209,6 +219,7 @@ async def job_loop(
         state.wakes.pop(key, None)
         state.samples.pop(key, None)
         state.written.pop(key, None)
+        state.gone_pods.pop(key, None)
         poll = state.polls.pop(key, None)
         if poll is not None:
             poll.cancel()
@@ -250,9 +261,12 @@ async def reconcile_job(
         state.metrics.stale_reads.inc()
     observed_jobs = [copy.deepcopy(j) for j in batch_jobs.get(key, [])]
     observed_pods = [copy.deepcopy(p) for p in pods.get(key, [])]
+    gone = dict(state.gone_pods.get(key, {}))
     sample = await poll_progress(state, key, job, observed_pods, logger)
     prev = parse_status(job)
-    plan = reconcile(Observed(job=job, batch_jobs=observed_jobs, pods=observed_pods, now=now_utc(), progress=sample))
+    plan = reconcile(
+        Observed(job, observed_jobs, observed_pods, now_utc(), progress=sample, gone_pods=list(gone.values()))
+    )
     await asyncio.to_thread(execute, state, job, owned_batch_jobs(job, observed_jobs), plan)
     if plan.counted_pods is not None:
         annotations = {COUNTED_PODS_ANNOTATION: json.dumps(plan.counted_pods)}
@@ -271,6 +285,8 @@ async def reconcile_job(
         state.written[key] = _own_status(written or {})
     else:
         state.written[key] = _own_status(job)
+    for uid in gone:  # in the written status now
+        state.gone_pods.get(key, {}).pop(uid, None)
     # Events only after the status write succeeded (a failed write retries the whole reconcile).
     for event in plan.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])

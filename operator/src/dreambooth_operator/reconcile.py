@@ -67,6 +67,8 @@ class Observed:
     pods: list[Mapping[str, Any]]
     now: datetime
     progress: ProgressSample | None = None
+    gone_pods: list[Mapping[str, Any]] = field(default_factory=list)
+    """The last states of the job's pods deleted since the last reconcile (watch DELETED events): usage only."""
 
 
 class ActionKind(StrEnum):
@@ -254,7 +256,7 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
         return Plan(status=prev, requeue_after=None)
 
     if obs.pods or prev.usage is not None:
-        b.status.usage = usage.account(prev.usage, obs.pods, usage.gpus_per_pod(job), obs.now)
+        b.status.usage = usage.account(prev.usage, obs.pods, usage.gpus_per_pod(job), obs.now, obs.gone_pods)
 
     if prev.phase in TERMINAL_JOB_PHASES:
         return _finished(b, name)

@@ -2,14 +2,15 @@
 
 A pod holds its node's GPUs from the moment the scheduler binds it (PodScheduled) until it stops (its containers'
 last finishedAt, once the pod is Succeeded or Failed). Each pod is counted once, by uid, in a ledger kept in the
-status, so an operator restart or a re-listed pod never counts twice. A pod that disappears before the operator
-saw it stop (deleted with its batch Job on a gang restart) is counted until it was last seen running; the
-undercount is at most one reconcile interval plus REFRESH_SECONDS.
+status, so an operator restart or a re-listed pod never counts twice. A pod deleted before a reconcile saw it stop
+(with its batch Job on a gang restart, or by an eviction) is closed from the last state its watch DELETED event
+carried; only when that event was missed (an operator restart in between) is it counted until it was last seen
+running, an undercount of at most one reconcile interval plus REFRESH_SECONDS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -56,8 +57,15 @@ def _seconds(run: PodRun) -> float:
     return max(0.0, (run.end - run.start).total_seconds())
 
 
-def account(prev: Usage | None, pods: list[Mapping[str, Any]], gpus_per_pod: int, now: datetime) -> Usage:
-    """The ledger after observing `pods` (all pods of the job, of every attempt) at `now`."""
+def account(
+    prev: Usage | None,
+    pods: list[Mapping[str, Any]],
+    gpus_per_pod: int,
+    now: datetime,
+    gone: Sequence[Mapping[str, Any]] = (),
+) -> Usage:
+    """The ledger after observing `pods` (all pods of the job, of every attempt) at `now`; `gone` are the last states
+    of pods deleted since (from their watch DELETED events), which close the ledger entries of pods seen before."""
     runs = {r.uid: r for r in prev.pods} if prev is not None else {}
     earlier = prev.earlier_pod_seconds if prev is not None else 0
     seen: set[str] = set()
@@ -79,8 +87,16 @@ def account(prev: Usage | None, pods: list[Mapping[str, Any]], gpus_per_pod: int
         else:
             end = now
         runs[uid] = PodRun(uid=uid, start=start, end=max(end, start), final=stop is not None)
-    gone = sorted((r for r in runs.values() if r.uid not in seen), key=lambda r: r.end)
-    for run in gone[: max(0, len(gone) - KEEP_GONE)]:
+    for pod in gone:
+        old = runs.get(podstate.pod_uid(pod))
+        if old is None or old.final or old.uid in seen:
+            continue  # only pods counted while they lived; a pod listed again is still there
+        stop = stopped_at(pod)
+        if stop is None:  # deleted before it stopped (forced): at the latest its deletion time
+            stop = max(old.end, min(now, podstate.deletion_time(pod) or now))
+        runs[old.uid] = old.model_copy(update={"end": max(stop, old.start), "final": True})
+    unseen = sorted((r for r in runs.values() if r.uid not in seen), key=lambda r: r.end)
+    for run in unseen[: max(0, len(unseen) - KEEP_GONE)]:
         earlier += round(_seconds(run))
         del runs[run.uid]
     pod_seconds = earlier + round(sum(_seconds(r) for r in runs.values()))
