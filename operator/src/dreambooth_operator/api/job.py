@@ -237,8 +237,9 @@ class Usage(ApiModel):
     """podSeconds times resources.gpusPerNode: the GPU time the job was charged (GPU-seconds per subject)."""
     gpus_per_pod: int = Field(default=0, ge=0)
     """The GPUs each pod holds (resources.gpusPerNode)."""
-    pods: list[PodRun] = Field(default_factory=list, max_length=512)
-    """The pods counted: those still observed, and the last few that are gone."""
+    pods: list[PodRun] = Field(default_factory=list)
+    """The pods counted: every pod still listed (the batch Jobs keep their failed pods), and the last 16 that are
+    gone. Not capped: a cap would have to fold pods that are still listed, and they would be counted again."""
     earlier_pod_seconds: int = Field(default=0, ge=0)
     """podSeconds of pods no longer listed in `pods` (older pods are folded in to keep the status small)."""
 
