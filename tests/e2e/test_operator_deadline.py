@@ -42,3 +42,36 @@ def test_deadline_then_ttl(cluster: Cluster, namespace: str, s3: S3Server, op: O
     kept = fetch()
     assert phase(kept) == "Failed"
     assert {"DeadlineExceeded", "ChildDeleted"} <= event_reasons(cluster, namespace, "minimal")
+
+
+def test_gpu_seconds_limit_stops_the_job_at_its_budget(
+    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess
+) -> None:
+    """The node agent's fake GPU: one per pod. The limit is reached by the running pod; the operator wakes when the
+    GPUs held would spend the rest, so it stops the attempt close to the limit, not at its next periodic reconcile."""
+    bucket = s3.make_bucket()
+    upload_images(s3, bucket, "subjects/dog/")
+    credentials_secret(cluster, s3, namespace)
+    job = example(s3, bucket)
+    job["spec"]["training"]["maxSteps"] = 100000
+    job["spec"]["resources"] = {"gpusPerNode": 1}
+    job["spec"]["runPolicy"] = {"gpuSecondsLimit": 15}
+    apply(cluster, job, namespace)
+
+    def fetch() -> dict[str, Any] | None:
+        return get(cluster, "dreamboothjob", "minimal", namespace)
+
+    dbj = wait_for("Failed", fetch, lambda j: phase(j) == "Failed", 180, op)
+    failed = condition(dbj, "Failed") or {}
+    assert failed.get("reason") == "GpuSecondsLimitExceeded", dbj["status"]
+    used = dbj["status"]["usage"]["gpuSeconds"]
+    assert 15 <= used <= 15 + 8, dbj["status"]["usage"]  # not a whole 12 s reconcile interval late
+    assert f"used {used} GPU-seconds" in failed.get("message", "")
+    wait_for(
+        "the attempt to be deleted",
+        lambda: items(cluster, "jobs.batch", namespace, SELECTOR),
+        lambda j: j == [],
+        120,
+        op,
+    )
+    assert "GpuSecondsLimitExceeded" in event_reasons(cluster, namespace, "minimal")

@@ -34,7 +34,7 @@ from dreambooth_operator.api.constants import (
 from dreambooth_operator.api.job import CheckpointRef, DreamBoothJobSpec, DreamBoothJobStatus, Outputs, Progress
 from dreambooth_operator.api.job import progress_text as format_progress
 from dreambooth_operator.builders import is_queued_by_kueue, pod_spec_hash
-from dreambooth_operator.policies import deadline, failure, success, suspend, ttl
+from dreambooth_operator.policies import budget, deadline, failure, success, suspend, ttl
 from dreambooth_operator.validation import validate
 
 # Annotation on the DreamBoothJob: UIDs of single-node pods already counted as preempted (bounded list), so
@@ -216,6 +216,7 @@ _WARNING_REASONS: Final = frozenset(
         Reason.RETRYING,
         Reason.BACKOFF_LIMIT_EXCEEDED,
         Reason.DEADLINE_EXCEEDED,
+        Reason.GPU_SECONDS_LIMIT_EXCEEDED,
         Reason.UNSCHEDULABLE,
         Reason.IMAGE_PULL_FAILED,
         STUCK_PODS_FORCE_DELETED,
@@ -293,6 +294,9 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
     if outcome is not None:
         return outcome
 
+    if _gpu_budget_spent(b, spec, current, current_name):
+        return _finished(b, name, counted)
+
     if current is None:
         blocker = next((j for j in foreign if j["metadata"]["name"] == current_name), None)
         if blocker is not None:
@@ -321,6 +325,39 @@ def _deadline_passed(
     if current is not None and not podstate.is_deleting(current):
         b.actions.append(Action(ActionKind.DELETE_BATCH_JOB, name=current_name))
     b.fail(Reason.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds ({seconds}s)")
+    return True
+
+
+def _gpu_budget_spent(
+    b: _Builder, spec: DreamBoothJobSpec, current: Mapping[str, Any] | None, current_name: str
+) -> bool:
+    """runPolicy.gpuSecondsLimit: past it, the attempt is stopped and the job fails; before it, reconcile again
+    when the GPUs held now would spend the rest."""
+    limit = spec.run_policy.gpu_seconds_limit
+    if limit is None or b.status.usage is None:
+        return False
+    obs = b.obs
+    left = budget.remaining_gpu_seconds(limit, usage.live_gpu_seconds(b.status.usage, obs.pods, obs.now))
+    if left is None:
+        return False
+    if left > 0:
+        wait = budget.seconds_until_spent(left, usage.gpus_held(b.status.usage, obs.pods))
+        if wait is not None:
+            b.requeue.append(wait)
+        return False
+    # The figure to show: counted up to now, not to the last REFRESH_SECONDS step.
+    b.status.usage = usage.account(
+        b.prev.usage, obs.pods, b.status.usage.gpus_per_pod, obs.now, obs.gone_pods, refresh=True
+    )
+    if current is not None and not podstate.is_deleting(current):
+        b.actions.append(Action(ActionKind.DELETE_BATCH_JOB, name=current_name))
+    checkpoint = b.status.last_checkpoint
+    kept = f"; the last checkpoint (step {checkpoint.step}) stays at {checkpoint.uri}" if checkpoint else ""
+    b.fail(
+        Reason.GPU_SECONDS_LIMIT_EXCEEDED,
+        f"the job's pods used {b.status.usage.gpu_seconds} GPU-seconds, reaching runPolicy.gpuSecondsLimit "
+        f"({limit}){kept}",
+    )
     return True
 
 

@@ -63,9 +63,11 @@ def account(
     gpus_per_pod: int,
     now: datetime,
     gone: Sequence[Mapping[str, Any]] = (),
+    refresh: bool = False,
 ) -> Usage:
     """The ledger after observing `pods` (all pods of the job, of every attempt) at `now`; `gone` are the last states
-    of pods deleted since (from their watch DELETED events), which close the ledger entries of pods seen before."""
+    of pods deleted since (from their watch DELETED events), which close the ledger entries of pods seen before.
+    With `refresh`, running pods are counted up to `now` (no REFRESH_SECONDS step): for a final figure."""
     runs = {r.uid: r for r in prev.pods} if prev is not None else {}
     earlier = prev.earlier_pod_seconds if prev is not None else 0
     seen: set[str] = set()
@@ -82,7 +84,7 @@ def account(
             stop = old.end if old is not None else now  # stopped, with no time recorded: as last seen
         if stop is not None:
             end = stop
-        elif old is not None and (now - old.end).total_seconds() < REFRESH_SECONDS:
+        elif not refresh and old is not None and (now - old.end).total_seconds() < REFRESH_SECONDS:
             end = old.end  # unchanged: a status write (which wakes the reconcile loop) only every REFRESH_SECONDS
         else:
             end = now
@@ -107,6 +109,23 @@ def account(
         pods=sorted(runs.values(), key=lambda r: (r.start, r.uid)),
         earlier_pod_seconds=earlier,
     )
+
+
+def _running(usage: Usage, pods: list[Mapping[str, Any]]) -> list[PodRun]:
+    """The ledger entries of pods listed and still running."""
+    live = {podstate.pod_uid(p) for p in pods if not podstate.is_terminal(p)}
+    return [r for r in usage.pods if not r.final and r.uid in live]
+
+
+def live_gpu_seconds(usage: Usage, pods: list[Mapping[str, Any]], now: datetime) -> float:
+    """gpuSeconds as of `now`: the recorded figure plus each running pod's time since its entry's end."""
+    extra = sum(max(0.0, (now - r.end).total_seconds()) for r in _running(usage, pods))
+    return usage.gpu_seconds + extra * usage.gpus_per_pod
+
+
+def gpus_held(usage: Usage, pods: list[Mapping[str, Any]]) -> int:
+    """GPUs the job's running pods hold now: the rate at which gpuSeconds grows."""
+    return len(_running(usage, pods)) * usage.gpus_per_pod
 
 
 def gpus_per_pod(job: Mapping[str, Any]) -> int:

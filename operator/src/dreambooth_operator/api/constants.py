@@ -149,6 +149,7 @@ class Reason(StrEnum):
     RETRYING = "Retrying"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
+    GPU_SECONDS_LIMIT_EXCEEDED = "GpuSecondsLimitExceeded"
     SUSPENDED_BY_USER = "SuspendedByUser"
     RESUMED = "Resumed"
     TRAINING_COMPLETED = "TrainingCompleted"

@@ -87,6 +87,10 @@ SPEC_RULES: Final = [
         "self.resources.nodes <= 1 || has(self.output.checkpointUri)",
         "multi-node jobs (resources.nodes > 1) need output.checkpointUri",
     ),
+    cel(
+        "!has(self.runPolicy) || !has(self.runPolicy.gpuSecondsLimit) || self.resources.gpusPerNode > 0",
+        "runPolicy.gpuSecondsLimit needs resources.gpusPerNode above 0 (a CPU job uses no GPU-seconds)",
+    ),
 ]
 
 
@@ -106,6 +110,11 @@ class RunPolicy(ApiModel):
     """Retryable failures (not preemptions) allowed before the job fails; each restarts from the last checkpoint."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """Fail the job when it has run this long (Suspended time excluded)."""
+    gpu_seconds_limit: int | None = Field(default=None, ge=1)
+    """Fail the job once its pods have used this many GPU-seconds (status.usage.gpuSeconds: every pod of every
+    attempt, preempted ones included): a cost cap per subject, for example against a spot pool that keeps
+    preempting. The attempt is stopped at the limit (pods run on for their grace period, not counted) and the last
+    checkpoint stays. Needs resources.gpusPerNode above 0."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the job's pods and batch Job this long after it finished (the DreamBoothJob and its outputs stay)."""
     suspend: bool = False
@@ -150,6 +159,8 @@ class DreamBoothJobSpec(ApiModel):
             errors.append(SPEC_RULES[0]["message"])
         if self.resources.nodes > 1 and not self.output.get("checkpointUri"):
             errors.append(SPEC_RULES[1]["message"])
+        if self.run_policy.gpu_seconds_limit is not None and self.resources.gpus_per_node == 0:
+            errors.append(SPEC_RULES[2]["message"])
         return errors
 
     def trainer_config(self, name: str, namespace: str) -> dict[str, Any]:
