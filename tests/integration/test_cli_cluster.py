@@ -355,6 +355,10 @@ def test_report_of_a_job_reads_its_outputs_from_s3(
     weights_key = prefix + "checkpoints/step-00000020/weights.safetensors"
     client.put_object(Bucket=bucket, Key=weights_key, Body=os.urandom(1024))
 
+    run = {"uid": "u1", "start": "2026-11-27T00:00:00Z", "end": "2026-11-27T00:02:30Z", "final": True}
+    usage = {"podSeconds": 150, "gpuSeconds": 600, "gpusPerPod": 4, "pods": [run]}
+    patch_status(cluster, namespace, "reported", {"usage": usage})
+
     out = tmp_path / "r.html"
     result = dreambooth(cli_env, "report", "reported", "-n", namespace, "-o", str(out))
     assert result.returncode == 0, result.stderr
@@ -363,3 +367,4 @@ def test_report_of_a_job_reads_its_outputs_from_s3(
     assert base64.b64encode(png.getvalue()).decode() in html
     assert html.count("<polyline") == 3
     assert "step-00000020" in html
+    assert "<th>GPU time (all pods and attempts)</th><td>10.0 GPU-min (1 pod(s) x 4 GPU(s), 150 pod-s)</td>" in html

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -305,12 +306,14 @@ def report(
     job = kube.get_job(target, source)
     uri = str(job.get("spec", {}).get("output", {}).get("uri", ""))
     destination = output or Path(f"{source}-report.html")
+    gpu_time = present.usage_text(present.status_of(job).get("usage"))
     if uri.startswith("file://"):
-        path = write_report(load_run(localrun.uri_to_path(uri)), destination, title=source)
+        run = replace(load_run(localrun.uri_to_path(uri)), gpu_time=gpu_time)
+        path = write_report(run, destination, title=source)
     else:
         with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
             run_dir = s3.download_run(s3.client_for_job(target, job), uri, Path(tmp))
-            path = write_report(load_run(run_dir), destination, title=source)
+            path = write_report(replace(load_run(run_dir), gpu_time=gpu_time), destination, title=source)
     say(f"report: {path}")
 
 

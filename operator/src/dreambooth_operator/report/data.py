@@ -60,6 +60,9 @@ class RunData:
     samples: list[SampleStep] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     evaluation: dict[str, float] = field(default_factory=dict)
+    gpu_time: str | None = None
+    """The job's GPU time over all pods and attempts (its status.usage, as `dreambooth status` shows it); a cluster
+    job's report only."""
 
     @property
     def prompts(self) -> list[str]:

@@ -231,7 +231,7 @@ def _checkpoints(run: RunData) -> str:
 
 
 def timings(run: RunData) -> dict[str, str]:
-    """Wall-clock figures from result.json and the metrics' time stamps."""
+    """Wall-clock figures from result.json and the metrics' time stamps, and the job's GPU time when known."""
     out: dict[str, str] = {}
     duration = run.result.get("durationSeconds")
     if isinstance(duration, int | float):
@@ -244,6 +244,8 @@ def timings(run: RunData) -> dict[str, str]:
         if span > 0:
             out["steps per second"] = f"{(last_step - first_step) / span:.3g}"
             out["seconds per step"] = f"{span / (last_step - first_step):.3g}"
+    if run.gpu_time:
+        out["GPU time (all pods and attempts)"] = run.gpu_time
     last_ckpt = run.result.get("lastCheckpoint")
     if isinstance(last_ckpt, dict) and "step" in last_ckpt:
         out["last checkpoint"] = f"step {last_ckpt['step']} at {last_ckpt.get('time', '-')}"
