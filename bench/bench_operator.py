@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from bench.results_file import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
@@ -133,11 +135,8 @@ def run(results_dir: Path, reps: int = 1) -> dict[str, Any]:
         "gpuSecondsNote": "status.usage.gpuSeconds: the pod's hold on its node, binding to exit, x gpusPerNode (1); "
         "the node agent's GPU is a fake one, so this is the per-subject pod time of the CPU run",
         "runs": runs,
-        "cpus": os.cpu_count(),
-        "loadAverage": os.getloadavg(),
     }
-    (results_dir / "operator.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_result(results_dir, "operator.json", result)
 
 
 if __name__ == "__main__":

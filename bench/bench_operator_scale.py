@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from bench.results_file import write_result
 from dreambooth_operator.api.constants import GROUP, VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,11 +177,8 @@ def run(results_dir: Path, bursts: tuple[int, ...] = BURSTS) -> dict[str, Any]:
         "setup": "one operator, loopback control plane, no nodes (pods stay Pending), reconcile interval "
         f"{RECONCILE_INTERVAL_SECONDS} s; examples/minimal-job.yaml copies applied in one kubectl apply",
         "runs": runs,
-        "cpus": os.cpu_count(),
-        "loadAverage": list(os.getloadavg()),
     }
-    (results_dir / "operator_scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_result(results_dir, "operator_scale.json", result)
 
 
 if __name__ == "__main__":

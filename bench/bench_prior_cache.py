@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from bench.results_file import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("dreambooth")
 CLASS_IMAGES = 48
@@ -85,11 +87,8 @@ def run(results_dir: Path) -> dict[str, Any]:
         "secondSubject": {**second, "classImagesGenerated": second["classImagesCached"] - first["classImagesCached"]},
         "savedSecondsPerSubject": round(first["seconds"] - second["seconds"], 2),
         "savedFraction": round(1 - second["seconds"] / first["seconds"], 3),
-        "cpus": os.cpu_count(),
-        "loadAverage": os.getloadavg(),
     }
-    (results_dir / "prior_cache.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_result(results_dir, "prior_cache.json", result)
 
 
 if __name__ == "__main__":
