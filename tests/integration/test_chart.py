@@ -258,6 +258,7 @@ def test_dashboard_queries_answer_from_real_exporters(prometheus: PrometheusFact
     metrics.time_to_running.observe(42)
     metrics.job_duration.labels(phase="Succeeded").observe(600)
     metrics.job_gpu_seconds.labels(phase="Succeeded").observe(900)
+    metrics.job_gpu_seconds.labels(phase="Failed").observe(120)
     metrics.reconcile_duration.observe(0.02)
     metrics.progress_polls.labels(result="ok").inc()
     progress = Progress("dog", "team-a", 0, total_steps=800)
@@ -294,6 +295,11 @@ def test_dashboard_queries_answer_from_real_exporters(prometheus: PrometheusFact
         metrics.job_gpu_seconds.labels(phase="Succeeded").observe(1500)
         (per_job,) = prom.wait_for(gpu_expr, lambda r: bool(r) and float(r[0]["value"][1]) > 0, timeout=60)
         assert float(per_job["value"][1]) == pytest.approx(1500 / 60)
+        # GPU-minutes spent on failed jobs: only those failing within the range (a later 300 s one).
+        failed_expr = _substitute(next(e for e in exprs if 'phase="Failed"' in e and "job_gpu_seconds" in e))
+        metrics.job_gpu_seconds.labels(phase="Failed").observe(300)
+        (spent,) = prom.wait_for(failed_expr, lambda r: bool(r) and float(r[0]["value"][1]) > 0, timeout=60)
+        assert float(spent["value"][1]) > 0
     finally:
         server.stop()
 
