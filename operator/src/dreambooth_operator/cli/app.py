@@ -307,13 +307,12 @@ def report(
     uri = str(job.get("spec", {}).get("output", {}).get("uri", ""))
     destination = output or Path(f"{source}-report.html")
     gpu_time = present.usage_text(present.status_of(job).get("usage"))
-    if uri.startswith("file://"):
-        run = replace(load_run(localrun.uri_to_path(uri)), gpu_time=gpu_time)
-        path = write_report(run, destination, title=source)
-    else:
-        with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
+        if uri.startswith("file://"):
+            run_dir = localrun.uri_to_path(uri)
+        else:
             run_dir = s3.download_run(s3.client_for_job(target, job), uri, Path(tmp))
-            path = write_report(replace(load_run(run_dir), gpu_time=gpu_time), destination, title=source)
+        path = write_report(replace(load_run(run_dir), gpu_time=gpu_time), destination, title=source)
     say(f"report: {path}")
 
 

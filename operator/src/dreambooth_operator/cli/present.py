@@ -65,10 +65,14 @@ def fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _minutes(seconds: int) -> str:
+    return f"{seconds / 60:.1f}"
+
+
 def gpu_minutes(job: dict[str, Any]) -> str:
     """status.usage.gpuSeconds in GPU-minutes (one decimal); "-" before any pod was bound."""
     seconds = (status_of(job).get("usage") or {}).get("gpuSeconds")
-    return f"{seconds / 60:.1f}" if isinstance(seconds, int) else "-"
+    return _minutes(seconds) if isinstance(seconds, int) else "-"
 
 
 def job_row(job: dict[str, Any], now: datetime | None = None) -> list[str]:
@@ -105,7 +109,7 @@ def usage_text(usage: Any) -> str | None:
     gpus = usage.get("gpusPerPod", 0)
     more = "+" if usage.get("earlierPodSeconds") else ""  # older pods folded out of the list
     return (
-        f"{usage.get('gpuSeconds', 0) / 60:.1f} GPU-min ({listed}{more} pod(s) x {gpus} GPU(s), "
+        f"{_minutes(usage.get('gpuSeconds', 0))} GPU-min ({listed}{more} pod(s) x {gpus} GPU(s), "
         f"{usage['podSeconds']} pod-s)"
     )
 
