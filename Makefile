@@ -22,7 +22,7 @@ binaries: ## Build/cache etcd, kube-*, kubectl, helm, weed, prometheus into .too
 .PHONY: lock
 lock: ## Re-pin requirements/dev.lock from the pyprojects and requirements/dev.in
 	$(VENV)/bin/uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-		operator/pyproject.toml trainer/pyproject.toml requirements/dev.in -o requirements/dev.lock
+		api/pyproject.toml operator/pyproject.toml trainer/pyproject.toml requirements/dev.in -o requirements/dev.lock
 
 .PHONY: lint
 lint: install ## ruff, mypy (strict), import contracts, hadolint
@@ -39,7 +39,7 @@ fmt: install ## Format and auto-fix
 
 .PHONY: crds
 crds: install ## Regenerate crds/ and docs/api.md from the typed models
-	$(PY) -m dreambooth_operator.api.generate
+	$(PY) -m dreambooth_api.generate
 
 .PHONY: verify
 verify: crds ## Fail when generated files differ from the committed ones

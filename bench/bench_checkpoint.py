@@ -112,8 +112,8 @@ def measure(
 
 
 def _tiny_cases(scratch: Path) -> list[dict[str, Any]]:
+    from dreambooth_api.config import Method, TrainingConfig
     from dreambooth_trainer.components import load_components_from_dir
-    from dreambooth_trainer.config import Method, TrainingConfig
     from dreambooth_trainer.module import DreamBoothModule
     from dreambooth_trainer.tiny import build_tiny_pipeline
 

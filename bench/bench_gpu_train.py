@@ -155,7 +155,7 @@ def cached_dataset(comps: Any, size: _Size, device: torch.device) -> list[dict[s
 
 
 def _config(case: dict[str, Any], size: _Size, out: Path, mixed: str) -> Any:
-    from dreambooth_trainer.config import parse_job_config
+    from dreambooth_api.config import parse_job_config
 
     training = {
         "resolution": size.resolution,

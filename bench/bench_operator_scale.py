@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from bench.results_file import write_result
-from dreambooth_operator.api.constants import GROUP, VERSION
+from dreambooth_api.constants import GROUP, VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):

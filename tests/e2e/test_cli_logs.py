@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dreambooth_operator.api import constants as api
+from dreambooth_api import constants as api
 from dreambooth_operator.cli.errors import ExitStatus
 from tests.infra.processes import wait_until
 

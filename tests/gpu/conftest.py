@@ -49,8 +49,8 @@ def square(color: tuple[int, int, int], size: int = RESOLUTION) -> Image.Image:
 
 def load_tiny() -> Any:
     """Fresh tiny UNet/VAE/text encoder (on CPU, fp32, frozen), as the trainer loads them."""
+    from dreambooth_api.config import BaseModelSpec
     from dreambooth_trainer.components import load_components
-    from dreambooth_trainer.config import BaseModelSpec
     from dreambooth_trainer.storage import ObjectStore
 
     return load_components(BaseModelSpec(tiny=True), ObjectStore(), SHARED_MODELS)
@@ -120,7 +120,7 @@ def write_subject(folder: Path, count: int = 3) -> None:
 
 def job_config(root: Path, method: str = "lora", **training: Any) -> Any:
     """A JobConfig for the tiny model with file:// storage under `root` (overrides go into spec.training)."""
-    from dreambooth_trainer.config import parse_job_config
+    from dreambooth_api.config import parse_job_config
 
     write_subject(root / "subject")
     return parse_job_config(

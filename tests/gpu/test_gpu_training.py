@@ -31,7 +31,7 @@ def _train(loop: Any, steps: int, start: int = 0) -> list[float]:
 def test_adamw_is_fused_on_cuda_and_steps(
     method: str, tiny_components: Any, device: torch.device, batch_factory: Any
 ) -> None:
-    from dreambooth_trainer.config import TrainingConfig
+    from dreambooth_api.config import TrainingConfig
     from dreambooth_trainer.module import DreamBoothModule
 
     module = DreamBoothModule(tiny_components, TrainingConfig(method=method, resolution=32, learning_rate=1e-3))

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from dreambooth_operator.api import constants as api
+from dreambooth_api import constants as api
 from dreambooth_operator.cli.errors import ExitStatus
 from tests.infra.processes import wait_until
 

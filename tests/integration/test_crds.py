@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from dreambooth_operator.api import constants as c
-from dreambooth_operator.api.generate import inference_crd, job_crd
-from dreambooth_operator.api.inference import InferenceServiceSpec
-from dreambooth_operator.api.job import DreamBoothJobSpec
-from dreambooth_trainer.config import parse_job_config
+from dreambooth_api import constants as c
+from dreambooth_api.config import parse_job_config
+from dreambooth_api.generate import inference_crd, job_crd
+from dreambooth_api.inference import InferenceServiceSpec
+from dreambooth_api.job import DreamBoothJobSpec
 from tests.infra.controlplane import Cluster
 from tests.infra.processes import wait_until
 

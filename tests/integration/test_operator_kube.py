@@ -8,8 +8,8 @@ from typing import Any, cast
 
 from kubernetes import client
 
+from dreambooth_api.job import DreamBoothJobStatus
 from dreambooth_operator import kube
-from dreambooth_operator.api.job import DreamBoothJobStatus
 from dreambooth_operator.handlers import OperatorState, execute
 from dreambooth_operator.reconcile import Action, ActionKind, Plan
 from tests.infra.controlplane import Cluster

@@ -15,8 +15,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from dreambooth_api.config import JobConfig
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.config import JobConfig
 from dreambooth_trainer.data import collate_fn
 from dreambooth_trainer.export import export_model
 from dreambooth_trainer.module import DreamBoothModule

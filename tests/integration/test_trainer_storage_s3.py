@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_trainer.config import StorageSettings
-from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_api.config import StorageSettings
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, parse_uri
 from tests.infra.s3 import S3Server
 

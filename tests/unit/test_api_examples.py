@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import yaml
 
-from dreambooth_operator.api.constants import API_VERSION, INFERENCE_KIND, JOB_KIND
-from dreambooth_operator.api.inference import InferenceServiceSpec
-from dreambooth_operator.api.job import DreamBoothJobSpec
-from dreambooth_trainer.config import parse_job_config
+from dreambooth_api.config import parse_job_config
+from dreambooth_api.constants import API_VERSION, INFERENCE_KIND, JOB_KIND
+from dreambooth_api.inference import InferenceServiceSpec
+from dreambooth_api.job import DreamBoothJobSpec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PLACEHOLDERS = ("s3://dreambooth-examples/", "http://s3.example:8333", "s3-credentials")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_operator.api.generate import CHART_CRD_DIR, CRD_DIR, DOCS_PATH, render_all, write_all
+from dreambooth_api.generate import CHART_CRD_DIR, CRD_DIR, DOCS_PATH, render_all, write_all
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = render_all()

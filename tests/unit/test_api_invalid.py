@@ -14,9 +14,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from dreambooth_operator.api.inference import InferenceServiceSpec
-from dreambooth_operator.api.job import DreamBoothJobSpec
-from dreambooth_trainer.config import ConfigError, parse_job_config
+from dreambooth_api.config import ConfigError, parse_job_config
+from dreambooth_api.inference import InferenceServiceSpec
+from dreambooth_api.job import DreamBoothJobSpec
 
 INVALID = Path(__file__).resolve().parents[1] / "integration" / "invalid"
 

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, Field
 
-from dreambooth_operator.api import common, inference, job
-from dreambooth_operator.api.generate import crds, inference_crd, job_crd
-from dreambooth_operator.api.schema import Schema, model_json_schema, to_structural, walk
-from dreambooth_trainer import config as trainer_config
+from dreambooth_api import common, inference, job
+from dreambooth_api import config as trainer_config
+from dreambooth_api.generate import crds, inference_crd, job_crd
+from dreambooth_api.schema import Schema, model_json_schema, to_structural, walk
 
 # Free-form Kubernetes sub-objects: the only places that keep unknown fields.
 PRESERVE_UNKNOWN_ALLOWED = {"spec.podTemplate.affinity", "spec.podTemplate.env[].valueFrom"}

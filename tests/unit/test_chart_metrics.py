@@ -12,8 +12,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from dreambooth_api.constants import IMAGE_REPOSITORY
 from dreambooth_operator import settings
-from dreambooth_operator.api.constants import IMAGE_REPOSITORY
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_trainer.progress import Metrics as TrainerMetrics
 

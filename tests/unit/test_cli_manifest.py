@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dreambooth_operator.api import constants as api
+from dreambooth_api import constants as api
 from dreambooth_operator.cli import manifest
 from dreambooth_operator.cli.errors import ExitStatus, InputError
 from dreambooth_operator.cli.openapi import validate

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from dreambooth_operator.api import constants as api
+from dreambooth_api import constants as api
 from dreambooth_operator.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dreambooth_api import constants as api
 from dreambooth_operator import settings
-from dreambooth_operator.api import constants as api
 from dreambooth_operator.builders import TRAINER_GID
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import kopf
 import pytest
 from operator_wrappers import T0, make_job, make_pod
 
+from dreambooth_api.inference import ServerLimits
 from dreambooth_operator import handlers
-from dreambooth_operator.api.inference import ServerLimits
 from dreambooth_operator.handlers import OperatorState
 from dreambooth_operator.inference import build_service, reconcile_inference
 from dreambooth_operator.metrics import OperatorMetrics

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from dreambooth_operator.trainer_config import build_trainer_config, render_trainer_config
-from dreambooth_trainer.config import parse_job_config
+from dreambooth_api.config import parse_job_config
+from dreambooth_api.trainer_config import build_trainer_config, render_trainer_config
 
 
 def _job(**spec: Any) -> dict[str, Any]:

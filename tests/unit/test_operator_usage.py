@@ -7,7 +7,7 @@ from typing import Any
 
 from operator_wrappers import T0, make_batch_job, make_job, make_pod
 
-from dreambooth_operator.api.job import DreamBoothJobStatus, Usage
+from dreambooth_api.job import DreamBoothJobStatus, Usage
 from dreambooth_operator.handlers import record_metrics
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.reconcile import Observed, reconcile

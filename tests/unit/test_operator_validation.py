@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from operator_wrappers import make_job
 
+from dreambooth_api.job import SPEC_RULES
 from dreambooth_operator import names
-from dreambooth_operator.api.job import SPEC_RULES
 from dreambooth_operator.validation import validate
 
 

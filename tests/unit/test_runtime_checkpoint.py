@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from dreambooth_api.exitcodes import ExitCode, InvalidInputError, RetryableError
 from dreambooth_trainer.checkpoint import (
     MANIFEST,
     OPTIMIZER,
@@ -25,7 +26,6 @@ from dreambooth_trainer.checkpoint import (
     Snapshot,
     to_cpu,
 )
-from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, RetryableError
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.storage import ObjectStore, StorageError
 

@@ -15,9 +15,9 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from PIL import Image
 
+from dreambooth_api.config import ConfigError
+from dreambooth_api.exitcodes import ExitCode, InvalidInputError, RetryableError
 from dreambooth_trainer.cli import classify
-from dreambooth_trainer.config import ConfigError
-from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, RetryableError
 
 TRAINER = str(Path(sys.executable).parent / "dreambooth-train")
 

@@ -19,8 +19,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric import Fabric
 
-from dreambooth_trainer.config import JobConfig
-from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, RetryableError
+from dreambooth_api.config import JobConfig
+from dreambooth_api.exitcodes import ExitCode, InvalidInputError, RetryableError
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.progress import Progress

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer import rng
 from dreambooth_trainer.distributed import read_env
-from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.sampler import ResumableSampler
 
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from bitsandbytes.optim.adamw import AdamW8bit
 
+from dreambooth_api.config import TrainingConfig
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.checkpoint import to_cpu
-from dreambooth_trainer.config import TrainingConfig
-from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.module import DreamBoothModule
 from tests.gpu.conftest import fixed_loss, job_config, load_tiny, make_batch, make_loop
 

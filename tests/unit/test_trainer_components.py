@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dreambooth_api.config import BaseModelSpec
+from dreambooth_api.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.config import BaseModelSpec
-from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.model_files import select_files
 from dreambooth_trainer.storage import ObjectStore
 from dreambooth_trainer.tiny import build_tiny_pipeline

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreambooth_trainer.config import CONFIG_ENV, ConfigError, load_job_config
+from dreambooth_api.config import CONFIG_ENV, ConfigError, load_job_config
 
 DOC = {
     "name": "cat",

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dreambooth_api.config import BaseModelSpec, Crop, InstanceImagesSpec, JobConfig
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.config import BaseModelSpec, Crop, InstanceImagesSpec, JobConfig
 from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn, load_instance_examples
-from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.storage import ObjectStore
 
 # The tiny model is cached by config hash, so test files share one build.
@@ -292,7 +292,7 @@ def test_a_rank_with_nothing_to_generate_does_not_move_the_models(store: ObjectS
 
 
 def test_generation_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dreambooth_trainer.config import MixedPrecision
+    from dreambooth_api.config import MixedPrecision
     from dreambooth_trainer.prepare import generation_dtype
 
     assert generation_dtype(MixedPrecision.NO, "cuda") is None

@@ -13,8 +13,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from dreambooth_api.config import BaseModelSpec, JobConfig
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.config import BaseModelSpec, JobConfig
 from dreambooth_trainer.export import export_model, model_card, scheduler_class_name
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dreambooth_trainer.config import JobConfig
+from dreambooth_api.config import JobConfig
 from dreambooth_trainer.lean_imports import EIGHT_BIT, unused_packages
 
 # The trainer's model stack, imported as a training run does; prints whether bitsandbytes got loaded.

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dreambooth_api.config import BaseModelSpec, TrainingConfig
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.components import Components, load_components
-from dreambooth_trainer.config import BaseModelSpec, TrainingConfig
 from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn
-from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.module import STEP_KEY, DreamBoothModule, lr_schedule_name
 from dreambooth_trainer.storage import ObjectStore
 
@@ -276,8 +276,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(cache_dir: Pat
 
 
 def test_unmatched_lora_targets_are_invalid_input(cache_dir: Path) -> None:
+    from dreambooth_api.exitcodes import ExitCode
     from dreambooth_trainer.cli import classify
-    from dreambooth_trainer.exitcodes import ExitCode
 
     cfg = TrainingConfig(method="lora", resolution=32, lora={"targetModules": ["to_qq"]})
     with pytest.raises(InvalidInputError, match=r"training\.lora\.targetModules.*to_qq") as info:

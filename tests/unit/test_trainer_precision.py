@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from dreambooth_trainer.config import JobConfig
+from dreambooth_api.config import JobConfig
 from dreambooth_trainer.train import configure_cuda_math, fabric_precision
 
 
@@ -67,7 +67,7 @@ def _gpu_conftest() -> ModuleType:
 def test_gpu_tier_batches_are_encoded_by_half_precision_frozen_parts(method: str) -> None:
     """The gpu tier builds its batch after mixed precision cast the shared VAE and text encoder to bf16 (and moved
     them to the GPU): the helper must encode with them as they are. CPU autocast supports bf16, so this runs here."""
-    from dreambooth_trainer.config import TrainingConfig
+    from dreambooth_api.config import TrainingConfig
     from dreambooth_trainer.module import DreamBoothModule
 
     gpu = _gpu_conftest()

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from dreambooth_api.config import BaseModelSpec, JobConfig, PriorPreservationSpec
+from dreambooth_api.exitcodes import ExitCode, StoppedError
 from dreambooth_trainer.cli import classify
 from dreambooth_trainer.components import Components, load_components
-from dreambooth_trainer.config import BaseModelSpec, JobConfig, PriorPreservationSpec
-from dreambooth_trainer.exitcodes import ExitCode, StoppedError
 from dreambooth_trainer.priors import (
     CLASS_IMAGES_GENERATED,
     class_cache_key,

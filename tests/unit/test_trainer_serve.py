@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from dreambooth_api.config import BaseModelSpec, TrainingConfig
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.config import BaseModelSpec, TrainingConfig
-from dreambooth_trainer.exitcodes import InvalidInputError
 from dreambooth_trainer.export import export_parts, write_diffusers, write_lora, write_single_file
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.result import TERMINATION_ENV

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_trainer.config import StorageSettings
-from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
+from dreambooth_api.config import StorageSettings
+from dreambooth_api.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, join_uri, parse_uri
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dreambooth_api.config import BaseModelSpec, JobConfig, TrainingConfig, ValidationSpec
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.config import BaseModelSpec, JobConfig, TrainingConfig, ValidationSpec
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore
 from dreambooth_trainer.validation import run_validation, sample_and_upload, validation_autocast_dtype

@@ -13,8 +13,7 @@ from typing import Any, Final, cast
 
 import kopf
 
-from dreambooth_operator import names
-from dreambooth_operator.api.constants import (
+from dreambooth_api.constants import (
     ANNOTATION_POD_SPEC_HASH,
     KUEUE_PRIORITY_CLASS_LABEL,
     KUEUE_QUEUE_LABEL,
@@ -25,8 +24,10 @@ from dreambooth_operator.api.constants import (
     MANAGED_BY,
     Component,
 )
-from dreambooth_operator.api.job import DreamBoothJobSpec
-from dreambooth_operator.exitcodes import INVALID_INPUT, PREEMPTED
+from dreambooth_api.exitcodes import ExitCode
+from dreambooth_api.job import DreamBoothJobSpec
+from dreambooth_api.trainer_config import CONFIG_KEY, render_trainer_config
+from dreambooth_operator import names
 from dreambooth_operator.settings import (
     MODEL_CACHE_ENV,
     MODEL_CACHE_MOUNT,
@@ -34,7 +35,6 @@ from dreambooth_operator.settings import (
     TRAINER_METRICS_PORT,
     OperatorSettings,
 )
-from dreambooth_operator.trainer_config import CONFIG_KEY, render_trainer_config
 
 CONTAINER_NAME: Final = "trainer"
 COMPLETION_INDEX_ANNOTATION: Final = "batch.kubernetes.io/job-completion-index"
@@ -290,11 +290,15 @@ def pod_failure_policy() -> dict[str, Any]:
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             {
                 "action": "FailJob",
-                "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [INVALID_INPUT]},
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": [int(ExitCode.INVALID_INPUT)],
+                },
             },
             {
                 "action": "Ignore",
-                "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [PREEMPTED]},
+                "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [int(ExitCode.PREEMPTED)]},
             },
         ]
     }

@@ -22,8 +22,7 @@ import aiohttp
 import kopf
 from kubernetes import client
 
-from dreambooth_operator import kube, names, podstate
-from dreambooth_operator.api.constants import (
+from dreambooth_api.constants import (
     GROUP,
     INFERENCE_PLURAL,
     JOB_PLURAL,
@@ -34,6 +33,7 @@ from dreambooth_operator.api.constants import (
     VERSION,
     JobPhase,
 )
+from dreambooth_operator import kube, names, podstate
 from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
 from dreambooth_operator.inference import HANDOVER_FIELD_MANAGER, reconcile_inference
 from dreambooth_operator.metrics import OperatorMetrics

@@ -21,8 +21,8 @@ from typing import Any, Final, cast
 import kopf
 from pydantic import ValidationError
 
-from dreambooth_operator.api.common import Condition, find_condition, set_condition
-from dreambooth_operator.api.constants import (
+from dreambooth_api.common import Condition, find_condition, set_condition
+from dreambooth_api.constants import (
     LABEL_COMPONENT,
     LABEL_INFERENCE_NAME,
     LABEL_MANAGED_BY,
@@ -33,7 +33,7 @@ from dreambooth_operator.api.constants import (
     InferencePhase,
     Reason,
 )
-from dreambooth_operator.api.inference import InferenceServiceSpec, InferenceServiceStatus
+from dreambooth_api.inference import InferenceServiceSpec, InferenceServiceStatus
 from dreambooth_operator.builders import (
     RESTRICTED_CONTAINER_SECURITY,
     apply_scheduling_overrides,

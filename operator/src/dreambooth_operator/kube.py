@@ -13,7 +13,7 @@ from typing import Any, Final
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from dreambooth_operator.api.constants import GROUP, INFERENCE_PLURAL, JOB_PLURAL, LABEL_JOB_NAME, VERSION
+from dreambooth_api.constants import GROUP, INFERENCE_PLURAL, JOB_PLURAL, LABEL_JOB_NAME, VERSION
 
 FIELD_MANAGER: Final = "dreambooth-operator"
 MERGE_PATCH: Final = "application/merge-patch+json"

@@ -20,9 +20,8 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from dreambooth_operator import names, podstate, usage
-from dreambooth_operator.api.common import Condition, find_condition, set_condition
-from dreambooth_operator.api.constants import (
+from dreambooth_api.common import Condition, find_condition, set_condition
+from dreambooth_api.constants import (
     ANNOTATION_POD_SPEC_HASH,
     LABEL_ATTEMPT,
     TERMINAL_JOB_PHASES,
@@ -31,8 +30,9 @@ from dreambooth_operator.api.constants import (
     JobPhase,
     Reason,
 )
-from dreambooth_operator.api.job import CheckpointRef, DreamBoothJobSpec, DreamBoothJobStatus, Outputs, Progress
-from dreambooth_operator.api.job import progress_text as format_progress
+from dreambooth_api.job import CheckpointRef, DreamBoothJobSpec, DreamBoothJobStatus, Outputs, Progress
+from dreambooth_api.job import progress_text as format_progress
+from dreambooth_operator import names, podstate, usage
 from dreambooth_operator.builders import is_queued_by_kueue, pod_spec_hash
 from dreambooth_operator.policies import budget, deadline, failure, success, suspend, ttl
 from dreambooth_operator.validation import validate

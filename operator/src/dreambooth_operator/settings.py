@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dreambooth_operator.api.constants import DEFAULT_GPU_RESOURCE, IMAGE_REPOSITORY
+from dreambooth_api.constants import DEFAULT_GPU_RESOURCE, IMAGE_REPOSITORY
 
 VERSION = "0.1.0"
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
+from dreambooth_api.job import PodRun, Usage
 from dreambooth_operator import podstate
-from dreambooth_operator.api.job import PodRun, Usage
 
 REFRESH_SECONDS: Final = 15.0
 """A running pod's end (last seen) advances in steps of at least this: the operator's own status write wakes its

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dreambooth_api.job import DreamBoothJobSpec
 from dreambooth_operator import names
-from dreambooth_operator.api.job import DreamBoothJobSpec
 from dreambooth_operator.builders import RESERVED_ENV
 
 

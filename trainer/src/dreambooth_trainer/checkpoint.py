@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
+from dreambooth_api.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, StorageError, join_uri

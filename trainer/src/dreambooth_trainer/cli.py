@@ -14,8 +14,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from dreambooth_trainer.config import ConfigError, JobConfig, load_job_config
-from dreambooth_trainer.exitcodes import ExitCode, TrainerError
+from dreambooth_api.config import ConfigError, JobConfig, load_job_config
+from dreambooth_api.exitcodes import ExitCode, TrainerError
 from dreambooth_trainer.lean_imports import keep_out, unused_packages
 from dreambooth_trainer.logging import log
 from dreambooth_trainer.preemption import Preemption

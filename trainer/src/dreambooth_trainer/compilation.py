@@ -15,8 +15,8 @@ import shutil
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.components import MODEL_CACHE_ENV
-from dreambooth_trainer.exitcodes import InvalidInputError
 
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_CACHE_ENV = "TRITON_CACHE_DIR"

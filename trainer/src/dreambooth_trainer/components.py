@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dreambooth_trainer.config import BaseModelSpec
-from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
+from dreambooth_api.config import BaseModelSpec
+from dreambooth_api.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.model_files import REQUIRED_PARTS, hub_allow_patterns, select_files
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, relative_path
 from dreambooth_trainer.tiny import build_tiny_pipeline

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dreambooth_trainer.config import Crop, InstanceImagesSpec
-from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_api.config import Crop, InstanceImagesSpec
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.imageio import (
     check_size,
     crop_box,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_api.exitcodes import InvalidInputError
 
 
 def _int(env: Mapping[str, str], *names: str, default: int) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dreambooth_trainer.config import ExportDType, ExportFormat, JobConfig, Method
+from dreambooth_api.config import ExportDType, ExportFormat, JobConfig, Method
 from dreambooth_trainer.storage import ObjectStore, join_uri
 
 DTYPES = {ExportDType.FP32: torch.float32, ExportDType.FP16: torch.float16, ExportDType.BF16: torch.bfloat16}

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_api.exitcodes import InvalidInputError
 
 if TYPE_CHECKING:
     import torch

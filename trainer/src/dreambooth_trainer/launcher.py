@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from dreambooth_api.exitcodes import ExitCode
 from dreambooth_trainer.distributed import DistEnv
-from dreambooth_trainer.exitcodes import ExitCode
 from dreambooth_trainer.logging import log
 from dreambooth_trainer.result import (
     DEFAULT_TERMINATION_PATH,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Final
 
-from dreambooth_trainer.config import JobConfig, Optimizer
+from dreambooth_api.config import JobConfig, Optimizer
 
 EIGHT_BIT: Final = "bitsandbytes"
 

@@ -22,9 +22,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 
+from dreambooth_api.config import LRSchedule, Method, Optimizer, TrainingConfig
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.components import Components
-from dreambooth_trainer.config import LRSchedule, Method, Optimizer, TrainingConfig
-from dreambooth_trainer.exitcodes import InvalidInputError
 
 STEP_KEY = "meta.optimizer_steps"
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

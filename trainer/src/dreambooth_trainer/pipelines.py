@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dreambooth_trainer.config import Sampler
+from dreambooth_api.config import Sampler
 
 
 def make_scheduler(sampler: Sampler | str, scheduler_config: Any) -> Any:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from dreambooth_api.config import Crop, JobConfig, MixedPrecision
 from dreambooth_trainer.components import Components
-from dreambooth_trainer.config import Crop, JobConfig, MixedPrecision
 from dreambooth_trainer.data import CLASS, DreamBoothDataset, class_examples, load_instance_examples
 from dreambooth_trainer.priors import class_latents, default_cache_root, generate_class_images, load_class_images
 from dreambooth_trainer.storage import ObjectStore

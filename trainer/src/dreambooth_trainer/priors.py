@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from prometheus_client import Counter
 
-from dreambooth_trainer.config import BaseModelSpec, JobConfig, PriorPreservationSpec
-from dreambooth_trainer.exitcodes import InvalidInputError, StoppedError
+from dreambooth_api.config import BaseModelSpec, JobConfig, PriorPreservationSpec
+from dreambooth_api.exitcodes import InvalidInputError, StoppedError
 from dreambooth_trainer.imageio import decode_image, encode_png
 from dreambooth_trainer.pipelines import build_pipeline, generator_for
 from dreambooth_trainer.storage import ObjectStore, join_uri

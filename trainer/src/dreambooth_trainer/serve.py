@@ -40,8 +40,8 @@ import yaml
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pydantic import Field, ValidationError, model_validator
 
-from dreambooth_trainer.config import BaseModelSpec, Model, Sampler, StorageSettings, Uri
-from dreambooth_trainer.exitcodes import InvalidInputError
+from dreambooth_api.config import BaseModelSpec, Model, Sampler, StorageSettings, Uri
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.lean_imports import keep_out, unused_packages
 from dreambooth_trainer.result import write_termination_message
 from dreambooth_trainer.storage import ObjectStore, join_uri

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-from dreambooth_trainer.config import StorageSettings
-from dreambooth_trainer.exitcodes import InvalidInputError, RetryableError
+from dreambooth_api.config import StorageSettings
+from dreambooth_api.exitcodes import InvalidInputError, RetryableError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

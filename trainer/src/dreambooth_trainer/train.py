@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from dreambooth_api.config import JobConfig, Method
+from dreambooth_api.exitcodes import ExitCode, InvalidInputError, StoppedError
 from dreambooth_trainer import compilation, rng
 from dreambooth_trainer.checkpoint import (
     AsyncCheckpointer,
@@ -41,9 +43,7 @@ from dreambooth_trainer.checkpoint import (
     StagingBuffers,
     to_cpu,
 )
-from dreambooth_trainer.config import JobConfig, Method
 from dreambooth_trainer.distributed import broadcast_object
-from dreambooth_trainer.exitcodes import ExitCode, InvalidInputError, StoppedError
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
 from dreambooth_trainer.preemption import Preemption
@@ -552,7 +552,7 @@ class JobContext:
 
 
 def fabric_precision(config: JobConfig, cuda: bool) -> str:
-    from dreambooth_trainer.config import MixedPrecision
+    from dreambooth_api.config import MixedPrecision
 
     mp = config.training.mixed_precision
     if mp is MixedPrecision.NO or not cuda:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreambooth_trainer.config import JobConfig, Sampler, ValidationSpec
+from dreambooth_api.config import JobConfig, Sampler, ValidationSpec
 from dreambooth_trainer.imageio import encode_png
 from dreambooth_trainer.pipelines import build_pipeline, generator_for
 from dreambooth_trainer.storage import ObjectStore, join_uri

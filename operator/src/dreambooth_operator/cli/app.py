@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dreambooth_operator.api import constants as api
+from dreambooth_api import constants as api
 from dreambooth_operator.cli import kube, localrun, manifest, present, subject
 from dreambooth_operator.cli.display import ProgressDisplay
 from dreambooth_operator.cli.errors import ApiError, CliError, ExitStatus, InputError

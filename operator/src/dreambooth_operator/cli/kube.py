@@ -15,7 +15,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from dreambooth_operator.api import constants as api
+from dreambooth_api import constants as api
 from dreambooth_operator.cli.errors import ApiError, CliError, ExitStatus
 
 T = TypeVar("T")

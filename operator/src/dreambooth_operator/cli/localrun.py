@@ -23,11 +23,11 @@ from types import FrameType, TracebackType
 from typing import Any, TextIO
 from urllib.parse import unquote, urlparse
 
+from dreambooth_api.trainer_config import build_trainer_config
 from dreambooth_operator.cli.display import ProgressDisplay
 from dreambooth_operator.cli.errors import CliError, ExitStatus, InputError
 from dreambooth_operator.cli.events import Progress, describe_event, is_notable, parse_line
 from dreambooth_operator.report.data import read_json
-from dreambooth_operator.trainer_config import build_trainer_config
 
 TRAINER_COMMAND = "dreambooth-train"
 RUN_RECORD = "run.json"

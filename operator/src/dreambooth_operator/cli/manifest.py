@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from dreambooth_operator.api import constants as api
+from dreambooth_api import constants as api
 from dreambooth_operator.cli.errors import InputError
 from dreambooth_operator.cli.openapi import validate
 

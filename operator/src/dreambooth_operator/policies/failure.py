@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from dreambooth_api.exitcodes import ExitCode
 from dreambooth_operator import podstate
-from dreambooth_operator.exitcodes import INVALID_INPUT, PREEMPTED
 
 
 class FailureKind(StrEnum):
@@ -23,9 +23,9 @@ class FailureKind(StrEnum):
 def classify(pod: Mapping[str, Any]) -> FailureKind | None:
     """How a pod failed, or None while it has not failed (yet)."""
     code = podstate.exit_code(pod)
-    if podstate.is_disrupted(pod) or code == PREEMPTED:
+    if podstate.is_disrupted(pod) or code == ExitCode.PREEMPTED:
         return FailureKind.PREEMPTED
-    if code == INVALID_INPUT:
+    if code == ExitCode.INVALID_INPUT:
         return FailureKind.INVALID_INPUT
     if podstate.pod_phase(pod) == "Failed" or (code is not None and code != 0):
         return FailureKind.RETRYABLE

@@ -7,7 +7,7 @@ from typing import Any, Final, Self
 
 from pydantic import ConfigDict, Field, model_validator
 
-from dreambooth_operator.api.common import (
+from dreambooth_api.common import (
     ApiModel,
     Condition,
     ContainerResources,
@@ -19,7 +19,7 @@ from dreambooth_operator.api.common import (
     cel,
     validations,
 )
-from dreambooth_operator.api.constants import InferencePhase
+from dreambooth_api.constants import InferencePhase
 
 # Spec fields (dotted, camelCase) whose schema comes from a trainer model, as for DreamBoothJob.
 TRAINER_SECTIONS: Final = {"model.baseModel": "BaseModelSpec"}

@@ -2,7 +2,7 @@
 
 The trainer-owned sections (baseModel, instanceImages, priorPreservation, training, output) are plain dicts
 here: the operator passes them through to the trainer unchanged, and their CRD schema is generated from the
-trainer's config models (see `TRAINER_SECTIONS` and `dreambooth_operator.api.generate`).
+trainer's config models (see `TRAINER_SECTIONS` and `dreambooth_api.generate`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from pydantic import ConfigDict, Field
 
-from dreambooth_operator.api.common import (
+from dreambooth_api.common import (
     ApiModel,
     CelRule,
     Condition,
@@ -23,10 +23,10 @@ from dreambooth_operator.api.common import (
     immutable,
     validations,
 )
-from dreambooth_operator.api.constants import JobPhase
-from dreambooth_operator.trainer_config import build_trainer_config
+from dreambooth_api.constants import JobPhase
+from dreambooth_api.trainer_config import build_trainer_config
 
-# Spec field (camelCase) -> the trainer model (in dreambooth_trainer.config) that defines its schema.
+# Spec field (camelCase) -> the trainer model (in dreambooth_api.config) that defines its schema.
 TRAINER_SECTIONS: Final = {
     "baseModel": "BaseModelSpec",
     "instanceImages": "InstanceImagesSpec",

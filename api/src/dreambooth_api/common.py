@@ -15,9 +15,9 @@ from typing import Annotated, Any, Self, cast
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
-from dreambooth_operator.api.constants import ConditionStatus
+from dreambooth_api.constants import ConditionStatus
 
-# The same object-storage URI the trainer accepts (dreambooth_trainer.config.URI_PATTERN; a unit test keeps
+# The same object-storage URI the trainer accepts (dreambooth_api.config.URI_PATTERN; a unit test keeps
 # the two equal, since the operator may not import the trainer).
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.*)$"
 Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=1024)]
