@@ -12,7 +12,7 @@ help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: install
-install: ## Create .venv with both projects and the pinned test/lint tools (idempotent)
+install: ## Create .venv with the four projects (api, operator, trainer, cli) and the pinned test/lint tools (idempotent)
 	@bash tests/infra/install-venv.sh
 
 .PHONY: binaries
@@ -22,7 +22,7 @@ binaries: ## Build/cache etcd, kube-*, kubectl, helm, weed, prometheus into .too
 .PHONY: lock
 lock: ## Re-pin requirements/dev.lock from the pyprojects and requirements/dev.in
 	$(VENV)/bin/uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-		api/pyproject.toml operator/pyproject.toml trainer/pyproject.toml requirements/dev.in -o requirements/dev.lock
+		--no-emit-package dreambooth-api requirements/workspace.in api/pyproject.toml operator/pyproject.toml cli/pyproject.toml trainer/pyproject.toml requirements/dev.in -o requirements/dev.lock
 
 .PHONY: lint
 lint: install ## ruff, mypy (strict), import contracts, hadolint

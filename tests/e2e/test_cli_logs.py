@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dreambooth_api import constants as api
-from dreambooth_operator.cli.errors import ExitStatus
+from dreambooth_cli.errors import ExitStatus
 from tests.infra.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from dreambooth_operator.cli.errors import ExitStatus
-from dreambooth_operator.cli.events import parse_line
-from dreambooth_operator.report import load_run
+from dreambooth_cli.errors import ExitStatus
+from dreambooth_cli.events import parse_line
+from dreambooth_cli.report import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dreambooth_operator.cli import subject as toy
-from dreambooth_operator.report import load_run
+from dreambooth_cli import subject as toy
+from dreambooth_cli.report import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreambooth_operator.report import load_run, write_report
-from dreambooth_operator.report.render import LAYOUT, LOSS_TREND_COLOR, LR_COLOR
+from dreambooth_cli.report import load_run, write_report
+from dreambooth_cli.report.render import LAYOUT, LOSS_TREND_COLOR, LR_COLOR
 
 ROOT = Path(__file__).resolve().parents[2]
 # One solid colour per (step row, prompt column), so each grid cell is identifiable in the screenshot.

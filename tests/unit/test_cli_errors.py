@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_operator.cli.app import main
-from dreambooth_operator.cli.errors import ExitStatus
+from dreambooth_cli.app import main
+from dreambooth_cli.errors import ExitStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo-job.yaml"

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dreambooth_operator.cli import present
-from dreambooth_operator.cli.events import Progress, describe_event, is_notable, parse_line
+from dreambooth_cli import present
+from dreambooth_cli.events import Progress, describe_event, is_notable, parse_line
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_display_draws_a_live_bar_on_a_terminal_and_plain_lines_otherwise() -> N
 
     from rich.console import Console
 
-    from dreambooth_operator.cli.display import ProgressDisplay
+    from dreambooth_cli.display import ProgressDisplay
 
     progress = Progress()
     tty = io.StringIO()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_operator.cli import kube
-from dreambooth_operator.cli.app import main
-from dreambooth_operator.cli.errors import CliError, ExitStatus
+from dreambooth_cli import kube
+from dreambooth_cli.app import main
+from dreambooth_cli.errors import CliError, ExitStatus
 
 CLUSTER = 'clusters: [{name: c, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]'
 USERS = "users: [{name: u, user: {token: t}}]"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreambooth_operator.cli import localrun
-from dreambooth_operator.cli.errors import ExitStatus, InputError
-from dreambooth_operator.cli.sync import LocalFile, RemoteObject, collect_images, plan_uploads, sync_to_folder
+from dreambooth_cli import localrun
+from dreambooth_cli.errors import ExitStatus, InputError
+from dreambooth_cli.sync import LocalFile, RemoteObject, collect_images, plan_uploads, sync_to_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from dreambooth_api import constants as api
-from dreambooth_operator.cli import manifest
-from dreambooth_operator.cli.errors import ExitStatus, InputError
-from dreambooth_operator.cli.openapi import validate
+from dreambooth_cli import manifest
+from dreambooth_cli.errors import ExitStatus, InputError
+from dreambooth_cli.openapi import validate
 
 GOOD = f"""\
 apiVersion: {api.API_VERSION}

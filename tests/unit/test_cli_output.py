@@ -10,11 +10,11 @@ import pytest
 from kubernetes import client
 from rich.console import Console
 
-from dreambooth_operator.cli import app, kube
-from dreambooth_operator.cli.app import main
-from dreambooth_operator.cli.display import ProgressDisplay
-from dreambooth_operator.cli.errors import ExitStatus
-from dreambooth_operator.cli.events import Progress
+from dreambooth_cli import app, kube
+from dreambooth_cli.app import main
+from dreambooth_cli.display import ProgressDisplay
+from dreambooth_cli.errors import ExitStatus
+from dreambooth_cli.events import Progress
 
 BRACKETED = [
     "s3://b/[draft]/x",

@@ -12,7 +12,8 @@ import pytest
 import typer.main
 
 from dreambooth_api import constants as api
-from dreambooth_operator.cli.app import app
+from dreambooth_cli.app import app
+from dreambooth_cli.client import DreamBoothClient
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -58,6 +59,18 @@ def test_dreambooth_command_lines_parse(line: str) -> None:
     name, command, rest = group.resolve_command(ctx, ctx.protected_args + ctx.args)
     assert command is not None, line
     command.make_context(name or "", list(rest), parent=ctx)
+
+
+def test_the_python_example_is_five_lines_of_the_client() -> None:
+    """The README's Python block compiles, uses only DreamBoothClient's public methods, and is five lines after
+    its import (tests/integration/test_client_readme.py runs it against a real API server)."""
+    (block,) = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+    compile(block, "README.md", "exec")
+    body = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith(("from ", "import "))]
+    assert len(body) == 5, body
+    assert "from dreambooth_cli.client import DreamBoothClient" in block
+    for method in re.findall(r"client\.(\w+)\(", block):
+        assert callable(getattr(DreamBoothClient, method, None)), method
 
 
 def test_kubectl_short_names_exist() -> None:

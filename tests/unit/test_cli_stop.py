@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from dreambooth_operator.cli import localrun
-from dreambooth_operator.cli.display import ProgressDisplay
-from dreambooth_operator.cli.events import parse_line
+from dreambooth_api.exitcodes import ExitCode
+from dreambooth_cli import localrun
+from dreambooth_cli.display import ProgressDisplay
+from dreambooth_cli.events import parse_line
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FAKE_TRAINER = """
@@ -67,7 +68,7 @@ def test_a_stop_signal_is_forwarded_once_and_the_output_is_read_to_the_end(
     monkeypatch.setenv("FAKE_SIGNAL_COUNT", "2")  # the second one is ignored
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     result, shown = run(tmp_path)
-    assert result.exit_code == localrun.PREEMPTED_EXIT
+    assert result.exit_code == ExitCode.PREEMPTED
     assert result.termination == {"reason": "Preempted", "message": "checkpoint at step 1"}
     events = [e for e in map(parse_line, result.log_path.read_text().splitlines()) if e]
     assert [e["i"] for e in events if e.get("event") == "flushing"] == list(range(3000))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreambooth_operator.cli import subject
+from dreambooth_cli import subject
 
 
 def test_subject_images_are_valid_distinct_pngs(tmp_path: Path) -> None:

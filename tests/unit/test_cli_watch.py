@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from dreambooth_operator.cli import kube
-from dreambooth_operator.cli.app import main, submit_error
-from dreambooth_operator.cli.errors import ApiError, CliError, ExitStatus, InputError
+from dreambooth_cli import kube
+from dreambooth_cli.app import main
+from dreambooth_cli.client import submit_error
+from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
 
 
 class FakeClock:

@@ -13,6 +13,7 @@ import subprocess
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -23,6 +24,10 @@ from dreambooth_operator.builders import TRAINER_GID
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"operator": ROOT / "images/operator/Dockerfile", "trainer": ROOT / "images/trainer/Dockerfile"}
+INSTALLS = {"operator": ("api", "operator"), "trainer": ("api", "trainer")}
+"""The projects each image installs (the CLI, cli/, is installed on users' machines, in no image)."""
+PROJECTS = ("api", "operator", "cli", "trainer")
+CLI_ONLY_DEPENDENCIES = {"typer", "rich", "boto3"}
 CHART = ROOT / "charts/dreambooth-operator"
 
 
@@ -48,12 +53,26 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return result
 
 
-def console_scripts() -> set[str]:
+def project(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = tomllib.loads((ROOT / name / "pyproject.toml").read_text())["project"]
+    return data
+
+
+def console_scripts(*projects: str) -> set[str]:
     scripts: set[str] = set()
-    for project in ("operator", "trainer"):
-        data = tomllib.loads((ROOT / project / "pyproject.toml").read_text())
-        scripts |= set(data["project"]["scripts"])
+    for name in projects or PROJECTS:
+        scripts |= set(project(name).get("scripts", {}))
     return scripts
+
+
+def dependency_names(name: str) -> set[str]:
+    """The distribution names a project depends on (pins, extras and markers dropped), normalized."""
+    names = set()
+    for requirement in project(name)["dependencies"]:
+        match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+        assert match is not None, requirement
+        names.add(re.sub(r"[-_.]+", "-", match.group(0)).lower())
+    return names
 
 
 def commands_named(path: Path) -> set[str]:
@@ -78,9 +97,39 @@ def exposed(path: Path) -> set[int]:
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
 def test_every_command_is_a_console_script(image: str) -> None:
+    """Of the projects the image installs: the operator image has no `dreambooth` (the CLI's)."""
     named = commands_named(IMAGES[image])
+    installed = console_scripts(*INSTALLS[image])
     assert named, "the Dockerfile runs none of our commands"
-    assert named <= console_scripts(), named - console_scripts()
+    assert named <= installed, named - installed
+
+
+def test_the_operator_image_installs_only_what_the_operator_runs() -> None:
+    """typer, rich and boto3 are the CLI's: neither the operator project nor its image has them."""
+    assert not dependency_names("operator") & CLI_ONLY_DEPENDENCIES
+    assert not dependency_names("api") & CLI_ONLY_DEPENDENCIES
+    assert dependency_names("cli") >= {"dreambooth-api", *CLI_ONLY_DEPENDENCIES}
+    assert not dependency_names("cli") & {"dreambooth-operator", "dreambooth-trainer", "torch"}
+    assert {"dreambooth", "kubectl-dreambooth"} <= console_scripts("cli")
+    assert not {"dreambooth", "kubectl-dreambooth"} & console_scripts("api", "operator", "trainer")
+    copied = {a.split()[0] for w, a in instructions(IMAGES["operator"]) if w == "COPY" and not a.startswith("--")}
+    assert "cli" not in copied
+    installs = " ".join(a for w, a in instructions(IMAGES["operator"]) if w == "RUN")
+    for module in ("torch", *CLI_ONLY_DEPENDENCIES):  # the build fails if any of them got installed
+        assert f" {module}" in installs.partition("find_spec")[2], module
+
+
+def test_every_dependency_is_pinned_as_in_the_lock() -> None:
+    """Each project pins its third-party dependencies at the lock's versions (the lock is compiled from them)."""
+    lock = dict(
+        re.findall(r"^([a-z0-9][a-z0-9._-]*)==(\S+)", (ROOT / "requirements/dev.lock").read_text(), flags=re.MULTILINE)
+    )
+    for name in PROJECTS:
+        for requirement in project(name)["dependencies"]:
+            dist, _, version = requirement.partition("==")
+            if dist.startswith("dreambooth-"):
+                continue
+            assert lock.get(dist.lower()) == version, requirement
 
 
 def test_entry_points() -> None:
@@ -124,9 +173,8 @@ def test_python_versions_agree_with_the_lock() -> None:
     minor = version.group(1)
     assert f"FROM python:{minor}." in IMAGES["operator"].read_text()
     assert f"uv python install {minor}." in IMAGES["trainer"].read_text()
-    for project in ("operator", "trainer"):
-        data = tomllib.loads((ROOT / project / "pyproject.toml").read_text())
-        assert data["project"]["version"] == settings.VERSION
+    for name in PROJECTS:
+        assert project(name)["version"] == settings.VERSION
     uv = re.search(r"UV_VERSION=([\d.]+)", (ROOT / "tests/infra/install-venv.sh").read_text())
     assert uv is not None
     assert f"ghcr.io/astral-sh/uv:{uv.group(1)} " in IMAGES["trainer"].read_text()

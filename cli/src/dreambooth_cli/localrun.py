@@ -1,6 +1,6 @@
 """`dreambooth run JOB.yaml --local`: the same job YAML, without a cluster.
 
-The trainer runs as a subprocess (`dreambooth-train`; the operator package never imports it). s3:// URIs are
+The trainer runs as a subprocess (`dreambooth-train`; the CLI never imports the trainer package). s3:// URIs are
 rewritten to file://<workdir>/s3/<bucket>/<key>, so outputs, checkpoints and the class-image cache land in the
 workdir, and re-running the same command resumes from the newest checkpoint there.
 """
@@ -23,19 +23,20 @@ from types import FrameType, TracebackType
 from typing import Any, TextIO
 from urllib.parse import unquote, urlparse
 
+from dreambooth_api import env as trainer_env
+from dreambooth_api.exitcodes import ExitCode
 from dreambooth_api.trainer_config import build_trainer_config
-from dreambooth_operator.cli.display import ProgressDisplay
-from dreambooth_operator.cli.errors import CliError, ExitStatus, InputError
-from dreambooth_operator.cli.events import Progress, describe_event, is_notable, parse_line
-from dreambooth_operator.report.data import read_json
+from dreambooth_cli.display import ProgressDisplay
+from dreambooth_cli.errors import CliError, ExitStatus, InputError
+from dreambooth_cli.events import Progress, describe_event, is_notable, parse_line
+from dreambooth_cli.report.data import read_json
 
 TRAINER_COMMAND = "dreambooth-train"
 RUN_RECORD = "run.json"
 """Written into the workdir: where the outputs of the local run are (so `dreambooth report DIR` finds them)."""
-INVALID_INPUT_EXIT = 10  # trainer/src/dreambooth_trainer/exitcodes.py: ExitCode.INVALID_INPUT
-PREEMPTED_EXIT = 12  # ExitCode.PREEMPTED: SIGTERM handled, checkpoint written
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TRAINER_GRACE_DEFAULT_SECONDS = 25.0  # the trainer's DREAMBOOTH_GRACE_SECONDS default (docs/contracts.md)
+TERMINATION_MESSAGE_ENV = "TERMINATION_MESSAGE_PATH"  # where the trainer writes its termination message
 STOP_MARGIN_SECONDS = 30.0
 """After forwarding SIGTERM, the trainer is killed if it still runs this long after its own grace period."""
 
@@ -138,7 +139,7 @@ def thread_env(config: dict[str, Any], environ: dict[str, str]) -> dict[str, str
 def stop_grace_seconds(environ: Mapping[str, str]) -> float:
     """How long a stopping trainer may take: its DREAMBOOTH_GRACE_SECONDS plus a margin."""
     try:
-        grace = float(environ.get("DREAMBOOTH_GRACE_SECONDS", TRAINER_GRACE_DEFAULT_SECONDS))
+        grace = float(environ.get(trainer_env.GRACE_SECONDS, TRAINER_GRACE_DEFAULT_SECONDS))
     except ValueError:
         grace = TRAINER_GRACE_DEFAULT_SECONDS
     return max(grace, 0.0) + STOP_MARGIN_SECONDS
@@ -211,11 +212,11 @@ def run_trainer(config: dict[str, Any], workdir: Path, display: ProgressDisplay)
     )
     env = {
         **os.environ,
-        "DREAMBOOTH_CONFIG": str(config_path.resolve()),
-        "DREAMBOOTH_WORKDIR": str(scratch.resolve()),
-        "TERMINATION_MESSAGE_PATH": str(termination_path.resolve()),
-        "DREAMBOOTH_BIND_ADDRESS": "127.0.0.1",
-        "DREAMBOOTH_METRICS_PORT": str(free_port()),
+        trainer_env.CONFIG: str(config_path.resolve()),
+        trainer_env.WORKDIR: str(scratch.resolve()),
+        TERMINATION_MESSAGE_ENV: str(termination_path.resolve()),
+        trainer_env.BIND_ADDRESS: "127.0.0.1",
+        trainer_env.METRICS_PORT: str(free_port()),
         "PYTHONUNBUFFERED": "1",
         **thread_env(config, dict(os.environ)),
     }
@@ -268,9 +269,9 @@ def check_outcome(run: LocalRun) -> None:
     if not message:
         tail = [ln.strip() for ln in run.log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
         message = tail[0] if tail else "no message"
-    if run.exit_code == INVALID_INPUT_EXIT:
+    if run.exit_code == ExitCode.INVALID_INPUT:
         raise CliError(f"invalid job (checked by the trainer): {message}", ExitStatus.INVALID_INPUT)
-    if run.exit_code == PREEMPTED_EXIT:
+    if run.exit_code == ExitCode.PREEMPTED:
         raise CliError(
             f"training stopped at a checkpoint ({message or 'preempted'}); run the same command to resume",
             ExitStatus.JOB_FAILED,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from dreambooth_operator.cli.events import Progress
+from dreambooth_cli.events import Progress
 
 
 def parse_time(value: Any) -> datetime | None:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from dreambooth_operator.cli.events import Progress as TrainingProgress
+from dreambooth_cli.events import Progress as TrainingProgress
 
 PLAIN_INTERVAL_SECONDS = 2.0
 

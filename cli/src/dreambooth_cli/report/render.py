@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 
-from dreambooth_operator.report.data import RunData
-from dreambooth_operator.report.svg import Series, ema, line_chart
+from dreambooth_cli.report.data import RunData
+from dreambooth_cli.report.svg import Series, ema, line_chart
 
 LOSS_COLOR = "#d62728"
 LOSS_TREND_COLOR = "#7f0000"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dreambooth_operator.report.data import RunData, load_run
-from dreambooth_operator.report.render import render_report, write_report
+from dreambooth_cli.report.data import RunData, load_run
+from dreambooth_cli.report.render import render_report, write_report
 
 __all__ = ["RunData", "load_run", "render_report", "write_report"]

@@ -15,9 +15,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dreambooth_operator.cli.errors import CliError, InputError
-from dreambooth_operator.cli.kube import Target, call
-from dreambooth_operator.cli.sync import LocalFile, RemoteObject, plan_uploads
+from dreambooth_cli.errors import CliError, InputError
+from dreambooth_cli.kube import Target, call
+from dreambooth_cli.sync import LocalFile, RemoteObject, plan_uploads
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -16,7 +16,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from dreambooth_api import constants as api
-from dreambooth_operator.cli.errors import ApiError, CliError, ExitStatus
+from dreambooth_cli.errors import ApiError, CliError, ExitStatus
 
 T = TypeVar("T")
 REQUEST_TIMEOUT_SECONDS = 15

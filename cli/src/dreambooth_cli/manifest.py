@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from dreambooth_api import constants as api
-from dreambooth_operator.cli.errors import InputError
-from dreambooth_operator.cli.openapi import validate
+from dreambooth_cli.errors import InputError
+from dreambooth_cli.openapi import validate
 
 CRD_ENV = "DREAMBOOTH_CRD"
 """Path of the DreamBoothJob CRD YAML, when the CLI runs outside a source checkout."""

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from dreambooth_api.progress import ProgressError, parse_progress
+
 STEP_EVENT = "step"
 
 
@@ -21,15 +23,10 @@ def parse_line(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
 @dataclass
 class Progress:
-    """The latest training progress, updated from `step` events (and from a DreamBoothJob's status.progress)."""
+    """What the CLI shows of a job's progress: the latest `step` event of the trainer's log (or a DreamBoothJob's
+    status.progress). A step event carries the fields of the `/progress` document, read by the contract's parser."""
 
     step: int = 0
     total_steps: int | None = None
@@ -41,19 +38,17 @@ class Progress:
 
     def update(self, event: dict[str, Any]) -> bool:
         """Apply a step event or a /progress-like document; True when it carried progress."""
-        step = event.get("step")
-        if not isinstance(step, int) or isinstance(step, bool):
-            return False
         if event.get("event") not in (None, STEP_EVENT):
             return False
-        self.step = step
-        total = event.get("totalSteps")
-        if isinstance(total, int) and not isinstance(total, bool):
-            self.total_steps = total
-        self.loss = _num(event.get("loss"))
-        self.lr = _num(event.get("lr"))
-        self.steps_per_second = _num(event.get("stepsPerSecond"))
-        self.eta_seconds = _num(event.get("etaSeconds"))
+        try:
+            doc = parse_progress(event)
+        except ProgressError:
+            return False
+        self.step = doc.step
+        if doc.total_steps:
+            self.total_steps = doc.total_steps
+        self.loss, self.lr = doc.loss, doc.lr
+        self.steps_per_second, self.eta_seconds = doc.steps_per_second, doc.eta_seconds
         if isinstance(event.get("phase"), str):
             self.phase = event["phase"]
         return True

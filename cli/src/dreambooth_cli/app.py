@@ -6,13 +6,10 @@ Every failure is one line on stderr and a non-zero exit status (see errors.ExitS
 from __future__ import annotations
 
 import sys
-import tempfile
-import time
 import traceback
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import click
 import typer
@@ -21,12 +18,13 @@ from rich.table import Table
 from rich.text import Text
 
 from dreambooth_api import constants as api
-from dreambooth_operator.cli import kube, localrun, manifest, present, subject
-from dreambooth_operator.cli.display import ProgressDisplay
-from dreambooth_operator.cli.errors import ApiError, CliError, ExitStatus, InputError
-from dreambooth_operator.cli.sync import collect_images, sync_to_folder
-from dreambooth_operator.report import load_run, write_report
-from dreambooth_operator.report.data import looks_like_run
+from dreambooth_cli import localrun, manifest, present, subject
+from dreambooth_cli.client import DreamBoothClient, JobInfo, Upload
+from dreambooth_cli.display import ProgressDisplay
+from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
+from dreambooth_cli.report import load_run, write_report
+from dreambooth_cli.report.data import looks_like_run
+from dreambooth_cli.sync import collect_images, sync_to_folder
 
 app = typer.Typer(
     name="dreambooth",
@@ -44,8 +42,6 @@ Namespace = Annotated[str | None, typer.Option("--namespace", "-n", help="Namesp
 Context = Annotated[str | None, typer.Option("--context", help="The kubeconfig context to use.")]
 Kubeconfig = Annotated[Path | None, typer.Option("--kubeconfig", help="Path of the kubeconfig (default: $KUBECONFIG).")]
 JobName = Annotated[str, typer.Argument(help="The DreamBoothJob's name.", show_default=False)]
-WATCH_RETRY_SECONDS = 300.0
-"""Without --timeout, `watch` gives up after this long without one successful read."""
 
 
 def say(text: str) -> None:
@@ -96,48 +92,19 @@ def submit(
     kubeconfig: Kubeconfig = None,
 ) -> None:
     """Create a DreamBoothJob on the cluster (after a server-side dry run), uploading its photos first."""
-    from dreambooth_operator.cli import s3
-
     job = manifest.load_job_manifest(job_file)
-    target = kube.connect(kubeconfig, context, namespace or job["metadata"].get("namespace"))
-    job["metadata"]["namespace"] = target.namespace
-    name = job["metadata"]["name"]
-    ns = target.namespace
-    create = target.custom.create_namespaced_custom_object
-    args = (api.GROUP, api.VERSION, ns, api.JOB_PLURAL, job)
-    # Strict: an unknown or misspelled field is an error, not silently pruned (kubectl apply does the same).
-    try:
-        kube.call(target, create, *args, dry_run="All", field_validation="Strict")
-    except ApiError as err:
-        raise submit_error(job_file, f"{ns}/{name}", err, dry_run=True) from err
-    if images is not None:
-        uri = job["spec"].get("instanceImages", {}).get("uri")
-        if not isinstance(uri, str) or not uri.startswith("s3://"):
-            raise InputError("--images needs spec.instanceImages.uri to be an s3:// prefix")
-        uploaded, skipped = s3.upload_images(s3.client_for_job(target, job), collect_images(images), uri)
-        say(f"images: {uploaded} uploaded, {skipped} unchanged, to {uri}")
-    try:
-        kube.call(target, create, *args, field_validation="Strict")
-    except ApiError as err:
-        raise submit_error(job_file, f"{ns}/{name}", err, dry_run=False) from err
+    client = DreamBoothClient(kubeconfig, context, namespace)
+
+    def uploaded(upload: Upload) -> None:
+        say(f"images: {upload.uploaded} uploaded, {upload.unchanged} unchanged, to {upload.uri}")
+
+    name = client.submit(job, images, on_upload=uploaded, source=job_file)
+    ns = client.namespace_for(job)
     say(f"{api.JOB_KIND} {ns}/{name} created. Next:")
     say(f"  kubectl get dbj {name} -n {ns}")
     say(f"  dreambooth watch {name} -n {ns}")
     say(f"  dreambooth logs {name} -n {ns} --follow")
     say(f"  dreambooth report {name} -n {ns} -o {name}-report.html")
-
-
-def submit_error(job_file: Path, job: str, err: ApiError, *, dry_run: bool) -> CliError:
-    """What a failed create means: 400/422 is invalid input, 409 an existing job, anything else as it is."""
-    if err.http_status in (400, 422):
-        check = "dry run; CRD schema and rules" if dry_run else "CRD schema and rules"
-        return InputError(f"{job_file}: rejected by the API server ({check}): {err.message}")
-    if err.http_status == 409:
-        return CliError(
-            f"{api.JOB_KIND} {job} already exists (delete it first, or change metadata.name)",
-            ExitStatus.ALREADY_EXISTS,
-        )
-    return err
 
 
 @app.command("list")
@@ -150,44 +117,37 @@ def list_(
     kubeconfig: Kubeconfig = None,
 ) -> None:
     """List DreamBoothJobs with phase, progress, loss, restarts and age."""
-    target = kube.connect(kubeconfig, context, namespace)
-    jobs = kube.list_jobs(target, all_namespaces)
+    client = DreamBoothClient(kubeconfig, context, namespace)
+    jobs = client.list(all_namespaces)
     if not jobs:
-        where = "any namespace" if all_namespaces else f"namespace {target.namespace}"
+        where = "any namespace" if all_namespaces else f"namespace {client.namespace}"
         err_console.print(f"no {api.JOB_PLURAL} in {where}", markup=False)
         return
     table = Table(
         "NAME", "NAMESPACE", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "GPU-MIN", "AGE", box=None, pad_edge=False
     )
     now = datetime.now(UTC)
-    for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"]["name"])):
-        table.add_row(*(Text(cell) for cell in present.job_row(job, now)))
+    for job in jobs:
+        table.add_row(*(Text(cell) for cell in present.job_row(job.raw, now)))
     out.print(table)
 
 
 @app.command()
 def status(name: JobName, namespace: Namespace = None, context: Context = None, kubeconfig: Kubeconfig = None) -> None:
     """Show a job's phase, progress, outputs and conditions."""
-    target = kube.connect(kubeconfig, context, namespace)
-    job = kube.get_job(target, name)
+    client = DreamBoothClient(kubeconfig, context, namespace)
+    job = client.get(name)
     details = Table(show_header=False, box=None, pad_edge=False)
-    for key, value in present.detail_rows(job):
+    for key, value in present.detail_rows(job.raw):
         details.add_row(Text(key, style="bold"), Text(value))
-    out.print(Text(f"{api.JOB_KIND} {target.namespace}/{name}", style="bold"))
+    out.print(Text(f"{api.JOB_KIND} {client.namespace}/{name}", style="bold"))
     out.print(details)
-    rows = present.condition_rows(job)
+    rows = present.condition_rows(job.raw)
     if rows:
         table = Table("TYPE", "STATUS", "REASON", "MESSAGE", "LAST TRANSITION", title="Conditions")
         for row in rows:
             table.add_row(*(Text(cell) for cell in row))
         out.print(table)
-
-
-def _failure_message(job: dict[str, Any]) -> str:
-    for c in present.status_of(job).get("conditions") or []:
-        if isinstance(c, dict) and c.get("type") == "Failed" and c.get("status") == "True":
-            return f"{c.get('reason', 'Failed')}: {c.get('message', '')}".rstrip(": ")
-    return str(present.status_of(job).get("message") or "failed")
 
 
 @app.command()
@@ -200,37 +160,22 @@ def watch(
     kubeconfig: Kubeconfig = None,
 ) -> None:
     """Show a live progress bar from the job's status until it succeeds (exit 0) or fails (non-zero)."""
-    target = kube.connect(kubeconfig, context, namespace)
-    deadline = time.monotonic() + timeout if timeout else None
-    last_phase = ""
+    client = DreamBoothClient(kubeconfig, context, namespace).connect()  # fail before the display starts
+    last: JobInfo | None = None
     with ProgressDisplay(err_console, description=name) as display:
 
         def retrying(err: ApiError, delay: float) -> None:
             display.note(f"{name}: {err.message}; retrying in {delay:g}s")
 
-        while True:
-            give_up_at = deadline if deadline is not None else time.monotonic() + WATCH_RETRY_SECONDS
-            job = kube.retry_transient(
-                lambda: kube.get_job(target, name),
-                give_up_at=give_up_at,
-                on_retry=retrying,
-                clock=time.monotonic,
-                sleep=time.sleep,
-            )
-            phase = present.phase_of(job)
-            if phase != last_phase:
-                display.note(f"{name}: {phase}")
-                last_phase = phase
-            display.update(present.progress_of(job))
-            if phase in api.TERMINAL_JOB_PHASES:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise CliError(f"{name} still {phase} after {timeout:g}s")
-            time.sleep(interval)
-    if phase == api.JobPhase.FAILED:
-        raise CliError(f"{name} failed: {_failure_message(job)}", ExitStatus.JOB_FAILED)
-    outputs = present.status_of(job).get("outputs") or {}
-    say(f"{name} succeeded; model: {outputs.get('modelUri', '-')}")
+        for job in client.watch(name, timeout=timeout, interval=interval, on_retry=retrying):
+            if last is None or job.phase != last.phase:
+                display.note(f"{name}: {job.phase}")
+            display.update(job.progress)
+            last = job
+    assert last is not None  # watch yields at least one read, or raises
+    if last.failed:
+        raise CliError(f"{name} failed: {last.failure_message}", ExitStatus.JOB_FAILED)
+    say(f"{name} succeeded; model: {last.model_uri or '-'}")
 
 
 @app.command()
@@ -243,44 +188,9 @@ def logs(
     kubeconfig: Kubeconfig = None,
 ) -> None:
     """Print the trainer log of one rank's pod (the newest attempt)."""
-    target = kube.connect(kubeconfig, context, namespace)
-    kube.get_job(target, name)
-    pods = kube.call(
-        target, target.core.list_namespaced_pod, target.namespace, label_selector=f"{api.LABEL_JOB_NAME}={name}"
-    ).items
-    index_key = "batch.kubernetes.io/job-completion-index"
-
-    def rank_of(pod: Any) -> str | None:
-        meta = pod.metadata
-        return (meta.labels or {}).get(index_key) or (meta.annotations or {}).get(index_key)
-
-    mine = [p for p in pods if rank_of(p) == str(rank)]
-    if not mine:
-        raise CliError(f"no pod of {name} with rank {rank} yet (found {len(pods)} pods)", ExitStatus.NOT_FOUND)
-
-    def newest(pod: Any) -> tuple[int, datetime]:
-        attempt = (pod.metadata.labels or {}).get(api.LABEL_ATTEMPT, "0")
-        created = pod.metadata.creation_timestamp or datetime.min.replace(tzinfo=UTC)
-        return (int(attempt) if str(attempt).isdigit() else 0, created)
-
-    pod = max(mine, key=newest)
-    container = pod.spec.containers[0].name
-    response = kube.call(
-        target,
-        target.core.read_namespaced_pod_log,
-        pod.metadata.name,
-        target.namespace,
-        container=container,
-        follow=follow,
-        _preload_content=False,
-        _request_timeout=None if follow else kube.REQUEST_TIMEOUT_SECONDS,
-    )
-    try:
-        for chunk in response.stream(4096):
-            sys.stdout.write(chunk.decode("utf-8", errors="replace"))
-            sys.stdout.flush()
-    finally:
-        response.release_conn()
+    for line in DreamBoothClient(kubeconfig, context, namespace).logs(name, rank=rank, follow=follow):
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 @app.command()
@@ -298,21 +208,8 @@ def report(
         if not looks_like_run(run_dir):
             raise InputError(f"{folder}: no run outputs here (metrics.jsonl, config.json, result.json or samples/)")
         path = write_report(load_run(run_dir), output or folder / "report.html")
-        say(f"report: {path}")
-        return
-    from dreambooth_operator.cli import s3
-
-    target = kube.connect(kubeconfig, context, namespace)
-    job = kube.get_job(target, source)
-    uri = str(job.get("spec", {}).get("output", {}).get("uri", ""))
-    destination = output or Path(f"{source}-report.html")
-    gpu_time = present.usage_text(present.status_of(job).get("usage"))
-    with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
-        if uri.startswith("file://"):
-            run_dir = localrun.uri_to_path(uri)
-        else:
-            run_dir = s3.download_run(s3.client_for_job(target, job), uri, Path(tmp))
-        path = write_report(replace(load_run(run_dir), gpu_time=gpu_time), destination, title=source)
+    else:
+        path = DreamBoothClient(kubeconfig, context, namespace).report(source, output)
     say(f"report: {path}")
 
 

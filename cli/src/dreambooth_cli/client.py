@@ -1,0 +1,343 @@
+"""A typed Python client for DreamBoothJobs: what the `dreambooth` command does, for an app backend or a notebook.
+
+    client = DreamBoothClient()  # kubeconfig, context and namespace chosen as kubectl chooses them
+    name = client.submit("job.yaml", images="photos/")
+    for job in client.watch(name):
+        print(job.phase, job.progress.describe())
+
+The commands of `app.py` are a thin layer over it. It connects on first use. Every failure raises a `CliError`
+(`InputError`, `ApiError` and `WatchTimeoutError` are kinds of it) with a one-line `message` and the exit `status` the
+command uses for it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import codecs
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dreambooth_api import constants as api
+from dreambooth_api.job import DreamBoothJobStatus
+from dreambooth_cli import kube, localrun, manifest, present
+from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
+from dreambooth_cli.events import Progress
+from dreambooth_cli.report import load_run, write_report
+from dreambooth_cli.sync import collect_images
+
+log = logging.getLogger(__name__)
+
+WATCH_RETRY_SECONDS = 300.0
+"""Without a timeout, `watch` gives up after this long without one successful read."""
+WATCH_INTERVAL_SECONDS = 2.0
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+"""Kubernetes' label (and annotation) on the pods of an Indexed Job: the node rank of a DreamBoothJob's pod."""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A DreamBoothJob as read from the cluster: the facts most callers want, and the object itself (`raw`)."""
+
+    name: str
+    namespace: str
+    phase: str
+    """A `JobPhase` value ("Pending" until the operator writes one)."""
+    progress: Progress
+    """Steps, loss, learning rate, speed and ETA from status.progress (total steps from the spec until then)."""
+    raw: dict[str, Any]
+    """The custom object as the API server returned it."""
+
+    @classmethod
+    def from_object(cls, job: dict[str, Any], namespace: str = "") -> JobInfo:
+        meta = job.get("metadata") or {}
+        return cls(
+            name=str(meta.get("name", "")),
+            namespace=str(meta.get("namespace") or namespace),
+            phase=present.phase_of(job),
+            progress=present.progress_of(job),
+            raw=job,
+        )
+
+    @property
+    def status(self) -> DreamBoothJobStatus:
+        """status as the typed contract model (raises pydantic's ValidationError for a status it does not allow)."""
+        return DreamBoothJobStatus.model_validate(present.status_of(self.raw))
+
+    @property
+    def terminal(self) -> bool:
+        """Succeeded or Failed: nothing will change any more."""
+        return self.phase in api.TERMINAL_JOB_PHASES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.phase == api.JobPhase.SUCCEEDED
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == api.JobPhase.FAILED
+
+    @property
+    def model_uri(self) -> str | None:
+        """status.outputs.modelUri: where the exported model is, once the job succeeded."""
+        uri = (present.status_of(self.raw).get("outputs") or {}).get("modelUri")
+        return str(uri) if uri else None
+
+    @property
+    def failure_message(self) -> str:
+        """`Reason: message` of the Failed condition, else status.message."""
+        status = present.status_of(self.raw)
+        for c in status.get("conditions") or []:
+            if isinstance(c, dict) and c.get("type") == "Failed" and c.get("status") == "True":
+                return f"{c.get('reason', 'Failed')}: {c.get('message', '')}".rstrip(": ")
+        return str(status.get("message") or "failed")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What `submit` uploaded: files new or changed below `uri`, and those already there with the same content."""
+
+    uri: str
+    uploaded: int
+    unchanged: int
+
+
+class WatchTimeoutError(CliError):
+    """`watch` reached its timeout before the job succeeded or failed."""
+
+
+def submit_error(source: Path | str, job: str, err: ApiError, *, dry_run: bool) -> CliError:
+    """What a failed create means: 400/422 is invalid input, 409 an existing job, anything else as it is."""
+    if err.http_status in (400, 422):
+        check = "dry run; CRD schema and rules" if dry_run else "CRD schema and rules"
+        return InputError(f"{source}: rejected by the API server ({check}): {err.message}")
+    if err.http_status == 409:
+        return CliError(
+            f"{api.JOB_KIND} {job} already exists (delete it first, or change metadata.name)",
+            ExitStatus.ALREADY_EXISTS,
+        )
+    return err
+
+
+def _log_retry(name: str) -> Callable[[ApiError, float], None]:
+    def retrying(err: ApiError, delay: float) -> None:
+        log.warning("%s: %s; retrying in %gs", name, err.message, delay)
+
+    return retrying
+
+
+class DreamBoothClient:
+    """DreamBoothJobs on one cluster: submit (with photos), get, list, watch, logs and report.
+
+    `kubeconfig`, `context` and `namespace` mean what kubectl's flags mean: without a kubeconfig, $KUBECONFIG or
+    ~/.kube/config is read, else the in-cluster service account; the namespace defaults to the context's.
+    """
+
+    def __init__(
+        self, kubeconfig: str | Path | None = None, context: str | None = None, namespace: str | None = None
+    ) -> None:
+        self.kubeconfig = Path(kubeconfig) if kubeconfig is not None else None
+        self.context = context
+        self._namespace = namespace
+        self._target: kube.Target | None = None
+
+    def connect(self) -> DreamBoothClient:
+        """Load the kubeconfig now (otherwise the first call does); a CliError with status NO_CLUSTER if unusable."""
+        if self._target is None:
+            self._target = kube.connect(self.kubeconfig, self.context, self._namespace)
+        return self
+
+    @property
+    def target(self) -> kube.Target:
+        """The API client and namespace (connects on first use)."""
+        self.connect()
+        assert self._target is not None
+        return self._target
+
+    @property
+    def namespace(self) -> str:
+        """The namespace that get, list, watch, logs and report use."""
+        return self.target.namespace
+
+    def namespace_for(self, job: Mapping[str, Any]) -> str:
+        """Where `submit` creates a job: the client's namespace if given, else the manifest's, else the context's."""
+        return self._namespace or (job.get("metadata") or {}).get("namespace") or self.namespace
+
+    def submit(
+        self,
+        job: str | Path | Mapping[str, Any],
+        images: str | Path | None = None,
+        *,
+        on_upload: Callable[[Upload], None] | None = None,
+        source: str | Path | None = None,
+    ) -> str:
+        """Create a DreamBoothJob (a YAML file or a manifest) and return its name.
+
+        A server-side dry run (strict field validation) checks it first; then the photos in the folder `images`
+        are uploaded to spec.instanceImages.uri (an s3:// prefix), skipping those already there with the same
+        checksum, and `on_upload` hears how many; then the job is created. `source` names the manifest in errors.
+        """
+        if isinstance(job, Mapping):
+            manifest_ = copy.deepcopy(dict(job))
+            errors = manifest.check_envelope(manifest_)
+            label = source or f"{api.JOB_KIND} {(manifest_.get('metadata') or {}).get('name', '?')}"
+            if errors:
+                raise InputError(f"{label}: {'; '.join(errors)}")
+        else:
+            manifest_ = manifest.load_job_manifest(Path(job))
+            label = source or job
+        target = replace(self.target, namespace=self.namespace_for(manifest_))
+        manifest_["metadata"]["namespace"] = ns = target.namespace
+        name = str(manifest_["metadata"]["name"])
+        create = target.custom.create_namespaced_custom_object
+        args = (api.GROUP, api.VERSION, ns, api.JOB_PLURAL, manifest_)
+        # Strict: an unknown or misspelled field is an error, not silently pruned (kubectl apply does the same).
+        try:
+            kube.call(target, create, *args, dry_run="All", field_validation="Strict")
+        except ApiError as err:
+            raise submit_error(label, f"{ns}/{name}", err, dry_run=True) from err
+        if images is not None:
+            upload = self._upload_images(target, manifest_, Path(images))
+            if on_upload is not None:
+                on_upload(upload)
+        try:
+            kube.call(target, create, *args, field_validation="Strict")
+        except ApiError as err:
+            raise submit_error(label, f"{ns}/{name}", err, dry_run=False) from err
+        return name
+
+    @staticmethod
+    def _upload_images(target: kube.Target, job: dict[str, Any], folder: Path) -> Upload:
+        from dreambooth_cli import s3
+
+        uri = job["spec"].get("instanceImages", {}).get("uri")
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            raise InputError("--images needs spec.instanceImages.uri to be an s3:// prefix")
+        uploaded, skipped = s3.upload_images(s3.client_for_job(target, job), collect_images(folder), uri)
+        return Upload(uri, uploaded, skipped)
+
+    def get(self, name: str) -> JobInfo:
+        """One job; a CliError with status NOT_FOUND when there is none of that name."""
+        return JobInfo.from_object(kube.get_job(self.target, name), self.namespace)
+
+    def list(self, all_namespaces: bool = False) -> builtins.list[JobInfo]:
+        """The jobs of the namespace (or of every namespace), sorted by namespace and name."""
+        jobs = [JobInfo.from_object(j) for j in kube.list_jobs(self.target, all_namespaces)]
+        return sorted(jobs, key=lambda j: (j.namespace, j.name))
+
+    def watch(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        interval: float = WATCH_INTERVAL_SECONDS,
+        on_retry: Callable[[ApiError, float], None] | None = None,
+    ) -> Iterator[JobInfo]:
+        """The job read every `interval` seconds, until (and including) the read that finds it Succeeded or Failed.
+
+        Connection errors, 429 and 5xx are retried with backoff (`on_retry` hears of each; by default they are
+        logged) until `timeout`, or for WATCH_RETRY_SECONDS without one. After `timeout` seconds a WatchTimeoutError
+        is raised. A failed job is yielded like a succeeded one: look at `.failed` and `.failure_message`.
+        """
+        target = self.target
+        retrying = on_retry or _log_retry(name)
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            give_up_at = deadline if deadline is not None else time.monotonic() + WATCH_RETRY_SECONDS
+            job = JobInfo.from_object(
+                kube.retry_transient(
+                    lambda: kube.get_job(target, name),
+                    give_up_at=give_up_at,
+                    on_retry=retrying,
+                    clock=time.monotonic,
+                    sleep=time.sleep,
+                ),
+                target.namespace,
+            )
+            yield job
+            if job.terminal:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise WatchTimeoutError(f"{name} still {job.phase} after {timeout:g}s")
+            time.sleep(interval)
+
+    def logs(self, name: str, rank: int = 0, follow: bool = False) -> Iterator[str]:
+        """The trainer log of one rank's pod (of the newest attempt), line by line with their line ends.
+
+        The pod is looked up at once (a CliError with status NOT_FOUND when there is none yet); with `follow` the
+        lines keep coming until the pod ends. Iterate to the end, or close() the iterator, to free the connection.
+        """
+        target = self.target
+        kube.get_job(target, name)
+        pods = kube.call(
+            target, target.core.list_namespaced_pod, target.namespace, label_selector=f"{api.LABEL_JOB_NAME}={name}"
+        ).items
+        mine = [p for p in pods if _rank_of(p) == str(rank)]
+        if not mine:
+            raise CliError(f"no pod of {name} with rank {rank} yet (found {len(pods)} pods)", ExitStatus.NOT_FOUND)
+        pod = max(mine, key=_newest)
+        response = kube.call(
+            target,
+            target.core.read_namespaced_pod_log,
+            pod.metadata.name,
+            target.namespace,
+            container=pod.spec.containers[0].name,
+            follow=follow,
+            _preload_content=False,
+            _request_timeout=None if follow else kube.REQUEST_TIMEOUT_SECONDS,
+        )
+        return _lines(response)
+
+    def report(self, name: str, output: str | Path | None = None) -> Path:
+        """Write the job's self-contained HTML report (from its outputs in storage) to `output`; returns the path.
+
+        The default path is `<name>-report.html`. s3:// outputs are read with the AWS_* environment's credentials,
+        else with the job's spec.storage.credentialsSecret.
+        """
+        from dreambooth_cli import s3
+
+        target = self.target
+        job = kube.get_job(target, name)
+        uri = str(job.get("spec", {}).get("output", {}).get("uri", ""))
+        destination = Path(output) if output is not None else Path(f"{name}-report.html")
+        gpu_time = present.usage_text(present.status_of(job).get("usage"))
+        with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
+            if uri.startswith("file://"):
+                run_dir = localrun.uri_to_path(uri)
+            else:
+                run_dir = s3.download_run(s3.client_for_job(target, job), uri, Path(tmp))
+            return write_report(replace(load_run(run_dir), gpu_time=gpu_time), destination, title=name)
+
+
+def _rank_of(pod: Any) -> str | None:
+    meta = pod.metadata
+    return (meta.labels or {}).get(COMPLETION_INDEX) or (meta.annotations or {}).get(COMPLETION_INDEX)
+
+
+def _newest(pod: Any) -> tuple[int, datetime]:
+    attempt = (pod.metadata.labels or {}).get(api.LABEL_ATTEMPT, "0")
+    created = pod.metadata.creation_timestamp or datetime.min.replace(tzinfo=UTC)
+    return (int(attempt) if str(attempt).isdigit() else 0, created)
+
+
+def _lines(response: Any) -> Iterator[str]:
+    """The lines of a streamed HTTP body, decoded as UTF-8 (bad bytes replaced), each with its line end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    try:
+        for chunk in response.stream(4096):
+            pending += decoder.decode(chunk)
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                yield line + "\n"
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            yield pending
+    finally:
+        response.release_conn()

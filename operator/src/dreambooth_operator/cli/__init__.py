@@ -1,1 +1,0 @@
-"""The `dreambooth` command line (also installed as the kubectl plugin `kubectl-dreambooth`)."""
