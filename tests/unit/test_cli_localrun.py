@@ -33,6 +33,22 @@ def test_s3_uris_move_into_the_workdir(tmp_path: Path, uri: str, expected: str) 
     assert localrun.uri_to_path(local) == tmp_path.resolve() / expected
 
 
+@pytest.mark.parametrize(
+    "uri", ["s3://b/../../../etc/x", "s3://b/a/../../x", "s3://b/./x", "s3://../etc", "s3://b/a/.."]
+)
+def test_s3_uris_cannot_leave_the_workdir(tmp_path: Path, uri: str) -> None:
+    """Issue 17 (9): `s3://b/../../../etc/x` used to map to a path outside the workdir."""
+    with pytest.raises(InputError, match="cannot be mapped"):
+        localrun.to_local_uri(uri, tmp_path)
+
+
+def test_s3_uris_cannot_follow_a_symlink_out_of_the_workdir(tmp_path: Path) -> None:
+    (tmp_path / "s3").mkdir()
+    (tmp_path / "s3" / "bucket").symlink_to(tmp_path.parent)
+    with pytest.raises(InputError, match="outside the local workdir"):
+        localrun.to_local_uri("s3://bucket/x", tmp_path)
+
+
 def test_other_uris_are_kept(tmp_path: Path) -> None:
     assert localrun.to_local_uri("file:///data/x", tmp_path) == "file:///data/x"
     assert localrun.to_local_uri("a photo of sks toy", tmp_path) == "a photo of sks toy"

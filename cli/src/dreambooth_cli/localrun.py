@@ -42,10 +42,21 @@ STOP_MARGIN_SECONDS = 30.0
 
 
 def to_local_uri(uri: str, workdir: Path) -> str:
-    """s3://bucket/key -> file://<workdir>/s3/bucket/key; other URIs unchanged."""
+    """s3://bucket/key -> file://<workdir>/s3/bucket/key; other URIs unchanged.
+
+    A key with a `..` or `.` segment (a literal name in S3, a parent directory on a disk) is refused: the local path
+    must stay inside `<workdir>/s3`, whatever the job says.
+    """
     if not uri.startswith("s3://"):
         return uri
-    return (workdir.resolve() / "s3" / uri.removeprefix("s3://")).as_uri()
+    parts = [part for part in uri.removeprefix("s3://").split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise InputError(f"{uri}: a '.' or '..' segment cannot be mapped into the local workdir")
+    root = (workdir.resolve() / "s3").resolve()
+    local = root.joinpath(*parts).resolve()
+    if not local.is_relative_to(root):  # a symlink inside the workdir pointing elsewhere
+        raise InputError(f"{uri}: maps outside the local workdir ({local})")
+    return local.as_uri()
 
 
 def localize(value: Any, workdir: Path) -> Any:
