@@ -10,8 +10,9 @@ from kubernetes import client
 
 from dreambooth_api.job import DreamBoothJobStatus
 from dreambooth_operator import kube
-from dreambooth_operator.handlers import OperatorState, execute
-from dreambooth_operator.reconcile import Action, ActionKind, Plan
+from dreambooth_operator.handlers.jobs import execute
+from dreambooth_operator.handlers.state import OperatorState
+from dreambooth_operator.plan import Action, ActionKind, Plan
 from tests.infra.controlplane import Cluster
 
 

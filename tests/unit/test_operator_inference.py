@@ -12,8 +12,9 @@ import pytest
 from operator_wrappers import T0, make_job, make_pod
 
 from dreambooth_api.inference import ServerLimits
-from dreambooth_operator import handlers
-from dreambooth_operator.handlers import OperatorState
+from dreambooth_operator.handlers import inference as inference_handlers
+from dreambooth_operator.handlers import jobs as job_handlers
+from dreambooth_operator.handlers.state import OperatorState
 from dreambooth_operator.inference import build_service, reconcile_inference
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
@@ -437,14 +438,14 @@ def test_a_serving_pod_event_wakes_its_inference_service_loop() -> None:
     serving = reconcile_inference(isvc(model={"modelUri": NEW}), None, None, SETTINGS, T0).children[0]
     labels = serving["spec"]["template"]["metadata"]["labels"]
     routed = pod_event_handlers(labels)
-    assert routed == [handlers.wake_on_serving_pod]
+    assert routed == [inference_handlers.wake_on_serving_pod]
     for fn in routed:
         fn(namespace="ns", labels=labels, memo={"state": state}, type="MODIFIED")
     assert wakes[service_key].is_set()
     assert not wakes[job_key].is_set()
     # A training pod of a job with the same name still wakes the job's loop only.
     training = make_pod(make_job("dog", "ns").obj(), attempt=0, rank=0).obj()["metadata"]["labels"]
-    assert pod_event_handlers(training) == [handlers.wake_on_pod]
+    assert pod_event_handlers(training) == [job_handlers.wake_on_pod]
 
 
 def test_only_a_finished_or_deleted_job_wakes_the_services_that_serve_it() -> None:
@@ -454,9 +455,13 @@ def test_only_a_finished_or_deleted_job_wakes_the_services_that_serve_it() -> No
     other = state.wakes.setdefault(("ns", "inferenceservice/cat-server"), asyncio.Event())
     spec = isvc(model={"fromJob": "dog"})["spec"]
     index = {
-        ("ns", "dog"): [handlers.services_by_source_job(namespace="ns", name="dog-server", spec=spec)[("ns", "dog")]]
+        ("ns", "dog"): [
+            inference_handlers.services_by_source_job(namespace="ns", name="dog-server", spec=spec)[("ns", "dog")]
+        ]
     }
-    assert handlers.services_by_source_job(namespace="ns", name="x", spec={"model": {"modelUri": NEW}}) is None
+    assert (
+        inference_handlers.services_by_source_job(namespace="ns", name="x", spec={"model": {"modelUri": NEW}}) is None
+    )
     for event, phase, woken in [
         ("MODIFIED", "Running", False),
         ("MODIFIED", "Succeeded", True),
@@ -464,7 +469,7 @@ def test_only_a_finished_or_deleted_job_wakes_the_services_that_serve_it() -> No
     ]:
         served.clear()
         status = {"phase": phase} if phase else {}
-        handlers.wake_on_job(
+        job_handlers.wake_on_job(
             namespace="ns", name="dog", memo={"state": state}, type=event, status=status, services_by_source_job=index
         )
         assert served.is_set() is woken, (event, phase)

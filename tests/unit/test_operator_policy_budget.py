@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from operator_plans import builder
 from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
-from dreambooth_operator.policies.budget import remaining_gpu_seconds, seconds_until_spent
-from dreambooth_operator.reconcile import Action, ActionKind, Observed, Plan, reconcile
+from dreambooth_operator.observed import Observed
+from dreambooth_operator.plan import Action, ActionKind, Plan
+from dreambooth_operator.policies.budget import account_usage, remaining_gpu_seconds, seconds_until_spent
+from dreambooth_operator.reconcile import reconcile
 
 
 def at(seconds: float) -> Any:
@@ -72,3 +75,16 @@ def test_the_limit_counts_every_attempt_and_a_stopped_pod_holds_no_gpu() -> None
     # The next attempt's pod brings it over the limit after 10 s more.
     again = make_pod(job, attempt=0, uid="second").scheduled(at(130)).running(started=at(131)).obj()
     assert _run(job, now=141, pods=[stopped, again]).status.phase == "Failed"
+
+
+def test_usage_is_accounted_in_every_phase_once_a_pod_was_seen() -> None:
+    job = _job(limit=None)
+    b = builder(job)
+    account_usage(b)
+    assert b.status.usage is None  # no pod yet, nothing to record
+    done = make_job().gpus(2).status(phase="Succeeded", startTime=iso(T0), completionTime=iso(at(60))).obj()
+    pod = make_pod(done).scheduled(at(0)).exited(0, finished=at(60)).obj()
+    b = builder(done, now=at(120), pods=[pod])
+    account_usage(b)
+    assert b.status.usage is not None
+    assert b.status.usage.gpu_seconds == 120

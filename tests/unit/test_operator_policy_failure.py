@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from operator_wrappers import PodWrapper, make_job, make_pod
+from operator_plans import attempt_of, builder, cond, run
+from operator_wrappers import T0, PodWrapper, iso, make_batch_job, make_job, make_pod
 
+from dreambooth_operator.builders import parse_spec
+from dreambooth_operator.plan import Action, ActionKind
+from dreambooth_operator.policies import failure
 from dreambooth_operator.policies.failure import (
     FailureKind,
     GangFailure,
@@ -54,3 +58,40 @@ def test_backoff() -> None:
     assert not exceeds_backoff(3, 3)
     assert exceeds_backoff(4, 3)
     assert exceeds_backoff(1, 0)
+
+
+def test_invalid_input_fails_at_once_with_the_trainer_message() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    pod = make_pod(job).exited(10, {"status": "failed", "reason": "InvalidInput", "message": "cat3.jpg is bad"})
+    plan = run(job, [make_batch_job(job).failed("PodFailurePolicy", "x").obj()], [pod.obj()])
+    assert plan.status.phase == "Failed"
+    assert cond(plan, "Failed") == ("True", "InvalidInput")
+    assert plan.status.message == "cat3.jpg is bad"
+
+
+def test_single_node_backoff_limit_exceeded() -> None:
+    job = make_job().run_policy(backoffLimit=1).status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    batch = make_batch_job(job).failed().failed_count(2).obj()
+    plan = run(job, [batch], [make_pod(job).exited(11).obj()])
+    assert plan.status.phase == "Failed"
+    assert cond(plan, "Failed") == ("True", "BackoffLimitExceeded")
+    assert plan.status.restarts.failures == 2
+    assert plan.status.restarts.total == 2
+
+
+def test_a_batch_job_past_its_own_deadline_fails_the_job_as_deadline_exceeded() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    batch = make_batch_job(job).failed("DeadlineExceeded", "Job was active longer than specified deadline").obj()
+    b = builder(job, batch_jobs=[batch])
+    assert failure.batch_job_failed(b, parse_spec(job), attempt_of(b))
+    assert b.status.phase == "Failed"
+    assert cond(b.plan(), "Failed") == ("True", "DeadlineExceeded")
+
+
+def test_invalid_input_of_a_gang_stops_its_other_ranks() -> None:
+    job = make_job().nodes(2).status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    pods = [make_pod(job, 0, 0).running().obj(), make_pod(job, 0, 1).exited(10, {"message": "bad caption"}).obj()]
+    b = builder(job, batch_jobs=[make_batch_job(job).obj()], pods=pods)
+    assert failure.invalid_input(b, parse_spec(job), attempt_of(b))
+    assert b.actions == [Action(ActionKind.DELETE_BATCH_JOB, name="cat-a0")]
+    assert b.status.message == "bad caption"

@@ -10,7 +10,8 @@ from aiohttp import web
 from operator_wrappers import make_job, make_pod
 from prometheus_client import generate_latest
 
-from dreambooth_operator.handlers import OperatorState, poll_progress
+from dreambooth_operator.handlers.jobs import poll_progress
+from dreambooth_operator.handlers.state import OperatorState
 from dreambooth_operator.kube import merge_diff
 from dreambooth_operator.main import parse_args
 from dreambooth_operator.metrics import OperatorMetrics
@@ -105,7 +106,7 @@ def test_a_slow_progress_answer_does_not_hold_up_the_reconcile() -> None:
             release.set()
             await asyncio.wait_for(wake.wait(), 30)
             sample = state.samples[key]
-            assert sample.data["step"] == 5
+            assert sample.document.step == 5
             assert sample.pod_uid == pod["metadata"]["uid"]
             assert key not in state.polls
         finally:

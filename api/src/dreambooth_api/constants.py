@@ -42,6 +42,9 @@ ANNOTATION_POD_SPEC_HASH: Final = f"{GROUP}/pod-spec-hash"
 """The gang attempt (0-based) of a training batch Job and its pods."""
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "dreambooth-operator"
+# On a single-node DreamBoothJob: UIDs (JSON list, bounded) of its pods already counted as preempted, so that an
+# operator restart does not count them twice.
+ANNOTATION_COUNTED_PREEMPTIONS: Final = f"{GROUP}/counted-preemptions"
 
 # Kueue: this label on a DreamBoothJob is copied onto its batch Job, which Kueue then admits (it unsuspends it).
 KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"

@@ -40,6 +40,10 @@ PET_NPROC_PER_NODE: Final = "PET_NPROC_PER_NODE"
 PET_NODE_RANK: Final = "PET_NODE_RANK"
 PET_MASTER_ADDR: Final = "PET_MASTER_ADDR"
 PET_MASTER_PORT: Final = "PET_MASTER_PORT"
+MASTER_ADDR: Final = "MASTER_ADDR"
+MASTER_PORT: Final = "MASTER_PORT"
+WORLD_SIZE: Final = "WORLD_SIZE"
+NODE_RANK: Final = "NODE_RANK"
 
 # Object-storage credentials (botocore's names; values come from the job's Secret through secretKeyRef).
 AWS_ACCESS_KEY_ID: Final = "AWS_ACCESS_KEY_ID"

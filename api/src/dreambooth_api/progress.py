@@ -58,7 +58,7 @@ def _count(value: Any) -> int | None:
     """A non-negative int, else None."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
-    return value
+    return int(value)
 
 
 class CheckpointInfo(WireModel):

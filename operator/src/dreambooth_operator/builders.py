@@ -13,6 +13,7 @@ from typing import Any, Final, cast
 
 import kopf
 
+from dreambooth_api import env as envnames
 from dreambooth_api.constants import (
     ANNOTATION_POD_SPEC_HASH,
     KUEUE_PRIORITY_CLASS_LABEL,
@@ -24,44 +25,21 @@ from dreambooth_api.constants import (
     MANAGED_BY,
     Component,
 )
+from dreambooth_api.env import TRAINER_MASTER_PORT, TRAINER_METRICS_PORT
 from dreambooth_api.exitcodes import ExitCode
 from dreambooth_api.job import DreamBoothJobSpec
 from dreambooth_api.trainer_config import CONFIG_KEY, render_trainer_config
 from dreambooth_operator import names
-from dreambooth_operator.settings import (
-    MODEL_CACHE_ENV,
+from dreambooth_operator.layout import (
+    COMPLETION_INDEX_ANNOTATION,
+    CONTAINER_NAME,
+    MASTER_PORT_NAME,
+    METRICS_PORT_NAME,
     MODEL_CACHE_MOUNT,
-    TRAINER_MASTER_PORT,
-    TRAINER_METRICS_PORT,
-    OperatorSettings,
+    MODEL_CACHE_VOLUME,
+    SHM_VOLUME,
 )
-
-CONTAINER_NAME: Final = "trainer"
-COMPLETION_INDEX_ANNOTATION: Final = "batch.kubernetes.io/job-completion-index"
-# The Job controller labels each pod with its completion index: this is the rank label.
-RANK_LABEL: Final = "batch.kubernetes.io/job-completion-index"
-SHM_VOLUME: Final = "dshm"
-METRICS_PORT_NAME: Final = "metrics"
-MASTER_PORT_NAME: Final = "rendezvous"
-# Env names the operator sets; spec.podTemplate.env may not set them (validation.py).
-RESERVED_ENV: Final = frozenset(
-    {
-        "DREAMBOOTH_CONFIG",
-        "DREAMBOOTH_ATTEMPT",
-        "DREAMBOOTH_BIND_ADDRESS",
-        "DREAMBOOTH_METRICS_PORT",
-        "DREAMBOOTH_GRACE_SECONDS",
-        "PET_NNODES",
-        "PET_NPROC_PER_NODE",
-        "PET_NODE_RANK",
-        "PET_MASTER_ADDR",
-        "PET_MASTER_PORT",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "WORLD_SIZE",
-        "NODE_RANK",
-    }
-)
+from dreambooth_operator.settings import OperatorSettings
 
 
 def parse_spec(job: Mapping[str, Any]) -> DreamBoothJobSpec:
@@ -133,29 +111,32 @@ def _env(job: Mapping[str, Any], spec: DreamBoothJobSpec, attempt: int, settings
     grace = max(1, settings.termination_grace_seconds - settings.grace_margin_seconds)
     env: list[dict[str, Any]] = [
         {
-            "name": "DREAMBOOTH_CONFIG",
+            "name": envnames.CONFIG,
             "valueFrom": {"configMapKeyRef": {"name": names.configmap_name(name), "key": CONFIG_KEY}},
         },
-        {"name": "DREAMBOOTH_ATTEMPT", "value": str(attempt)},
-        _field_env("DREAMBOOTH_BIND_ADDRESS", "status.podIP"),
-        {"name": "DREAMBOOTH_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
-        {"name": "DREAMBOOTH_GRACE_SECONDS", "value": str(grace)},
-        {"name": "PET_NNODES", "value": str(nodes)},
-        {"name": "PET_NPROC_PER_NODE", "value": str(nproc)},
-        _field_env("PET_NODE_RANK", rank_path),
-        {"name": "PET_MASTER_ADDR", "value": master},
-        {"name": "PET_MASTER_PORT", "value": str(TRAINER_MASTER_PORT)},
-        {"name": "MASTER_ADDR", "value": master},
-        {"name": "MASTER_PORT", "value": str(TRAINER_MASTER_PORT)},
-        {"name": "WORLD_SIZE", "value": str(nodes * nproc)},
-        _field_env("NODE_RANK", rank_path),
+        {"name": envnames.ATTEMPT, "value": str(attempt)},
+        _field_env(envnames.BIND_ADDRESS, "status.podIP"),
+        {"name": envnames.METRICS_PORT, "value": str(TRAINER_METRICS_PORT)},
+        {"name": envnames.GRACE_SECONDS, "value": str(grace)},
+        {"name": envnames.PET_NNODES, "value": str(nodes)},
+        {"name": envnames.PET_NPROC_PER_NODE, "value": str(nproc)},
+        _field_env(envnames.PET_NODE_RANK, rank_path),
+        {"name": envnames.PET_MASTER_ADDR, "value": master},
+        {"name": envnames.PET_MASTER_PORT, "value": str(TRAINER_MASTER_PORT)},
+        {"name": envnames.MASTER_ADDR, "value": master},
+        {"name": envnames.MASTER_PORT, "value": str(TRAINER_MASTER_PORT)},
+        {"name": envnames.WORLD_SIZE, "value": str(nodes * nproc)},
+        _field_env(envnames.NODE_RANK, rank_path),
         *model_cache(settings)[2],
     ]
     creds = spec.storage.credentials_secret
     if creds is not None:
-        keys = [("AWS_ACCESS_KEY_ID", creds.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key_key)]
+        keys = [
+            (envnames.AWS_ACCESS_KEY_ID, creds.access_key_id_key),
+            (envnames.AWS_SECRET_ACCESS_KEY, creds.secret_access_key_key),
+        ]
         if creds.session_token_key:
-            keys.append(("AWS_SESSION_TOKEN", creds.session_token_key))
+            keys.append((envnames.AWS_SESSION_TOKEN, creds.session_token_key))
         env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}} for var, key in keys]
     overrides = spec.pod_template.env if spec.pod_template and spec.pod_template.env else []
     user = [e.to_wire() for e in overrides]
@@ -189,7 +170,6 @@ RESTRICTED_CONTAINER_SECURITY: Final[dict[str, Any]] = {
 }
 
 
-MODEL_CACHE_VOLUME: Final = "model-cache"
 TRAINER_GID: Final = 10001
 """The trainer image's group (images/trainer/Dockerfile): owner of the shared model cache volume's files."""
 
@@ -211,7 +191,7 @@ def model_cache(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[
     return (
         [{"name": MODEL_CACHE_VOLUME, **settings.model_cache_volume}],
         [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT}],
-        [{"name": MODEL_CACHE_ENV, "value": MODEL_CACHE_MOUNT}],
+        [{"name": envnames.MODEL_CACHE_DIR, "value": MODEL_CACHE_MOUNT}],
     )
 
 

@@ -13,9 +13,9 @@ from typing import Any, Final
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from dreambooth_api.constants import GROUP, INFERENCE_PLURAL, JOB_PLURAL, LABEL_JOB_NAME, VERSION
+from dreambooth_api.constants import GROUP, INFERENCE_KIND, INFERENCE_PLURAL, JOB_KIND, JOB_PLURAL, VERSION
+from dreambooth_operator.layout import FIELD_MANAGER
 
-FIELD_MANAGER: Final = "dreambooth-operator"
 MERGE_PATCH: Final = "application/merge-patch+json"
 APPLY_PATCH: Final = "application/apply-patch+yaml"
 
@@ -27,8 +27,8 @@ _KINDS: Final = {
     ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
-    (f"{GROUP}/{VERSION}", "DreamBoothJob"): (f"/apis/{GROUP}/{VERSION}", JOB_PLURAL),
-    (f"{GROUP}/{VERSION}", "InferenceService"): (f"/apis/{GROUP}/{VERSION}", INFERENCE_PLURAL),
+    (f"{GROUP}/{VERSION}", JOB_KIND): (f"/apis/{GROUP}/{VERSION}", JOB_PLURAL),
+    (f"{GROUP}/{VERSION}", INFERENCE_KIND): (f"/apis/{GROUP}/{VERSION}", INFERENCE_PLURAL),
 }
 
 
@@ -104,7 +104,7 @@ def merge_patch(
 
 
 def patch_status(
-    api: client.ApiClient, namespace: str, name: str, status: Mapping[str, Any], kind: str = "DreamBoothJob"
+    api: client.ApiClient, namespace: str, name: str, status: Mapping[str, Any], kind: str = JOB_KIND
 ) -> Any:
     """Merge-patch a custom resource's status through the status subresource."""
     path = path_of(f"{GROUP}/{VERSION}", kind, namespace, name) + "/status"
@@ -150,11 +150,9 @@ def get(api: client.ApiClient, api_version: str, kind: str, namespace: str, name
         raise
 
 
-def list_children(api: client.ApiClient, api_version: str, kind: str, namespace: str, job_name: str) -> list[Any]:
-    """Children of a DreamBoothJob by the job-name label."""
-    result = request(
-        api, "GET", path_of(api_version, kind, namespace), query=[("labelSelector", f"{LABEL_JOB_NAME}={job_name}")]
-    )
+def list_labelled(api: client.ApiClient, api_version: str, kind: str, namespace: str, selector: str) -> list[Any]:
+    """The objects of a kind in the namespace that match a label selector."""
+    result = request(api, "GET", path_of(api_version, kind, namespace), query=[("labelSelector", selector)])
     return list(result.get("items") or [])
 
 

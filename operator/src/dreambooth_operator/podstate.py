@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
-from dreambooth_operator.builders import CONTAINER_NAME, RANK_LABEL
+from dreambooth_operator.layout import CONTAINER_NAME, RANK_LABEL
 
 IMAGE_PULL_REASONS: Final = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"}

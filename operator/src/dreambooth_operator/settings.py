@@ -8,21 +8,22 @@ Every value has a default that works in a cluster; the Helm chart sets the ones 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dreambooth_api import env
 from dreambooth_api.constants import DEFAULT_GPU_RESOURCE, IMAGE_REPOSITORY
 
 VERSION = "0.1.0"
 
-# Ports (docs/contracts.md). The trainer's /metrics, /progress and /healthz port is part of the trainer contract.
-TRAINER_METRICS_PORT = 8080
-TRAINER_MASTER_PORT = 29500
-# Where training and serving pods mount the shared base-model cache (model_cache_volume), and the trainer's variable.
-MODEL_CACHE_MOUNT = "/var/cache/dreambooth"
-MODEL_CACHE_ENV = "DREAMBOOTH_MODEL_CACHE_DIR"
+ENV_PREFIX = "DREAMBOOTH_OPERATOR_"
+"""The operator's own settings (not part of the trainer contract, so not in dreambooth_api.env)."""
+
+# Ports (docs/contracts.md). The trainer's /metrics, /progress and /healthz port is part of the trainer contract,
+# named here too because the image and chart consistency tests read every port from this module.
+TRAINER_METRICS_PORT: Final = env.TRAINER_METRICS_PORT
 OPERATOR_METRICS_PORT = 8000
 OPERATOR_HEALTH_PORT = 8081
 
@@ -43,7 +44,7 @@ def peering_priority(configured: int, draw: Callable[[int, int], int]) -> int:
 class OperatorSettings(BaseSettings):
     """Settings of one operator process."""
 
-    model_config = SettingsConfigDict(env_prefix="DREAMBOOTH_OPERATOR_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     namespaces: list[str] = Field(default_factory=list)
     """Namespaces to watch; empty watches the whole cluster."""

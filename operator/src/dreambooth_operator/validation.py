@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from dreambooth_api.job import DreamBoothJobSpec
 from dreambooth_operator import names
-from dreambooth_operator.builders import RESERVED_ENV
+from dreambooth_operator.layout import RESERVED_ENV
 
 
 def validate(job: Mapping[str, Any]) -> list[str]:

@@ -1,4 +1,6 @@
-"""Failure policy: classify a failed training pod, and decide what a gang failure means."""
+"""Failure policy: classify a failed training pod; invalid input ends the job whatever the number of nodes; a
+single-node job's failures are retried by the Job controller within backoffLimit, and its failed batch Job fails
+the job. (A multi-node gang's failures restart the whole gang: policies/gang.py.)"""
 
 from __future__ import annotations
 
@@ -7,8 +9,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from dreambooth_api.constants import Reason
 from dreambooth_api.exitcodes import ExitCode
+from dreambooth_api.job import DreamBoothJobSpec
 from dreambooth_operator import podstate
+from dreambooth_operator.observed import Attempt
+from dreambooth_operator.plan import PlanBuilder
 
 
 class FailureKind(StrEnum):
@@ -74,3 +80,39 @@ def gang_failure(pods: list[Mapping[str, Any]]) -> GangFailure | None:
 def exceeds_backoff(failures: int, backoff_limit: int) -> bool:
     """True when `failures` retryable failures are more than the job may retry."""
     return failures > backoff_limit
+
+
+def count_job_failures(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt) -> None:
+    """Single-node jobs: the Job controller retries failed pods; its failed count is the job's failure count."""
+    if attempt.batch_job is not None and spec.resources.nodes == 1:
+        b.status.restarts.failures = max(b.status.restarts.failures, podstate.job_failed_count(attempt.batch_job))
+
+
+def invalid_input(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt) -> bool:
+    """True once a rank exited with INVALID_INPUT: the job fails at once with the trainer's message (a gang's
+    other ranks are stopped; a single-node Job is failed by its podFailurePolicy)."""
+    invalid = next((p for p in attempt.pods if classify(p) is FailureKind.INVALID_INPUT), None)
+    if invalid is None:
+        return False
+    detail = podstate.termination_message(invalid).get("message") or "the trainer rejected its input"
+    if spec.resources.nodes > 1:
+        b.stop_attempt(attempt)
+    b.fail(Reason.INVALID_INPUT, str(detail))
+    return True
+
+
+def batch_job_failed(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt) -> bool:
+    """True once the attempt's batch Job failed (its backoffLimit or its own deadline): the job fails too."""
+    finished = podstate.job_finished(attempt.batch_job) if attempt.batch_job is not None else None
+    if finished is None or finished[0] != "Failed":
+        return False
+    reason = str(finished[1].get("reason") or "")
+    message = str(finished[1].get("message") or "the batch Job failed")
+    if reason == "DeadlineExceeded":
+        b.fail(Reason.DEADLINE_EXCEEDED, message)
+    else:
+        b.fail(
+            Reason.BACKOFF_LIMIT_EXCEEDED,
+            f"{b.status.restarts.failures} failures exceeded backoffLimit {spec.run_policy.backoff_limit}: {message}",
+        )
+    return True

@@ -1,11 +1,18 @@
-"""Success policy: when the job has succeeded, and what it produced."""
+"""Success policy: when the job has succeeded, and what it produced (status.outputs, the final step and loss)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from dreambooth_api.constants import JobConditionType, JobPhase, Reason
+from dreambooth_api.job import DreamBoothJobSpec, Outputs, Progress
+from dreambooth_api.job import progress_text as format_progress
 from dreambooth_operator import podstate
+from dreambooth_operator.observed import Attempt
+from dreambooth_operator.plan import PlanBuilder
+from dreambooth_operator.policies.progress import record_checkpoint
 
 
 def succeeded(batch_job: Mapping[str, Any] | None) -> bool:
@@ -22,6 +29,10 @@ def rank0_result(pods: list[Mapping[str, Any]]) -> dict[str, Any]:
     return {}
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def outputs(result: Mapping[str, Any], output_uri: str | None) -> dict[str, Any]:
     """status.outputs from the result (docs/contracts.md), falling back to the storage layout."""
     base = (output_uri or "").rstrip("/")
@@ -31,5 +42,31 @@ def outputs(result: Mapping[str, Any], output_uri: str | None) -> dict[str, Any]
     }
     evaluation = result.get("evaluation")
     if isinstance(evaluation, Mapping):
-        out["evaluation"] = {str(k): float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
+        # Only finite scores: a NaN in the status would make every later status write fail.
+        out["evaluation"] = {str(k): float(v) for k, v in evaluation.items() if _finite(v)}
     return {k: v for k, v in out.items() if v is not None}
+
+
+def apply(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt) -> bool:
+    """True once the attempt's batch Job completed: the job Succeeded with rank 0's outputs, step and loss."""
+    if not succeeded(attempt.batch_job):
+        return False
+    now = b.obs.now
+    result = rank0_result(attempt.pods)
+    b.status.outputs = Outputs.model_validate(outputs(result, spec.output.get("uri")))
+    if isinstance(result.get("lastCheckpoint"), Mapping):
+        record_checkpoint(b, result["lastCheckpoint"])
+    steps = result.get("steps")
+    if isinstance(steps, int):
+        total = b.status.progress.total_steps if b.status.progress else steps
+        b.status.progress = (b.status.progress or Progress()).model_copy(
+            update={"step": steps, "total_steps": max(total, steps), "stage": "Succeeded", "updated_at": now}
+        )
+        b.status.progress_text = format_progress(steps, max(total, steps))
+    if _finite(result.get("finalLoss")) and b.status.progress is not None:
+        b.status.progress.loss = float(result["finalLoss"])
+    b.phase(JobPhase.SUCCEEDED, f"the model is at {b.status.outputs.model_uri}")
+    b.condition(JobConditionType.SUCCEEDED, True, Reason.TRAINING_COMPLETED, b.status.message or "")
+    b.condition(JobConditionType.RUNNING, False, Reason.TRAINING_COMPLETED, "training completed")
+    b.status.completion_time = b.status.completion_time or now
+    return True

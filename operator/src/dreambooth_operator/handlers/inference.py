@@ -1,0 +1,99 @@
+"""InferenceService handlers: one reconcile loop per service (lower volume than jobs; it reads its source job,
+Deployment and serving pods directly), woken by changes to the service, its Deployment, its pods, or its source
+job's end (jobs.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubernetes import client
+
+from dreambooth_api.constants import GROUP, INFERENCE_KIND, INFERENCE_PLURAL, JOB_KIND, LABEL_INFERENCE_NAME, VERSION
+from dreambooth_operator import kube
+from dreambooth_operator.handlers.loop import LoopKind, Pass, run_loop
+from dreambooth_operator.handlers.state import OperatorState, inference_key, state_of
+from dreambooth_operator.inference import reconcile_inference
+from dreambooth_operator.inference_builders import HANDOVER_FIELD_MANAGER
+from dreambooth_operator.observed import now_utc
+
+SERVING_LABELS = {LABEL_INFERENCE_NAME: kopf.PRESENT}
+INFERENCE_LOOP = LoopKind(name="InferenceService reconcile", retryable=(client.ApiException, OSError))
+
+
+@kopf.index(GROUP, VERSION, INFERENCE_PLURAL)
+def services_by_source_job(*, namespace: str | None, name: str | None, spec: kopf.Spec, **_: Any) -> Any:
+    """InferenceServices that serve a DreamBoothJob's model (model.fromJob), by (namespace, job name)."""
+    job = (spec.get("model") or {}).get("fromJob")
+    return {(namespace, job): name} if job else None
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
+def wake_on_deployment(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    state_of(memo).wake(inference_key(namespace, labels[LABEL_INFERENCE_NAME]))
+
+
+@kopf.on.event("v1", "pods", labels=SERVING_LABELS)
+def wake_on_serving_pod(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    """A serving pod changed (for example its server exited on a failed model load): reconcile its service now,
+    not at the next periodic reconcile. (The same pods watch as the training pods', filtered by label.)"""
+    state_of(memo).wake(inference_key(namespace, labels[LABEL_INFERENCE_NAME]))
+
+
+@kopf.on.event(GROUP, VERSION, INFERENCE_PLURAL)
+def wake_on_inference(*, namespace: str | None, name: str | None, memo: Any, **_: Any) -> None:
+    state_of(memo).wake(inference_key(namespace, name))
+
+
+@kopf.daemon(GROUP, VERSION, INFERENCE_PLURAL, cancellation_timeout=5.0)
+async def inference_loop(
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str | None,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """Resolve the model, apply the Deployment and Service, and report readiness, until deleted."""
+    state = state_of(memo)
+
+    async def once() -> Pass:
+        events = await asyncio.to_thread(reconcile_inference_once, state, body)
+        # Events only after the status write (inside reconcile_inference_once) succeeded.
+        for type_, reason, message in events:
+            kopf.event(body, type=type_, reason=reason, message=message[:1024])
+        return Pass()
+
+    await run_loop(state, inference_key(namespace, name), INFERENCE_LOOP, once, stopped, logger)
+
+
+def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tuple[str, str, str]]:
+    isvc = copy.deepcopy(dict(body))
+    meta = isvc["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    api_version = f"{GROUP}/{VERSION}"
+    source_name = ((isvc.get("spec") or {}).get("model") or {}).get("fromJob")
+    source = kube.get(state.api, api_version, JOB_KIND, namespace, source_name) if source_name else None
+    deployment = kube.get(state.api, "apps/v1", "Deployment", namespace, name)
+    # The serving pods, for a failed model load's termination message.
+    pods = kube.list_labelled(state.api, "v1", "Pod", namespace, f"{LABEL_INFERENCE_NAME}={name}")
+    plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc(), pods)
+    # Stale children first: a leftover HPA must not rescale the Deployment after the fixed count is applied.
+    for stale_version, kind, child_name in plan.stale:  # e.g. the HPA once autoscaling is off; a 404 is fine
+        kube.delete(state.api, stale_version, kind, namespace, child_name)
+    if plan.handover is not None:
+        # The live spec.replicas, applied by a second manager that then co-owns the field. Not forced: should the
+        # HPA have changed the count since the Deployment was read, this conflicts (409) and the reconcile fails
+        # before the operator's own apply; the next one sees that the HPA owns the field.
+        kube.apply(state.api, plan.handover, manager=HANDOVER_FIELD_MANAGER, force=False)
+    for child in plan.children:
+        kube.apply(state.api, child)
+    patch = kube.merge_diff(isvc.get("status"), plan.status.to_wire(), keep=frozenset({"kopf"}))
+    if patch:
+        kube.patch_status(state.api, namespace, name, patch, kind=INFERENCE_KIND)
+    return plan.events

@@ -1,0 +1,294 @@
+"""DreamBoothJob handlers: observe (indexes), reconcile (pure), act (kube.py), write status once, then events.
+
+One kopf daemon per DreamBoothJob runs its reconcile loop (loop.py). The loop wakes when the job or one of its
+batch Jobs or pods changes (the event handlers below poke it), and at least every `reconcile_interval_seconds`
+(to poll rank 0's /progress and to honour deadlines and TTLs). The children are observed through kopf indexes
+(in-memory, kept current by watches), so a reconcile lists nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import kopf
+from kubernetes import client
+
+from dreambooth_api.constants import (
+    ANNOTATION_COUNTED_PREEMPTIONS,
+    GROUP,
+    JOB_KIND,
+    JOB_PLURAL,
+    LABEL_ATTEMPT,
+    LABEL_JOB_NAME,
+    TERMINAL_JOB_PHASES,
+    VERSION,
+    JobPhase,
+)
+from dreambooth_operator import kube, names, podstate
+from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
+from dreambooth_operator.handlers.loop import LoopKind, Pass, run_loop
+from dreambooth_operator.handlers.state import Key, OperatorState, inference_key, state_of, trim
+from dreambooth_operator.metrics import OperatorMetrics
+from dreambooth_operator.observed import Observed, ProgressSample, now_utc, owned_batch_jobs, parse_status
+from dreambooth_operator.plan import ActionKind, Plan
+from dreambooth_operator.reconcile import reconcile
+
+CHILD_LABELS = {LABEL_JOB_NAME: kopf.PRESENT}
+API_VERSION = f"{GROUP}/{VERSION}"
+# How long a reconcile waits for a /progress answer before going on with the last sample.
+PROGRESS_WAIT_SECONDS = 0.5
+JOB_LOOP = LoopKind(
+    name="reconcile",
+    retryable=(client.ApiException, aiohttp.ClientError, OSError, kopf.TemporaryError),
+    retry_after_error=2.0,
+    timed=True,
+)
+
+
+# --- observation: indexes of children by (namespace, DreamBoothJob name) -----------------------------------
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
+def batch_jobs_by_owner(*, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, labels[LABEL_JOB_NAME]): trim(body, ("suspend", "completions", "parallelism"))}
+
+
+@kopf.index("v1", "pods", labels=CHILD_LABELS)
+def pods_by_owner(*, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, labels[LABEL_JOB_NAME]): trim(body)}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+def wake_on_batch_job(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    state_of(memo).wake((namespace or "", labels[LABEL_JOB_NAME]))
+
+
+@kopf.on.event("v1", "pods", labels=CHILD_LABELS)
+def wake_on_pod(
+    *, namespace: str | None, labels: Mapping[str, str], memo: Any, type: str, body: kopf.Body, **_: Any
+) -> None:
+    state = state_of(memo)
+    key = (namespace or "", labels[LABEL_JOB_NAME])
+    if type == "DELETED" and key in state.wakes:
+        # The index forgets a deleted pod; its last state (often Failed or Succeeded with finishedAt, written just
+        # before the deletion) still closes its usage entry at the next reconcile.
+        state.gone_pods.setdefault(key, {})[podstate.pod_uid(body)] = trim(body)
+    state.wake(key)
+
+
+@kopf.on.event(GROUP, VERSION, JOB_PLURAL)
+def wake_on_job(
+    *,
+    namespace: str | None,
+    name: str | None,
+    memo: Any,
+    type: str,
+    status: kopf.Status,
+    **kwargs: Any,
+) -> None:
+    services: kopf.Index[tuple[str | None, str], str] = kwargs["services_by_source_job"]
+    state = state_of(memo)
+    key = (namespace or "", name or "")
+    if type == "DELETED":
+        state.metrics.set_phase(*key, None)
+    state.wake(key)
+    if type == "DELETED" or status.get("phase") in TERMINAL_JOB_PHASES:
+        # A service waiting for this job's model serves it now, not at its next periodic reconcile.
+        for service in services.get((namespace, name or ""), []):
+            state.wake(inference_key(namespace, service))
+
+
+# --- the reconcile loop ----------------------------------------------------------------------------------
+
+
+@kopf.daemon(GROUP, VERSION, JOB_PLURAL, cancellation_timeout=5.0)
+async def job_loop(
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str | None,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    logger: kopf.Logger,
+    **kwargs: Any,
+) -> None:
+    """Reconcile one DreamBoothJob until it is finished (terminal, TTL done) or deleted."""
+    batch_jobs_index: kopf.Index[Key, Any] = kwargs["batch_jobs_by_owner"]
+    pods_index: kopf.Index[Key, Any] = kwargs["pods_by_owner"]
+    state = state_of(memo)
+
+    async def once() -> Pass:
+        plan = await reconcile_job(state, body, batch_jobs_index, pods_index, logger)
+        return Pass(finished=plan.finished, requeue_after=plan.requeue_after)
+
+    await run_loop(state, (namespace or "", name or ""), JOB_LOOP, once, stopped, logger)
+
+
+async def reconcile_job(
+    state: OperatorState,
+    body: kopf.Body,
+    batch_jobs: kopf.Index[Key, Any],
+    pods: kopf.Index[Key, Any],
+    logger: kopf.Logger,
+) -> Plan:
+    job = copy.deepcopy(dict(body))
+    meta = job["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    key = (namespace, name)
+    if key in state.written and _own_status(job) != state.written[key]:
+        # The watch has not delivered the operator's last status write yet: a plan made from this older copy could
+        # count a restart twice or recreate a deleted attempt, so read the object itself.
+        fresh = await asyncio.to_thread(kube.get, state.api, API_VERSION, JOB_KIND, namespace, name)
+        if fresh is None:
+            raise kopf.TemporaryError("the DreamBoothJob is gone", delay=1)
+        job = dict(fresh)
+        state.metrics.stale_reads.inc()
+    observed_jobs = [copy.deepcopy(j) for j in batch_jobs.get(key, [])]
+    observed_pods = [copy.deepcopy(p) for p in pods.get(key, [])]
+    gone = dict(state.gone_pods.get(key, {}))
+    sample = await poll_progress(state, key, job, observed_pods, logger)
+    prev = parse_status(job)
+    plan = reconcile(
+        Observed(job, observed_jobs, observed_pods, now_utc(), progress=sample, gone_pods=list(gone.values()))
+    )
+    await asyncio.to_thread(execute, state, job, owned_batch_jobs(job, observed_jobs), plan)
+    if plan.counted_pods is not None:
+        annotations = {ANNOTATION_COUNTED_PREEMPTIONS: json.dumps(plan.counted_pods)}
+        await asyncio.to_thread(
+            kube.merge_patch,
+            state.api,
+            API_VERSION,
+            JOB_KIND,
+            namespace,
+            name,
+            {"metadata": {"annotations": annotations}},
+        )
+    patch = kube.merge_diff(job.get("status"), plan.status_wire(), keep=frozenset({"kopf"}))
+    if patch:
+        written = await asyncio.to_thread(kube.patch_status, state.api, namespace, name, patch)
+        state.written[key] = _own_status(written or {})
+    else:
+        state.written[key] = _own_status(job)
+    for uid in gone:  # in the written status now
+        state.gone_pods.get(key, {}).pop(uid, None)
+    # Events only after the status write succeeded (a failed write retries the whole reconcile).
+    for event in plan.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
+        state.metrics.events.labels(type=event.type, reason=event.reason).inc()
+    record_metrics(state.metrics, job, prev.phase, plan)
+    return plan
+
+
+def _own_status(job: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (job.get("status") or {}).items() if k != "kopf"}
+
+
+async def poll_progress(
+    state: OperatorState,
+    key: Key,
+    job: Mapping[str, Any],
+    pods: list[Mapping[str, Any]],
+    logger: kopf.Logger,
+) -> ProgressSample | None:
+    """Start reading rank 0's /progress when it is due, and wait for it at most PROGRESS_WAIT_SECONDS.
+
+    Returns the newest good sample. A slow answer (a busy pod, the shared request limit) never holds up the
+    reconcile that handles failures and restarts: when it arrives, it wakes the job's loop again.
+    """
+    attempt = parse_status(job).attempt
+    rank0 = next(
+        (
+            p
+            for p in pods
+            if podstate.pod_rank(p) == 0
+            and (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) == str(attempt)
+            and podstate.is_running(p)
+            and podstate.pod_ip(p)
+        ),
+        None,
+    )
+    poll = state.polls.get(key)
+    if poll is None and rank0 is not None and state.poller.due(key):
+        poll = asyncio.create_task(_fetch_progress(state, key, attempt, rank0, logger))
+        state.polls[key] = poll
+    if poll is not None:
+        done, _ = await asyncio.wait({poll}, timeout=PROGRESS_WAIT_SECONDS)
+        if not done:
+            poll.add_done_callback(lambda _: state.wake(key))
+    return state.samples.get(key)
+
+
+async def _fetch_progress(
+    state: OperatorState, key: Key, attempt: int, rank0: Mapping[str, Any], logger: kopf.Logger
+) -> None:
+    """One /progress read; a body that is too large, not JSON, or without a usable step counts as a failed poll."""
+    try:
+        document = await state.poller.fetch(key, str(podstate.pod_ip(rank0)))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as err:  # ValueError: ProgressError among others
+        state.metrics.progress_polls.labels(result="error").inc()
+        logger.debug("/progress of %s not available: %r", rank0["metadata"]["name"], err)
+        return
+    finally:
+        state.polls.pop(key, None)
+    state.metrics.progress_polls.labels(result="ok").inc()
+    started = podstate.parse_time((rank0.get("status") or {}).get("startTime"))
+    state.samples[key] = ProgressSample(attempt, podstate.pod_uid(rank0), started, document, now_utc())
+
+
+def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]], plan: Plan) -> None:
+    """Carry out the plan's actions (blocking; runs in a worker thread). `batch_jobs`: those the job owns."""
+    api = state.api
+    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    for action in plan.actions:
+        if action.kind is ActionKind.CREATE_ATTEMPT:
+            kube.apply(api, build_configmap(job))
+            kube.apply(api, build_service(job))
+            kube.create(api, build_batch_job(job, action.attempt, state.settings))
+        elif action.kind is ActionKind.DELETE_BATCH_JOB:
+            # Foreground: the Job stays until its pods have stopped (and written their checkpoint).
+            kube.delete(api, "batch/v1", "Job", namespace, action.name, propagation="Foreground")
+        elif action.kind is ActionKind.FORCE_DELETE_POD:
+            # Its node is lost: no kubelet will confirm the stop, so remove the object without waiting.
+            kube.delete(api, "v1", "Pod", namespace, action.name, grace_period_seconds=0, uid=action.uid or None)
+        elif action.kind is ActionKind.SET_SUSPEND:
+            kube.merge_patch(api, "batch/v1", "Job", namespace, action.name, {"spec": {"suspend": action.suspend}})
+        elif action.kind is ActionKind.DELETE_CHILDREN:
+            for batch_job in batch_jobs:
+                kube.delete(api, "batch/v1", "Job", namespace, batch_job["metadata"]["name"])
+            kube.delete(api, "v1", "Service", namespace, names.service_name(name))
+            kube.delete(api, "v1", "ConfigMap", namespace, names.configmap_name(name))
+
+
+def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase: JobPhase | None, plan: Plan) -> None:
+    meta = job["metadata"]
+    status = plan.status
+    phase = status.phase
+    metrics.set_phase(meta["namespace"], meta["name"], phase.value if phase else None)
+    prev = parse_status(job)
+    if status.restarts.preemptions > prev.restarts.preemptions:
+        metrics.restarts.labels(reason="preemption").inc(status.restarts.preemptions - prev.restarts.preemptions)
+    if status.restarts.failures > prev.restarts.failures:
+        metrics.restarts.labels(reason="failure").inc(status.restarts.failures - prev.restarts.failures)
+    redone = (status.progress.steps_redone if status.progress else 0) - (
+        prev.progress.steps_redone if prev.progress else 0
+    )
+    if redone > 0:
+        metrics.steps_redone.inc(redone)
+    if phase == prev_phase:
+        return
+    if phase in (JobPhase.SUCCEEDED, JobPhase.FAILED):
+        metrics.job_gpu_seconds.labels(phase=phase.value).observe(status.usage.gpu_seconds if status.usage else 0)
+    created = podstate.parse_time(meta.get("creationTimestamp"))
+    if created is None:
+        return
+    elapsed = max(0.0, (now_utc() - created).total_seconds())
+    if phase == JobPhase.RUNNING and status.attempt == 0 and status.restarts.total == 0:
+        metrics.time_to_running.observe(elapsed)
+    if phase in (JobPhase.SUCCEEDED, JobPhase.FAILED) and math.isfinite(elapsed):
+        metrics.job_duration.labels(phase=phase.value).observe(elapsed)

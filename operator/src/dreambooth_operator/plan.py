@@ -1,0 +1,167 @@
+"""The outcome of one reconcile (a Plan: the new status, the actions, the events) and the builder the policies
+write it through.
+
+Status never goes backwards: a condition from a newer generation is never overwritten by a stale one, and a
+condition keeps its transition time while its status stays the same (`set_condition`). Events come from the
+condition changes, once, when the plan is made; the handler emits them only after the status write succeeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+from dreambooth_api.common import Condition, find_condition, set_condition
+from dreambooth_api.constants import ConditionStatus, JobConditionType, JobPhase, Reason
+from dreambooth_api.job import DreamBoothJobStatus
+from dreambooth_operator import podstate
+from dreambooth_operator.observed import Attempt, Observed
+
+STUCK_PODS_FORCE_DELETED: Final = "StuckPodsForceDeleted"
+"""Condition and event reason: pods stuck deleting on a lost node were force-deleted (policies/lost_pods.py)."""
+
+
+class ActionKind(StrEnum):
+    CREATE_ATTEMPT = "CreateAttempt"
+    """Ensure the ConfigMap and Service, then create the batch Job of `attempt`."""
+    DELETE_BATCH_JOB = "DeleteBatchJob"
+    """Delete batch Job `name` (Foreground: the Job goes once its pods have stopped)."""
+    SET_SUSPEND = "SetSuspend"
+    """Set batch Job `name`'s spec.suspend to `suspend`."""
+    DELETE_CHILDREN = "DeleteChildren"
+    """TTL: delete every batch Job, the Service and the ConfigMap of the job."""
+    FORCE_DELETE_POD = "ForceDeletePod"
+    """Delete pod `name` (precondition: `uid`) with gracePeriodSeconds=0: it is stuck deleting on a lost node."""
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    name: str = ""
+    attempt: int = 0
+    suspend: bool = False
+    uid: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: DreamBoothJobStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    counted_pods: list[str] | None = None
+    """The new value of ANNOTATION_COUNTED_PREEMPTIONS, when it changed."""
+    requeue_after: float | None = None
+    """Reconcile again after this many seconds at the latest (deadline, TTL)."""
+    finished: bool = False
+    """Nothing is left to do for this job (terminal, and its TTL done or absent)."""
+
+    def status_wire(self) -> dict[str, Any]:
+        return self.status.to_wire()
+
+
+class PlanBuilder:
+    """Accumulates the new status, the actions and the events of one reconcile; each policy writes through it."""
+
+    def __init__(self, obs: Observed, prev: DreamBoothJobStatus, generation: int | None) -> None:
+        self.obs = obs
+        self.prev = prev
+        self.generation = generation
+        self.status = prev.model_copy(deep=True)
+        self.status.observed_generation = generation
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+        self.requeue: list[float] = []
+        self.counted_pods: list[str] | None = None
+        """The new value of the counted-preemptions annotation (policies/preemption.py), when it changed."""
+
+    @property
+    def job_name(self) -> str:
+        return str((self.obs.job.get("metadata") or {}).get("name"))
+
+    def condition(self, type_: JobConditionType, status: bool, reason: str, message: str = "") -> None:
+        new = Condition(
+            type=type_.value,
+            status=ConditionStatus.TRUE if status else ConditionStatus.FALSE,
+            reason=reason,
+            message=message[:32768],
+            last_transition_time=self.obs.now,
+            observed_generation=self.generation,
+        )
+        old = find_condition(self.status.conditions, type_.value)
+        if (
+            old is not None
+            and old.observed_generation is not None
+            and self.generation is not None
+            and old.observed_generation > self.generation
+        ):
+            return  # never let a stale observation overwrite a newer condition
+        self.status.conditions = set_condition(self.status.conditions, new)
+
+    def phase(self, phase: JobPhase, message: str | None = None) -> None:
+        self.status.phase = phase
+        self.status.message = message[:4096] if message else None
+
+    def fail(self, reason: str, message: str) -> None:
+        self.phase(JobPhase.FAILED, message)
+        self.condition(JobConditionType.FAILED, True, reason, message)
+        self.condition(JobConditionType.RUNNING, False, reason, message)
+        if self.status.completion_time is None:
+            self.status.completion_time = self.obs.now
+
+    def stop_attempt(self, attempt: Attempt) -> None:
+        """Delete the attempt's batch Job (its pods stop after their last checkpoint), unless that is under way."""
+        if attempt.batch_job is not None and not podstate.is_deleting(attempt.batch_job):
+            self.actions.append(Action(ActionKind.DELETE_BATCH_JOB, name=attempt.name))
+
+    def plan(self, finished: bool = False) -> Plan:
+        self.status.restarts.total = self.status.restarts.preemptions + self.status.restarts.failures
+        self.events.extend(transition_events(self.prev, self.status))
+        return Plan(
+            status=self.status,
+            actions=self.actions,
+            events=self.events,
+            counted_pods=self.counted_pods,
+            requeue_after=max(0.0, min(self.requeue)) if self.requeue else None,
+            finished=finished,
+        )
+
+
+WARNING_REASONS: Final = frozenset(
+    {
+        Reason.INVALID_SPEC,
+        Reason.INVALID_INPUT,
+        Reason.PREEMPTED,
+        Reason.RETRYING,
+        Reason.BACKOFF_LIMIT_EXCEEDED,
+        Reason.DEADLINE_EXCEEDED,
+        Reason.GPU_SECONDS_LIMIT_EXCEEDED,
+        Reason.UNSCHEDULABLE,
+        Reason.IMAGE_PULL_FAILED,
+        STUCK_PODS_FORCE_DELETED,
+    }
+)
+
+
+def transition_events(prev: DreamBoothJobStatus, new: DreamBoothJobStatus) -> list[Event]:
+    """One event per condition whose status or reason changed in this reconcile."""
+    events = []
+    for cond in new.conditions:
+        old = find_condition(prev.conditions, cond.type)
+        if old is not None and old.status == cond.status and old.reason == cond.reason:
+            continue
+        if old is None and cond.status == ConditionStatus.FALSE and cond.reason == Reason.PODS_PENDING:
+            continue  # a job that starts out with pending pods is not news
+        kind = "Warning" if cond.reason in WARNING_REASONS and cond.status == ConditionStatus.TRUE else "Normal"
+        if cond.type == JobConditionType.RUNNING and cond.reason in WARNING_REASONS:
+            kind = "Warning"
+        text = cond.message or f"{cond.type} is {cond.status.value}"
+        events.append(Event(kind, cond.reason, text))
+    return events
