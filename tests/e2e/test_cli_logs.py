@@ -54,7 +54,8 @@ def test_logs_of_a_rank_and_follow(cluster: Any, node_agent: Any, namespace: str
         "spec": {
             "baseModel": {"tiny": True},
             "instanceImages": {"uri": "s3://bucket/photos/", "prompt": "a photo of sks toy"},
-            "output": {"uri": "s3://bucket/out"},
+            "output": {"uri": "s3://bucket/out", "checkpointUri": "s3://bucket/ckpt"},
+            "resources": {"nodes": 2},
         },
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(job))
@@ -95,7 +96,18 @@ def test_logs_of_a_rank_and_follow(cluster: Any, node_agent: Any, namespace: str
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    # One readable line per JSON event; --json prints the trainer's lines as they are.
+    assert result.stdout.splitlines() == [f"info step step={i} who=attempt1-rank0" for i in range(3)]
+    raw = subprocess.run(
+        [DREAMBOOTH, "logs", "logged", "--rank", "0", "--json", "-n", namespace],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert raw.returncode == 0, raw.stderr
+    lines = [json.loads(line) for line in raw.stdout.splitlines()]
     assert [(e["step"], e["who"]) for e in lines] == [(i, "attempt1-rank0") for i in range(3)]
 
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pods[3]))
@@ -128,8 +140,8 @@ def test_logs_of_a_rank_and_follow(cluster: Any, node_agent: Any, namespace: str
         timeout=60,
         check=False,
     )
-    assert missing.returncode == ExitStatus.NOT_FOUND
-    assert missing.stderr.strip() == "error: no pod of logged with rank 7 yet (found 4 pods)"
+    assert missing.returncode == ExitStatus.INVALID_INPUT
+    assert missing.stderr.strip() == "error: logged has 2 node(s): ranks 0-1 (not 7)"
 
 
 @pytest.fixture(autouse=True)

@@ -335,6 +335,13 @@ def test_watch_exits_non_zero_when_the_job_fails(
         watcher.lines[-1].strip()
         == "error: doomed failed: InvalidInput: instance image img-2.png is not a decodable image"
     )
+    # `status` of the failed job prints its details and exits 4 too, with the same one-line error.
+    status = dreambooth(cli_env, "status", "doomed", "-n", namespace)
+    assert status.returncode == ExitStatus.JOB_FAILED
+    assert "InvalidInput" in status.stdout
+    assert (
+        status.stderr.strip() == "error: doomed failed: InvalidInput: instance image img-2.png is not a decodable image"
+    )
 
 
 @pytest.mark.usefixtures("crds")

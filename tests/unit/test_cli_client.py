@@ -264,7 +264,9 @@ def test_logs_reads_the_newest_attempt_of_the_rank(target: kube.Target, monkeypa
         read.append((args[0], kwargs))
         return response
 
-    monkeypatch.setattr(kube, "get_job", lambda *_: job())
+    three_nodes = job()
+    three_nodes["spec"]["resources"] = {"nodes": 3}
+    monkeypatch.setattr(kube, "get_job", lambda *_: three_nodes)
     monkeypatch.setattr(kube, "call", call)
     dbc = DreamBoothClient()
     assert list(dbc.logs("toy")) == ["step 1\n", "step 2\n", "été \ufffd no newline"]
@@ -279,6 +281,10 @@ def test_logs_reads_the_newest_attempt_of_the_rank(target: kube.Target, monkeypa
         dbc.logs("toy", rank=2)  # raised at the call, before any iteration
     assert err.value.status == ExitStatus.NOT_FOUND
     assert err.value.message == "no pod of toy with rank 2 yet (found 4 pods)"
+    with pytest.raises(CliError) as err:
+        dbc.logs("toy", rank=3)  # the job has ranks 0-2: a clear answer instead of "no pod yet"
+    assert err.value.status == ExitStatus.INVALID_INPUT
+    assert err.value.message == "toy has 3 node(s): ranks 0-2 (not 3)"
 
 
 def test_lines_of_an_empty_body() -> None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dreambooth_cli import present
+from dreambooth_cli import events, present
 from dreambooth_cli.events import Progress, describe_event, is_notable, parse_line
 
 
@@ -143,3 +143,9 @@ def test_display_draws_a_live_bar_on_a_terminal_and_plain_lines_otherwise() -> N
     assert lines[-1] == "step 40/40 loss 0.5000"
     assert len(lines) < 10
     assert "\x1b" not in plain.getvalue()
+
+
+def test_a_log_event_reads_as_one_line() -> None:
+    event = {"ts": "2026-12-06T01:02:03.456Z", "level": "info", "event": "step", "step": 12, "loss": 0.123456789}
+    assert events.format_log_event(event) == "01:02:03 info step step=12 loss=0.1235"
+    assert events.format_log_event({"event": "exported", "uri": "s3://b/m"}) == "info exported uri=s3://b/m"

@@ -64,7 +64,7 @@ def test_status_shows_bracketed_messages_and_uris_as_they_are(
 ) -> None:
     fake_cluster(monkeypatch, bracketed_job())
     code, out, err = run_main(capsys, "status", "toy")
-    assert code == 0, err
+    assert code == ExitStatus.JOB_FAILED, err  # the bracketed job is a failed one: status exits 4
     for text in BRACKETED:
         assert text in out
     assert "[x]" in out

@@ -22,6 +22,7 @@ from dreambooth_cli import localrun, manifest, present, subject
 from dreambooth_cli.client import DreamBoothClient, JobInfo, Upload
 from dreambooth_cli.display import ProgressDisplay
 from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
+from dreambooth_cli.events import format_log_event, parse_line
 from dreambooth_cli.report import load_run, write_report
 from dreambooth_cli.report.data import looks_like_run
 from dreambooth_cli.sync import collect_images, sync_to_folder
@@ -134,7 +135,7 @@ def list_(
 
 @app.command()
 def status(name: JobName, namespace: Namespace = None, context: Context = None, kubeconfig: Kubeconfig = None) -> None:
-    """Show a job's phase, progress, outputs and conditions."""
+    """Show a job's phase, progress, outputs and conditions (exit 4 when the job failed)."""
     client = DreamBoothClient(kubeconfig, context, namespace)
     job = client.get(name)
     details = Table(show_header=False, box=None, pad_edge=False)
@@ -148,6 +149,8 @@ def status(name: JobName, namespace: Namespace = None, context: Context = None, 
         for row in rows:
             table.add_row(*(Text(cell) for cell in row))
         out.print(table)
+    if job.failed:  # scripts can test `dreambooth status NAME` like `watch`: exit 4 for a failed job
+        raise CliError(f"{name} failed: {job.failure_message}", ExitStatus.JOB_FAILED)
 
 
 @app.command()
@@ -183,13 +186,15 @@ def logs(
     name: JobName,
     rank: Annotated[int, typer.Option("--rank", help="The node rank (completion index) whose pod to read.")] = 0,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines until the pod ends.")] = False,
+    raw_json: Annotated[bool, typer.Option("--json", help="Print the trainer's JSON lines as they are.")] = False,
     namespace: Namespace = None,
     context: Context = None,
     kubeconfig: Kubeconfig = None,
 ) -> None:
-    """Print the trainer log of one rank's pod (the newest attempt)."""
+    """Print the trainer log of one rank's pod (the newest attempt), one readable line per event."""
     for line in DreamBoothClient(kubeconfig, context, namespace).logs(name, rank=rank, follow=follow):
-        sys.stdout.write(line)
+        event = None if raw_json else parse_line(line)
+        sys.stdout.write(line if event is None else format_log_event(event) + "\n")
         sys.stdout.flush()
 
 
@@ -213,13 +218,13 @@ def report(
     say(f"report: {path}")
 
 
-@app.command("demo-subject", hidden=True)
+@app.command("demo-subject")
 def demo_subject(
     folder: Annotated[Path, typer.Argument(help="Where to write the PNGs.")],
     size: Annotated[int, typer.Option(help="Image size in pixels.")] = 64,
     count: Annotated[int, typer.Option(help="How many poses (at most 6).")] = 6,
 ) -> None:
-    """Draw the demo's synthetic subject (a coloured geometric toy at a few poses)."""
+    """Draw the demo's synthetic subject (a coloured geometric toy at a few poses): photos to try a job with."""
     paths = subject.write_subject(folder, size=size, count=count)
     say(f"wrote {len(paths)} images to {folder}")
 

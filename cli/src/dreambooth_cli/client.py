@@ -274,7 +274,11 @@ class DreamBoothClient:
         lines keep coming until the pod ends. Iterate to the end, or close() the iterator, to free the connection.
         """
         target = self.target
-        kube.get_job(target, name)
+        job = kube.get_job(target, name)
+        nodes = int((job.get("spec", {}).get("resources") or {}).get("nodes") or 1)
+        if not 0 <= rank < nodes:
+            ranks = "rank 0" if nodes == 1 else f"ranks 0-{nodes - 1}"
+            raise CliError(f"{name} has {nodes} node(s): {ranks} (not {rank})", ExitStatus.INVALID_INPUT)
         pods = kube.call(
             target, target.core.list_namespaced_pod, target.namespace, label_selector=f"{api.LABEL_JOB_NAME}={name}"
         ).items

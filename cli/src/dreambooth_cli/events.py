@@ -78,3 +78,17 @@ def is_notable(event: dict[str, Any]) -> bool:
 def describe_event(event: dict[str, Any]) -> str:
     details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("ts", "level", "event"))
     return f"[{event.get('level', 'info')}] {event.get('event', '')} {details}".rstrip()
+
+
+def format_log_event(event: dict[str, Any]) -> str:
+    """One trainer log line for people: `12:03:04 info step step=12 loss=0.1234` (time of day in UTC)."""
+    ts = event.get("ts")
+    clock = ts[11:19] if isinstance(ts, str) and len(ts) >= 19 else ""
+    details = " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in event.items()
+        if k not in ("ts", "level", "event")
+    )
+    return " ".join(
+        part for part in (clock, str(event.get("level", "info")), str(event.get("event", "")), details) if part
+    )
