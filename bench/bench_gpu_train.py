@@ -1,7 +1,8 @@
 """Training speed and memory of our trainer on one GPU at Stable Diffusion 1.5 size.
 
 The UNet, VAE and text encoder have SD 1.5's architecture (UNet ~860M parameters) with random weights built from
-configs (no hub). Each case runs the trainer's own `TrainLoop.train_step` around `DreamBoothModule.compute_loss`:
+configs (no hub). Each case builds the trainer's own training (`builder.build_training`, as a job does) and times
+`TrainLoop.train_step` around `DreamBoothModule.compute_loss`:
 512x512, one instance image plus one prior-preservation class image per step (effective batch 2), bf16 mixed
 precision through Lightning Fabric, cached VAE latents and prompt embeddings (the trainer's default), gradient
 clipping at 1.0, AdamW (fused on CUDA), and the LR scheduler.
@@ -177,11 +178,9 @@ def _config(case: dict[str, Any], size: _Size, out: Path, mixed: str) -> Any:
 
 
 def measure_case(name: str, size: _Size, device: torch.device, scratch: Path) -> dict[str, Any]:
-    from dreambooth_trainer.data import collate_fn
-    from dreambooth_trainer.module import DreamBoothModule
+    from dreambooth_trainer.builder import build_training, configure_cuda_math, fabric_precision, make_fabric
     from dreambooth_trainer.preemption import Preemption
     from dreambooth_trainer.storage import ObjectStore
-    from dreambooth_trainer.train import TrainLoop, configure_cuda_math, fabric_precision, make_fabric
 
     mixed = "bf16" if device.type == "cuda" else "no"
     config = _config(CASES[name], size, scratch / name, mixed)
@@ -193,25 +192,14 @@ def measure_case(name: str, size: _Size, device: torch.device, scratch: Path) ->
     dataset = cached_dataset(comps, size, device)
     fabric = make_fabric(config, local=True)
     fabric.launch()
-    module = DreamBoothModule(comps, config.training, prior_loss_weight=1.0)
     precision = fabric_precision(config, device.type == "cuda")
-    frozen = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
-    if frozen is not None:
-        module.cast_frozen(frozen)
     (scratch / name).mkdir(parents=True, exist_ok=True)
-    loop = TrainLoop(
-        fabric=fabric,
-        config=config,
-        module=module,
-        dataset=dataset,
-        collate=collate_fn,
-        store=ObjectStore(),
-        progress=None,
-        preemption=Preemption(),
-        scratch=scratch / name,
+    training = build_training(
+        config, comps, dataset, fabric=fabric, store=ObjectStore(), preemption=Preemption(), scratch=scratch / name
     )
+    module, loop = training.module, training.loop
     trainable = sum(p.numel() for p in module.unet_parameters())
-    optimizer = getattr(loop.optimizer, "optimizer", loop.optimizer)
+    optimizer = getattr(training.optimizer, "optimizer", training.optimizer)  # the torch one Fabric wraps
     times: list[float] = []
     losses: list[float] = []
     try:
@@ -251,7 +239,7 @@ def measure_case(name: str, size: _Size, device: torch.device, scratch: Path) ->
     if device.type == "cuda":
         result["peakAllocatedGiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         result["peakReservedGiB"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-    del loop, module, comps, optimizer, fabric, dataset
+    del training, loop, module, comps, optimizer, fabric, dataset
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -143,12 +143,11 @@ def job_config(root: Path, method: str = "lora", **training: Any) -> Any:
 
 
 def make_loop(config: Any, components: Any, scratch: Path) -> Any:
-    """The trainer's own loop on this machine's accelerator, wired as `train._run` wires it (minus export)."""
-    from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn
-    from dreambooth_trainer.module import DreamBoothModule
+    """The trainer's own loop on this machine's accelerator, built as a job builds it (`builder.build_training`)."""
+    from dreambooth_trainer.builder import build_training, make_fabric
+    from dreambooth_trainer.data import DreamBoothDataset, Example
     from dreambooth_trainer.preemption import Preemption
     from dreambooth_trainer.storage import ObjectStore
-    from dreambooth_trainer.train import TrainLoop, fabric_precision, make_fabric
 
     scratch.mkdir(parents=True, exist_ok=True)
     fabric = make_fabric(config, local=True)
@@ -164,23 +163,10 @@ def make_loop(config: Any, components: Any, scratch: Path) -> Any:
         classes,
     )
     cache_on_their_device(dataset, components)
-    module = DreamBoothModule(components, config.training)
-    frozen = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(
-        fabric_precision(config, torch.cuda.is_available())
+    training = build_training(
+        config, components, dataset, fabric=fabric, store=ObjectStore(), preemption=Preemption(), scratch=scratch
     )
-    if frozen is not None:
-        module.cast_frozen(frozen)
-    return TrainLoop(
-        fabric=fabric,
-        config=config,
-        module=module,
-        dataset=dataset,
-        collate=collate_fn,
-        store=ObjectStore(),
-        progress=None,
-        preemption=Preemption(),
-        scratch=scratch,
-    )
+    return training.loop
 
 
 @pytest.fixture

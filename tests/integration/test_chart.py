@@ -15,11 +15,12 @@ import pytest
 import yaml
 from operator_wrappers import make_job
 
+from dreambooth_api.progress import TrainerPhase
 from dreambooth_operator.builders import build_batch_job
 from dreambooth_operator.inference import reconcile_inference
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.settings import OperatorSettings
-from dreambooth_trainer.progress import Phase, Progress, ProgressServer
+from dreambooth_trainer.progress import Progress, ProgressServer
 from tests.infra.controlplane import Cluster
 from tests.infra.fixtures import PrometheusFactory
 from tests.infra.processes import free_port, tool
@@ -262,7 +263,7 @@ def test_dashboard_queries_answer_from_real_exporters(prometheus: PrometheusFact
     metrics.reconcile_duration.observe(0.02)
     metrics.progress_polls.labels(result="ok").inc()
     progress = Progress("dog", "team-a", 0, total_steps=800)
-    progress.set_phase(Phase.TRAINING)
+    progress.set_phase(TrainerPhase.TRAINING)
     server = ProgressServer(progress, host="127.0.0.1", port=trainer_port).start()
     try:
         for step in (1, 2, 3):

@@ -168,11 +168,6 @@ def test_trainer_section_properties_come_from_the_trainer_model() -> None:
     assert training["properties"]["method"]["enum"] == [m.value for m in trainer_config.Method]
 
 
-def test_operator_copies_of_trainer_constants_agree() -> None:
-    assert common.URI_PATTERN == trainer_config.URI_PATTERN
-    assert [s.value for s in inference.Scheduler] == [s.value for s in trainer_config.Sampler]
-
-
 # ---- the converter on small models --------------------------------------------------------------------------
 
 

@@ -21,11 +21,13 @@ from lightning_fabric import Fabric
 
 from dreambooth_api.config import JobConfig
 from dreambooth_api.exitcodes import ExitCode, InvalidInputError, RetryableError
+from dreambooth_trainer.checkpoint import run_fingerprint
 from dreambooth_trainer.logging import EventLog
+from dreambooth_trainer.loop import TrainLoop, _Due
+from dreambooth_trainer.module import build_lr_scheduler
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.progress import Progress
 from dreambooth_trainer.storage import ObjectStore
-from dreambooth_trainer.train import TrainLoop, build_lr_scheduler, run_fingerprint
 
 
 class NoisyRegressor(pl.LightningModule):
@@ -221,8 +223,6 @@ def test_sigterm_before_the_first_step_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_time_cadence_checkpoints_when_the_interval_passed() -> None:
-    from dreambooth_trainer.train import _Due
-
     due = _Due(None, 10)
     assert not due.by_time()
     assert not due.by_steps(100)
@@ -354,7 +354,7 @@ def test_the_default_scheduler_warms_up_a_constant_schedule(tmp_path: Path) -> N
     """`warmupSteps` with `lrSchedule: constant` warms up (it was silently dropped)."""
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = build_lr_scheduler(optimizer, _config(tmp_path, lrSchedule="constant", warmupSteps=4))
+    scheduler = build_lr_scheduler(optimizer, _config(tmp_path, lrSchedule="constant", warmupSteps=4).training)
     rates = []
     for _ in range(6):
         rates.append(optimizer.param_groups[0]["lr"])

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dreambooth_api.progress import TrainerPhase, parse_progress
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.preemption import Preemption
-from dreambooth_trainer.progress import Phase, Progress, ProgressServer, RateMeter
+from dreambooth_trainer.progress import Progress, ProgressServer, RateMeter
 from dreambooth_trainer.result import RunResult, encode_termination_message, write_termination_message
 
 
@@ -38,7 +39,7 @@ def test_server_reports_live_values_on_every_endpoint() -> None:
     try:
         base = f"http://127.0.0.1:{server.port}"
         assert _get(base + "/healthz")[0] == 200
-        progress.set_phase(Phase.TRAINING)
+        progress.set_phase(TrainerPhase.TRAINING)
         progress.on_step(1, loss=0.5, lr=1e-4, images=2, data_wait=0.25)
         progress.on_step(2, loss=0.4, lr=2e-4, images=2, data_wait=0.25)
         progress.on_stall(0.02)
@@ -52,6 +53,7 @@ def test_server_reports_live_values_on_every_endpoint() -> None:
         assert doc["etaSeconds"] == pytest.approx(8 / doc["stepsPerSecond"])
         assert doc["lastCheckpoint"] == {"step": 2, "uri": "s3://b/ck/step-00000002", "time": "2026-11-27T00:00:00Z"}
         assert doc["resumedFrom"] is None  # started from step 0
+        assert parse_progress(body) == progress.state.document  # the contract's document, read as the operator does
         _, ctype, body = _get(base + "/metrics")
         assert ctype.startswith("text/plain")
         s = _samples(body.decode())

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from dreambooth_api.config import BaseModelSpec, TrainingConfig
+from dreambooth_api.env import MODEL_CACHE_DIR as MODEL_CACHE_ENV
 from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer import compilation
-from dreambooth_trainer.components import MODEL_CACHE_ENV, load_components
+from dreambooth_trainer.components import load_components
 from dreambooth_trainer.data import DreamBoothDataset, Example, collate_fn
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.storage import ObjectStore

@@ -96,7 +96,8 @@ def test_shared_model_cache_env_and_concurrent_downloads(tmp_path: Path, monkeyp
     pods that download the same model at once all end up with one complete copy and no leftovers."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dreambooth_trainer.components import MODEL_CACHE_ENV, model_cache_dir, resolve_model_dir
+    from dreambooth_api.env import MODEL_CACHE_DIR as MODEL_CACHE_ENV
+    from dreambooth_trainer.components import model_cache_dir, resolve_model_dir
 
     assert model_cache_dir(tmp_path / "own") == tmp_path / "own"
     monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "shared"))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreambooth_api.config import CONFIG_ENV, ConfigError, load_job_config
+from dreambooth_api.config import ConfigError, load_job_config
+from dreambooth_api.env import CONFIG as CONFIG_ENV
 
 DOC = {
     "name": "cat",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dreambooth_api.config import JobConfig
-from dreambooth_trainer.train import configure_cuda_math, fabric_precision
+from dreambooth_trainer.builder import configure_cuda_math, fabric_precision
 
 
 def _config(**training: Any) -> JobConfig:

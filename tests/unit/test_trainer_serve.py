@@ -22,21 +22,15 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from dreambooth_api.config import BaseModelSpec, TrainingConfig
+from dreambooth_api.env import SERVE_TOKEN as TOKEN_ENV
 from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.components import load_components
 from dreambooth_trainer.export import export_parts, write_diffusers, write_lora, write_single_file
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.result import TERMINATION_ENV
-from dreambooth_trainer.serve import (
-    TOKEN_ENV,
-    GenerateRequest,
-    ModelRunner,
-    Server,
-    content_length,
-    load_serve_config,
-    serve,
-    token_matches,
-)
+from dreambooth_trainer.serving.protocol import GenerateRequest, content_length, load_serve_config, token_matches
+from dreambooth_trainer.serving.runner import ModelRunner
+from dreambooth_trainer.serving.server import Server, serve
 from dreambooth_trainer.storage import ObjectStore
 
 # The tiny model is cached by config hash, so test files share one build.
@@ -204,15 +198,17 @@ def test_failed_load_exits_1_with_the_error_in_the_termination_message(
 
 
 def test_invalid_configs_and_request_values(store: Path) -> None:
-    with pytest.raises(InvalidInputError, match="defaultSteps may not exceed maxSteps"):
+    with pytest.raises(InvalidInputError, match=r"server\.defaultSteps may not exceed server\.maxSteps"):
         load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxSteps": 10}}))
-    config = load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxResolution": 16}}))
+    with pytest.raises(InvalidInputError, match="maxResolution"):  # the InferenceService's limit: at least 64
+        load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxResolution": 56}}))
+    config = load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxResolution": 64}}))
     runner = ModelRunner(config, store / "unused")
-    runner.native_size = 32  # the model's own size applies when a request names none
+    runner.native_size = 128  # the model's own size applies when a request names none
     assert runner.check(GenerateRequest(prompt="x")) == (
-        "width may not exceed 16 (the model's native size 32; name a smaller one)"
+        "width may not exceed 64 (the model's native size 128; name a smaller one)"
     )
-    assert runner.check(GenerateRequest(prompt="x", width=16, height=16)) is None
+    assert runner.check(GenerateRequest(prompt="x", width=64, height=64)) is None
     assert (content_length(None), content_length("12"), content_length("-1"), content_length("abc")) == (
         0,
         12,

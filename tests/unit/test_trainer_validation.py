@@ -79,7 +79,7 @@ def test_full_fine_tune_with_half_frozen_parts_samples(tmp_path: Path) -> None:
         }
     )
     module = DreamBoothModule(comps, config.training)
-    module.cast_frozen(torch.bfloat16)  # what train._run does for mixedPrecision bf16 on CUDA
+    module.cast_frozen(torch.bfloat16)  # what builder.build_training does for mixedPrecision bf16 on CUDA
     assert {p.dtype for p in module.unet.parameters()} == {torch.float32}
     assert next(module.vae.parameters()).dtype == torch.bfloat16
 

@@ -3,7 +3,8 @@
 Every model here is an `ApiModel`: camelCase on the wire, attribute docstrings as descriptions (they become
 the CRD's field descriptions and docs/api.md), and unknown fields ignored so that an older operator still
 reads objects written against a newer CRD (the API server's pruning and `--validate=strict` reject unknown
-fields for users).
+fields for users). The trainer's config models (`dreambooth_api.config.Model`) share the same base,
+`CamelModel`, and differ only in rejecting unknown fields.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from pydantic.alias_generators import to_camel
 
 from dreambooth_api.constants import ConditionStatus
 
-# The same object-storage URI the trainer accepts (dreambooth_api.config.URI_PATTERN; a unit test keeps
-# the two equal, since the operator may not import the trainer).
+# An object-storage URI: s3://bucket/prefix or file:///absolute/path (the trainer's config uses the same).
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.*)$"
 Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=1024)]
 
@@ -60,20 +60,26 @@ def immutable(field: str) -> CelRule:
     return cel("self == oldSelf", f"{field} is immutable")
 
 
-class ApiModel(BaseModel):
-    """Base of every API model."""
+class CamelModel(BaseModel):
+    """Base of every model of the contract: camelCase aliases (snake_case in Python), attribute docstrings as
+    descriptions, defaults validated. `ApiModel` ignores unknown fields, `config.Model` rejects them."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
-        extra="ignore",
         use_attribute_docstrings=True,
-        use_enum_values=False,
+        validate_default=True,
     )
 
     def to_wire(self) -> dict[str, Any]:
         """The camelCase JSON form, as it appears in the custom resource (unset optional fields left out)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class ApiModel(CamelModel):
+    """Base of every API model: unknown fields are ignored (an older operator reads a newer CRD's objects)."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class AddressingStyle(StrEnum):
@@ -193,6 +199,11 @@ class PodTemplateOverrides(ApiModel):
     """The pods' PriorityClass; lower priority pods are preempted first."""
     service_account_name: DnsSubdomain | None = None
     """The pods' ServiceAccount (for example one bound to a cloud identity for object storage)."""
+    automount_service_account_token: bool | None = None
+    """Mount the ServiceAccount's API token into the pods. Off unless set to true: the trainer and the sampling
+    server never call the Kubernetes API. Set it only for a serviceAccountName whose token the pods need (for
+    example a cloud identity that exchanges the projected token); the operator's restrictions may limit which
+    ServiceAccounts are allowed."""
     image_pull_secrets: list[LocalObjectReference] | None = Field(default=None, max_length=16)
     """Secrets for pulling the image from a private registry."""
     env: list[EnvVar] | None = Field(default=None, max_length=128)

@@ -2,7 +2,7 @@
 
 `TrainingConfig` is `spec.training` of a DreamBoothJob; the CRD schema for it is generated from this
 model. `JobConfig` is the whole input of one training run, which the operator writes into a ConfigMap
-and passes through the `DREAMBOOTH_CONFIG` environment variable (a JSON document or a file path).
+and passes through the `env.CONFIG` environment variable (a JSON document or a file path).
 
 Field names are camelCase on the wire (as Kubernetes APIs are) and snake_case in Python.
 """
@@ -11,35 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-CONFIG_ENV = "DREAMBOOTH_CONFIG"
-
-# An object-storage URI: s3://bucket/prefix or file:///absolute/path.
-URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.*)$"
-Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=1024)]
+from dreambooth_api import env
+from dreambooth_api.common import CamelModel, Uri
 
 
-class Model(BaseModel):
-    """Base of every config model: camelCase aliases, unknown fields rejected."""
+class Model(CamelModel):
+    """Base of every config model: as the API models (`CamelModel`), but unknown fields are rejected."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-        validate_default=True,
-    )
-
-    def to_wire(self) -> dict[str, Any]:
-        """The camelCase JSON-compatible form, as it appears in a custom resource."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class Method(StrEnum):
@@ -66,6 +53,8 @@ class LRSchedule(StrEnum):
 
 
 class Sampler(StrEnum):
+    """Sampling schedulers: for class images, validation samples, and the sampling server (`defaultScheduler`)."""
+
     DDIM = "ddim"
     EULER = "euler"
     EULER_ANCESTRAL = "euler_ancestral"
@@ -329,7 +318,7 @@ class StorageSettings(Model):
 
 
 class JobConfig(Model):
-    """The whole input of one training run (what the operator passes in DREAMBOOTH_CONFIG)."""
+    """The whole input of one training run (what the operator passes in `env.CONFIG`)."""
 
     name: str = Field(default="local", max_length=253)
     """The job's name (used for metric labels and logs)."""
@@ -350,9 +339,19 @@ class JobConfig(Model):
 
     @model_validator(mode="after")
     def _lora_export(self) -> Self:
-        if ExportFormat.LORA in self.output.formats and self.training.method is not Method.LORA:
-            raise ValueError("output.formats may contain lora only with training.method: lora")
+        if not lora_export_allowed(self.output.formats, self.training.method):
+            raise ValueError(LORA_EXPORT_MESSAGE)
         return self
+
+
+LORA_EXPORT_MESSAGE = "output.formats may contain lora only with training.method: lora"
+"""The rule's message; the CRD's CEL rule (`job.SPEC_RULES`) and the operator's twin say the same, and
+tests/unit/test_api_rules.py checks all three against `lora_export_allowed` on the same cases."""
+
+
+def lora_export_allowed(formats: Collection[str], method: str) -> bool:
+    """The one definition of the rule: the lora export format needs method lora (enum members or their values)."""
+    return ExportFormat.LORA not in formats or method == Method.LORA
 
 
 class ConfigError(ValueError):
@@ -375,7 +374,7 @@ def parse_job_config(data: dict[str, Any]) -> JobConfig:
 
 
 def _names_a_file(value: str) -> bool:
-    """Whether DREAMBOOTH_CONFIG is a path rather than an inline document (one line, an existing file)."""
+    """Whether `env.CONFIG` is a path rather than an inline document (one line, an existing file)."""
     if "\n" in value or value.startswith(("{", "-", "#")):
         return False
     try:
@@ -395,12 +394,12 @@ def _parse(text: str) -> Any:
 
 
 def load_job_config(source: str | Path | None = None) -> JobConfig:
-    """Load a JobConfig from a JSON/YAML file, or from DREAMBOOTH_CONFIG (inline JSON/YAML or a file path)."""
+    """Load a JobConfig from a JSON/YAML file, or from `env.CONFIG` (inline JSON/YAML or a file path)."""
     text: str
     if source is None:
-        raw = os.environ.get(CONFIG_ENV)
+        raw = os.environ.get(env.CONFIG)
         if not raw:
-            raise ConfigError(f"no config: pass a file or set {CONFIG_ENV}")
+            raise ConfigError(f"no config: pass a file or set {env.CONFIG}")
         stripped = raw.strip()
         text = Path(stripped).read_text() if _names_a_file(stripped) else raw
     else:

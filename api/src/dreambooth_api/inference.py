@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any, Final, Self
 
 from pydantic import ConfigDict, Field, model_validator
@@ -11,7 +10,6 @@ from dreambooth_api.common import (
     ApiModel,
     Condition,
     ContainerResources,
-    DnsLabel,
     DnsSubdomain,
     PodTemplateOverrides,
     StorageSpec,
@@ -20,19 +18,10 @@ from dreambooth_api.common import (
     validations,
 )
 from dreambooth_api.constants import InferencePhase
+from dreambooth_api.serving import Adapter, ServerLimits
 
 # Spec fields (dotted, camelCase) whose schema comes from a trainer model, as for DreamBoothJob.
 TRAINER_SECTIONS: Final = {"model.baseModel": "BaseModelSpec"}
-
-
-class Scheduler(StrEnum):
-    """Samplers the server offers (the trainer's `Sampler` values; a unit test keeps them equal)."""
-
-    DDIM = "ddim"
-    EULER = "euler"
-    EULER_ANCESTRAL = "euler_ancestral"
-    DPM_SOLVER = "dpm_solver"
-    PNDM = "pndm"
 
 
 class ModelSource(ApiModel):
@@ -62,17 +51,6 @@ class ModelSource(ApiModel):
         if self.base_model is not None and self.model_uri is None:
             raise ValueError("model.baseModel goes with modelUri (with fromJob the job's base model is used)")
         return self
-
-
-class Adapter(ApiModel):
-    """A LoRA adapter loaded on top of the model; requests choose adapters by name."""
-
-    name: DnsLabel
-    """The adapter's name, unique in the list."""
-    uri: Uri
-    """The LoRA weights folder (a DreamBoothJob's <output>/lora)."""
-    weight: float = Field(default=1.0, ge=-10.0, le=10.0)
-    """The default scale of the adapter."""
 
 
 class Scaling(ApiModel):
@@ -127,41 +105,6 @@ class InferenceResources(ContainerResources):
 
     gpus: int = Field(default=1, ge=0, le=16)
     """GPUs per replica (0 serves on CPU, slowly; for tests)."""
-
-
-class ServerLimits(ApiModel):
-    """Limits and defaults of the sampling server; requests beyond a limit are rejected with HTTP 400."""
-
-    model_config = ConfigDict(
-        json_schema_extra=validations(
-            cel(
-                "!has(self.defaultSteps) || !has(self.maxSteps) || self.defaultSteps <= self.maxSteps",
-                "server.defaultSteps may not exceed server.maxSteps",
-            ),
-        )
-    )
-
-    max_batch_size: int = Field(default=4, ge=1, le=64)
-    """Images generated together in one forward pass: a request's images are generated in chunks of this size
-    (requests are not batched together; each replica answers one request at a time)."""
-    max_images_per_request: int = Field(default=4, ge=1, le=64)
-    """The most images one request may ask for."""
-    max_steps: int = Field(default=50, ge=1, le=1000)
-    """The most sampling steps one request may ask for."""
-    max_resolution: int = Field(default=768, ge=64, le=2048, multiple_of=8)
-    """The largest width or height one request may ask for (a multiple of 8)."""
-    default_scheduler: Scheduler = Scheduler.EULER
-    """The sampler used when a request names none."""
-    default_steps: int = Field(default=25, ge=1, le=1000)
-    """Sampling steps when a request names none."""
-    default_guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
-    """Classifier-free guidance scale when a request names none."""
-
-    @model_validator(mode="after")
-    def _rules(self) -> Self:
-        if self.default_steps > self.max_steps:
-            raise ValueError("server.defaultSteps may not exceed server.maxSteps")
-        return self
 
 
 class SecretKeySelector(ApiModel):

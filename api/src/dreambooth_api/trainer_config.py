@@ -16,10 +16,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-# Spec sections owned by the trainer's JobConfig, passed through as they are.
-PASSTHROUGH_SECTIONS = ("baseModel", "instanceImages", "priorPreservation", "training", "output")
-# The trainer's StorageSettings fields; everything else under spec.storage (credentialsSecret, ...) stays out.
-STORAGE_FIELDS = ("endpoint", "region", "addressingStyle")
+from dreambooth_api.config import JobConfig, StorageSettings
+
+# Spec sections owned by the trainer's JobConfig, passed through as they are: its fields but the job's identity
+# (from metadata) and storage (below).
+_NOT_PASSED_THROUGH = {"name", "namespace", "storage"}
+PASSTHROUGH_SECTIONS = tuple(f.alias or n for n, f in JobConfig.model_fields.items() if n not in _NOT_PASSED_THROUGH)
+# The trainer's StorageSettings fields (camelCase); everything else under spec.storage (credentialsSecret, ...)
+# stays out.
+STORAGE_FIELDS = tuple(field.alias or name for name, field in StorageSettings.model_fields.items())
 # The ConfigMap key that holds the JSON document.
 CONFIG_KEY = "config.json"
 

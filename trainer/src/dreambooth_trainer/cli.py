@@ -1,6 +1,6 @@
 """`dreambooth-train [--config FILE] [--local]`: run one training job and exit with its exit code.
 
-The config comes from FILE or `DREAMBOOTH_CONFIG` (docs/contracts.md). Log lines are JSON on stdout. The outcome
+The config comes from FILE or `env.CONFIG` (docs/contracts.md). Log lines are JSON on stdout. The outcome
 goes to the termination message (`TERMINATION_MESSAGE_PATH`) and, when the output location is reachable, to
 `<output.uri>/result.json`. Exit codes (exitcodes.py): 0 success, 10 invalid input, 11 retryable, 12 preempted.
 """
@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from dreambooth_api import env
 from dreambooth_api.config import ConfigError, JobConfig, load_job_config
 from dreambooth_api.exitcodes import ExitCode, TrainerError
 from dreambooth_trainer.lean_imports import keep_out, unused_packages
@@ -26,14 +27,14 @@ EXIT_BY_STATUS = {"succeeded": ExitCode.SUCCESS, "preempted": ExitCode.PREEMPTED
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dreambooth-train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, help="a JobConfig JSON/YAML file (default: $DREAMBOOTH_CONFIG)")
+    p.add_argument("--config", type=Path, help=f"a JobConfig JSON/YAML file (default: ${env.CONFIG})")
     p.add_argument(
         "--local",
         action="store_true",
         help="one process on this machine: ignore PET_*/WORLD_SIZE, serve progress on 127.0.0.1, "
         "termination message to <workdir>/termination-log unless TERMINATION_MESSAGE_PATH is set",
     )
-    p.add_argument("--workdir", type=Path, help="local scratch folder (default: $DREAMBOOTH_WORKDIR or ./.dreambooth)")
+    p.add_argument("--workdir", type=Path, help=f"local scratch folder (default: ${env.WORKDIR} or ./.dreambooth)")
     return p.parse_args(argv)
 
 
@@ -90,14 +91,14 @@ def _procs_per_node(local: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = args.workdir or (Path(os.environ["DREAMBOOTH_WORKDIR"]) if os.environ.get("DREAMBOOTH_WORKDIR") else None)
+    workdir = args.workdir or (Path(os.environ[env.WORKDIR]) if os.environ.get(env.WORKDIR) else None)
     if args.local and not os.environ.get("TERMINATION_MESSAGE_PATH"):
         base = workdir or Path.cwd() / ".dreambooth"
         base.mkdir(parents=True, exist_ok=True)
         os.environ["TERMINATION_MESSAGE_PATH"] = str(base / "termination-log")
     # Ranks other than 0 only log; rank 0 owns the termination message and result.json.
     is_main = os.environ.get("LOCAL_RANK", "0") == "0" and (
-        args.local or os.environ.get("PET_NODE_RANK", os.environ.get("NODE_RANK", "0")) == "0"
+        args.local or os.environ.get(env.PET_NODE_RANK, os.environ.get("NODE_RANK", "0")) == "0"
     )
     procs = _procs_per_node(args.local)
     if procs > 1:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_job_config(args.config)
             log.bind(job=config.name)
             keep_out(unused_packages(config))
-            from dreambooth_trainer.train import run_job
+            from dreambooth_trainer.job import run_job  # after keep_out: it imports the model stack
 
             status, doc = run_job(config, preemption=preemption, log=log, workdir=workdir, local=args.local)
         except Exception as err:

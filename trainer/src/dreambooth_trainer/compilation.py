@@ -3,7 +3,7 @@
 Inductor generates C++ (CPU) or Triton (CUDA) kernels; Triton builds a small C launcher at first use. So both need a
 compiler, and a missing one is a permanent error named up front, not a crash at the first training step.
 
-Compiled kernels are cached on disk. When the pod has the shared model cache volume (`DREAMBOOTH_MODEL_CACHE_DIR`),
+Compiled kernels are cached on disk. When the pod has the shared model cache volume (`env.MODEL_CACHE_DIR`),
 the inductor and Triton caches live there too, so only the first job with a given model shape pays the full
 compile; later jobs load the kernels. Explicit TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR settings win.
 """
@@ -15,8 +15,8 @@ import shutil
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
+from dreambooth_api.env import MODEL_CACHE_DIR
 from dreambooth_api.exitcodes import InvalidInputError
-from dreambooth_trainer.components import MODEL_CACHE_ENV
 
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
@@ -26,7 +26,7 @@ CXX_COMPILERS = ("c++", "g++", "clang++")  # inductor's C++ kernels (CPU)
 
 def cache_env(env: Mapping[str, str]) -> dict[str, str]:
     """The compile-cache variables to add to `env`: on the shared model cache volume, when there is one."""
-    shared = env.get(MODEL_CACHE_ENV)
+    shared = env.get(MODEL_CACHE_DIR)
     if not shared:
         return {}
     root = Path(shared) / "torch-compile"

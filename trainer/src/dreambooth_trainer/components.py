@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreambooth_api import env
 from dreambooth_api.config import BaseModelSpec
 from dreambooth_api.exitcodes import InvalidInputError, RetryableError
 from dreambooth_trainer.model_files import REQUIRED_PARTS, hub_allow_patterns, select_files
@@ -25,15 +26,14 @@ from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, relativ
 from dreambooth_trainer.tiny import build_tiny_pipeline
 
 COMPLETE_MARKER = ".complete"
-# Set by the operator when its model cache volume is configured: base models are kept there and shared by pods.
-MODEL_CACHE_ENV = "DREAMBOOTH_MODEL_CACHE_DIR"
 # A partial download folder this old was left by a pod that died mid-download (a live one keeps writing to it).
 STALE_DOWNLOAD_SECONDS = 6 * 3600
 
 
 def model_cache_dir(default: Path) -> Path:
-    """Where base models are downloaded to: the shared cache when the pod has one, else `default`."""
-    shared = os.environ.get(MODEL_CACHE_ENV)
+    """Where base models are downloaded to: the shared cache when the pod has one (`env.MODEL_CACHE_DIR`, set by
+    the operator when its model cache volume is configured: base models are shared by pods), else `default`."""
+    shared = os.environ.get(env.MODEL_CACHE_DIR)
     return Path(shared) / "models" if shared else Path(default)
 
 

@@ -12,6 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dreambooth_api.env import (
+    PET_MASTER_ADDR,
+    PET_MASTER_PORT,
+    PET_NNODES,
+    PET_NODE_RANK,
+    PET_NPROC_PER_NODE,
+    TRAINER_MASTER_PORT,
+)
 from dreambooth_api.exitcodes import InvalidInputError
 
 
@@ -55,14 +63,14 @@ class DistEnv:
 def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
     """Read the distributed settings; PET_* win over the Lightning names when both are set."""
     e = os.environ if env is None else env
-    nnodes = _int(e, "PET_NNODES", default=1)
-    nproc = _int(e, "PET_NPROC_PER_NODE", default=0)
+    nnodes = _int(e, PET_NNODES, default=1)
+    nproc = _int(e, PET_NPROC_PER_NODE, default=0)
     if nproc == 0:
         world = _int(e, "WORLD_SIZE", default=nnodes)
         nproc = max(world // max(nnodes, 1), 1)
-    node_rank = _int(e, "PET_NODE_RANK", "NODE_RANK", default=0)
-    addr = e.get("PET_MASTER_ADDR") or e.get("MASTER_ADDR") or "127.0.0.1"
-    port = _int(e, "PET_MASTER_PORT", "MASTER_PORT", default=29500)
+    node_rank = _int(e, PET_NODE_RANK, "NODE_RANK", default=0)
+    addr = e.get(PET_MASTER_ADDR) or e.get("MASTER_ADDR") or "127.0.0.1"
+    port = _int(e, PET_MASTER_PORT, "MASTER_PORT", default=TRAINER_MASTER_PORT)
     if nnodes < 1 or nproc < 1:
         raise InvalidInputError(f"need PET_NNODES >= 1 and PET_NPROC_PER_NODE >= 1, got {nnodes} and {nproc}")
     if not 0 <= node_rank < nnodes:

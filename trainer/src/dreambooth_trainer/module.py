@@ -263,8 +263,6 @@ class DreamBoothModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW (fused on CUDA) or 8-bit AdamW, one param group each for the UNet and the text encoder, and the
         configured LR schedule with warmup (stepped once per optimizer step)."""
-        from diffusers.optimization import get_scheduler
-
         t = self.training_config
         groups: list[dict[str, Any]] = [{"params": list(self.unet_parameters()), "lr": t.learning_rate}]
         if self._text_names:
@@ -281,8 +279,7 @@ class DreamBoothModule(pl.LightningModule):
             fused = torch.cuda.is_available()
             optimizer = torch.optim.AdamW(groups, weight_decay=t.adam_weight_decay, fused=fused or None)
         optimizer.register_step_post_hook(self._count_step)
-        name, warmup = lr_schedule_name(t)
-        scheduler = get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=t.max_steps)
+        scheduler = build_lr_scheduler(optimizer, t)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -292,6 +289,34 @@ def lr_schedule_name(t: TrainingConfig) -> tuple[str, int]:
     if t.lr_schedule is LRSchedule.CONSTANT and t.warmup_steps > 0:
         return LRSchedule.CONSTANT_WITH_WARMUP.value, t.warmup_steps
     return t.lr_schedule.value, t.warmup_steps
+
+
+def split_optimizers(configured: Any) -> tuple[torch.optim.Optimizer, Any | None]:
+    """Accept what `configure_optimizers()` may return: an optimizer, (optimizer, scheduler), ([opts], [scheds]),
+    or {"optimizer": ..., "lr_scheduler": scheduler or {"scheduler": ...}}."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured, None
+    if isinstance(configured, dict):
+        sched = configured.get("lr_scheduler")
+        if isinstance(sched, dict):
+            sched = sched.get("scheduler")
+        return configured["optimizer"], sched
+    if isinstance(configured, list | tuple) and len(configured) == 2:
+        opt, sched = configured
+        opt = opt[0] if isinstance(opt, list | tuple) else opt
+        sched = (sched[0] if sched else None) if isinstance(sched, list | tuple) else sched
+        if isinstance(sched, dict):
+            sched = sched.get("scheduler")
+        return opt, sched
+    raise TypeError(f"configure_optimizers returned an unsupported value: {type(configured).__name__}")
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, t: TrainingConfig) -> Any:
+    """The configured LR schedule (with warmup) over `maxSteps` optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    name, warmup = lr_schedule_name(t)
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=t.max_steps)
 
 
 def _add_adapter(model: Any, config: Any, field: str, part: str) -> None:

@@ -17,14 +17,15 @@ import time
 from types import FrameType
 from typing import Any
 
-GRACE_ENV = "DREAMBOOTH_GRACE_SECONDS"
+from dreambooth_api import env
+
 DEFAULT_GRACE_SECONDS = 25.0
 # Time kept back from the grace period for writing the result and exiting.
 EXIT_MARGIN_SECONDS = 3.0
 
 
 def grace_seconds() -> float:
-    raw = os.environ.get(GRACE_ENV)
+    raw = os.environ.get(env.GRACE_SECONDS)
     try:
         return float(raw) if raw else DEFAULT_GRACE_SECONDS
     except ValueError:

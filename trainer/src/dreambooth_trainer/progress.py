@@ -1,8 +1,9 @@
 """Live progress: Prometheus metrics and the `/progress` JSON, served on one port.
 
-`GET /metrics` (Prometheus text format), `GET /progress` (JSON, docs/contracts.md), `GET /healthz` ("ok").
-The server binds `DREAMBOOTH_BIND_ADDRESS` (default 0.0.0.0) port `DREAMBOOTH_METRICS_PORT` (default 8080)
-and runs in a daemon thread. Every metric carries the labels job, namespace and rank.
+`GET /metrics` (Prometheus text format), `GET /progress` (`dreambooth_api.progress.ProgressDocument`, the contract
+the operator reads; docs/contracts.md), `GET /healthz` ("ok"). The server binds `env.BIND_ADDRESS` (default
+0.0.0.0) port `env.METRICS_PORT` (default `env.TRAINER_METRICS_PORT`) and runs in a daemon thread. Every metric
+carries the labels job, namespace and rank.
 """
 
 from __future__ import annotations
@@ -12,29 +13,16 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-BIND_ENV = "DREAMBOOTH_BIND_ADDRESS"
-PORT_ENV = "DREAMBOOTH_METRICS_PORT"
-DEFAULT_PORT = 8080
+from dreambooth_api import env
+from dreambooth_api.progress import ProgressDocument, TrainerPhase
+
 PREFIX = "dreambooth_trainer"
-
-
-class Phase(StrEnum):
-    INITIALIZING = "Initializing"
-    GENERATING_PRIORS = "GeneratingPriors"
-    TRAINING = "Training"
-    CHECKPOINTING = "Checkpointing"
-    EXPORTING = "Exporting"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    PREEMPTED = "Preempted"
 
 
 class Metrics:
@@ -101,50 +89,36 @@ class Metrics:
             **self.labels
         )
         self._phase = gauge("phase", "1 for the current phase, 0 for the others.", ("phase",))
-        self.set_phase(Phase.INITIALIZING)
+        self.set_phase(TrainerPhase.INITIALIZING)
 
-    def set_phase(self, phase: Phase) -> None:
-        for p in Phase:
+    def set_phase(self, phase: TrainerPhase) -> None:
+        for p in TrainerPhase:
             self._phase.labels(**self.labels, phase=p.value).set(1.0 if p is phase else 0.0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
-@dataclass
 class ProgressState:
-    """What /progress reports. Updated by the loop; read by the HTTP thread under the lock."""
+    """What /progress reports: a `ProgressDocument`, replaced by the loop and read by the HTTP thread under a lock."""
 
-    phase: Phase = Phase.INITIALIZING
-    step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    lr: float | None = None
-    steps_per_second: float | None = None
-    eta_seconds: float | None = None
-    last_checkpoint: dict[str, Any] | None = None
-    resumed_from: int | None = None
-    """The checkpoint step this process resumed from (None: it started from step 0)."""
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    def __init__(self, total_steps: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._document = ProgressDocument(phase=TrainerPhase.INITIALIZING, total_steps=total_steps)
 
-    def to_wire(self) -> dict[str, Any]:
-        with self.lock:
-            out: dict[str, Any] = {
-                "phase": self.phase.value,
-                "step": self.step,
-                "totalSteps": self.total_steps,
-                "loss": self.loss,
-                "stepsPerSecond": self.steps_per_second,
-                "etaSeconds": self.eta_seconds,
-                "lastCheckpoint": self.last_checkpoint,
-                "resumedFrom": self.resumed_from,
-            }
-        return out
+    @property
+    def document(self) -> ProgressDocument:
+        """The current document (never changed in place: `update` replaces it)."""
+        with self._lock:
+            return self._document
 
     def update(self, **fields: Any) -> None:
-        with self.lock:
-            for k, v in fields.items():
-                setattr(self, k, v)
+        """Set fields of the document by their Python names (validated, as the operator will read them)."""
+        with self._lock:
+            self._document = ProgressDocument.model_validate({**self._document.model_dump(), **fields})
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.document.to_wire()
 
 
 class RateMeter:
@@ -175,18 +149,18 @@ class Progress:
 
     def __init__(self, job: str, namespace: str, rank: int, total_steps: int) -> None:
         self.metrics = Metrics(job, namespace, rank)
-        self.state = ProgressState(total_steps=total_steps)
+        self.state = ProgressState(total_steps)
         self.metrics.total_steps.set(total_steps)
         self.rate = RateMeter()
 
-    def set_phase(self, phase: Phase) -> None:
+    def set_phase(self, phase: TrainerPhase) -> None:
         self.state.update(phase=phase)
         self.metrics.set_phase(phase)
 
     def on_step(self, step: int, loss: float, lr: float, images: int, data_wait: float) -> None:
         self.rate.tick(images)
         sps, ips = self.rate.rates()
-        total = self.state.total_steps
+        total = self.state.document.total_steps
         eta = (total - step) / sps if sps else None
         self.state.update(step=step, loss=loss, lr=lr, steps_per_second=sps, eta_seconds=eta)
         m = self.metrics
@@ -258,8 +232,8 @@ class ProgressServer:
     """Serves a Progress on (host, port) from a daemon thread. Port 0 picks a free port (see `.port`)."""
 
     def __init__(self, progress: Progress, host: str | None = None, port: int | None = None) -> None:
-        host = host if host is not None else os.environ.get(BIND_ENV, "0.0.0.0")  # noqa: S104 (the pod IP in k8s)
-        port = port if port is not None else int(os.environ.get(PORT_ENV, str(DEFAULT_PORT)))
+        host = host if host is not None else os.environ.get(env.BIND_ADDRESS, "0.0.0.0")  # noqa: S104 (the pod IP in k8s)
+        port = port if port is not None else int(os.environ.get(env.METRICS_PORT, str(env.TRAINER_METRICS_PORT)))
         self._server = ThreadingHTTPServer((host, port), _handler(progress))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="progress-server", daemon=True)

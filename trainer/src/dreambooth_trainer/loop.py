@@ -1,8 +1,8 @@
 """The training loop: a custom Lightning Fabric loop with step checkpoints, exact resume and preemption.
 
 `TrainLoop` drives any module with `compute_loss(batch)`, `configure_optimizers()`,
-`trainable_state_dict()` and `load_trainable_state_dict()` (the `DreamBoothModule`) over an indexable dataset.
-What it guarantees:
+`trainable_state_dict()` and `load_trainable_state_dict()` (the `DreamBoothModule`) over an indexable dataset;
+`builder.build_training` assembles it around a `DreamBoothModule`. What it guarantees:
 
 - Exact resume. Every micro-batch reseeds python/numpy/torch from (seed, slot, step) (`rng.seed_step`),
   the sampler's position is a function of the step, and the checkpoint restores weights, optimizer, LR
@@ -20,7 +20,7 @@ What it guarantees:
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,35 +29,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from dreambooth_api.config import JobConfig, Method
-from dreambooth_api.exitcodes import ExitCode, InvalidInputError, StoppedError
-from dreambooth_trainer import compilation, rng
+from dreambooth_api import env
+from dreambooth_api.config import JobConfig
+from dreambooth_api.exitcodes import InvalidInputError
+from dreambooth_api.progress import TrainerPhase
+from dreambooth_trainer import rng
 from dreambooth_trainer.checkpoint import (
     AsyncCheckpointer,
     CheckpointInfo,
     CheckpointStore,
     Loaded,
-    RunFingerprint,
     Snapshot,
     StagingBuffers,
+    resume_refusal,
+    run_fingerprint,
     to_cpu,
 )
 from dreambooth_trainer.distributed import broadcast_object
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
+from dreambooth_trainer.module import build_lr_scheduler, split_optimizers
 from dreambooth_trainer.preemption import Preemption
-from dreambooth_trainer.progress import Phase, Progress
+from dreambooth_trainer.progress import Progress
 from dreambooth_trainer.sampler import ResumableSampler
-from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, join_uri
+from dreambooth_trainer.step_metrics import StepMetrics
+from dreambooth_trainer.storage import ObjectStore, join_uri
 
-LOG_INTERVAL_ENV = "DREAMBOOTH_LOG_INTERVAL_SECONDS"
 DEFAULT_LOG_INTERVAL_SECONDS = 1.0
 
 
 def log_interval_seconds() -> float:
     try:
-        return float(os.environ.get(LOG_INTERVAL_ENV, DEFAULT_LOG_INTERVAL_SECONDS))
+        return float(os.environ.get(env.LOG_INTERVAL_SECONDS, DEFAULT_LOG_INTERVAL_SECONDS))
     except ValueError:
         return DEFAULT_LOG_INTERVAL_SECONDS
 
@@ -71,71 +76,6 @@ class LoopOutcome:
     last_checkpoint: CheckpointInfo | None
     resumed_from: int | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
-
-
-def split_optimizers(configured: Any) -> tuple[torch.optim.Optimizer, Any | None]:
-    """Accept what `configure_optimizers()` may return: an optimizer, (optimizer, scheduler), ([opts], [scheds]),
-    or {"optimizer": ..., "lr_scheduler": scheduler or {"scheduler": ...}}."""
-    if isinstance(configured, torch.optim.Optimizer):
-        return configured, None
-    if isinstance(configured, dict):
-        sched = configured.get("lr_scheduler")
-        if isinstance(sched, dict):
-            sched = sched.get("scheduler")
-        return configured["optimizer"], sched
-    if isinstance(configured, list | tuple) and len(configured) == 2:
-        opt, sched = configured
-        opt = opt[0] if isinstance(opt, list | tuple) else opt
-        sched = (sched[0] if sched else None) if isinstance(sched, list | tuple) else sched
-        if isinstance(sched, dict):
-            sched = sched.get("scheduler")
-        return opt, sched
-    raise TypeError(f"configure_optimizers returned an unsupported value: {type(configured).__name__}")
-
-
-def run_fingerprint(config: JobConfig) -> RunFingerprint:
-    """What gives the trainable state its shape and meaning: the base model, the subject, the method and its
-    adapters, what is trained, resolution, seed and optimizer. Not maxSteps, learning rate, validation,
-    checkpoint cadence or output formats, which a resumed run may change."""
-    t = config.training
-    images = config.instance_images
-    lora = t.lora_or_default() if t.method is Method.LORA else None
-    return RunFingerprint(
-        {
-            "baseModel": config.base_model.cache_identity(),
-            "instanceImages": images.uri if images.uri is not None else list(images.files or []),
-            "instancePrompt": images.prompt,
-            "method": t.method.value,
-            "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.target_modules},
-            "trainTextEncoder": t.train_text_encoder,
-            "resolution": t.resolution,
-            "seed": t.seed,
-            "optimizer": t.optimizer.value,
-        }
-    )
-
-
-def resume_refusal(loaded: Loaded, max_steps: int) -> str | None:
-    """Why a verified checkpoint must not be resumed (None when it may): one at or past maxSteps would be
-    exported without training, so it must carry this run's fingerprint (a mismatch was refused on load)."""
-    if loaded.info.step < max_steps or loaded.fingerprint is not None:
-        return None
-    return (
-        f"checkpoint {loaded.info.uri} is at step {loaded.info.step} >= training.maxSteps {max_steps} and has no run "
-        "fingerprint (an older trainer wrote it), so it cannot be shown to belong to this run; use a new output.uri "
-        "(or output.checkpointUri), or delete its checkpoints"
-    )
-
-
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: JobConfig) -> Any:
-    from diffusers.optimization import get_scheduler
-
-    from dreambooth_trainer.module import lr_schedule_name
-
-    name, warmup = lr_schedule_name(config.training)
-    return get_scheduler(
-        name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=config.training.max_steps
-    )
 
 
 class _Due:
@@ -188,7 +128,7 @@ class TrainLoop:
         self.world = int(fabric.world_size)
         self.is_main = self.rank == 0
         self.output_uri = config.output.uri.rstrip("/")
-        self.metrics_uri = join_uri(self.output_uri, "metrics.jsonl")
+        self.metrics = StepMetrics(store, join_uri(self.output_uri, "metrics.jsonl"))
         self.ckpt = CheckpointStore(
             store,
             config.output.resolved_checkpoint_uri(),
@@ -205,7 +145,6 @@ class TrainLoop:
         self.sampler = ResumableSampler(
             len(dataset), self.t.batch_size, seed=self.t.seed, rank=self.rank, world_size=self.world
         )
-        self.metrics_lines: list[str] = []
         self.last_checkpoint: CheckpointInfo | None = None
         self._log_every: float = log_interval_seconds()
         self._last_log: float = 0.0
@@ -214,7 +153,7 @@ class TrainLoop:
 
         configured = module.configure_optimizers()
         optimizer, scheduler = split_optimizers(configured)
-        self.scheduler = scheduler if scheduler is not None else build_lr_scheduler(optimizer, config)
+        self.scheduler = scheduler if scheduler is not None else build_lr_scheduler(optimizer, config.training)
         self.model, self.optimizer = fabric.setup(module, optimizer)
         if hasattr(self.model, "mark_forward_method"):
             self.model.mark_forward_method("compute_loss")
@@ -238,8 +177,6 @@ class TrainLoop:
         state = rng.capture()
         if self.world == 1:
             return [state]
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, state)
         return out
@@ -267,7 +204,7 @@ class TrainLoop:
                 "rng": rngs,
                 "worldSize": self.world,
                 "time": utc_now_iso(),
-                "metricsLines": len(self.metrics_lines),
+                "metricsLines": len(self.metrics.lines),
             },
             config=self.config.to_wire(),
         )
@@ -304,7 +241,7 @@ class TrainLoop:
             loaded = self.ckpt.load(step)
         self.restore(loaded)
         if self.is_main:
-            self._load_metrics(step)
+            self.metrics.load(step)
             self.log.info("resumed", step=step, uri=loaded.info.uri)
             if self.progress:
                 self.progress.on_resume(step)
@@ -313,8 +250,6 @@ class TrainLoop:
 
     def trainable_digest(self) -> str:
         """sha256 over the trainable tensors (names, dtypes, bytes): equal on every rank of a healthy DDP run."""
-        import hashlib
-
         h = hashlib.sha256()
         for name, tensor in sorted(self.module.trainable_state_dict().items()):
             t = tensor.detach().to("cpu").contiguous()
@@ -322,38 +257,15 @@ class TrainLoop:
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-    def _load_metrics(self, step: int) -> None:
-        try:
-            text = self.store.read_bytes(self.metrics_uri).decode()
-        except ObjectNotFoundError:
-            return
-        for line in text.splitlines():
-            try:
-                if int(json.loads(line)["step"]) <= step:
-                    self.metrics_lines.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-
-    def _metrics_uploader(self) -> Callable[[], None]:
-        """Uploads metrics.jsonl as it is now (run in the upload thread after the checkpoint)."""
-        data = ("\n".join(self.metrics_lines) + "\n").encode()
-
-        def upload() -> None:
-            self.store.write_bytes(self.metrics_uri, data)
-
-        return upload
-
     def upload_metrics(self) -> None:
-        if self.is_main and self.metrics_lines:
-            self.store.write_bytes(self.metrics_uri, ("\n".join(self.metrics_lines) + "\n").encode())
+        if self.is_main:
+            self.metrics.upload()
 
     # ----- the loop ------------------------------------------------------------------------------------------
     def _agree(self, loss: float, *flags: bool) -> tuple[float, list[bool]]:
         """Average the loss and OR the flags over ranks (one all-reduce)."""
         if self.world == 1:
             return loss, list(flags)
-        import torch.distributed as dist
-
         t = torch.tensor([loss, *[1.0 if f else 0.0 for f in flags]], dtype=torch.float64, device=self.fabric.device)
         dist.all_reduce(t)
         values = t.tolist()
@@ -362,14 +274,14 @@ class TrainLoop:
     def _checkpoint_async(self, step: int) -> None:
         start = time.monotonic()
         if self.progress:
-            self.progress.set_phase(Phase.CHECKPOINTING)
+            self.progress.set_phase(TrainerPhase.CHECKPOINTING)
         snap = self.snapshot(step)
         if self.writer is not None and snap is not None:
-            self.writer.submit(snap, after=self._metrics_uploader())
+            self.writer.submit(snap, after=self.metrics.uploader())
         stall = time.monotonic() - start
         if self.progress:
             self.progress.on_stall(stall)
-            self.progress.set_phase(Phase.TRAINING)
+            self.progress.set_phase(TrainerPhase.TRAINING)
         if self.is_main:
             self.log.info("checkpoint_started", step=step, stallSeconds=round(stall, 4))
 
@@ -434,19 +346,19 @@ class TrainLoop:
             self.progress.on_step(step, loss, lr, t.batch_size * t.gradient_accumulation, data_wait)
         if not self.is_main:
             return
-        self.metrics_lines.append(json.dumps({"step": step, "loss": loss, "lr": lr, "time": utc_now_iso()}))
+        self.metrics.append(step, loss, lr)
         now = time.monotonic()
         if force_log or now - self._last_log >= self._log_every:
             self._last_log = now
-            state = self.progress.state.to_wire() if self.progress else {}
+            doc = self.progress.state.document if self.progress else None
             self.log.info(
                 "step",
                 step=step,
                 totalSteps=t.max_steps,
                 loss=loss,
                 lr=lr,
-                stepsPerSecond=state.get("stepsPerSecond"),
-                etaSeconds=state.get("etaSeconds"),
+                stepsPerSecond=doc.steps_per_second if doc else None,
+                etaSeconds=doc.eta_seconds if doc else None,
             )
 
     def run(self) -> LoopOutcome:
@@ -455,7 +367,7 @@ class TrainLoop:
         resumed_from = start_step or None
         due = _Due(t.checkpoint.interval_steps, t.checkpoint.interval_seconds)
         if self.progress:
-            self.progress.set_phase(Phase.TRAINING)
+            self.progress.set_phase(TrainerPhase.TRAINING)
         if self.is_main:
             self.log.info("training_started", step=start_step, totalSteps=t.max_steps, worldSize=self.world)
         self._log_every = log_interval_seconds()
@@ -494,7 +406,7 @@ class TrainLoop:
         self, step: int, loss: float | None, resumed_from: int | None, losses: list[tuple[int, float]]
     ) -> LoopOutcome:
         if self.progress:
-            self.progress.set_phase(Phase.CHECKPOINTING)
+            self.progress.set_phase(TrainerPhase.CHECKPOINTING)
         deadline = self.preemption.deadline()
         if self.is_main:
             self.log.info(
@@ -513,7 +425,7 @@ class TrainLoop:
             except Exception as err:
                 self.log.warning("metrics_upload_failed", error=str(err))
         if self.progress:
-            self.progress.set_phase(Phase.PREEMPTED)
+            self.progress.set_phase(TrainerPhase.PREEMPTED)
         return LoopOutcome("preempted", step, loss, self.last_checkpoint, resumed_from, losses)
 
     def close(self) -> bool:
@@ -526,275 +438,3 @@ class TrainLoop:
         if left is not None:
             self.log.warning("checkpoint_incomplete", step=left, reason="abandoned")
         return left is not None
-
-
-# ----- a whole run ---------------------------------------------------------------------------------------------
-WORKDIR_ENV = "DREAMBOOTH_WORKDIR"
-ATTEMPT_ENV = "DREAMBOOTH_ATTEMPT"
-
-
-@dataclass
-class JobContext:
-    """What one process of a run shares between its phases."""
-
-    config: JobConfig
-    store: ObjectStore
-    workdir: Path
-    preemption: Preemption
-    log: EventLog
-    progress: Progress
-    fabric: Any
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def is_main(self) -> bool:
-        return int(self.fabric.global_rank) == 0
-
-
-def fabric_precision(config: JobConfig, cuda: bool) -> str:
-    from dreambooth_api.config import MixedPrecision
-
-    mp = config.training.mixed_precision
-    if mp is MixedPrecision.NO or not cuda:
-        return "32-true"
-    return "16-mixed" if mp is MixedPrecision.FP16 else "bf16-mixed"
-
-
-def configure_cuda_math(config: JobConfig) -> None:
-    """TF32 for fp32 matmuls and cuDNN convolutions, as `training.allowTf32` says (ignored without CUDA)."""
-    torch.backends.cuda.matmul.allow_tf32 = config.training.allow_tf32
-    torch.backends.cudnn.allow_tf32 = config.training.allow_tf32
-
-
-def make_fabric(config: JobConfig, *, local: bool = False) -> Any:
-    """A Fabric for this process: DDP over PET_NNODES x PET_NPROC_PER_NODE (gloo on CPU), or one process."""
-    from lightning_fabric import Fabric
-    from lightning_fabric.strategies.ddp import DDPStrategy
-
-    from dreambooth_trainer.distributed import read_env
-
-    dist = read_env({} if local else None)
-    cuda = torch.cuda.is_available()
-    strategy: Any = "auto"
-    if dist.is_distributed:
-        for key, value in dist.lightning_env().items():
-            os.environ.setdefault(key, value)
-        t = config.training
-        strategy = DDPStrategy(
-            process_group_backend="nccl" if cuda else "gloo",
-            find_unused_parameters=bool(t.train_text_encoder and t.text_encoder_steps is not None),
-        )
-    return Fabric(
-        accelerator="cuda" if cuda else "cpu",
-        devices=dist.procs_per_node,
-        num_nodes=dist.num_nodes,
-        strategy=strategy,
-        precision=fabric_precision(config, cuda),  # type: ignore[arg-type]
-    )
-
-
-def build_dataset(ctx: JobContext, components: Any) -> Any:
-    """Instance images, class priors (generated split across ranks, or reused) and caches: `prepare_dataset`."""
-    from dreambooth_trainer.prepare import prepare_dataset
-
-    def on_phase(phase: str) -> None:
-        ctx.progress.set_phase(Phase(phase))
-        ctx.log.info("phase", phase=phase)
-
-    dataset = prepare_dataset(
-        ctx.config,
-        components,
-        ctx.store,
-        rank=int(ctx.fabric.global_rank),
-        world_size=int(ctx.fabric.world_size),
-        device=ctx.fabric.device,
-        barrier=ctx.fabric.barrier,
-        on_phase=on_phase,
-        should_stop=lambda: ctx.preemption.requested,
-    )
-    ctx.progress.set_phase(Phase.INITIALIZING)
-    ctx.log.info("dataset_ready", items=len(dataset), withPrior=bool(getattr(dataset, "with_prior", False)))
-    return dataset
-
-
-def run_job(
-    config: JobConfig,
-    *,
-    preemption: Preemption,
-    log: EventLog | None = None,
-    workdir: Path | None = None,
-    local: bool = False,
-    fabric: Any = None,
-    serve: bool = True,
-) -> tuple[str, dict[str, Any]]:
-    """Train, validate and export one job. Returns (status, result document); raises TrainerError subclasses."""
-    from dreambooth_trainer.components import load_components
-    from dreambooth_trainer.module import DreamBoothModule
-    from dreambooth_trainer.progress import ProgressServer
-
-    log = log or default_log
-    configure_cuda_math(config)
-    fabric = fabric or make_fabric(config, local=local)
-    fabric.launch()
-    rank = int(fabric.global_rank)
-    log.bind(rank=rank, attempt=int(os.environ.get(ATTEMPT_ENV, "0") or 0))
-    progress = Progress(config.name, config.namespace, rank, config.training.max_steps)
-    server = None
-    if serve and int(fabric.local_rank) == 0:
-        host = "127.0.0.1" if local and not os.environ.get("DREAMBOOTH_BIND_ADDRESS") else None
-        server = ProgressServer(progress, host=host).start()
-        log.info("progress_server", port=server.port)
-    scratch = Path(workdir or os.environ.get(WORKDIR_ENV) or Path.cwd() / ".dreambooth")
-    scratch = scratch / f"rank-{rank}"
-    scratch.mkdir(parents=True, exist_ok=True)
-    store = _store(config)
-    ctx = JobContext(config, store, scratch, preemption, log, progress, fabric)
-    try:
-        return _run(ctx, load_components, DreamBoothModule)
-    except BaseException:
-        progress.set_phase(Phase.FAILED)
-        raise
-    finally:
-        if server is not None:
-            server.stop()
-
-
-def _store(config: JobConfig) -> ObjectStore:
-    return ObjectStore(config.storage)
-
-
-def _run(ctx: JobContext, load_components: Any, module_cls: Any) -> tuple[str, dict[str, Any]]:
-    from dreambooth_trainer.components import model_cache_dir
-    from dreambooth_trainer.result import RunResult
-
-    cfg = ctx.config
-    t = cfg.training
-    fabric = ctx.fabric
-    log = ctx.log
-    if ctx.is_main:
-        # Another run's checkpoints under this output: refuse before overwriting its config.json.
-        CheckpointStore(
-            ctx.store, cfg.output.resolved_checkpoint_uri(), fingerprint=run_fingerprint(cfg)
-        ).check_compatible()
-        ctx.store.write_bytes(join_uri(cfg.output.uri, "config.json"), json.dumps(cfg.to_wire(), indent=2).encode())
-        log.info("started", job=cfg.name, totalSteps=t.max_steps, worldSize=int(fabric.world_size))
-    if t.compile_unet:
-        compilation.prepare(cuda=torch.cuda.is_available())
-    rng.seed_all(t.seed)
-    components = load_components(cfg.base_model, ctx.store, model_cache_dir(ctx.workdir.parent / "models"))
-    _stop_if_requested(ctx, "loading the base model")
-    dataset = build_dataset(ctx, components)
-    _stop_if_requested(ctx, "preparing the data")
-    rng.seed_all(t.seed)
-    module = module_cls(components, t, prior_loss_weight=cfg.prior_preservation.loss_weight)
-    frozen_dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(
-        fabric_precision(cfg, torch.cuda.is_available())
-    )
-    if frozen_dtype is not None:
-        module.cast_frozen(frozen_dtype)
-    validator = _validator(ctx, module)
-    loop = TrainLoop(
-        fabric=fabric,
-        config=cfg,
-        module=module,
-        dataset=dataset,
-        collate=_collate(),
-        store=ctx.store,
-        progress=ctx.progress,
-        preemption=ctx.preemption,
-        log=log,
-        scratch=ctx.workdir,
-        on_step_end=validator,
-    )
-    try:
-        outcome = loop.run()
-    finally:
-        abandoned = loop.close()
-    if abandoned and outcome.status == "preempted":
-        # Transfer threads of the abandoned upload would keep the interpreter from exiting until SIGKILL (137).
-        ctx.preemption.exit_at_grace_end(int(ExitCode.PREEMPTED))
-    duration = time.monotonic() - ctx.started
-    last = outcome.last_checkpoint.to_wire() if outcome.last_checkpoint else None
-    if outcome.status == "preempted":
-        result = RunResult(
-            status="preempted",
-            reason="Preempted",
-            message=f"stopped at step {outcome.step} by {ctx.preemption.signal_name or 'a signal'}",
-            steps=outcome.step,
-            final_loss=outcome.final_loss,
-            duration_seconds=duration,
-            last_checkpoint=last,
-        )
-        log.info("preempted", step=outcome.step, lastCheckpoint=last)
-        return "preempted", result.to_wire()
-    final_loss = outcome.final_loss
-    if final_loss is None:
-        final_loss = _last_logged_loss(loop)
-    model_uri = None
-    if ctx.is_main:
-        ctx.progress.set_phase(Phase.EXPORTING)
-        model_uri = _export(ctx, module, outcome.step, final_loss)
-    fabric.barrier()
-    result = RunResult(
-        status="succeeded",
-        model_uri=model_uri,
-        samples_uri=join_uri(cfg.output.uri, "samples") if cfg.training.validation.prompts else None,
-        steps=outcome.step,
-        final_loss=final_loss,
-        duration_seconds=duration,
-        last_checkpoint=last,
-    )
-    ctx.progress.set_phase(Phase.SUCCEEDED)
-    return "succeeded", result.to_wire()
-
-
-def _stop_if_requested(ctx: JobContext, stage: str) -> None:
-    """Before training has started there is nothing to checkpoint: a preemption signal ends the run at once."""
-    if ctx.preemption.requested:
-        raise StoppedError(f"stopped by {ctx.preemption.signal_name or 'a signal'} after {stage}, before training")
-
-
-def _last_logged_loss(loop: TrainLoop) -> float | None:
-    if not loop.metrics_lines:
-        return None
-    value = json.loads(loop.metrics_lines[-1]).get("loss")
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _collate() -> Callable[[list[Any]], Any]:
-    from dreambooth_trainer.data import collate_fn
-
-    return collate_fn
-
-
-def _validator(ctx: JobContext, module: Any) -> Callable[[int], None] | None:
-    """Rank 0 samples the validation prompts every `intervalSteps`, at the last step, and at step 0 of a fresh run
-    when `beforeTraining` is set."""
-    v = ctx.config.training.validation
-    if not v.prompts or not ctx.is_main:
-        return None
-    from dreambooth_trainer.validation import sample_and_upload
-
-    total = ctx.config.training.max_steps
-    # TensorBoard event files are written locally and mirrored to <output>/tensorboard/ after each validation,
-    # so `tensorboard --logdir <output>/tensorboard` shows the samples over steps.
-    tensorboard_dir = ctx.workdir / "tensorboard"
-    tensorboard_uri = f"{ctx.config.output.uri.rstrip('/')}/tensorboard"
-
-    def hook(step: int) -> None:
-        if step == 0 and not v.before_training:
-            return
-        if step % v.interval_steps == 0 or step == total:
-            uris = sample_and_upload(ctx.config, module, ctx.store, step, tensorboard_dir=tensorboard_dir)
-            ctx.store.upload_dir(tensorboard_dir, tensorboard_uri)
-            ctx.log.info("validation", step=step, images=len(uris), tensorboard=tensorboard_uri)
-
-    return hook
-
-
-def _export(ctx: JobContext, module: Any, steps: int, final_loss: float | None) -> str | None:
-    from dreambooth_trainer.export import export_model
-
-    exported = export_model(module, ctx.config, ctx.store, ctx.workdir / "export", steps=steps, final_loss=final_loss)
-    ctx.log.info("exported", uri=exported.model_uri, uris=exported.uris)
-    return exported.model_uri or None
