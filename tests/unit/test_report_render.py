@@ -13,10 +13,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
 
-from dreambooth_operator.report import load_run, render_report
-from dreambooth_operator.report.data import parse_metrics
-from dreambooth_operator.report.render import LAYOUT, timings
-from dreambooth_operator.report.svg import Series, format_tick, line_chart, nice_ticks
+from dreambooth_cli.report import load_run, render_report
+from dreambooth_cli.report.data import parse_metrics
+from dreambooth_cli.report.render import LAYOUT, timings
+from dreambooth_cli.report.svg import Series, format_tick, line_chart, nice_ticks
 
 
 def make_run(root: Path, *, steps: int = 20, sample_steps: tuple[int, ...] = (10, 20), prompts: int = 2) -> Path:
