@@ -23,6 +23,7 @@ from dreambooth_api.common import (
     immutable,
     validations,
 )
+from dreambooth_api.config import LORA_EXPORT_MESSAGE, lora_export_allowed
 from dreambooth_api.constants import JobPhase
 from dreambooth_api.trainer_config import build_trainer_config
 
@@ -81,7 +82,7 @@ IMMUTABLE_FIELDS: Final = (
 SPEC_RULES: Final = [
     cel(
         "!('lora' in self.output.formats) || self.training.method == 'lora'",
-        "output.formats may contain lora only with training.method: lora",
+        LORA_EXPORT_MESSAGE,
     ),
     cel(
         "self.resources.nodes <= 1 || has(self.output.checkpointUri)",
@@ -155,7 +156,7 @@ class DreamBoothJobSpec(ApiModel):
         hide the others. (The trainer checks its own sections when it parses them.)
         """
         errors = []
-        if "lora" in self.output.get("formats", []) and self.training.get("method", "lora") != "lora":
+        if not lora_export_allowed(self.output.get("formats", []), self.training.get("method", "lora")):
             errors.append(SPEC_RULES[0]["message"])
         if self.resources.nodes > 1 and not self.output.get("checkpointUri"):
             errors.append(SPEC_RULES[1]["message"])
