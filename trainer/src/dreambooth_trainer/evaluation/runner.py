@@ -30,18 +30,33 @@ from dreambooth_api.evaluation import (
     fill_prompt,
     split_subject,
 )
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.components import model_cache_dir
 from dreambooth_trainer.evaluation.judge import judge_samples, quality_gate, summarize, unknown_judge
 from dreambooth_trainer.evaluation.metrics import Embeddings, MetricModels, load_metric_models, score
 from dreambooth_trainer.evaluation.outputs import make_grid, write_grid, write_result, write_samples
 from dreambooth_trainer.evaluation.vlm import VlmClient
+from dreambooth_trainer.imageio import decode_image, is_image_name
 from dreambooth_trainer.pipelines import generator_for
 from dreambooth_trainer.storage import ObjectStore
 
 PipelineSource = Any
 """A diffusers pipeline, or a function of no arguments that builds one (called when its samples are due)."""
+Progress = Callable[[str, int, int], None]
+"""progress(stage, prompts done, prompts in all)."""
 
 NO_VLM_REASON = "evaluation.judge is on but no VLM is configured (spec.vlm)"
+# Reference images read from a prefix (every one is compared with every sample).
+MAX_REFERENCE_IMAGES = 64
+
+
+def load_images(store: ObjectStore, prefix_uri: str, max_images: int = MAX_REFERENCE_IMAGES) -> list[Image.Image]:
+    """The images (jpg, jpeg, png, webp) under a prefix, decoded safely (`evaluation.referenceImages`); raises
+    InvalidInputError when there is none or one is not a valid image."""
+    uris = sorted(o.uri for o in store.list(prefix_uri) if is_image_name(o.uri))[:max_images]
+    if not uris:
+        raise InvalidInputError(f"no images (jpg, jpeg, png, webp) under {prefix_uri}")
+    return [decode_image(store.read_bytes(uri), uri) for uri in uris]
 
 
 def sample_seeds(spec: EvaluationSpec, prompt_index: int) -> list[int]:
@@ -69,8 +84,10 @@ def generate_samples(
     resolution: int | None = None,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    on_prompt: Callable[[int, int], None] | None = None,
 ) -> list[list[Image.Image]]:
-    """`spec.images_per_prompt` samples of each prompt, each from its own seeded generator."""
+    """`spec.images_per_prompt` samples of each prompt, each from its own seeded generator; `on_prompt(done,
+    total)` after each prompt."""
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)
     dev = torch.device(device)
@@ -92,6 +109,8 @@ def generate_samples(
                 generator=[generator_for(seed, dev) for seed in sample_seeds(spec, i)],
             ).images
             out.append(list(images))
+            if on_prompt is not None:
+                on_prompt(i + 1, len(prompts))
     return out
 
 
@@ -102,14 +121,21 @@ def _sample(
     resolution: int | None,
     device: torch.device | str,
     autocast_dtype: torch.dtype | None,
+    on_prompt: Callable[[int, int], None] | None,
 ) -> list[list[Image.Image]]:
     pipeline = resolve_pipeline(source)
     try:
-        return generate_samples(pipeline, prompts, spec, resolution, device, autocast_dtype)
+        return generate_samples(pipeline, prompts, spec, resolution, device, autocast_dtype, on_prompt)
     finally:
         del pipeline
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _stage(progress: Progress | None, stage: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)
 
 
 def _flat(samples: Sequence[Sequence[Image.Image]]) -> list[Image.Image]:
@@ -148,29 +174,33 @@ def run_evaluation(
     resolution: int | None = None,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> EvaluationResult:
     """Evaluate the trained `pipeline` (and `base_pipeline` when given and `spec.baseline`) and write the results.
 
-    `references` are the subject's photos (the instance images, or `spec.reference_images`); `subject_text` is
-    what the prompts call the subject ("sks dog", its identifier `identifier` or its first word). CLIP-T and the
-    judge read the prompts with the class words alone ("a dog in the jungle"). `metric_models` are loaded from
-    `spec` (into `cache_dir`, downloading with `store`) when not given. `resolution` defaults to the pipeline's.
-    The files are described in `outputs`; the result is also returned.
+    `references` are the subject's photos (the instance images, or `load_images(spec.reference_images)`);
+    `subject_text` is what the prompts call the subject ("sks dog", see `subject_from_prompt`; `spec.subject` wins
+    when set), its identifier `identifier` or its first word. CLIP-T and the judge read the prompts with the class
+    words alone ("a dog in the jungle"). `metric_models` are loaded from `spec` (into `cache_dir`, downloading with
+    `store`) when not given. `resolution` defaults to the pipeline's. `progress(stage, done, total)` is called after
+    each prompt's samples (stage "trained" or "base"), for the job's /progress. The files are described in
+    `outputs`; the result is also returned.
     """
     started = clock()
     if not references:
         raise ValueError("run_evaluation needs at least one reference image")
     output_dir = Path(output_dir)
+    subject_text = spec.subject or subject_text
     _ident, class_words = split_subject(subject_text, identifier)
     templates = spec.templates()
     prompts = [fill_prompt(t, subject_text) for t in templates]
     text_prompts = [fill_prompt(t, class_words or subject_text) for t in templates]
 
-    trained = _sample(pipeline, prompts, spec, resolution, device, autocast_dtype)
+    trained = _sample(pipeline, prompts, spec, resolution, device, autocast_dtype, _stage(progress, "trained"))
     base = None
     if base_pipeline is not None and spec.baseline:
-        base = _sample(base_pipeline, prompts, spec, resolution, device, autocast_dtype)
+        base = _sample(base_pipeline, prompts, spec, resolution, device, autocast_dtype, _stage(progress, "base"))
     trained_names = write_samples(output_dir, "trained", trained)
     base_names = write_samples(output_dir, "base", base) if base else [[] for _ in prompts]
 

@@ -148,7 +148,8 @@ class VlmClient:
     ) -> None:
         """`api_key` defaults to the `DREAMBOOTH_VLM_API_KEY` variable (no key: "EMPTY", as vLLM expects)."""
         self.spec = spec
-        key = api_key or os.environ.get(VLM_API_KEY_ENV) or NO_API_KEY
+        # A Secret's value often ends in a newline, which is no valid header character.
+        key = (api_key or os.environ.get(VLM_API_KEY_ENV) or "").strip() or NO_API_KEY
         self._client = client or openai.OpenAI(
             base_url=spec.base_url,
             api_key=key,
