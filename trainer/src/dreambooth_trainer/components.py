@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,27 +98,43 @@ def _download_uri(uri: str, variant: str | None, store: ObjectStore, cache_dir: 
     target = cache_dir / "models" / key
     if (target / COMPLETE_MARKER).is_file():
         return target, digest
-    # Download beside the target and rename it into place, so that pods sharing the cache never see a half-copied
-    # model: the first complete copy wins, a later one is discarded.
+    try:
+        download_folder({rel: listed[rel].uri for rel in selected}, store, target, what=f"baseModel.uri {uri}")
+    except ObjectNotFoundError as err:
+        raise InvalidInputError(f"baseModel.uri {uri}: {err}") from err
+    return target, digest
+
+
+def download_folder(files: Mapping[str, str], store: ObjectStore, target: Path, *, what: str) -> Path:
+    """Download `files` (relative path -> object URI) into `target` once, atomically; returns `target`.
+
+    The files land in a folder beside the target that is renamed into place with COMPLETE_MARKER inside, so that
+    pods sharing the cache never see a half-copied model: the first complete copy wins, a later one is discarded.
+    A key that would escape the folder (`../`) is InvalidInputError naming `what`.
+    """
+    if (target / COMPLETE_MARKER).is_file():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    key = target.name
     _sweep_stale_downloads(target.parent, key)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
-        for rel in selected:
-            store.download_file(listed[rel].uri, tmp / rel)
-        (tmp / COMPLETE_MARKER).write_text(uri)
+        for rel, obj_uri in files.items():
+            dest = (tmp / rel).resolve()
+            if not dest.is_relative_to(tmp.resolve()):
+                raise InvalidInputError(f"{what}: object key escapes the folder: {obj_uri}")
+            store.download_file(obj_uri, dest)
+        (tmp / COMPLETE_MARKER).write_text(what)
         if target.is_dir() and not (target / COMPLETE_MARKER).is_file():
             shutil.rmtree(target, ignore_errors=True)  # left by an older, non-atomic download
         try:
             tmp.replace(target)
         except OSError:
-            if not (target / COMPLETE_MARKER).is_file():
+            if not (target / COMPLETE_MARKER).is_file():  # another pod finished first: use theirs
                 raise
-    except ObjectNotFoundError as err:
-        raise InvalidInputError(f"baseModel.uri {uri}: {err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target, digest
+    return target
 
 
 def _sweep_stale_downloads(folder: Path, key: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -62,3 +63,10 @@ def generator_for(seed: int, device: torch.device | str = "cpu") -> torch.Genera
     """A seeded generator on the pipeline's device (CPU generators also work with CUDA pipelines)."""
     dev = torch.device(device)
     return torch.Generator(device=dev if dev.type == "cuda" else "cpu").manual_seed(seed)
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """torch.autocast on the device's type when a dtype is given, else nothing (sampling in the weights' dtype)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

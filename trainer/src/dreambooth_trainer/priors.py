@@ -18,7 +18,6 @@ changes pixels slightly, not what the images show.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ from prometheus_client import Counter
 from dreambooth_api.config import BaseModelSpec, JobConfig, PriorPreservationSpec
 from dreambooth_api.exitcodes import InvalidInputError, StoppedError
 from dreambooth_trainer.imageio import decode_image, encode_png
-from dreambooth_trainer.pipelines import build_pipeline, generator_for
+from dreambooth_trainer.pipelines import autocast, build_pipeline, generator_for
 from dreambooth_trainer.storage import ObjectStore, join_uri
 
 CLASS_IMAGES_GENERATED = Counter(
@@ -209,7 +208,7 @@ def generate_class_images(
                 components.noise_scheduler.config,
                 prior.sampler,
             )
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             images = pipe(
                 [prior.class_prompt] * len(chunk),
                 height=resolution,
@@ -224,12 +223,6 @@ def generate_class_images(
             CLASS_IMAGES_GENERATED.inc()
         done |= set(chunk) | existing_indices(store, prefix)  # what other jobs wrote meanwhile
     return PriorResult(prefix, generated, reused)
-
-
-def _autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def load_class_images(store: ObjectStore, prefix: str, num_images: int) -> list[tuple[str, Image.Image]]:

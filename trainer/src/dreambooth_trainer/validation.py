@@ -6,7 +6,6 @@ TensorBoard as `validation/p<prompt>` images at that step. Rank 0 calls this bet
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from PIL import Image
 
 from dreambooth_api.config import JobConfig, Sampler, ValidationSpec
 from dreambooth_trainer.imageio import encode_png
-from dreambooth_trainer.pipelines import build_pipeline, generator_for
+from dreambooth_trainer.pipelines import autocast, build_pipeline, generator_for
 from dreambooth_trainer.storage import ObjectStore, join_uri
 
 
@@ -50,14 +49,9 @@ def sample_prompts(
     for m, _ in modes:
         m.eval()
     dev = torch.device(device)
-    autocast = (
-        torch.autocast(device_type=dev.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
     out: list[list[Image.Image]] = []
     try:
-        with autocast:
+        with autocast(dev, autocast_dtype):
             for i, prompt in enumerate(spec.prompts):
                 images = pipe(
                     prompt,

@@ -10,14 +10,12 @@ that pods sharing the model cache never read a half-copied model.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth_api.evaluation import MetricModelSpec
 from dreambooth_api.exitcodes import InvalidInputError
-from dreambooth_trainer.components import COMPLETE_MARKER, listing_digest
+from dreambooth_trainer.components import download_folder, listing_digest
 from dreambooth_trainer.evaluation.tiny import MetricKind, build_tiny_metric_model
 from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, relative_path
 
@@ -57,24 +55,7 @@ def fetch_model_folder(uri: str, store: ObjectStore, cache_dir: Path) -> Path:
     digest = listing_digest([(rel, obj.size, obj.etag) for rel, obj in listed.items()])
     key = hashlib.sha256(f"{uri}#{digest}".encode()).hexdigest()[:16]
     target = Path(cache_dir) / "metric-models" / key
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
-        for rel, obj in listed.items():
-            dest = (tmp / rel).resolve()
-            if not dest.is_relative_to(tmp.resolve()):
-                raise InvalidInputError(f"metric model {uri}: object key escapes the folder: {obj.uri}")
-            store.download_file(obj.uri, dest)
-        (tmp / COMPLETE_MARKER).write_text(uri)
-        try:
-            tmp.replace(target)
-        except OSError:
-            if not (target / COMPLETE_MARKER).is_file():  # another pod finished first: use theirs
-                raise
+        return download_folder({rel: obj.uri for rel, obj in listed.items()}, store, target, what=f"metric model {uri}")
     except ObjectNotFoundError as err:
         raise InvalidInputError(f"metric model {uri}: {err}") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

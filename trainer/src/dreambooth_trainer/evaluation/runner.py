@@ -11,7 +11,6 @@ caller (the training job, after export) catches it: an evaluation failure must n
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from dreambooth_trainer.evaluation.metrics import Embeddings, MetricModels, load
 from dreambooth_trainer.evaluation.outputs import make_grid, write_grid, write_result, write_samples
 from dreambooth_trainer.evaluation.vlm import VlmClient
 from dreambooth_trainer.imageio import decode_image, is_image_name
-from dreambooth_trainer.pipelines import generator_for
+from dreambooth_trainer.pipelines import autocast, generator_for
 from dreambooth_trainer.storage import ObjectStore
 
 PipelineSource = Any
@@ -91,13 +90,8 @@ def generate_samples(
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)
     dev = torch.device(device)
-    autocast = (
-        torch.autocast(device_type=dev.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
     out: list[list[Image.Image]] = []
-    with autocast:
+    with autocast(dev, autocast_dtype):
         for i, prompt in enumerate(prompts):
             images = pipeline(
                 prompt,
