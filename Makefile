@@ -41,9 +41,13 @@ fmt: install ## Format and auto-fix
 crds: install ## Regenerate crds/ and docs/api.md from the typed models
 	$(PY) -m dreambooth_api.generate
 
+.PHONY: dashboards
+dashboards: install ## Regenerate the chart's Grafana dashboards (charts/dreambooth-operator/files/dashboard-*.json)
+	$(PY) charts/dreambooth-operator/dashboards/build.py
+
 .PHONY: verify
-verify: crds ## Fail when generated files differ from the committed ones
-	git diff --exit-code -- crds/ docs/api.md charts/dreambooth-operator/crds/
+verify: crds dashboards ## Fail when generated files differ from the committed ones
+	git diff --exit-code -- crds/ docs/api.md charts/dreambooth-operator/crds/ charts/dreambooth-operator/files/
 
 .PHONY: test-unit
 test-unit: install ## Unit tests (no services)

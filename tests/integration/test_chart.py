@@ -1,6 +1,8 @@
 """The Helm chart against real tools: helm lint, server-side dry-run of the rendered chart (under the
-"restricted" Pod Security level), least-privilege RBAC checked with `kubectl auth can-i`, promtool on the
-alerts, and the dashboard's queries answered by a real Prometheus scraping the real exporters."""
+"restricted" Pod Security level), least-privilege RBAC checked with `kubectl auth can-i`. promtool on the alerts is
+tests/unit/test_chart_alerts.py; the dashboards' queries answered by a real Prometheus scraping the real exporters are
+tests/integration/test_chart_dashboards.py; every values combination applied with --dry-run=server is
+tests/integration/test_chart_quality.py."""
 
 from __future__ import annotations
 
@@ -15,16 +17,11 @@ import pytest
 import yaml
 from operator_wrappers import make_job
 
-from dreambooth_api.progress import TrainerPhase
 from dreambooth_operator.builders import build_batch_job
 from dreambooth_operator.inference import reconcile_inference
-from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.settings import OperatorSettings
-from dreambooth_trainer.progress import Progress, ProgressServer
 from tests.infra.controlplane import Cluster
-from tests.infra.fixtures import PrometheusFactory
-from tests.infra.processes import free_port, tool
-from tests.infra.prometheus import run_promtool
+from tests.infra.processes import tool, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "dreambooth-operator"
@@ -161,6 +158,12 @@ def test_rbac_is_least_privilege(chart_crds: Cluster, namespace: str, installed_
         ("create", "deployments.apps"),
         ("patch", "deployments.apps"),  # server-side apply
         ("create", "horizontalpodautoscalers.autoscaling"),
+        ("delete", "horizontalpodautoscalers.autoscaling"),  # a stale one, once autoscaling is off
+        ("get", "configmaps"),  # who controls it, before any write
+        ("create", "networkpolicies.networking.k8s.io"),
+        ("patch", "networkpolicies.networking.k8s.io"),
+        ("delete", "networkpolicies.networking.k8s.io"),
+        ("watch", "deployments.apps"),
         ("watch", "pods"),
         ("delete", "pods"),  # force-deleting a job's pods stuck Terminating on a lost node
         ("create", "events"),
@@ -188,6 +191,17 @@ def test_rbac_is_least_privilege(chart_crds: Cluster, namespace: str, installed_
         ("create", "customresourcedefinitions.apiextensions.k8s.io"),
         ("create", "rolebindings.rbac.authorization.k8s.io"),
         ("patch", "nodes"),
+        # What the code never does: list or watch the children it does not watch, delete a Deployment (the garbage
+        # collector does), patch an event, read a pod or batch Job by name, read a status subresource.
+        ("list", "configmaps"),
+        ("watch", "services"),
+        ("list", "horizontalpodautoscalers.autoscaling"),
+        ("watch", "networkpolicies.networking.k8s.io"),
+        ("delete", "deployments.apps"),
+        ("patch", "events"),
+        ("get", "pods"),
+        ("get", "jobs.batch"),
+        ("get", "dreamboothjobs.dreambooth.dev", "--subresource=status"),
     ]:
         assert not _can_i(c, sa, verb, resource, *extra, *here), f"{sa} can {verb} {resource}"
     if mode == "cluster-wide":
@@ -225,84 +239,12 @@ def test_monitoring_objects_render_from_the_alert_file() -> None:
     deployment = by_kind["Deployment"]
     assert deployment["spec"]["replicas"] == 2
     assert "strategy" not in deployment["spec"]  # rolling update with peering when replicated
-    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert json.loads(env["DREAMBOOTH_OPERATOR_NAMESPACES"]) == ["team-a"]
     assert env["DREAMBOOTH_OPERATOR_TRAINER_IMAGE"] == "ghcr.io/dreambooth-operator/trainer:0.1.0"
-    dashboard = next(d for d in rendered if d["kind"] == "ConfigMap")
-    assert json.loads(dashboard["data"]["dreambooth-operator.json"]) == json.loads(
-        (CHART / "files" / "dashboard.json").read_text()
-    )
-
-
-def test_alert_rules_pass_promtool() -> None:
-    checked = run_promtool("check", "rules", CHART / "files" / "alerts.yaml")
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 5 rules found" in checked.stdout
-    tested = run_promtool("test", "rules", CHART / "promtool" / "alerts_test.yaml")
-    assert tested.returncode == 0, tested.stdout + tested.stderr
-    assert "SUCCESS" in tested.stdout
-
-
-def _substitute(expr: str) -> str:
-    # Grafana's variables, as Grafana would expand them for a short range.
-    return expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace("$namespace", ".*")
-
-
-def test_dashboard_queries_answer_from_real_exporters(prometheus: PrometheusFactory) -> None:
-    operator_port, trainer_port = free_port(), free_port()
-    metrics = OperatorMetrics()
-    metrics.serve(operator_port, "127.0.0.1")
-    metrics.set_phase("team-a", "dog", "Running")
-    metrics.set_phase("team-a", "cat", "Succeeded")
-    metrics.restarts.labels(reason="preemption").inc()
-    metrics.steps_redone.inc(5)
-    metrics.time_to_running.observe(42)
-    metrics.job_duration.labels(phase="Succeeded").observe(600)
-    metrics.job_gpu_seconds.labels(phase="Succeeded").observe(900)
-    metrics.job_gpu_seconds.labels(phase="Failed").observe(120)
-    metrics.reconcile_duration.observe(0.02)
-    metrics.progress_polls.labels(result="ok").inc()
-    progress = Progress("dog", "team-a", 0, total_steps=800)
-    progress.set_phase(TrainerPhase.TRAINING)
-    server = ProgressServer(progress, host="127.0.0.1", port=trainer_port).start()
-    try:
-        for step in (1, 2, 3):
-            progress.on_step(step, loss=0.25, lr=1e-4, images=1, data_wait=0.0)
-        progress.on_checkpoint(3, "s3://b/o/checkpoints/step-00000003", "2026-11-27T00:00:00Z", 100, 0.5)
-        # honor_labels, as the chart's PodMonitor sets: the trainer's own `job` label (the DreamBoothJob's name)
-        # must win over the scrape job's name.
-        scrape = {
-            "job_name": "dreambooth",
-            "honor_labels": True,
-            "static_configs": [{"targets": [f"127.0.0.1:{operator_port}", f"127.0.0.1:{trainer_port}"]}],
-        }
-        prom = prometheus(scrape_configs=[scrape])
-        dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
-        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-        # Every query is valid PromQL and returns series once a few scrapes are in.
-        for expr in exprs:
-            prom.wait_for(_substitute(expr), timeout=60)
-        progress_expr = next(e for e in exprs if "dreambooth_trainer_total_steps" in e)
-        (sample,) = prom.query(_substitute(progress_expr))
-        assert sample["metric"] == {"namespace": "team-a", "job": "dog"}
-        assert float(sample["value"][1]) == pytest.approx(3 / 800)
-        phases = {
-            s["metric"]["phase"]: float(s["value"][1]) for s in prom.query("sum by (phase) (dreambooth_operator_jobs)")
-        }
-        assert phases["Running"] == 1
-        assert phases["Succeeded"] == 1
-        # GPU-minutes per succeeded job: the jobs that ended within the range only (a later job's 1500 s).
-        gpu_expr = _substitute(next(e for e in exprs if "job_gpu_seconds_sum" in e))
-        metrics.job_gpu_seconds.labels(phase="Succeeded").observe(1500)
-        (per_job,) = prom.wait_for(gpu_expr, lambda r: bool(r) and float(r[0]["value"][1]) > 0, timeout=60)
-        assert float(per_job["value"][1]) == pytest.approx(1500 / 60)
-        # GPU-minutes spent on failed jobs: only those failing within the range (a later 300 s one).
-        failed_expr = _substitute(next(e for e in exprs if 'phase="Failed"' in e and "job_gpu_seconds" in e))
-        metrics.job_gpu_seconds.labels(phase="Failed").observe(300)
-        (spent,) = prom.wait_for(failed_expr, lambda r: bool(r) and float(r[0]["value"][1]) > 0, timeout=60)
-        assert float(spent["value"][1]) > 0
-    finally:
-        server.stop()
+    # One ConfigMap per dashboard (tests/unit/test_chart_dashboards.py checks their content).
+    dashboards = {d["metadata"]["name"] for d in rendered if d["kind"] == "ConfigMap"}
+    assert {f"mon-dreambooth-operator-dashboard-{n}" for n in ("fleet", "job", "inference")} <= dashboards
 
 
 def test_model_cache_volume_reaches_the_operator_as_json_it_parses() -> None:
@@ -320,3 +262,92 @@ def test_model_cache_volume_reaches_the_operator_as_json_it_parses() -> None:
     deployment = next(d for d in rendered if d["kind"] == "Deployment")
     names = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "DREAMBOOTH_OPERATOR_MODEL_CACHE_VOLUME" not in names
+
+
+@pytest.fixture
+def aggregated_roles(chart_crds: Cluster) -> Iterator[None]:
+    objects = [
+        d
+        for d in docs(render("agg", "ops"))
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"].startswith("dreambooth-")
+    ]
+    assert sorted(d["metadata"]["name"] for d in objects) == ["dreambooth-edit", "dreambooth-view"]
+    manifest = yaml.safe_dump_all(objects)
+    chart_crds.kubectl("apply", "-f", "-", input=manifest)
+    yield
+    chart_crds.kubectl("delete", "--ignore-not-found", "-f", "-", input=manifest, check=False)
+
+
+def test_namespace_editors_and_viewers_get_the_custom_resources_through_aggregation(
+    chart_crds: Cluster, namespace: str, aggregated_roles: None
+) -> None:
+    c = chart_crds
+    for role, user in (("edit", "editor"), ("view", "viewer")):
+        c.kubectl(
+            "create", "rolebinding", f"{user}-binding", "-n", namespace, f"--clusterrole={role}", f"--user={user}"
+        )
+    here = ["-n", namespace]
+
+    def granted(user: str, verb: str, resource: str) -> bool:
+        result = c.kubectl("auth", "can-i", f"--as={user}", verb, resource, *here, check=False)
+        return result.stdout.strip() == "yes"
+
+    # The clusterrole-aggregation controller copies the rules into the built-in roles.
+    wait_until(
+        lambda: granted("editor", "create", "dreamboothjobs.dreambooth.dev"),
+        what="the edit role to aggregate dreambooth-edit",
+        timeout=60,
+    )
+    for resource in ("dreamboothjobs.dreambooth.dev", "inferenceservices.dreambooth.dev"):
+        for verb in ("create", "patch", "delete", "list"):
+            assert granted("editor", verb, resource), (verb, resource)
+        assert granted("viewer", "list", resource)
+        assert granted("viewer", "watch", resource)
+        for verb in ("create", "patch", "delete"):
+            assert not granted("viewer", verb, resource), (verb, resource)
+    # Nobody but the operator writes the status.
+    result = c.kubectl(
+        "auth", "can-i", "--as=editor", "patch", "dreamboothjobs.dreambooth.dev", "--subresource=status", *here,
+        check=False,
+    )  # fmt: skip
+    assert result.stdout.strip() == "no"
+
+
+def test_every_operator_setting_the_chart_renders_parses() -> None:
+    rendered = docs(
+        render(
+            "settings",
+            "ops",
+            "--set=replicas=2",
+            '--set-json=restrictions={"imagePrefixes":["registry.corp/ml/"],"serviceAccounts":[]}',
+            '--set-json=namespaceRestrictions={"team-a":{"priorityClasses":["low"]}}',
+            '--set-json=networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"x":"y"}}}]',
+            '--set-json=networkPolicy.servingFrom=[{"podSelector":{}}]',
+        )
+    )
+    deployment = next(d for d in rendered if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"] if e["name"].startswith("DREAMBOOTH_OPERATOR_")}
+    from_field = {e["name"] for e in container["env"] if "valueFrom" in e}
+    assert from_field == {"DREAMBOOTH_OPERATOR_OPERATOR_NAMESPACE"}  # the pod's namespace, from the downward API
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            if value is not None:
+                mp.setenv(name, value)
+        mp.setenv("DREAMBOOTH_OPERATOR_OPERATOR_NAMESPACE", "ops")
+        settings = OperatorSettings()
+    assert settings.peering_mandatory is True
+    assert settings.restrictions.image_prefixes == ("registry.corp/ml/",)
+    assert settings.restrictions.service_accounts == ()
+    assert settings.namespace_restrictions["team-a"].priority_classes == ("low",)
+    assert settings.network_policies is True
+    # The NetworkPolicies admit the chart's operator pods: the Deployment's own pod labels.
+    assert settings.operator_pod_labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert settings.operator_pod_labels == deployment["spec"]["selector"]["matchLabels"]
+    assert settings.metrics_ingress_from == [{"namespaceSelector": {"matchLabels": {"x": "y"}}}]
+    assert settings.serving_ingress_from == [{"podSelector": {}}]
+    # One replica: peering is not mandatory; no servingFrom: the default (the namespace).
+    single = next(d for d in docs(render("settings", "ops")) if d["kind"] == "Deployment")
+    single_env = {e["name"]: e.get("value") for e in single["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert single_env["DREAMBOOTH_OPERATOR_PEERING_MANDATORY"] == "false"
+    assert "DREAMBOOTH_OPERATOR_SERVING_INGRESS_FROM" not in single_env
