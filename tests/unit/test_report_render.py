@@ -168,3 +168,28 @@ def test_tick_labels_are_distinct(lo: float, hi: float) -> None:
 @pytest.mark.parametrize(("value", "label"), [(1000.0, "1000"), (250.0, "250"), (0.003, "0.003"), (2.5e6, "2.5e+06")])
 def test_step_ticks_are_whole_numbers_and_small_values_stay_short(value: float, label: str) -> None:
     assert format_tick(value) == label
+
+
+def test_report_shows_the_evaluation_grid_and_quality_gate(tmp_path: Path) -> None:
+    """The layout the trainer's evaluation writes (evaluation/result.json, evaluation/grid.png) reaches the report."""
+    from dreambooth_api.evaluation import EvaluationResult, MetricScores, QualityGate
+
+    root = make_run(tmp_path / "run")
+    (root / "evaluation").mkdir()
+    Image.new("RGB", (64, 32), (200, 10, 10)).save(root / "evaluation" / "grid.png")
+    result = EvaluationResult(
+        trained=MetricScores(dino=0.5),
+        quality_gate=QualityGate.FAILED,
+        quality_gate_reason="conceptPreservation 1.2 < 2.0",
+    )
+    (root / "evaluation" / "result.json").write_text(json.dumps(result.to_wire()))
+    run = load_run(root)
+    assert run.quality_gate == "failed: conceptPreservation 1.2 < 2.0"
+    html = render_report(run)
+    assert "id='evaluation-grid'" in html
+    assert "data:image/png;base64," in html.split("id='evaluation-grid'")[1][:200]
+    assert "failed: conceptPreservation 1.2 &lt; 2.0" in html
+    # A run without evaluation shows no grid and no gate.
+    plain = load_run(make_run(tmp_path / "plain"))
+    assert plain.quality_gate is None
+    assert "evaluation-grid" not in render_report(plain)

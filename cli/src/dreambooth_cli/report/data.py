@@ -15,6 +15,8 @@ from typing import Any
 STEP_DIR = re.compile(r"^step-(\d+)$")
 SAMPLE_FILE = re.compile(r"^p(\d+)-i(\d+)\.png$")
 EVALUATION_FILE = "evaluation.json"
+EVALUATION_RESULT = "evaluation/result.json"
+EVALUATION_GRID = "evaluation/grid.png"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class RunData:
     samples: list[SampleStep] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     evaluation: dict[str, float] = field(default_factory=dict)
+    evaluation_grid: Path | None = None
+    """evaluation/grid.png: each prompt's samples from the trained model, then from the base model."""
+    quality_gate: str | None = None
+    """`passed`, `failed`, `unknown` or `skipped` (evaluation/result.json), with its reason."""
     gpu_time: str | None = None
     """The job's GPU time over all pods and attempts (its status.usage, as `dreambooth status` shows it); a cluster
     job's report only."""
@@ -177,6 +183,16 @@ def load_evaluation(root: Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in data.items() if _number(v) is not None}
 
 
+def load_quality_gate(root: Path) -> str | None:
+    """`<gate>: <reason>` from evaluation/result.json, or None when the run was not evaluated."""
+    result = read_json(root / EVALUATION_RESULT)
+    gate = result.get("qualityGate")
+    if not isinstance(gate, str):
+        return None
+    reason = result.get("qualityGateReason")
+    return f"{gate}: {reason}" if isinstance(reason, str) and reason else gate
+
+
 def load_run(root: Path) -> RunData:
     """Load a run's output folder (holding metrics.jsonl, samples/, checkpoints/, config.json, result.json)."""
     metrics_path = root / "metrics.jsonl"
@@ -188,6 +204,8 @@ def load_run(root: Path) -> RunData:
         samples=load_samples(root / "samples"),
         checkpoints=load_checkpoints(root / "checkpoints"),
         evaluation=load_evaluation(root),
+        evaluation_grid=root / EVALUATION_GRID if (root / EVALUATION_GRID).is_file() else None,
+        quality_gate=load_quality_gate(root),
     )
 
 

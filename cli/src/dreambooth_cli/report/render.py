@@ -252,6 +252,17 @@ def timings(run: RunData) -> dict[str, str]:
     return out
 
 
+def _evaluation_grid(run: RunData) -> str:
+    """The evaluation samples: a row per prompt, the trained model's images, then the base model's."""
+    if run.evaluation_grid is None:
+        return ""
+    return (
+        "<section><h2>Evaluation samples</h2><p>Each row is one prompt: the trained model's samples, then the base"
+        " model's with the same seeds.</p>"
+        f"<img id='evaluation-grid' alt='evaluation samples' src='{_png_data_uri(run.evaluation_grid)}'></section>"
+    )
+
+
 def _table_section(title: str, element_id: str, rows: dict[str, str]) -> str:
     if not rows:
         return f"<section><h2>{escape(title)}</h2><p class='empty'>none</p></section>"
@@ -263,6 +274,8 @@ def render_report(run: RunData, *, title: str | None = None, layout: Layout = LA
     """The whole report as one HTML string."""
     name = title or str(run.config.get("name") or run.root.name)
     evaluation = {k: f"{v:.4g}" for k, v in sorted(run.evaluation.items())}
+    if run.quality_gate:
+        evaluation["quality gate"] = run.quality_gate
     config = json.dumps(run.config, indent=2, sort_keys=True) if run.config else "(no config.json)"
     result = {k: str(v) for k, v in run.result.items() if not isinstance(v, dict | list)}
     return (
@@ -273,6 +286,7 @@ def render_report(run: RunData, *, title: str | None = None, layout: Layout = LA
         + _samples(run, layout)
         + _table_section("Timings", "timings", timings(run))
         + _table_section("Evaluation", "evaluation", evaluation)
+        + _evaluation_grid(run)
         + _checkpoints(run)
         + _table_section("Result", "result", result)
         + f"<section><h2>Configuration</h2><pre id='config'>{escape(config)}</pre></section>"
