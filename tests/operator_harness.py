@@ -6,6 +6,12 @@
 
 The operator watches only the given namespaces (so tests never see each other's jobs), runs standalone
 (no peering), logs plain text to `<log_dir>/operator-<n>.log`, and reconciles every `interval` seconds.
+
+It runs as the Helm chart's ServiceAccount, with the chart's own rendered RBAC (`helm template` with these
+namespaces as `watchNamespaces`: its ServiceAccount, discovery ClusterRole and per-namespace Roles, applied for
+real) and a token minted for it with the TokenRequest API, so that every test proves the chart grants what the
+operator uses. The watched namespaces are labelled `pod-security.kubernetes.io/enforce: restricted`, so the pods it
+creates are admitted under Pod Security "restricted". `identity="admin"` runs it as the cluster admin instead.
 """
 
 from __future__ import annotations
@@ -14,20 +20,27 @@ import contextlib
 import itertools
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 from tests.infra.controlplane import Cluster
-from tests.infra.processes import ManagedProcess, free_ports, http_get, start_process, wait_until
+from tests.infra.kubeconfig import write_kubeconfig
+from tests.infra.processes import ManagedProcess, free_ports, http_get, start_process, tool, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT / "crds"
+CHART = ROOT / "charts" / "dreambooth-operator"
 VENV_BIN = Path(sys.executable).parent
 _COUNTER = itertools.count()
+RBAC_KINDS = frozenset({"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
+RESTRICTED = ("pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/warn=restricted")
 
 
 def install_crds(cluster: Cluster) -> None:
@@ -43,6 +56,58 @@ def install_crds(cluster: Cluster) -> None:
 
 
 @dataclass
+class ChartIdentity:
+    """The chart's ServiceAccount and RBAC for the watched namespaces, applied; a kubeconfig with its token."""
+
+    cluster: Cluster
+    objects: list[dict[str, Any]]
+    kubeconfig: Path
+    user: str
+
+    @classmethod
+    def install(cls, cluster: Cluster, namespaces: list[str], work_dir: Path) -> ChartIdentity:
+        home = namespaces[0]
+        release = f"op-{home}"[:53]
+        rendered = subprocess.run(
+            [
+                str(tool("helm")),
+                "template",
+                release,
+                str(CHART),
+                "--namespace",
+                home,
+                f"--set=watchNamespaces={{{','.join(namespaces)}}}",
+                "--set=rbac.aggregatedRoles=false",  # cluster-wide, named once: not per test
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert rendered.returncode == 0, rendered.stderr
+        objects = [d for d in yaml.safe_load_all(rendered.stdout) if d and d.get("kind") in RBAC_KINDS]
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
+        account = next(d for d in objects if d["kind"] == "ServiceAccount")["metadata"]["name"]
+        token = cluster.kubectl("create", "token", account, "-n", home, "--duration=4h").stdout.strip()
+        user = f"system:serviceaccount:{home}:{account}"
+        path = work_dir / f"{release}-{next(_COUNTER)}.kubeconfig"
+        return cls(cluster, objects, write_kubeconfig(path, cluster.server, cluster.ca_file, token, user=user), user)
+
+    def remove(self) -> None:
+        """The cluster-scoped objects (the namespaced ones go with their namespace)."""
+        cluster_scoped = [d for d in self.objects if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+        self.cluster.kubectl(
+            "delete",
+            "--ignore-not-found",
+            "--wait=false",
+            "-f",
+            "-",
+            input=yaml.safe_dump_all(cluster_scoped),
+            check=False,
+        )
+
+
+@dataclass
 class OperatorProcess:
     cluster: Cluster
     log_dir: Path
@@ -52,6 +117,8 @@ class OperatorProcess:
     health_port: int = 0
     process: ManagedProcess | None = None
     logs: list[Path] = field(default_factory=list)
+    identity: ChartIdentity | None = None
+    """The chart's ServiceAccount it runs as (None: the cluster admin)."""
 
     def start(self) -> OperatorProcess:
         self.metrics_port, self.health_port = free_ports(2)
@@ -65,6 +132,7 @@ class OperatorProcess:
             "DREAMBOOTH_OPERATOR_RECONCILE_INTERVAL_SECONDS": "2",
             "DREAMBOOTH_OPERATOR_TERMINATION_GRACE_SECONDS": "30",
             "PATH": f"{VENV_BIN}{os.pathsep}{self.cluster.env()['PATH']}",
+            **({"KUBECONFIG": str(self.identity.kubeconfig)} if self.identity else {}),
             **self.env,
         }
         self.process = start_process(f"operator-{next(_COUNTER)}", args, log_dir=self.log_dir, env=env)
@@ -89,28 +157,52 @@ class OperatorProcess:
             self.process.stop(grace=20)
             self.process = None
 
+    def close(self) -> None:
+        """Stop it and remove the chart's cluster-scoped RBAC objects it ran with."""
+        self.stop()
+        if self.identity is not None:
+            self.identity.remove()
+
     def restart(self) -> None:
         self.stop()
         self.start()
 
 
+Identity = Literal["chart", "admin"]
+
+
 def start_operator(
-    cluster: Cluster, log_dir: Path, namespaces: list[str], env: Mapping[str, str] | None = None
+    cluster: Cluster,
+    log_dir: Path,
+    namespaces: list[str],
+    env: Mapping[str, str] | None = None,
+    identity: Identity = "chart",
 ) -> OperatorProcess:
+    """Start the operator on `namespaces`: as the chart's ServiceAccount in namespaces labelled for Pod Security
+    "restricted" (module docstring), or as the cluster admin."""
     install_crds(cluster)
-    return OperatorProcess(cluster, log_dir, namespaces, dict(env or {})).start()
+    chart = None
+    if identity == "chart":
+        for ns in namespaces:
+            cluster.kubectl("label", "--overwrite", "namespace", ns, *RESTRICTED)
+        chart = ChartIdentity.install(cluster, namespaces, log_dir)
+    return OperatorProcess(cluster, log_dir, namespaces, dict(env or {}), identity=chart).start()
 
 
 @contextlib.contextmanager
 def running_operator(
-    cluster: Cluster, log_dir: Path, namespaces: list[str], env: Mapping[str, str] | None = None
+    cluster: Cluster,
+    log_dir: Path,
+    namespaces: list[str],
+    env: Mapping[str, str] | None = None,
+    identity: Identity = "chart",
 ) -> Iterator[OperatorProcess]:
     """The operator for the duration of a `with` block (a test module wraps it in its own fixture)."""
-    op = start_operator(cluster, log_dir, namespaces, env)
+    op = start_operator(cluster, log_dir, namespaces, env, identity)
     try:
         yield op
     finally:
-        op.stop()
+        op.close()
 
 
 # --- small helpers for tests ----------------------------------------------------------------------------

@@ -256,3 +256,75 @@ def test_metrics_endpoint(cluster: Cluster, namespace: str, op: OperatorProcess)
         "dreambooth_operator_job_duration_seconds",
     ):
         assert f"# TYPE {name.removesuffix('_total')}" in text, name
+
+
+def test_objects_the_job_does_not_own_survive_untouched_and_block_it_with_child_conflict(
+    cluster: Cluster, namespace: str, op: OperatorProcess
+) -> None:
+    # A ConfigMap with the name the job's would have, owned by nobody; a Service owned by another object.
+    cluster.kubectl("create", "configmap", "cat-config", "-n", namespace, "--from-literal=config.json=theirs")
+    owner = json.loads(cluster.kubectl("get", "configmap", "cat-config", "-n", namespace, "-o", "json").stdout)
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "cat-workers",
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "name": "cat-config",
+                    "uid": owner["metadata"]["uid"],
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 80}]},
+    }
+    apply(cluster, service, namespace)
+    before = {
+        kind: get(cluster, kind, name, namespace)
+        for kind, name in (("configmap", "cat-config"), ("service", "cat-workers"))
+    }
+
+    apply(cluster, as_manifest(make_job("cat").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    dbj = wait_for(
+        "ChildConflict",
+        lambda: get(cluster, "dreamboothjob", "cat", namespace),
+        lambda j: (condition(j, "ChildConflict") or {}).get("status") == "True",
+        op=op,
+    )
+    message = (condition(dbj, "ChildConflict") or {}).get("message", "")
+    assert "the ConfigMap cat-config already exists and is not controlled by this resource (no controller)" in message
+    assert "the Service cat-workers already exists" in message
+    assert "(controller: ConfigMap cat-config)" in message
+    assert phase(dbj) == "Pending"
+    events = [e for e in items(cluster, "events", namespace) if e.get("reason") == "ChildConflict"]
+    assert [e["type"] for e in events] == ["Warning"]
+    assert "cat-config" in events[0]["message"]
+    # Several reconciles later: untouched (not even a label or an ownerReference added), and no attempt created.
+    before_count = _reconciles(op.metrics_text())
+    wait_for("three more reconciles", op.metrics_text, lambda text: _reconciles(text) >= before_count + 3, op=op)
+    for (kind, name), was in zip(
+        (("configmap", "cat-config"), ("service", "cat-workers")), before.values(), strict=True
+    ):
+        now = get(cluster, kind, name, namespace)
+        assert now is not None
+        assert was is not None
+        assert now["metadata"]["resourceVersion"] == was["metadata"]["resourceVersion"], kind
+    assert items(cluster, "jobs.batch", namespace) == []
+
+    # Once they are gone, the job creates its own children and the conflict is resolved.
+    cluster.kubectl("delete", "service", "cat-workers", "-n", namespace, "--wait=true")
+    cluster.kubectl("delete", "configmap", "cat-config", "-n", namespace, "--wait=true")
+    dbj = wait_for(
+        "ConflictResolved",
+        lambda: get(cluster, "dreamboothjob", "cat", namespace),
+        lambda j: (condition(j, "ChildConflict") or {}).get("reason") == "ConflictResolved",
+        op=op,
+    )
+    wait_for("the batch Job", lambda: get(cluster, "job.batch", "cat-a0", namespace), bool, op=op)
+    for kind, name in (("configmap", "cat-config"), ("service", "cat-workers"), ("networkpolicy", "cat-network")):
+        child = get(cluster, kind, name, namespace)
+        assert child is not None, kind
+        assert [r["uid"] for r in child["metadata"]["ownerReferences"]] == [dbj["metadata"]["uid"]], kind

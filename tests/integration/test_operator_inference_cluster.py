@@ -18,6 +18,8 @@ NOWHERE = {"dbo.test/no-such-node": "true"}
 AUTOSCALED = {"minReplicas": 2, "maxReplicas": 5}
 OPERATOR, HANDOVER = "dreambooth-operator/Apply", "dreambooth-operator-handover/Apply"
 Predicate = Callable[[dict[str, Any]], bool]
+# The operator's namespaces enforce Pod Security "restricted" (operator_harness.py).
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 @pytest.fixture
@@ -172,7 +174,11 @@ def test_a_server_that_failed_to_load_its_model_is_reported(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "broken-crashed", "labels": {"dreambooth.dev/inference-service": "broken"}},
-        "spec": {"nodeSelector": NOWHERE, "containers": [{"name": "server", "image": "trainer:test"}]},
+        "spec": {
+            "nodeSelector": NOWHERE,
+            "containers": [{"name": "server", "image": "trainer:test", "securityContext": RESTRICTED_CONTAINER}],
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        },
     }
     apply(cluster, pod, namespace)
     message = json.dumps({"status": "failed", "reason": "ModelLoadFailed", "message": "ValueError: no model"})
@@ -193,3 +199,35 @@ def test_a_server_that_failed_to_load_its_model_is_reported(
     )  # fmt: skip
     assert failed["status"]["phase"] == "Failed"
     assert failed["status"]["message"] == "the server failed to load the model: ValueError: no model"
+
+
+def test_a_service_of_the_same_name_that_it_does_not_own_survives_untouched(
+    cluster: Cluster, namespace: str, op: OperatorProcess
+) -> None:
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "labels": {"team": "theirs"}},
+        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 443}]},
+    }
+    apply(cluster, theirs, namespace)
+    before = get(cluster, "service", "web", namespace)
+    assert before is not None
+    apply(cluster, unschedulable("web", {"modelUri": "s3://bkt/out/web/model"}, {"replicas": 1}), namespace)
+    conflicted = wait_on(
+        cluster, namespace, op, "inferenceservice", "web", "ChildConflict",
+        lambda s: (condition(s, "ChildConflict") or {}).get("status") == "True",
+    )  # fmt: skip
+    assert conflicted["status"]["phase"] == "Pending"
+    assert (condition(conflicted, "Ready") or {}).get("reason") == "ChildConflict"
+    assert "the Service web already exists and is not controlled by this resource" in conflicted["status"]["message"]
+    # Nothing is applied while the name is taken, not even the Deployment; the Service is as it was.
+    assert get(cluster, "deployment", "web", namespace) is None
+    after = get(cluster, "service", "web", namespace)
+    assert after is not None
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    reasons = [
+        e.get("reason")
+        for e in json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    ]
+    assert "ChildConflict" in reasons

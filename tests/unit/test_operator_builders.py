@@ -95,6 +95,7 @@ def expected_job(attempt: int = 0) -> dict[str, Any]:
                     "subdomain": "cat-workers",
                     "terminationGracePeriodSeconds": 60,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "automountServiceAccountToken": False,
                     "containers": [
                         {
                             "name": "trainer",
@@ -330,3 +331,15 @@ def test_pod_spec_hash_follows_the_pod_settings_only() -> None:
     assert pod_spec_hash(parse_spec(make_job().pod_template(image="my/trainer:2").obj())) != base
     assert pod_spec_hash(parse_spec(make_job().storage(secret="other").obj())) != base
     assert pod_spec_hash(parse_spec(make_job().run_policy(backoffLimit=7).obj())) == base
+
+
+@pytest.mark.parametrize(("automount", "expected"), [(None, False), (False, False), (True, True)])
+def test_the_service_account_token_is_mounted_only_when_the_pod_template_asks(
+    automount: bool | None, expected: bool
+) -> None:
+    fields: dict[str, Any] = {"serviceAccountName": "s3-reader"}
+    if automount is not None:
+        fields["automountServiceAccountToken"] = automount
+    pod = build_batch_job(make_job().pod_template(**fields).obj(), 0, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is expected
+    assert pod["serviceAccountName"] == "s3-reader"

@@ -12,6 +12,7 @@ import pytest
 from operator_wrappers import T0, make_job, make_pod
 
 from dreambooth_api.inference import ServerLimits
+from dreambooth_operator.builders import build_batch_job
 from dreambooth_operator.handlers import inference as inference_handlers
 from dreambooth_operator.handlers import jobs as job_handlers
 from dreambooth_operator.handlers.state import OperatorState
@@ -20,7 +21,8 @@ from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.settings import OperatorSettings
 
-SETTINGS = OperatorSettings(trainer_image="trainer:test")
+# NetworkPolicies have their own tests (test_operator_networkpolicies.py).
+SETTINGS = OperatorSettings(trainer_image="trainer:test", network_policies=False)
 OWNER = {
     "apiVersion": "dreambooth.dev/v1alpha1",
     "kind": "InferenceService",
@@ -474,3 +476,39 @@ def test_only_a_finished_or_deleted_job_wakes_the_services_that_serve_it() -> No
         )
         assert served.is_set() is woken, (event, phase)
         assert not other.is_set()
+
+
+@pytest.mark.parametrize(
+    ("secret", "extra"),
+    [
+        ({"name": "s3"}, []),
+        (
+            {"name": "s3", "sessionTokenKey": "token"},
+            [{"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "token"}}}],
+        ),
+    ],
+)
+def test_serving_pods_get_the_credentials_training_pods_get(secret: dict[str, str], extra: list[Any]) -> None:
+    spec = {"model": {"modelUri": NEW}, "storage": {"credentialsSecret": secret}}
+    pod = reconcile_inference(isvc(**spec), None, None, SETTINGS, T0).children[0]["spec"]["template"]["spec"]
+    env = [e for e in pod["containers"][0]["env"] if e["name"].startswith("AWS_")]
+    assert env == [
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}},
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "s3", "key": "AWS_SECRET_ACCESS_KEY"}},
+        },
+        *extra,
+    ]
+    # The same variables as a training pod of the same storage section.
+    job = make_job().storage(credentialsSecret=secret).obj()
+    training = build_batch_job(job, 0, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in training if e["name"].startswith("AWS_")] == env
+
+
+@pytest.mark.parametrize(("automount", "expected"), [(None, False), (True, True)])
+def test_serving_pods_mount_no_service_account_token_unless_asked(automount: bool | None, expected: bool) -> None:
+    template = {} if automount is None else {"automountServiceAccountToken": automount}
+    spec = {"model": {"modelUri": NEW}, "podTemplate": template}
+    pod = reconcile_inference(isvc(**spec), None, None, SETTINGS, T0).children[0]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is expected

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import asyncio
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import kopf
 import pytest
 from pydantic import ValidationError
 
+from dreambooth_operator.handlers import startup
 from dreambooth_operator.settings import RANDOM_PRIORITY_MAX, OperatorSettings, peering_priority
 
 
@@ -31,3 +38,33 @@ def test_priority_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DREAMBOOTH_OPERATOR_PRIORITY", "-2")
     with pytest.raises(ValidationError):
         OperatorSettings()
+
+
+@pytest.mark.parametrize(
+    ("ours", "mandatory"),
+    [
+        (OperatorSettings(metrics_port=0), False),
+        (OperatorSettings(metrics_port=0, peering_mandatory=True), True),
+        (OperatorSettings(metrics_port=0, peering_mandatory=True, standalone=True), False),
+    ],
+)
+def test_peering_is_mandatory_when_the_settings_say_so(
+    monkeypatch: pytest.MonkeyPatch, ours: OperatorSettings, mandatory: bool
+) -> None:
+    """The chart sets DREAMBOOTH_OPERATOR_PEERING_MANDATORY with more than one replica: kopf then pauses without the
+    peering CRD instead of acting as if alone. (kopf.operator() turns mandatory on for any peering name; the startup
+    handler has the last word.)"""
+    created: list[tuple[float, int]] = []
+
+    def fake_client(timeout: float, retries: int) -> Any:
+        created.append((timeout, retries))
+        return SimpleNamespace(user_agent="x", close=lambda: None)
+
+    monkeypatch.setattr(startup, "load_api_client", fake_client)
+    settings = kopf.OperatorSettings()
+    settings.peering.mandatory = True  # as kopf.operator(peering_name=...) leaves it
+    memo = kopf.Memo(settings=ours)
+    asyncio.run(startup.configure(settings=settings, memo=memo, logger=logging.getLogger("t")))
+    assert settings.peering.mandatory is mandatory
+    assert created == [(ours.request_timeout_seconds, ours.api_retries)]
+    asyncio.run(memo["state"].poller.close())

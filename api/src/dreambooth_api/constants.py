@@ -121,6 +121,9 @@ class JobConditionType(StrEnum):
     """True once the model is exported."""
     FAILED = "Failed"
     """True once the job failed permanently."""
+    CHILD_CONFLICT = "ChildConflict"
+    """True while an object with a child's name exists that this job does not control (the operator never
+    overwrites or deletes it; the job waits); False (reason ConflictResolved) once it is gone."""
 
 
 class InferenceConditionType(StrEnum):
@@ -130,6 +133,9 @@ class InferenceConditionType(StrEnum):
     """The model URI is known (from `modelUri`, or the source job succeeded)."""
     READY = "Ready"
     """At least one replica is ready and no replica of an older template remains."""
+    CHILD_CONFLICT = "ChildConflict"
+    """True while an object with a child's name exists that this service does not control (the operator never
+    overwrites or deletes it); False (reason ConflictResolved) once it is gone."""
 
 
 class Reason(StrEnum):
@@ -157,6 +163,13 @@ class Reason(StrEnum):
     RESUMED = "Resumed"
     TRAINING_COMPLETED = "TrainingCompleted"
     CHILD_DELETED = "ChildDeleted"
+    # Both kinds
+    CHILD_CONFLICT = "ChildConflict"
+    """A child's name is taken by an object this resource does not control (condition ChildConflict, and a Warning
+    event naming the object), or another field manager changed a field of an owned child."""
+    CONFLICT_RESOLVED = "ConflictResolved"
+    POLICY_VIOLATION = "PolicyViolation"
+    """The pods would break the operator's restrictions (allowed images, ServiceAccounts, priority classes)."""
     # InferenceService
     MODEL_URI_SET = "ModelUriSet"
     WAITING_FOR_JOB = "WaitingForJob"

@@ -36,42 +36,52 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) -}}
 {{- end -}}
 
-{{/* Permissions on the namespaced objects the operator manages (used by the ClusterRole or each Role).
-No "update" (PUT) except on finalizers: the operator and kopf only get, list, watch, create, patch (merge patches
-and server-side apply) and delete. */}}
+{{/* Permissions on the namespaced objects the operator manages (used by the ClusterRole or each Role), exactly the
+requests the operator and kopf make (tests/integration/test_chart.py checks them with `kubectl auth can-i`). No
+"update" (PUT) except on finalizers: the operator and kopf only get, list, watch, create, patch (merge patches and
+server-side apply) and delete. */}}
 {{- define "dbo.namespacedRules" -}}
-# The custom resources: read and watch them, write kopf's annotations and finalizer, and their status.
+# The custom resources: watch them (kopf lists and watches), read one again when the watch lags behind the
+# operator's own status write (get), write kopf's annotations, finalizer and the counted-preemptions annotation.
 - apiGroups: [dreambooth.dev]
   resources: [dreamboothjobs, inferenceservices]
   verbs: [get, list, watch, patch]
 - apiGroups: [dreambooth.dev]
   resources: [dreamboothjobs/status, inferenceservices/status]
-  verbs: [get, patch]
+  verbs: [patch]
 # ownerReferences with blockOwnerDeletion on children need update on the owner's finalizers.
 - apiGroups: [dreambooth.dev]
   resources: [dreamboothjobs/finalizers, inferenceservices/finalizers]
   verbs: [update]
-# Children of a DreamBoothJob (Indexed Job, headless Service, ConfigMap) and of an InferenceService
-# (Deployment, Service, HorizontalPodAutoscaler).
+# A DreamBoothJob's batch Jobs: watched (kopf index), created, suspended or resumed (patch), deleted.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
+# The children that are not watched: read before any write to check who controls them (the operator never
+# overwrites or deletes an object it does not own), created, server-side applied (patch) and deleted (a
+# DreamBoothJob's ConfigMap, headless Service and NetworkPolicy after its TTL; an InferenceService's stale HPA).
 - apiGroups: [""]
   resources: [configmaps, services]
-  verbs: [get, list, watch, create, patch, delete]
-- apiGroups: [apps]
-  resources: [deployments]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch, delete]
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, create, patch, delete]
+# The serving Deployment: watched (its changes wake the InferenceService), read, created and applied; never
+# deleted by the operator (the garbage collector does, with the InferenceService).
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
 # Pods are observed (phase, exit codes, termination messages, the rank-0 IP for /progress). delete is only used
 # with gracePeriodSeconds 0 and a uid precondition, on a job's own pods still Terminating 30 s past their grace
 # period (their node is lost), so that the job can go on (reason StuckPodsForceDeleted).
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, delete]
+  verbs: [list, watch, delete]
+# kopf posts events (it never patches one).
 - apiGroups: ["", events.k8s.io]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end -}}

@@ -56,7 +56,7 @@ def child_labels(job: Mapping[str, Any], component: Component = Component.TRAINE
     return {LABEL_JOB_NAME: _name(job), LABEL_COMPONENT: component.value, LABEL_MANAGED_BY: MANAGED_BY}
 
 
-def _adopt(child: dict[str, Any], job: Mapping[str, Any]) -> dict[str, Any]:
+def adopt(child: dict[str, Any], job: Mapping[str, Any]) -> dict[str, Any]:
     # kopf.adopt sets the namespace, a controller ownerReference (blockOwnerDeletion) and copies the owner's
     # labels that the child does not set itself (so a Kueue queue-name label reaches the batch Job).
     kopf.adopt(child, owner=cast("kopf.Body", dict(job)))
@@ -65,7 +65,7 @@ def _adopt(child: dict[str, Any], job: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_configmap(job: Mapping[str, Any]) -> dict[str, Any]:
     """The trainer's JobConfig as JSON, given to the container as DREAMBOOTH_CONFIG (configMapKeyRef)."""
-    return _adopt(
+    return adopt(
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -78,7 +78,7 @@ def build_configmap(job: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_service(job: Mapping[str, Any]) -> dict[str, Any]:
     """The headless Service behind the pods' `<hostname>.<subdomain>` names (rank 0 is the rendezvous)."""
-    return _adopt(
+    return adopt(
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -206,7 +206,12 @@ def shared_memory_volume(size: object | None) -> tuple[dict[str, Any], dict[str,
 
 def apply_scheduling_overrides(pod_spec: dict[str, Any], overrides: Any) -> None:
     """Copy a podTemplate's scheduling and identity fields (node selection, tolerations, affinity, priority, pull
-    secrets, service account) into a pod spec; shared by training and serving pods."""
+    secrets, service account) into a pod spec; shared by training and serving pods.
+
+    The ServiceAccount token is not mounted unless the podTemplate asks for it (automountServiceAccountToken: true):
+    the trainer and the sampling server never call the Kubernetes API, and a token in a pod that runs a user-chosen
+    image would hand its ServiceAccount's rights to whoever controls that image."""
+    pod_spec["automountServiceAccountToken"] = bool(overrides and overrides.automount_service_account_token)
     if not overrides:
         return
     wire = overrides.to_wire()
@@ -314,7 +319,7 @@ def build_batch_job(job: Mapping[str, Any], attempt: int, settings: OperatorSett
             labels[key] = owner_labels[key]
     # Kueue admits a queued Job by unsuspending it; the user's suspend wins in both cases.
     suspend = spec.run_policy.suspend or is_queued_by_kueue(job)
-    return _adopt(
+    return adopt(
         {
             "apiVersion": "batch/v1",
             "kind": "Job",

@@ -36,6 +36,11 @@ from dreambooth_operator.inference_builders import (
     replicas,
     replicas_handover,
 )
+from dreambooth_operator.networkpolicies import KIND as NETWORK_POLICY_KIND
+from dreambooth_operator.networkpolicies import build_inference_network_policy
+from dreambooth_operator.ownership import ObservedChildren, conflicts_message, foreign_children
+from dreambooth_operator.redact import redact
+from dreambooth_operator.restrictions import violations
 from dreambooth_operator.settings import OperatorSettings
 
 
@@ -115,7 +120,8 @@ class InferencePlan:
     children: list[dict[str, Any]] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     stale: list[tuple[str, str, str]] = field(default_factory=list)
-    """(apiVersion, kind, name) of children to delete when they exist (an HPA after autoscaling was turned off)."""
+    """(apiVersion, kind, name) of children to delete when they exist and the service controls them (an HPA after
+    autoscaling was turned off)."""
     handover: dict[str, Any] | None = None
     """To apply as HANDOVER_FIELD_MANAGER, before the children (`replicas_handover`)."""
 
@@ -145,8 +151,9 @@ def _termination_text(terminated: Mapping[str, Any]) -> str:
     except ValueError:
         doc = None
     if isinstance(doc, dict) and doc.get("message"):
-        return str(doc["message"])
-    return text or f"exit code {terminated.get('exitCode')} ({terminated.get('reason') or 'Error'})"
+        text = str(doc["message"])
+    # A crash's message is the server's log tail (FallbackToLogsOnError): no credentials into status and events.
+    return redact(text) or f"exit code {terminated.get('exitCode')} ({terminated.get('reason') or 'Error'})"
 
 
 def reconcile_inference(
@@ -156,7 +163,11 @@ def reconcile_inference(
     settings: OperatorSettings,
     now: datetime,
     pods: Sequence[Mapping[str, Any]] = (),
+    children: ObservedChildren | None = None,
 ) -> InferencePlan:
+    """The next status and the children to apply. `children`: the Service, HPA and NetworkPolicy as read, by
+    (kind, name) (the Deployment is `deployment`); a child's name taken by an object the service does not control
+    stops every apply (condition ChildConflict)."""
     meta = isvc["metadata"]
     generation = meta.get("generation")
     try:
@@ -176,20 +187,15 @@ def reconcile_inference(
         plan.events.append(("Warning", Reason.INVALID_SPEC, status.message))
         return plan
 
-    def cond(type_: InferenceConditionType, ok: bool, reason: str, message: str) -> None:
-        new = Condition(
-            type=type_.value,
-            status=ConditionStatus.TRUE if ok else ConditionStatus.FALSE,
-            reason=reason,
-            message=message,
-            last_transition_time=now,
-            observed_generation=generation,
-        )
-        old = find_condition(status.conditions, type_.value)
-        if old is None or old.status != new.status or old.reason != new.reason:
-            warn = reason in (Reason.SOURCE_JOB_FAILED, Reason.SOURCE_JOB_NOT_FOUND, Reason.MODEL_LOAD_FAILED)
-            plan.events.append(("Warning" if warn else "Normal", reason, message))
-        status.conditions = set_condition(status.conditions, new)
+    def cond(type_: InferenceConditionType, ok: bool, reason: str, message: str, event: bool = True) -> None:
+        set_condition_of(plan, type_, ok, reason, message, now, generation, event=event)
+
+    broken = violations(spec.pod_template, settings.rules_for(str(meta.get("namespace") or "")))
+    if broken:
+        status.phase = InferencePhase.FAILED
+        status.message = "; ".join(broken)
+        cond(InferenceConditionType.READY, False, Reason.POLICY_VIOLATION, status.message)
+        return plan
 
     model, reason, message = resolve_model(spec, source_job)
     cond(InferenceConditionType.MODEL_RESOLVED, model is not None, reason, message)
@@ -200,6 +206,9 @@ def reconcile_inference(
         cond(InferenceConditionType.READY, False, reason, message)
         return plan
     status.model_uri = model.model_uri
+    observed = {("Deployment", str(meta["name"])): deployment, **(children or {})}
+    if blocked_by_foreign_children(plan, isvc, applied_children(observed, spec, settings), now):
+        return plan
     wanted = build_deployment(isvc, spec, model, settings, applied_replicas(spec, deployment))
     plan.children = [wanted, build_service(isvc)]
     plan.handover = replicas_handover(spec, deployment)
@@ -207,6 +216,8 @@ def reconcile_inference(
         plan.children.append(build_hpa(isvc, spec))
     else:
         plan.stale.append((HPA_API_VERSION, HPA_KIND, str(meta["name"])))
+    if settings.network_policies:
+        plan.children.append(build_inference_network_policy(isvc, settings))
     rollout = observe_rollout(deployment, wanted, replicas(spec))
     want = rollout.desired if autoscaled(spec) else replicas(spec)
     status.replicas = rollout.replicas
@@ -216,6 +227,82 @@ def reconcile_inference(
     status.phase, ok, reason, status.message = readiness(rollout, want, model.model_uri, status, load_failure(pods))
     cond(InferenceConditionType.READY, ok, reason, status.message)
     return plan
+
+
+def set_condition_of(
+    plan: InferencePlan,
+    type_: InferenceConditionType,
+    ok: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+    *,
+    event: bool = True,
+) -> None:
+    """Set a condition of the plan's status (redacted); an event when its status or reason changes."""
+    message = redact(message)
+    new = Condition(
+        type=type_.value,
+        status=ConditionStatus.TRUE if ok else ConditionStatus.FALSE,
+        reason=reason,
+        message=message,
+        last_transition_time=now,
+        observed_generation=generation,
+    )
+    old = find_condition(plan.status.conditions, type_.value)
+    if event and (old is None or old.status != new.status or old.reason != new.reason):
+        plan.events.append(("Warning" if reason in WARNING_REASONS else "Normal", reason, message))
+    plan.status.conditions = set_condition(plan.status.conditions, new)
+
+
+def applied_children(
+    observed: ObservedChildren, spec: InferenceServiceSpec, settings: OperatorSettings
+) -> ObservedChildren:
+    """The observed children of the kinds the service applies: a foreign HPA of its name is no conflict while
+    autoscaling is off (a stale HPA is deleted only when it is the service's own), nor a NetworkPolicy while they
+    are turned off."""
+    kinds = {"Deployment", "Service"} | ({HPA_KIND} if autoscaled(spec) else set())
+    kinds |= {NETWORK_POLICY_KIND} if settings.network_policies else set()
+    return {key: obj for key, obj in observed.items() if key[0] in kinds}
+
+
+def blocked_by_foreign_children(
+    plan: InferencePlan, isvc: Mapping[str, Any], observed: ObservedChildren, now: datetime
+) -> bool:
+    """True when an object the service does not control holds a child's name: nothing is applied, the service is
+    Pending with condition ChildConflict (or waits for an earlier service's leftovers to be garbage-collected)."""
+    status, generation = plan.status, isvc["metadata"].get("generation")
+    taken = foreign_children(observed, isvc)
+    if not taken:
+        if find_condition(status.conditions, InferenceConditionType.CHILD_CONFLICT.value) is not None:
+            message = "every child is the service's own"
+            set_condition_of(
+                plan, InferenceConditionType.CHILD_CONFLICT, False, Reason.CONFLICT_RESOLVED, message, now, generation
+            )
+        return False
+    status.phase = InferencePhase.PENDING
+    status.message = conflicts_message(taken)
+    if any(not (f.leftover or f.deleting) for f in taken):
+        set_condition_of(
+            plan, InferenceConditionType.CHILD_CONFLICT, True, Reason.CHILD_CONFLICT, status.message, now, generation
+        )
+    # One event for the conflict (the ChildConflict condition's), none for Ready's reason.
+    set_condition_of(
+        plan, InferenceConditionType.READY, False, Reason.CHILD_CONFLICT, status.message, now, generation, event=False
+    )
+    return True
+
+
+WARNING_REASONS = frozenset(
+    {
+        Reason.SOURCE_JOB_FAILED,
+        Reason.SOURCE_JOB_NOT_FOUND,
+        Reason.MODEL_LOAD_FAILED,
+        Reason.CHILD_CONFLICT,
+        Reason.POLICY_VIOLATION,
+    }
+)
 
 
 def readiness(

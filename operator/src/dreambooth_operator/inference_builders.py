@@ -127,12 +127,15 @@ def replicas_handover(spec: InferenceServiceSpec, deployment: Mapping[str, Any] 
     if live is None:
         return None
     meta = deployment["metadata"]
-    return {
+    handover: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
         "spec": {"replicas": live},
     }
+    if meta.get("uid"):  # a precondition: never applied to a same-named successor
+        handover["metadata"]["uid"] = meta["uid"]
+    return handover
 
 
 def build_deployment(
@@ -154,11 +157,13 @@ def build_deployment(
     env += cache_env
     creds = spec.storage.credentials_secret
     if creds is not None:
-        for var, key in (
+        keys = [
             (envnames.AWS_ACCESS_KEY_ID, creds.access_key_id_key),
             (envnames.AWS_SECRET_ACCESS_KEY, creds.secret_access_key_key),
-        ):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}})
+        ]
+        if creds.session_token_key:  # temporary credentials, as for the training pods (builders.py)
+            keys.append((envnames.AWS_SESSION_TOKEN, creds.session_token_key))
+        env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}} for var, key in keys]
     if spec.auth is not None:
         ref = spec.auth.bearer_token_secret
         env.append({"name": envnames.SERVE_TOKEN, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})

@@ -3,17 +3,26 @@
 One generic request function with explicit content types: creating an object that exists is not an error,
 deleting one that is gone is not an error, and custom-resource status goes through the status subresource
 with a JSON merge patch (the generated typed clients would send a strategic merge patch, which CRDs reject).
+
+Children are never clobbered (`ensure_child`, `delete_owned`): one is created only where none exists (a POST, which
+fails on an existing object), and updated (server-side apply) or deleted only when the owner's uid is its
+controller ownerReference, with the child's own uid in the request, so that a same-named successor is never touched.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.util.retry import Retry
 
 from dreambooth_api.constants import GROUP, INFERENCE_KIND, INFERENCE_PLURAL, JOB_KIND, JOB_PLURAL, VERSION
+from dreambooth_operator import ownership
 from dreambooth_operator.layout import FIELD_MANAGER
 
 MERGE_PATCH: Final = "application/merge-patch+json"
@@ -27,21 +36,57 @@ _KINDS: Final = {
     ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     (f"{GROUP}/{VERSION}", JOB_KIND): (f"/apis/{GROUP}/{VERSION}", JOB_PLURAL),
     (f"{GROUP}/{VERSION}", INFERENCE_KIND): (f"/apis/{GROUP}/{VERSION}", INFERENCE_PLURAL),
 }
 
 
-def load_api_client(timeout_seconds: int = 60) -> client.ApiClient:
-    """In-cluster credentials, else the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+# Answers worth another try of a request that is safe to repeat: throttled, or the API server (or a load balancer
+# in front of it) briefly unavailable.
+RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+
+
+class OperatorApiClient(client.ApiClient):  # type: ignore[misc]  # the kubernetes client is untyped
+    """An ApiClient whose requests time out after `request_timeout` seconds unless a call names its own timeout
+    (the generated client has no default: a request to an API server that stopped answering would hang)."""
+
+    def __init__(self, configuration: client.Configuration, request_timeout: float) -> None:
+        super().__init__(configuration)
+        self.request_timeout = request_timeout
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = self.request_timeout
+        return super().request(*args, **kwargs)
+
+
+def retry_policy(retries: int) -> Retry:
+    """urllib3's retries for every API request: connection errors (the request never reached the server) for any
+    method; read errors and 429/5xx answers only for methods that are safe to repeat (GET, HEAD, PUT, DELETE,
+    OPTIONS, TRACE: urllib3's default), never a POST or PATCH that may have been applied. Retry-After is obeyed."""
+    return Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        backoff_factor=0.5,
+        status_forcelist=RETRY_STATUSES,
+        raise_on_status=False,
+    )
+
+
+def load_api_client(timeout_seconds: float = 60, retries: int = 3) -> OperatorApiClient:
+    """In-cluster credentials, else the kubeconfig ($KUBECONFIG or ~/.kube/config); with retries and a request
+    timeout. Both are set on the Configuration before the ApiClient exists: its connection pool reads `retries`
+    once, when it is built."""
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    api = client.ApiClient()
-    api.configuration.retries = 3
-    del timeout_seconds
-    return api
+        config.load_kube_config(client_configuration=configuration)
+    configuration.retries = retry_policy(retries)
+    return OperatorApiClient(configuration, timeout_seconds)
 
 
 def path_of(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
@@ -58,9 +103,9 @@ def request(
     *,
     content_type: str = "application/json",
     query: list[tuple[str, str]] | None = None,
-    timeout: float = 60.0,
+    timeout: float | None = None,
 ) -> Any:
-    """One API request; returns the decoded JSON body."""
+    """One API request; returns the decoded JSON body. `timeout` None: the client's request timeout."""
     return api.call_api(
         path,
         method,
@@ -88,13 +133,130 @@ def create(api: client.ApiClient, manifest: Mapping[str, Any]) -> bool:
     return True
 
 
-def apply(api: client.ApiClient, manifest: Mapping[str, Any], manager: str = FIELD_MANAGER, force: bool = True) -> Any:
-    """Server-side apply as `manager`; forced by default: the object ends up as the operator wants the fields it
-    owns. Unforced, a field another manager changed since is a conflict (409)."""
+def apply(api: client.ApiClient, manifest: Mapping[str, Any], manager: str = FIELD_MANAGER, force: bool = False) -> Any:
+    """Server-side apply as `manager`. Unforced, a field that another manager set is a conflict (409); forced,
+    the apply takes the field over. (Children go through `ensure_child`, which checks their controller first.)"""
     meta = manifest["metadata"]
     path = path_of(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
     query = [("fieldManager", manager)] + ([("force", "true")] if force else [])
     return request(api, "PATCH", path, dict(manifest), content_type=APPLY_PATCH, query=query)
+
+
+class ForeignChildError(Exception):
+    """A child's name is taken by an object its owner does not control (seen at the last moment: the next
+    reconcile observes it and reports the conflict)."""
+
+    def __init__(self, conflict: ownership.Foreign) -> None:
+        super().__init__(conflict.message)
+        self.conflict = conflict
+
+
+class FieldConflictError(Exception):
+    """An owned child's field was set by another field manager; the operator does not overwrite it."""
+
+    def __init__(self, kind: str, name: str, managers: set[str], fields: list[str]) -> None:
+        super().__init__(
+            f"{', '.join(sorted(fields)) or 'a field'} of the {kind} {name} was changed by "
+            f"{', '.join(sorted(managers))}; the operator does not overwrite it: undo the change or delete the {kind}"
+        )
+        self.kind, self.name, self.managers, self.fields = kind, name, managers, fields
+
+
+_CONFLICT_MANAGER = re.compile(r'conflict with "([^"]+)"')
+
+
+def conflicting_managers(err: ApiException) -> tuple[set[str], list[str]]:
+    """(field managers, fields) named by a server-side apply conflict (409 with FieldManagerConflict causes)."""
+    try:
+        causes = ((json.loads(err.body or "{}") or {}).get("details") or {}).get("causes") or []
+    except ValueError:
+        return set(), []
+    managers, fields = set(), []
+    for cause in causes:
+        if cause.get("reason") != "FieldManagerConflict":
+            continue
+        match = _CONFLICT_MANAGER.search(str(cause.get("message") or ""))
+        if match:
+            managers.add(match.group(1))
+        fields.append(str(cause.get("field") or ""))
+    return managers, fields
+
+
+def apply_owned(api: client.ApiClient, manifest: Mapping[str, Any], uid: str, *, force: bool = False) -> Any:
+    """Server-side apply to the object with this uid only: with `metadata.uid` in the body the API server refuses
+    (409 when none exists, 422 when another object has the name) instead of creating or changing another object.
+
+    Unforced, a conflict with the operator's own earlier write (the create, recorded as an Update by the same
+    manager) is resolved by applying again with force; a conflict with any other manager raises FieldConflictError.
+    """
+    body = copy.deepcopy(dict(manifest))
+    body["metadata"]["uid"] = uid
+    try:
+        return apply(api, body, force=force)
+    except ApiException as err:
+        if err.status != 409 or force:
+            raise
+        managers, fields = conflicting_managers(err)
+        if not managers:
+            raise
+        if managers - {FIELD_MANAGER}:
+            meta = body["metadata"]
+            raise FieldConflictError(body["kind"], meta["name"], managers - {FIELD_MANAGER}, fields) from err
+        return apply(api, body, force=True)
+
+
+def ensure_child(
+    api: client.ApiClient, manifest: Mapping[str, Any], owner: Mapping[str, Any], *, force: bool = False
+) -> Any:
+    """Create the child where none exists, else update it if `owner` controls it; raise ForeignChildError when
+    another object has its name. `force`: take fields over from other managers (the serving Deployment's
+    spec.replicas from the HorizontalPodAutoscaler's controller: inference_builders.py)."""
+    meta = manifest["metadata"]
+    api_version, kind, namespace, name = manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"]
+    existing = get(api, api_version, kind, namespace, name)
+    if existing is None:
+        path = path_of(api_version, kind, namespace)
+        try:
+            created = request(api, "POST", path, dict(manifest), query=[("fieldManager", FIELD_MANAGER)])
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        else:
+            return _adopt_created(api, manifest, created)
+        existing = get(api, api_version, kind, namespace, name)
+        if existing is None:
+            raise ApiException(status=409, reason=f"the {kind} {name} was created and deleted meanwhile")
+    conflict = ownership.foreign(kind, existing, owner)
+    if conflict is not None:
+        raise ForeignChildError(conflict)
+    return apply_owned(api, manifest, str(existing["metadata"]["uid"]), force=force)
+
+
+def _adopt_created(api: client.ApiClient, manifest: Mapping[str, Any], created: Mapping[str, Any]) -> Any:
+    """Turn the operator's create into its server-side apply. A POST records the fields under an Update entry of the
+    operator's manager, which a later unforced apply that changes one of them would conflict with; rewriting that
+    entry's operation to Apply (a request may set managedFields) leaves the object as if the apply had created it.
+    (The uid in the patch is a precondition, as everywhere.)"""
+    meta = created["metadata"]
+    entries = [
+        {**entry, "operation": "Apply"}
+        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Update"
+        else entry
+        for entry in meta.get("managedFields") or []
+    ]
+    patch = {"metadata": {"uid": meta["uid"], "managedFields": entries}}
+    return merge_patch(api, manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"], patch)
+
+
+def delete_owned(
+    api: client.ApiClient, api_version: str, kind: str, namespace: str, name: str, owner_uid: str, **options: Any
+) -> bool:
+    """Delete the child if `owner_uid` controls it (with its uid as precondition); False when it is gone or not
+    the owner's (a foreign object is never deleted)."""
+    existing = get(api, api_version, kind, namespace, name)
+    if existing is None or not ownership.controlled_by(existing, owner_uid):
+        return False
+    return delete(api, api_version, kind, namespace, name, uid=str(existing["metadata"]["uid"]), **options)
 
 
 def merge_patch(

@@ -25,6 +25,11 @@ def service_name(job_name: str) -> str:
     return f"{job_name}-workers"
 
 
+def network_policy_name(job_name: str) -> str:
+    """The NetworkPolicy that admits traffic to the job's pods (networkpolicies.py)."""
+    return f"{job_name}-network"
+
+
 def batch_job_name(job_name: str, attempt: int) -> str:
     """The batch Job of one gang attempt: a restart creates a new Job with the next attempt number."""
     return f"{job_name}-a{attempt}"
@@ -43,7 +48,7 @@ def master_address(job_name: str, attempt: int) -> str:
 def longest_child_label(job_name: str) -> str:
     """The longest DNS label derived from ``job_name`` (checked against 63 characters)."""
     hostname = f"{job_name}-a{'9' * MAX_ATTEMPT_DIGITS}-{'9' * MAX_INDEX_DIGITS}"
-    return max((hostname, service_name(job_name), configmap_name(job_name)), key=len)
+    return max((hostname, service_name(job_name), configmap_name(job_name), network_policy_name(job_name)), key=len)
 
 
 def max_job_name_length() -> int:

@@ -17,6 +17,8 @@ from dreambooth_api.constants import LABEL_ATTEMPT
 from dreambooth_api.job import DreamBoothJobStatus
 from dreambooth_api.progress import ProgressDocument
 from dreambooth_operator import names, podstate
+from dreambooth_operator.ownership import ObservedChildren
+from dreambooth_operator.restrictions import Rules
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class Observed:
     progress: ProgressSample | None = None
     gone_pods: list[Mapping[str, Any]] = field(default_factory=list)
     """The last states of the job's pods deleted since the last reconcile (watch DELETED events): usage only."""
+    children: ObservedChildren | None = None
+    """The children every attempt shares (ConfigMap, Service, NetworkPolicy) as read, by (kind, name); None when
+    not read (the handler reads them only when the plan creates an attempt, and then plans again)."""
+    rules: Rules = field(default_factory=Rules)
+    """The operator's restrictions in the job's namespace (restrictions.py)."""
 
 
 @dataclass(frozen=True)

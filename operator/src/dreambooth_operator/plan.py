@@ -17,6 +17,7 @@ from dreambooth_api.constants import ConditionStatus, JobConditionType, JobPhase
 from dreambooth_api.job import DreamBoothJobStatus
 from dreambooth_operator import podstate
 from dreambooth_operator.observed import Attempt, Observed
+from dreambooth_operator.redact import redact
 
 STUCK_PODS_FORCE_DELETED: Final = "StuckPodsForceDeleted"
 """Condition and event reason: pods stuck deleting on a lost node were force-deleted (policies/lost_pods.py)."""
@@ -91,7 +92,8 @@ class PlanBuilder:
             type=type_.value,
             status=ConditionStatus.TRUE if status else ConditionStatus.FALSE,
             reason=reason,
-            message=message[:32768],
+            # Messages may quote a pod's termination message (its log tail): no credentials in status or events.
+            message=redact(message)[:32768],
             last_transition_time=self.obs.now,
             observed_generation=self.generation,
         )
@@ -107,7 +109,7 @@ class PlanBuilder:
 
     def phase(self, phase: JobPhase, message: str | None = None) -> None:
         self.status.phase = phase
-        self.status.message = message[:4096] if message else None
+        self.status.message = redact(message)[:4096] if message else None
 
     def fail(self, reason: str, message: str) -> None:
         self.phase(JobPhase.FAILED, message)
@@ -145,6 +147,8 @@ WARNING_REASONS: Final = frozenset(
         Reason.GPU_SECONDS_LIMIT_EXCEEDED,
         Reason.UNSCHEDULABLE,
         Reason.IMAGE_PULL_FAILED,
+        Reason.CHILD_CONFLICT,
+        Reason.POLICY_VIOLATION,
         STUCK_PODS_FORCE_DELETED,
     }
 )

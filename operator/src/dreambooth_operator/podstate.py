@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from dreambooth_operator.layout import CONTAINER_NAME, RANK_LABEL
+from dreambooth_operator.redact import redact
 
 IMAGE_PULL_REASONS: Final = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"}
@@ -80,7 +81,8 @@ def exit_code(pod: Mapping[str, Any]) -> int | None:
 
 
 def termination_message(pod: Mapping[str, Any]) -> dict[str, Any]:
-    """The trainer's termination message (docs/contracts.md): JSON, or plain text under "message"."""
+    """The trainer's termination message (docs/contracts.md): JSON, or plain text under "message"; its text
+    redacted of anything that looks like a credential (a crash's message is the log tail: FallbackToLogsOnError)."""
     term = terminated(pod)
     raw = (term or {}).get("message") or ""
     if not raw:
@@ -88,8 +90,10 @@ def termination_message(pod: Mapping[str, Any]) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError:
-        return {"message": raw.strip()[-1024:]}
-    return doc if isinstance(doc, dict) else {"message": str(doc)}
+        return {"message": redact(raw.strip()[-1024:])}
+    if not isinstance(doc, dict):
+        return {"message": redact(str(doc))}
+    return {k: redact(v) if isinstance(v, str) else v for k, v in doc.items()}
 
 
 def waiting_reason(pod: Mapping[str, Any]) -> tuple[str, str] | None:

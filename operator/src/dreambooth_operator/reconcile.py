@@ -1,9 +1,9 @@
 """The pure state machine of a DreamBoothJob (one reconcile, in the shape of JobSet's controller).
 
 observe (observed.py: the job, its batch Jobs and pods, rank 0's progress) -> classify (by attempt) -> apply the
-policies (policies/, one file each: validity, budget, preemption, failure, progress, deadline, success, gang,
-suspend, pod_spec_change, lost_pods, ttl) -> create what is missing -> the new status, once (plan.py). The handler
-carries out the actions, writes the status, and only then emits the events.
+policies (policies/, one file each: validity, restrictions, budget, preemption, failure, progress, deadline,
+success, gang, suspend, pod_spec_change, lost_pods, ownership, ttl) -> create what is missing -> the new status,
+once (plan.py). The handler writes the status, emits the events, and then carries out the actions.
 
 Status never goes backwards: terminal phases are sticky, the attempt and restart counters only grow, a stale
 object (an older generation than the status has seen) changes nothing, and a condition keeps its transition
@@ -28,9 +28,11 @@ from dreambooth_operator.policies import (
     failure,
     gang,
     lost_pods,
+    ownership,
     pod_spec_change,
     preemption,
     progress,
+    restrictions,
     success,
     suspend,
     ttl,
@@ -53,7 +55,7 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
     if prev.phase in TERMINAL_JOB_PHASES:
         return ttl.finish(b)
     spec = validity.valid_spec(b)
-    if spec is None:
+    if spec is None or not restrictions.allowed(b, spec):
         return ttl.finish(b)
 
     attempt = classify(obs, b.job_name, prev.attempt, foreign)
@@ -74,7 +76,7 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
 
     if attempt.batch_job is None:
         if attempt.blocker is not None:
-            return _wait_for_foreign_child(b, attempt.blocker)
+            return ownership.blocked_by_batch_job(b, attempt.blocker)
         return _start_attempt(b, spec, attempt)
     held = suspend.hold(b, spec, attempt)
     if held is not None:
@@ -85,23 +87,10 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
 # --- create what is missing ------------------------------------------------------------------------------
 
 
-def _wait_for_foreign_child(b: PlanBuilder, blocker: Mapping[str, Any]) -> Plan:
-    """A batch Job with this attempt's name belongs to another object (an earlier DreamBoothJob of the same
-    name): never adopt it; wait until it is gone."""
-    name = blocker["metadata"]["name"]
-    if podstate.is_deleting(blocker):
-        message = f"waiting for the batch Job {name} of an earlier object with this name to be deleted"
-    else:
-        message = f"the batch Job {name} belongs to another object (an earlier job with this name); delete it"
-    b.phase(JobPhase.PENDING, message)
-    b.requeue.append(2.0)
-    return b.plan()
-
-
 def _start_attempt(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt) -> Plan:
     """Create the attempt's children once the previous attempt's pods have stopped."""
     note = lost_pods.clear_previous_attempt(b, attempt)
-    if note is None:
+    if note is None or ownership.blocked(b):
         return b.plan()
     b.actions.append(Action(ActionKind.CREATE_ATTEMPT, attempt=attempt.number))
     if not suspend.hold_new_attempt(b, spec):

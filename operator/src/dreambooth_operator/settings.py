@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dreambooth_api import env
 from dreambooth_api.constants import DEFAULT_GPU_RESOURCE, IMAGE_REPOSITORY
+from dreambooth_operator.restrictions import PodRestrictions, Rules, rules_for
 
 VERSION = "0.1.0"
 
@@ -52,6 +53,9 @@ class OperatorSettings(BaseSettings):
     """Run without peering (a single replica, or tests). With peering, only one replica handles each object."""
     peering_name: str = "dreambooth-operator"
     """The kopf peering object shared by the replicas of one deployment."""
+    peering_mandatory: bool = False
+    """Pause (kopf's peering.mandatory) while the peering CRD is missing, instead of running as if alone. The chart
+    sets it with more than one replica: replicas that cannot see each other's peering records would all act."""
     priority: int = Field(default=0, ge=RANDOM_PRIORITY)
     """This replica's peering priority (the highest one handles the objects; equal ones pause each other).
     -1 (RANDOM_PRIORITY): a random priority per process, so that the replicas of one Deployment differ."""
@@ -99,3 +103,36 @@ class OperatorSettings(BaseSettings):
     """TCP connect timeout to the API server."""
     request_timeout_seconds: int = Field(default=60, ge=1)
     """Timeout of each non-watch API request."""
+    api_retries: int = Field(default=3, ge=0)
+    """Retries of one API request after a connection error, or after a 429/5xx answer to a request that is safe to
+    repeat (GET, DELETE with its uid precondition); a POST or PATCH that may have reached the server is not repeated."""
+
+    restrictions: PodRestrictions = Field(default_factory=PodRestrictions)
+    """What the pods of any DreamBoothJob or InferenceService may use (JSON): allowed image prefixes, ServiceAccounts
+    and priority classes, for example ``{"imagePrefixes": ["registry.corp/dreambooth/"], "serviceAccounts": []}``.
+    A rule left out allows anything (restrictions.py)."""
+    namespace_restrictions: dict[str, PodRestrictions] = Field(default_factory=dict)
+    """Per namespace (JSON object by namespace name): rules that replace the global rule of the same name there."""
+
+    network_policies: bool = True
+    """Create a NetworkPolicy per DreamBoothJob (ingress to its pods only from its own pods, and to the /progress
+    and /metrics port from the operator) and per InferenceService (the serving port from its namespace)."""
+    operator_namespace: str = ""
+    """The operator's namespace (the chart sets it): the NetworkPolicies admit the operator's pods from there only.
+    Empty: pods with `operator_pod_labels` in any namespace."""
+    operator_pod_labels: dict[str, str] = Field(default_factory=dict)
+    """Labels of the operator's pods (the chart sets its selector labels), admitted to the trainers' metrics port
+    (the operator reads rank 0's /progress). Empty: no operator rule (an operator outside the cluster)."""
+    metrics_ingress_from: list[dict[str, Any]] = Field(default_factory=list)
+    """More NetworkPolicy peers (JSON, core NetworkPolicyPeer) admitted to the training and serving pods' metrics
+    ports, for example Prometheus: ``[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
+    "monitoring"}}}]``."""
+    serving_ingress_from: list[dict[str, Any]] | None = None
+    """The NetworkPolicy peers (JSON) admitted to the serving port of InferenceService pods, in place of the default:
+    every pod of the service's own namespace. For example, the namespace and an ingress controller's:
+    ``[{"podSelector": {}}, {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}]``.
+    An empty list admits no one (but `metrics_ingress_from`)."""
+
+    def rules_for(self, namespace: str) -> Rules:
+        """The restrictions in force in `namespace`."""
+        return rules_for(namespace, self.restrictions, self.namespace_restrictions, self.trainer_image)

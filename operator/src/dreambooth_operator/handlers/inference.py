@@ -13,15 +13,18 @@ import kopf
 from kubernetes import client
 
 from dreambooth_api.constants import GROUP, INFERENCE_KIND, INFERENCE_PLURAL, JOB_KIND, LABEL_INFERENCE_NAME, VERSION
-from dreambooth_operator import kube
-from dreambooth_operator.handlers.loop import LoopKind, Pass, run_loop
+from dreambooth_operator import kube, networkpolicies
+from dreambooth_operator.handlers.loop import LoopKind, Pass, report_field_conflict, run_loop
 from dreambooth_operator.handlers.state import OperatorState, inference_key, state_of
 from dreambooth_operator.inference import reconcile_inference
-from dreambooth_operator.inference_builders import HANDOVER_FIELD_MANAGER
+from dreambooth_operator.inference_builders import HANDOVER_FIELD_MANAGER, HPA_API_VERSION, HPA_KIND
 from dreambooth_operator.observed import now_utc
 
 SERVING_LABELS = {LABEL_INFERENCE_NAME: kopf.PRESENT}
-INFERENCE_LOOP = LoopKind(name="InferenceService reconcile", retryable=(client.ApiException, OSError))
+INFERENCE_LOOP = LoopKind(
+    name="InferenceService reconcile",
+    retryable=(client.ApiException, OSError, kube.ForeignChildError, kube.FieldConflictError),
+)
 
 
 @kopf.index(GROUP, VERSION, INFERENCE_PLURAL)
@@ -62,37 +65,58 @@ async def inference_loop(
     """Resolve the model, apply the Deployment and Service, and report readiness, until deleted."""
     state = state_of(memo)
 
+    key = inference_key(namespace, name)
+
     async def once() -> Pass:
-        events = await asyncio.to_thread(reconcile_inference_once, state, body)
+        try:
+            events = await asyncio.to_thread(reconcile_inference_once, state, body)
+        except kube.FieldConflictError as err:
+            report_field_conflict(state, key, body, err)
+            raise
+        state.conflicts.pop(key, None)
         # Events only after the status write (inside reconcile_inference_once) succeeded.
         for type_, reason, message in events:
             kopf.event(body, type=type_, reason=reason, message=message[:1024])
         return Pass()
 
-    await run_loop(state, inference_key(namespace, name), INFERENCE_LOOP, once, stopped, logger)
+    await run_loop(state, key, INFERENCE_LOOP, once, stopped, logger)
+
+
+# The children besides the Deployment, read before each reconcile to check who controls them.
+OTHER_CHILDREN = (
+    ("v1", "Service"),
+    (HPA_API_VERSION, HPA_KIND),
+    (networkpolicies.API_VERSION, networkpolicies.KIND),
+)
 
 
 def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tuple[str, str, str]]:
     isvc = copy.deepcopy(dict(body))
     meta = isvc["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
+    namespace, name, uid = meta["namespace"], meta["name"], str(meta.get("uid") or "")
     api_version = f"{GROUP}/{VERSION}"
     source_name = ((isvc.get("spec") or {}).get("model") or {}).get("fromJob")
     source = kube.get(state.api, api_version, JOB_KIND, namespace, source_name) if source_name else None
     deployment = kube.get(state.api, "apps/v1", "Deployment", namespace, name)
+    children = {(kind, name): kube.get(state.api, version, kind, namespace, name) for version, kind in OTHER_CHILDREN}
     # The serving pods, for a failed model load's termination message.
     pods = kube.list_labelled(state.api, "v1", "Pod", namespace, f"{LABEL_INFERENCE_NAME}={name}")
-    plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc(), pods)
+    plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc(), pods, children)
     # Stale children first: a leftover HPA must not rescale the Deployment after the fixed count is applied.
-    for stale_version, kind, child_name in plan.stale:  # e.g. the HPA once autoscaling is off; a 404 is fine
-        kube.delete(state.api, stale_version, kind, namespace, child_name)
+    for stale_version, kind, child_name in plan.stale:  # e.g. the HPA once autoscaling is off; only the service's own
+        kube.delete_owned(state.api, stale_version, kind, namespace, child_name, uid)
     if plan.handover is not None:
         # The live spec.replicas, applied by a second manager that then co-owns the field. Not forced: should the
         # HPA have changed the count since the Deployment was read, this conflicts (409) and the reconcile fails
-        # before the operator's own apply; the next one sees that the HPA owns the field.
+        # before the operator's own apply; the next one sees that the HPA owns the field. (With the Deployment's
+        # uid in the body: never applied to another Deployment.)
         kube.apply(state.api, plan.handover, manager=HANDOVER_FIELD_MANAGER, force=False)
     for child in plan.children:
-        kube.apply(state.api, child)
+        # Only the Deployment's apply is forced, on the service's own Deployment: it takes spec.replicas back from
+        # the HPA's controller when autoscaling is turned off (or from `kubectl scale` while the count is fixed),
+        # and the pod template back from hand edits. Any other child's field that another manager changed is a
+        # conflict (kube.FieldConflictError), reported and not overwritten.
+        kube.ensure_child(state.api, child, isvc, force=child["kind"] == "Deployment")
     patch = kube.merge_diff(isvc.get("status"), plan.status.to_wire(), keep=frozenset({"kopf"}))
     if patch:
         kube.patch_status(state.api, namespace, name, patch, kind=INFERENCE_KIND)

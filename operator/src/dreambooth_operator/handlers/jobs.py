@@ -1,9 +1,15 @@
-"""DreamBoothJob handlers: observe (indexes), reconcile (pure), act (kube.py), write status once, then events.
+"""DreamBoothJob handlers: observe (indexes), reconcile (pure), write status once, emit events, then act (kube.py).
 
 One kopf daemon per DreamBoothJob runs its reconcile loop (loop.py). The loop wakes when the job or one of its
 batch Jobs or pods changes (the event handlers below poke it), and at least every `reconcile_interval_seconds`
-(to poll rank 0's /progress and to honour deadlines and TTLs). The children are observed through kopf indexes
-(in-memory, kept current by watches), so a reconcile lists nothing.
+(to poll rank 0's /progress and to honour deadlines and TTLs). The batch Jobs and pods are observed through kopf
+indexes (in-memory, kept current by watches), so a reconcile lists nothing; the ConfigMap, Service and
+NetworkPolicy are read only when the plan creates an attempt, to check that nothing else holds their names.
+
+The status is written before the actions run: a restart counted in this reconcile (a gang restart deletes the
+failed attempt's batch Job) must not be lost should the operator die between the two, since the deleted Job
+would take the evidence with it. Every action is derived again from what is observed, so a crash after the status
+write only delays them to the next reconcile.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import copy
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -30,14 +37,17 @@ from dreambooth_api.constants import (
     VERSION,
     JobPhase,
 )
-from dreambooth_operator import kube, names, podstate
+from dreambooth_operator import kube, podstate
 from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
-from dreambooth_operator.handlers.loop import LoopKind, Pass, run_loop
+from dreambooth_operator.handlers.loop import LoopKind, Pass, report_field_conflict, run_loop
 from dreambooth_operator.handlers.state import Key, OperatorState, inference_key, state_of, trim
 from dreambooth_operator.metrics import OperatorMetrics
+from dreambooth_operator.networkpolicies import build_job_network_policy
 from dreambooth_operator.observed import Observed, ProgressSample, now_utc, owned_batch_jobs, parse_status
+from dreambooth_operator.ownership import ObservedChildren
 from dreambooth_operator.plan import ActionKind, Plan
 from dreambooth_operator.reconcile import reconcile
+from dreambooth_operator.settings import OperatorSettings
 
 CHILD_LABELS = {LABEL_JOB_NAME: kopf.PRESENT}
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -45,7 +55,14 @@ API_VERSION = f"{GROUP}/{VERSION}"
 PROGRESS_WAIT_SECONDS = 0.5
 JOB_LOOP = LoopKind(
     name="reconcile",
-    retryable=(client.ApiException, aiohttp.ClientError, OSError, kopf.TemporaryError),
+    retryable=(
+        client.ApiException,
+        aiohttp.ClientError,
+        OSError,
+        kopf.TemporaryError,
+        kube.ForeignChildError,
+        kube.FieldConflictError,
+    ),
     retry_after_error=2.0,
     timed=True,
 )
@@ -124,7 +141,13 @@ async def job_loop(
     state = state_of(memo)
 
     async def once() -> Pass:
-        plan = await reconcile_job(state, body, batch_jobs_index, pods_index, logger)
+        key = (namespace or "", name or "")
+        try:
+            plan = await reconcile_job(state, body, batch_jobs_index, pods_index, logger)
+        except kube.FieldConflictError as err:
+            report_field_conflict(state, key, body, err)
+            raise
+        state.conflicts.pop(key, None)
         return Pass(finished=plan.finished, requeue_after=plan.requeue_after)
 
     await run_loop(state, (namespace or "", name or ""), JOB_LOOP, once, stopped, logger)
@@ -141,9 +164,10 @@ async def reconcile_job(
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     key = (namespace, name)
-    if key in state.written and _own_status(job) != state.written[key]:
-        # The watch has not delivered the operator's last status write yet: a plan made from this older copy could
-        # count a restart twice or recreate a deleted attempt, so read the object itself.
+    if key in state.written and _own_writes(job) != state.written[key]:
+        # The watch has not delivered the operator's last writes yet (status and counted-preemptions annotation):
+        # a plan made from this older copy, or from the version between the two writes, could count a restart
+        # twice or recreate a deleted attempt, so read the object itself.
         fresh = await asyncio.to_thread(kube.get, state.api, API_VERSION, JOB_KIND, namespace, name)
         if fresh is None:
             raise kopf.TemporaryError("the DreamBoothJob is gone", delay=1)
@@ -154,13 +178,31 @@ async def reconcile_job(
     gone = dict(state.gone_pods.get(key, {}))
     sample = await poll_progress(state, key, job, observed_pods, logger)
     prev = parse_status(job)
-    plan = reconcile(
-        Observed(job, observed_jobs, observed_pods, now_utc(), progress=sample, gone_pods=list(gone.values()))
+    obs = Observed(
+        job,
+        observed_jobs,
+        observed_pods,
+        now_utc(),
+        progress=sample,
+        gone_pods=list(gone.values()),
+        rules=state.settings.rules_for(namespace),
     )
-    await asyncio.to_thread(execute, state, job, owned_batch_jobs(job, observed_jobs), plan)
+    plan = reconcile(obs)
+    if any(a.kind is ActionKind.CREATE_ATTEMPT for a in plan.actions):
+        # About to create the children: read the ones that every attempt shares, and plan again knowing whether
+        # anything else holds their names (policies/ownership.py).
+        children = await asyncio.to_thread(observe_children, state, job)
+        plan = reconcile(replace(obs, children=children))
+    # Status first (see the module's docstring), then the counted-preemptions annotation, then the events.
+    patch = kube.merge_diff(job.get("status"), plan.status_wire(), keep=frozenset({"kopf"}))
+    written = _own_writes(job)
+    if patch:
+        answer = await asyncio.to_thread(kube.patch_status, state.api, namespace, name, patch)
+        written = {**written, "status": _own_writes(answer or {})["status"]}
+    state.written[key] = written
     if plan.counted_pods is not None:
         annotations = {ANNOTATION_COUNTED_PREEMPTIONS: json.dumps(plan.counted_pods)}
-        await asyncio.to_thread(
+        answer = await asyncio.to_thread(
             kube.merge_patch,
             state.api,
             API_VERSION,
@@ -169,12 +211,7 @@ async def reconcile_job(
             name,
             {"metadata": {"annotations": annotations}},
         )
-    patch = kube.merge_diff(job.get("status"), plan.status_wire(), keep=frozenset({"kopf"}))
-    if patch:
-        written = await asyncio.to_thread(kube.patch_status, state.api, namespace, name, patch)
-        state.written[key] = _own_status(written or {})
-    else:
-        state.written[key] = _own_status(job)
+        state.written[key] = {**written, "counted": _own_writes(answer or {})["counted"]}
     for uid in gone:  # in the written status now
         state.gone_pods.get(key, {}).pop(uid, None)
     # Events only after the status write succeeded (a failed write retries the whole reconcile).
@@ -182,11 +219,36 @@ async def reconcile_job(
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
         state.metrics.events.labels(type=event.type, reason=event.reason).inc()
     record_metrics(state.metrics, job, prev.phase, plan)
+    await asyncio.to_thread(execute, state, job, owned_batch_jobs(job, observed_jobs), plan)
     return plan
 
 
-def _own_status(job: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in (job.get("status") or {}).items() if k != "kopf"}
+def _own_writes(job: Mapping[str, Any]) -> dict[str, Any]:
+    """What the operator writes into the DreamBoothJob: its status (without kopf's part) and the
+    counted-preemptions annotation."""
+    annotations = (job.get("metadata") or {}).get("annotations") or {}
+    return {
+        "status": {k: v for k, v in (job.get("status") or {}).items() if k != "kopf"},
+        "counted": annotations.get(ANNOTATION_COUNTED_PREEMPTIONS),
+    }
+
+
+def singletons(job: Mapping[str, Any], settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The children that every attempt shares, in the order they are made (the NetworkPolicy before any pod)."""
+    children = [build_configmap(job), build_service(job)]
+    if settings.network_policies:
+        children.append(build_job_network_policy(job, settings))
+    return children
+
+
+def observe_children(state: OperatorState, job: Mapping[str, Any]) -> ObservedChildren:
+    """The shared children as the API server has them, by (kind, name); None where none exists."""
+    return {
+        (c["kind"], c["metadata"]["name"]): kube.get(
+            state.api, c["apiVersion"], c["kind"], c["metadata"]["namespace"], c["metadata"]["name"]
+        )
+        for c in singletons(job, state.settings)
+    }
 
 
 async def poll_progress(
@@ -244,25 +306,33 @@ async def _fetch_progress(
 def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]], plan: Plan) -> None:
     """Carry out the plan's actions (blocking; runs in a worker thread). `batch_jobs`: those the job owns."""
     api = state.api
-    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    meta = job["metadata"]
+    namespace, uid = meta["namespace"], str(meta.get("uid") or "")
+    # Only the job's own batch Jobs are ever changed or deleted, each with its uid as precondition.
+    owned = {str(j["metadata"]["name"]): str(j["metadata"].get("uid") or "") for j in batch_jobs}
     for action in plan.actions:
         if action.kind is ActionKind.CREATE_ATTEMPT:
-            kube.apply(api, build_configmap(job))
-            kube.apply(api, build_service(job))
+            for child in singletons(job, state.settings):
+                kube.ensure_child(api, child, job)  # raises ForeignChildError rather than touch another's object
             kube.create(api, build_batch_job(job, action.attempt, state.settings))
-        elif action.kind is ActionKind.DELETE_BATCH_JOB:
+        elif action.kind is ActionKind.DELETE_BATCH_JOB and action.name in owned:
             # Foreground: the Job stays until its pods have stopped (and written their checkpoint).
-            kube.delete(api, "batch/v1", "Job", namespace, action.name, propagation="Foreground")
+            kube.delete(
+                api, "batch/v1", "Job", namespace, action.name, propagation="Foreground", uid=owned[action.name]
+            )
         elif action.kind is ActionKind.FORCE_DELETE_POD:
             # Its node is lost: no kubelet will confirm the stop, so remove the object without waiting.
             kube.delete(api, "v1", "Pod", namespace, action.name, grace_period_seconds=0, uid=action.uid or None)
-        elif action.kind is ActionKind.SET_SUSPEND:
-            kube.merge_patch(api, "batch/v1", "Job", namespace, action.name, {"spec": {"suspend": action.suspend}})
+        elif action.kind is ActionKind.SET_SUSPEND and action.name in owned:
+            # metadata.uid in a merge patch is a precondition too (422 for another object of the name).
+            patch = {"metadata": {"uid": owned[action.name]}, "spec": {"suspend": action.suspend}}
+            kube.merge_patch(api, "batch/v1", "Job", namespace, action.name, patch)
         elif action.kind is ActionKind.DELETE_CHILDREN:
-            for batch_job in batch_jobs:
-                kube.delete(api, "batch/v1", "Job", namespace, batch_job["metadata"]["name"])
-            kube.delete(api, "v1", "Service", namespace, names.service_name(name))
-            kube.delete(api, "v1", "ConfigMap", namespace, names.configmap_name(name))
+            for batch_name, batch_uid in owned.items():
+                kube.delete(api, "batch/v1", "Job", namespace, batch_name, uid=batch_uid)
+            for child in singletons(job, state.settings):
+                child_meta = child["metadata"]
+                kube.delete_owned(api, child["apiVersion"], child["kind"], namespace, child_meta["name"], uid)
 
 
 def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase: JobPhase | None, plan: Plan) -> None:

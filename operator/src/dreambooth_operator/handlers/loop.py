@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import kopf
 
+from dreambooth_api.constants import Reason
+from dreambooth_operator import kube
 from dreambooth_operator.handlers.state import Key, OperatorState
 
 MIN_REQUEUE_SECONDS = 0.2
@@ -82,6 +84,15 @@ async def run_loop(
             await sleep_until_woken(wake, stopped, timeout)
     finally:
         state.forget(key)
+
+
+def report_field_conflict(state: OperatorState, key: Key, body: kopf.Body, err: kube.FieldConflictError) -> None:
+    """A Warning event (reason ChildConflict) when another field manager changed a field of one of the object's
+    children, which the operator does not overwrite: once per message, not at every retry of the pass."""
+    message = str(err)
+    if state.conflicts.get(key) != message:
+        state.conflicts[key] = message
+        kopf.event(body, type="Warning", reason=Reason.CHILD_CONFLICT, message=message[:1024])
 
 
 async def sleep_until_woken(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:

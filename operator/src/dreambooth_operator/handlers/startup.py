@@ -24,12 +24,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     """Every kopf setting the operator changes, with why; and the shared state the handlers use."""
     ours: OperatorSettings = memo.get("settings") or OperatorSettings()
 
-    # Peering: with several replicas only the highest-priority one handles objects. Without the peering CRD
-    # (or with --standalone) kopf runs alone; `mandatory` stays False so a missing CRD only logs a warning.
-    # The priority comes from kopf.operator() in main(): drawn once per process when configured as -1.
+    # Peering: with several replicas only the highest-priority one handles objects. `mandatory` (the chart sets it
+    # with more than one replica): without the peering CRD kopf pauses every watch instead of running as if alone,
+    # since replicas that cannot see each other's records would all act on every object. Off (kopf.operator() turns
+    # it on whenever a peering name is given; one replica, or a local run): a missing CRD only logs a warning.
+    # --standalone turns peering off. The priority comes from kopf.operator() in main(): drawn once per process
+    # when configured as -1.
     settings.peering.name = ours.peering_name
     settings.peering.standalone = ours.standalone
-    settings.peering.mandatory = False
+    settings.peering.mandatory = ours.peering_mandatory and not ours.standalone
 
     # Watches: the API server ends each watch after server_timeout (kopf re-lists and resumes); the client
     # timeout catches connections that died silently (no TCP reset, e.g. through a load balancer).
@@ -68,7 +71,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     # Daemons: give our reconcile loop time to finish the current write when the operator stops.
     settings.process.ultimate_exiting_timeout = 30.0
 
-    api = load_api_client(ours.request_timeout_seconds)
+    api = load_api_client(ours.request_timeout_seconds, ours.api_retries)
     api.user_agent = f"{FIELD_MANAGER}/{api.user_agent}"
     metrics = OperatorMetrics()
     if ours.metrics_port:

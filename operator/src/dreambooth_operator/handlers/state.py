@@ -37,6 +37,8 @@ class OperatorState:
     """Per job, the status (without kopf's part) that the API returned for the operator's last status write."""
     gone_pods: dict[Key, dict[str, Any]] = field(default_factory=dict)
     """Per job, the last state of each pod deleted since its last reconcile (by uid), for the usage ledger."""
+    conflicts: dict[Key, str] = field(default_factory=dict)
+    """Per loop, the last field conflict reported in an event (kube.FieldConflictError), so that it is reported once."""
 
     def wake(self, key: Key) -> None:
         event = self.wakes.get(key)
@@ -49,6 +51,7 @@ class OperatorState:
         self.samples.pop(key, None)
         self.written.pop(key, None)
         self.gone_pods.pop(key, None)
+        self.conflicts.pop(key, None)
         poll = self.polls.pop(key, None)
         if poll is not None:
             poll.cancel()
