@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from operator_plans import NOW, after, attempt_of, builder, cond, run
 from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
@@ -157,3 +158,11 @@ def test_an_older_trainer_without_resumed_from_counts_as_resumed_at_its_first_st
     again = run(after(job, plan), batch, [second], progress=resumed)
     assert again.status.progress is not None
     assert (again.status.progress.step, again.status.progress.steps_redone) == (25, 5)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"), [(0.9842754602432251, 0.9843), (1.23456e-05, 1.235e-05), (12345.678, 12350.0), (None, None)]
+)
+def test_the_status_loss_is_rounded_to_four_significant_digits(raw: float | None, shown: float | None) -> None:
+    """Issue 20: the LOSS column printed 0.9842754602432251."""
+    assert progress.rounded(raw) == shown

@@ -68,3 +68,17 @@ def test_peering_is_mandatory_when_the_settings_say_so(
     assert settings.peering.mandatory is mandatory
     assert created == [(ours.request_timeout_seconds, ours.api_retries)]
     asyncio.run(memo["state"].poller.close())
+
+
+def test_kopf_posts_only_warnings_of_its_own_as_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: kopf's INFO log lines ("Daemon 'job_loop' succeeded.") were posted as events on every job. The
+    operator's own events (kopf.event, gated only by `enabled`) still go out."""
+    monkeypatch.setattr(
+        startup, "load_api_client", lambda timeout, retries: SimpleNamespace(user_agent="x", close=lambda: None)
+    )
+    settings = kopf.OperatorSettings()
+    memo = kopf.Memo(settings=OperatorSettings(metrics_port=0))
+    asyncio.run(startup.configure(settings=settings, memo=memo, logger=logging.getLogger("t")))
+    assert settings.posting.enabled is True
+    assert settings.posting.level == logging.WARNING
+    asyncio.run(memo["state"].poller.close())

@@ -47,9 +47,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     settings.networking.request_timeout = ours.request_timeout_seconds
     settings.networking.connect_timeout = ours.connect_timeout_seconds
 
-    # Events: post Normal events too (kopf's default posts only from INFO level, which we keep), and never
-    # let an event storm block the handlers.
-    settings.posting.level = logging.INFO
+    # Events: the operator posts its own, one per transition (kopf.event, which only `enabled` gates). kopf's own
+    # log lines become events only from WARNING up (a failing handler), so that "Daemon 'job_loop' succeeded." and
+    # similar INFO lines never reach `kubectl describe`.
+    settings.posting.level = logging.WARNING
     settings.posting.enabled = True
 
     # Kopf's own bookkeeping annotations use our group's prefix instead of kopf.zalando.org. We use no

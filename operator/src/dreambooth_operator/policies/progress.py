@@ -24,6 +24,15 @@ from dreambooth_operator.plan import PlanBuilder
 STAGE_MAX = 64
 
 
+LOSS_DIGITS = 4
+"""Significant digits of status.progress.loss (the LOSS column); metrics and the report keep the raw value."""
+
+
+def rounded(value: float | None, digits: int = LOSS_DIGITS) -> float | None:
+    """`value` to `digits` significant digits (0.9842754602432251 -> 0.9843), None as it is."""
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
 def record_checkpoint(b: PlanBuilder, raw: Mapping[str, Any]) -> None:
     """A complete checkpoint the trainer reported (camelCase, as on the wire): the newest one wins."""
     try:
@@ -76,7 +85,7 @@ def take_sample(b: PlanBuilder, attempt: Attempt) -> None:
         step=step,
         steps_redone=redone,
         total_steps=total,
-        loss=doc.loss,
+        loss=rounded(doc.loss),
         steps_per_second=doc.steps_per_second,
         eta_seconds=doc.eta_seconds,
         stage=stage,
