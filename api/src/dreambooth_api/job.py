@@ -261,6 +261,9 @@ class DreamBoothJobStatus(ApiModel):
 
     phase: JobPhase | None = None
     """Pending, Queued, Initializing, Running, Succeeded, Failed or Suspended."""
+    reason: str | None = Field(default=None, max_length=128)
+    """Why the job is in its phase, in one word: the reason of the condition that explains the phase (for example
+    InvalidInput, ImagePullFailed, Unschedulable, QueuedByKueue, Training). The Reason printer column."""
     message: str | None = Field(default=None, max_length=4096)
     """A human-readable summary of the current state (for example why it failed)."""
     conditions: list[Condition] = Field(

@@ -125,6 +125,7 @@ class PlanBuilder:
 
     def plan(self, finished: bool = False) -> Plan:
         self.status.restarts.total = self.status.restarts.preemptions + self.status.restarts.failures
+        self.status.reason = phase_reason(self.status)
         self.events.extend(transition_events(self.prev, self.status))
         return Plan(
             status=self.status,
@@ -134,6 +135,37 @@ class PlanBuilder:
             requeue_after=max(0.0, min(self.requeue)) if self.requeue else None,
             finished=finished,
         )
+
+
+# The condition whose reason explains each phase (the Reason column); Pending looks at several, in this order.
+PHASE_CONDITIONS: Final[dict[JobPhase, tuple[JobConditionType, ...]]] = {
+    JobPhase.FAILED: (JobConditionType.FAILED,),
+    JobPhase.SUCCEEDED: (JobConditionType.SUCCEEDED,),
+    JobPhase.SUSPENDED: (JobConditionType.SUSPENDED,),
+    JobPhase.QUEUED: (JobConditionType.QUEUED,),
+    JobPhase.INITIALIZING: (JobConditionType.RUNNING,),
+    JobPhase.RUNNING: (JobConditionType.RUNNING,),
+    JobPhase.PENDING: (JobConditionType.CHILD_CONFLICT, JobConditionType.VALID, JobConditionType.RUNNING),
+}
+
+
+def phase_reason(status: DreamBoothJobStatus) -> str | None:
+    """The reason of the first condition that explains the phase: a True condition of the phase's type, or, for
+    Pending, a conflict, an invalid spec, or why the pods do not run yet."""
+    if status.phase is None:
+        return None
+    for type_ in PHASE_CONDITIONS.get(status.phase, ()):
+        cond = find_condition(status.conditions, type_.value)
+        if cond is None:
+            continue
+        explains = cond.status == ConditionStatus.TRUE
+        if type_ in (JobConditionType.VALID, JobConditionType.RUNNING) and status.phase is JobPhase.PENDING:
+            explains = cond.status == ConditionStatus.FALSE
+        if type_ is JobConditionType.RUNNING and status.phase is not JobPhase.PENDING:
+            explains = True
+        if explains and cond.reason:
+            return cond.reason
+    return None
 
 
 WARNING_REASONS: Final = frozenset(
