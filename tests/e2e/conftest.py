@@ -18,6 +18,8 @@ from tests.infra.controlplane import Cluster
 
 @pytest.fixture
 def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:
-    """The operator as a real subprocess watching this test's namespace, with the node agent running pods."""
+    """The operator as a real subprocess watching this test's namespace, with the node agent running pods. It runs
+    as the Helm chart's ServiceAccount with the chart's rendered RBAC, and the namespace enforces Pod Security
+    "restricted" (operator_harness.py)."""
     with running_operator(cluster, infra_log_dir, [namespace]) as operator:
         yield operator
