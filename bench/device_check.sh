@@ -8,8 +8,9 @@
 # transformers, huggingface-hub, pydantic(+core), annotated-types, typing-inspection, prometheus-client,
 # tensorboard with absl-py and protobuf, and bitsandbytes slimmed to its CUDA 13 libraries; about 31 MiB).
 # boto3/botocore are not needed: storage imports boto3 lazily and the tests and benchmarks use file:// storage.
-# Checked on the CPU with Python 3.12 + torch 2.11 (cu130) and these wheels: only CUDA-only assertions fail. Every step has its own `timeout`; the whole script stays under ~8 minutes.
-# Tunable: DEVICE_CHECK_{INSTALL,TESTS,BENCH}_SECONDS.
+# Checked on the CPU with Python 3.12 + torch 2.11 (cu130) and these wheels: only CUDA-only assertions fail. Every step has its own `timeout`; the whole script stays under ~8 minutes
+# (~12 with the serving benchmark, which DEVICE_CHECK_SERVE_SECONDS=0 skips).
+# Tunable: DEVICE_CHECK_{INSTALL,TESTS,BENCH,SERVE}_SECONDS.
 set -uo pipefail
 
 : "${OUT:?set OUT to the folder that receives the results}"
@@ -21,6 +22,7 @@ exec > >(tee -a "$LOG") 2>&1
 INSTALL_SECONDS=${DEVICE_CHECK_INSTALL_SECONDS:-120}
 TESTS_SECONDS=${DEVICE_CHECK_TESTS_SECONDS:-240}
 BENCH_SECONDS=${DEVICE_CHECK_BENCH_SECONDS:-180}
+SERVE_SECONDS=${DEVICE_CHECK_SERVE_SECONDS:-300}
 SITE=/tmp/site
 status=0
 
@@ -51,7 +53,7 @@ if ((${#WHEELS[@]})); then
 else
   echo "no wheels under .whl/"; status=1
 fi
-export PYTHONPATH="$SITE:$ROOT/trainer/src:$ROOT/operator/src"
+export PYTHONPATH="$SITE:$ROOT/api/src:$ROOT/trainer/src:$ROOT/operator/src"
 export PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
 step "machine"
@@ -109,6 +111,19 @@ echo "benchmarks exit code: $rc"
 for f in gpu_train.json checkpoint.json summary.json; do
   if [[ bench/results/$f -nt $MARK ]]; then cp "bench/results/$f" "$OUT/$f"; else echo "no fresh bench/results/$f"; fi
 done
+
+step "gpu serving benchmark"
+# bench/bench_serve.py --gpu: an SD 1.5-sized model (random weights), 512 px, 25 steps, fp16, batched against the
+# server's unbatched mode at concurrency 1/4/16, LoRA cold load and warm switch; serve_gpu.json has the targets.
+if ((SERVE_SECONDS > 0)); then
+  timeout --kill-after=15 "$SERVE_SECONDS" python3 -m bench.bench_serve --gpu
+  rc=$?
+  echo "serving benchmark exit code: $rc"
+  ((rc == 0)) || status=1
+  if [[ bench/results/serve_gpu.json -nt $MARK ]]; then cp bench/results/serve_gpu.json "$OUT/serve_gpu.json"; else echo "no fresh bench/results/serve_gpu.json"; fi
+else
+  echo "skipped (DEVICE_CHECK_SERVE_SECONDS=0)"
+fi
 
 step "done (status $status)"
 ls -la "$OUT"

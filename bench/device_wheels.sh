@@ -16,6 +16,10 @@ lock() { grep -E "^$1==" requirements/dev.lock | head -1; }
 "${pip[@]}" "$(lock diffusers)" "$(lock transformers)" "$(lock huggingface-hub)" "$(lock pydantic)" \
   "$(lock pydantic-core)" "$(lock annotated-types)" "$(lock typing-inspection)" "$(lock prometheus-client)" \
   "$(lock tensorboard)" "$(lock absl-py)" "$(lock protobuf)"
+# The sampling server (bench_serve.py --gpu): FastAPI (it imports opentelemetry-api) on uvicorn.
+"${pip[@]}" "$(lock fastapi)" "$(lock starlette)" "$(lock uvicorn)" "$(lock h11)" "$(lock anyio)" "$(lock sniffio)" \
+  "$(lock idna)" "$(lock click)" "$(lock annotated-doc)" "$(lock typing-extensions)" "$(lock opentelemetry-api)" \
+  "$(lock importlib-metadata)" "$(lock zipp)"
 bnb=$(grep -oE 'bitsandbytes==[0-9.]+' trainer/pyproject.toml)
 "${pip[@]}" "$bnb"
 wheel=$(ls "$dest"/bitsandbytes-*.whl)

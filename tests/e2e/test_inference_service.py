@@ -1,30 +1,41 @@
-"""End to end: InferenceServices (fromJob with a token, then a single-file modelUri without) run the real
-`dreambooth-serve`; a service whose model cannot be loaded is Failed with the server's error.
+"""End to end: InferenceServices (fromJob with a token, then a single-file modelUri with the job's LoRA as a subject)
+run the real `dreambooth-serve`; a service whose model cannot be loaded is Failed with the server's error.
 
-The operator trains a tiny job (the real trainer, in pods the node agent runs), then deploys the sampling server
-from `model.fromJob`; the node agent runs the Deployment's pod, the readiness probe (/healthz) passes once the
-model is loaded, and the test calls POST /generate on the pod IP (the Service has no ClusterIP routing here).
+The operator trains a tiny LoRA job (the real trainer, in pods the node agent runs), then deploys the sampling
+server from `model.fromJob`; the node agent runs the Deployment's pod. The test reaches the server on the pod IP (the
+Service has no ClusterIP routing here, and the API server proxies to no loopback address), after /readyz says the
+model is loaded and warmed up: with the official `openai` client, and with `dreambooth generate --url` (the token
+read from the service's auth Secret through the cluster's API, as a user with a port-forward would).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+import openai
+import pytest
 from operator_harness import OperatorProcess, apply, condition, get, items, wait_for
 from PIL import Image
 
 from tests.e2e.test_operator_training import credentials_secret, phase, upload_images
 from tests.infra.controlplane import Cluster
 from tests.infra.inference import inference_service
+from tests.infra.processes import wait_until
 from tests.infra.s3 import S3Server
 
 TRAIN_TIMEOUT = 420.0
 SERVE_TIMEOUT = 300.0
 TOKEN = "s3cret-token"
+DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")
+PROMPT = "a photo of sks dog"
 # One torch thread per process: the test machine's few cores are shared.
 ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}]
 
@@ -59,18 +70,52 @@ def running_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, 
     return [p for p in pods if p["status"].get("phase") == "Running"]
 
 
-def post_generate(url: str, body: dict[str, Any], token: str | None) -> tuple[int, str, bytes]:
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - a local test URL
-            return response.status, response.headers.get("Content-Type", ""), response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers.get("Content-Type", ""), err.read()
+def base_url(pod: dict[str, Any]) -> str:
+    container = pod["spec"]["containers"][0]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    return f"http://{pod['status']['podIP']}:{port}"
+
+
+def wait_ready(url: str) -> None:
+    """Until /readyz answers 200: the weights are loaded and a warm-up generation ran."""
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:  # noqa: S310 - a local test URL
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    wait_until(ready, timeout=SERVE_TIMEOUT, what=f"{url}/readyz")
+
+
+def api(url: str, key: str | None = None) -> openai.OpenAI:
+    """The official client; a server without auth ignores the key the client insists on."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key or "unused", max_retries=0, timeout=120)
+
+
+def png_size(b64: str | None) -> tuple[int, int]:
+    assert b64 is not None
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    assert image.format == "PNG"
+    return image.size
+
+
+def cli_generate(cluster: Cluster, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`dreambooth generate` with the cluster's kubeconfig."""
+    return subprocess.run(
+        [DREAMBOOTH, "generate", *args, "--namespace", namespace, "--timeout", "180"],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
-    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess, node_agent: Any
+    cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess, node_agent: Any, tmp_path: Path
 ) -> None:
     bucket = s3.make_bucket()
     upload_images(s3, bucket, "subjects/dog/")
@@ -134,32 +179,58 @@ def test_inference_service_from_a_succeeded_job_serves_pngs_behind_a_token(
     assert len(pods) == 1
     container = pods[0]["spec"]["containers"][0]
     assert container["command"] == ["dreambooth-serve"]
-    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
-    url = f"http://{pods[0]['status']['podIP']}:{port}/generate"
-    body = {"prompt": "a photo of sks dog", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    url = base_url(pods[0])
+    wait_ready(url)
 
-    code, _, _ = post_generate(url, body, token=None)
-    assert code == 401
-    code, _, _ = post_generate(url, body, token="wrong")
-    assert code == 401
-    code, content_type, png = post_generate(url, body, token=TOKEN)
-    assert code == 200, png[:500]
-    assert content_type == "image/png"
-    image = Image.open(io.BytesIO(png))
-    image.load()
-    assert image.format == "PNG"
-    assert image.size == (64, 64)
+    # The official client on the pod IP: the token is needed, the default size is the training resolution (64).
+    with pytest.raises(openai.AuthenticationError):
+        api(url).images.generate(prompt=PROMPT)
+    with pytest.raises(openai.AuthenticationError):
+        api(url, "wrong").images.generate(prompt=PROMPT)
+    answer = api(url, TOKEN).images.generate(prompt=PROMPT, extra_body={"num_inference_steps": 2, "seed": 7})
+    assert png_size((answer.data or [])[0].b64_json) == (64, 64)
+    assert [m.id for m in api(url, TOKEN).models.list()] == ["base"]
 
-    # The same model as one single-file checkpoint (its config from baseModel), without auth: a request without a
-    # token is served.
+    # `dreambooth generate`, the token read from the service's Secret.
+    out = tmp_path / "dog-server"
+    args = ["-p", PROMPT, "-n", "2", "--seed", "7", "--steps", "2", "-o", str(out), "--url", url]
+    result = cli_generate(cluster, namespace, "dog-server", *args)
+    assert result.returncode == 0, result.stderr
+    assert "dog-server: generating 2 images of the base model" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["dog-server-7.png", "dog-server-8.png"]
+    assert Image.open(out / "dog-server-7.png").size == (64, 64)
+
+    # The same model as one single-file checkpoint (its config from baseModel), without auth, and the job's LoRA
+    # weights as the subject `dog`.
     single_file = f"s3://{bucket}/models/dog/model.safetensors"
-    served = serve(cluster, namespace, op, "direct", {"modelUri": single_file, "baseModel": {"tiny": True}}, store)
+    lora = f"s3://{bucket}/models/dog/lora"
+    model = {"modelUri": single_file, "baseModel": {"tiny": True}}
+    apply(
+        cluster,
+        inference_service(
+            "direct", model, storage=store, podTemplate={"env": ONE_THREAD}, adapters=[{"name": "dog", "uri": lora}]
+        ),
+        namespace,
+    )
+    served = settled(cluster, namespace, op, "direct")
     assert phase(served) == "Ready", json.dumps(served["status"], indent=1)
     assert served["status"]["modelUri"] == single_file
-    pod = running_pods(cluster, namespace, "direct")[0]
-    code, content_type, png = post_generate(f"http://{pod['status']['podIP']}:{port}/generate", body, token=None)
-    assert (code, content_type) == (200, "image/png"), png[:500]
-    assert Image.open(io.BytesIO(png)).size == (64, 64)
+    direct = base_url(running_pods(cluster, namespace, "direct")[0])
+    wait_ready(direct)
+    subject_dir = tmp_path / "direct"
+    args = ["-p", PROMPT, "--subject", "dog", "--seed", "7", "--steps", "2", "-o", str(subject_dir), "--url", direct]
+    result = cli_generate(cluster, namespace, "direct", *args)
+    assert result.returncode == 0, result.stderr
+    subject_png = (subject_dir / "dog-7.png").read_bytes()
+    client = api(direct)  # no auth: any token, or none, is served
+    assert [m.id for m in client.models.list()] == ["base", "dog"]
+    same = client.images.generate(prompt=PROMPT, model="dog", extra_body={"seed": 7, "num_inference_steps": 2})
+    assert base64.b64decode((same.data or [])[0].b64_json or "") == subject_png
+    plain = client.images.generate(prompt=PROMPT, extra_body={"seed": 7, "num_inference_steps": 2, "adapters": {}})
+    assert base64.b64decode((plain.data or [])[0].b64_json or "") != subject_png  # the subject's weights matter
+    missing = cli_generate(cluster, namespace, "direct", "-p", PROMPT, "--subject", "cat", "--url", direct)
+    assert missing.returncode == 5, missing.stderr
+    assert "the model 'cat' does not exist" in missing.stderr
 
     # A model that is not there: the server exits with the error, and the service says so (not Loading forever).
     failed = serve(cluster, namespace, op, "broken", {"modelUri": f"s3://{bucket}/models/nothing-here/"}, store)

@@ -210,3 +210,45 @@ def test_model_card_of_a_lora_only_export_loads_the_base_and_lists_the_settings(
         "20 warmup steps",
     ):
         assert text in card, text
+
+
+class RecordingStore(ObjectStore):
+    """file:// storage that records the order in which objects are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[str] = []
+
+    def upload_file(self, local: Path | str, uri: str) -> None:
+        super().upload_file(local, uri)
+        self.written.append(uri)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        super().write_bytes(uri, data)
+        self.written.append(uri)
+
+
+def test_diffusers_folder_is_complete_once_model_index_is_there_and_has_a_manifest(tmp_path: Path) -> None:
+    """`model_index.json` (what diffusers and the server take as a model folder) is uploaded after every other
+    file of the folder, then the manifest of the folder's files and sizes, with the training resolution."""
+    import json
+
+    from dreambooth_trainer.export.manifest import MANIFEST_NAME, check_model_folder
+
+    config = job(tmp_path / "out", "full", ["diffusers"], resolution=64)
+    store = RecordingStore()
+    export_model(trained(config), config, store, tmp_path / "work", steps=1)
+    model = (tmp_path / "out" / "model").as_uri()
+    folder = [uri for uri in store.written if uri.startswith(model + "/")]
+    names = [uri.removeprefix(model + "/") for uri in folder]
+    assert names[-2:] == ["model_index.json", MANIFEST_NAME], names
+    assert "unet/diffusion_pytorch_model.safetensors" in names[:-2]
+    manifest = json.loads((tmp_path / "out" / "model" / MANIFEST_NAME).read_text())
+    on_disk = {
+        p.relative_to(tmp_path / "out" / "model").as_posix(): p.stat().st_size
+        for p in (tmp_path / "out" / "model").rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    assert manifest["files"] == on_disk
+    assert manifest["resolution"] == 64
+    assert check_model_folder(store, model).resolution == 64

@@ -1,17 +1,14 @@
-"""The sampling server on the tiny model: PNG and JSON answers, fixed seeds, LoRA adapters, limits, auth, metrics;
-the three kinds of modelUri, a failed load, errors while generating, keep-alive and draining."""
+"""The sampling server's start-up on the tiny model: the three kinds of modelUri a job exports (diffusers folder,
+single file, LoRA weights on the base model) serve the same merged model at the training resolution; a folder of
+ours missing a file its manifest lists is refused (a foreign folder without a manifest is served); a failed load
+exits 1 with the error in the termination message; flags and the environment; an empty token; the drain."""
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
-import socket
-import tempfile
+import shutil
 import threading
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,293 +16,203 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from prometheus_client import REGISTRY
+from serving_support import LIMITS, PROMPT, SHARED_MODELS, client, config, max_diff, pixels, running
 
-from dreambooth_api.config import BaseModelSpec, TrainingConfig
-from dreambooth_api.env import SERVE_TOKEN as TOKEN_ENV
+from dreambooth_api import env
+from dreambooth_api.config import BaseModelSpec, JobConfig
 from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.components import load_components
-from dreambooth_trainer.export import export_parts, write_diffusers, write_lora, write_single_file
+from dreambooth_trainer.export import export_model
+from dreambooth_trainer.export.manifest import MANIFEST_NAME
 from dreambooth_trainer.module import DreamBoothModule
 from dreambooth_trainer.result import TERMINATION_ENV
-from dreambooth_trainer.serving.protocol import GenerateRequest, content_length, load_serve_config, token_matches
-from dreambooth_trainer.serving.runner import ModelRunner
-from dreambooth_trainer.serving.server import Server, serve
+from dreambooth_trainer.serving.config import launch, load_serve_config, read_token
+from dreambooth_trainer.serving.server import Server, main, serve
 from dreambooth_trainer.storage import ObjectStore
 
-# The tiny model is cached by config hash, so test files share one build.
-SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
-TOKEN = "s3cret"
+TRAINED_AT = 64  # the tiny model's own size is 32: the server must default to the training resolution
+
+
+@pytest.fixture(autouse=True)
+def _shared_base_models(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """baseModel: {tiny: true} from the machine's shared build (the model cache, as the operator's volume)."""
+    cache = tmp_path_factory.getbasetemp() / "model-cache"
+    if not (cache / "models").exists():
+        cache.mkdir(exist_ok=True)
+        (cache / "models").symlink_to(SHARED_MODELS)
+    monkeypatch.setenv(env.MODEL_CACHE_DIR, str(cache))
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A trained LoRA module's exports: `model` (diffusers, merged), `model.safetensors` (merged), `lora`."""
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA job's outputs (diffusers folder, single file, LoRA weights; trained at 64 px) under `<root>/out`."""
     root = tmp_path_factory.mktemp("serve")
+    config = JobConfig.model_validate(
+        {
+            "name": "serve-test",
+            "instanceImages": {"uri": "file:///unused", "prompt": PROMPT},
+            "training": {"method": "lora", "resolution": TRAINED_AT},
+            "output": {"uri": (root / "out").as_uri(), "formats": ["diffusers", "safetensors", "lora"]},
+        }
+    )
     comps = load_components(BaseModelSpec(tiny=True), ObjectStore(), SHARED_MODELS)
     torch.manual_seed(0)  # PEFT draws lora_A from the global generator: the same adapters every run
-    module = DreamBoothModule(comps, TrainingConfig(method="lora", resolution=32))
+    module = DreamBoothModule(comps, config.training)
     with torch.no_grad():
         for name, param in module.unet.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    write_diffusers(module, root / "store" / "model", torch.float32)  # the merged model
-    parts = export_parts(module, None)
-    write_single_file(parts.unet, parts.vae, parts.text_encoder, root / "store" / "model.safetensors", torch.float32)
-    write_lora(module, root / "store" / "lora", torch.float32)
-    return root
+    export_model(module, config, ObjectStore(), root / "work", steps=1)
+    return root / "out"
 
 
-@pytest.fixture(scope="module")
-def server(store: Path) -> Iterator[Server]:
-    root = store
-    config = load_serve_config(
-        json.dumps(
-            {
-                "baseModel": {"tiny": True},
-                "adapters": [{"name": "subject", "uri": (root / "store" / "lora").as_uri(), "weight": 1.0}],
-                "server": {
-                    "maxSteps": 4,
-                    "defaultSteps": 2,
-                    "maxResolution": 64,
-                    "maxImagesPerRequest": 3,
-                    "maxBatchSize": 2,
-                    "defaultScheduler": "ddim",
-                },
-            }
-        )
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(TOKEN_ENV, TOKEN)
-        srv = Server(config, "127.0.0.1", 0, workdir=root / "work")
-    srv.start()
-    assert srv.wait_loaded(120) == "ready", srv.error
-    yield srv
-    srv.stop()
+def served(doc: dict[str, Any], _workdir: Path) -> Any:
+    return load_serve_config(json.dumps({**doc, "server": LIMITS}))
 
 
-def call(
-    srv: Server, path: str, body: dict[str, Any] | None = None, token: str | None = TOKEN
-) -> tuple[int, bytes, str]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{srv.port}{path}", data=data, method="POST" if body else "GET")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - an http:// URL built above
-            return resp.status, resp.read(), resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as err:
-        return err.code, err.read(), err.headers.get("Content-Type", "")
+def image(srv: Server, size: str | None = "32x32") -> np.ndarray[Any, Any]:
+    extra = {"size": size} if size else {}
+    answer = client(srv).images.generate(prompt=PROMPT, extra_body={"seed": 5}, **extra)
+    return pixels((answer.data or [])[0].b64_json)
 
 
-def test_health_png_and_fixed_seed(server: Server) -> None:
-    assert call(server, "/healthz")[0] == 200
-    code, body, ctype = call(server, "/generate", {"prompt": "a photo of sks dog", "seed": 3})
-    assert (code, ctype) == (200, "image/png")
-    assert body.startswith(b"\x89PNG")
-    assert call(server, "/generate", {"prompt": "a photo of sks dog", "seed": 3})[1] == body
-    assert call(server, "/generate", {"prompt": "a photo of sks dog", "seed": 4})[1] != body
-
-
-def test_json_many_images_and_adapter_choice(server: Server) -> None:
-    req = {"prompt": "a photo of sks dog", "seed": 1, "numImages": 3, "format": "json", "width": 32, "height": 32}
-    code, body, _ = call(server, "/generate", req)
-    assert code == 200
-    doc = json.loads(body)
-    assert doc["seed"] == 1
-    images = [base64.b64decode(i) for i in doc["images"]]
-    assert len(images) == 3
-    assert len(set(images)) == 3
-    off = json.loads(call(server, "/generate", {**req, "adapters": {"subject": 0.0}})[1])["images"]
-    assert off[0] != doc["images"][0]  # the adapter changes the output
-    on = json.loads(call(server, "/generate", {**req, "adapters": {"subject": 1.0}})[1])["images"]
-    assert on[0] == doc["images"][0]
-
-
-@pytest.mark.parametrize(
-    ("body", "match"),
-    [
-        ({"prompt": "x", "steps": 5}, "steps may not exceed 4"),
-        ({"prompt": "x", "width": 128}, "width may not exceed 64"),
-        ({"prompt": "x", "numImages": 4}, "numImages may not exceed 3"),
-        ({"prompt": "x", "adapters": {"nope": 1.0}}, "unknown adapters"),
-        ({"prompt": ""}, "prompt"),
-        ({"prompt": "x", "width": 30}, "multiple of 8"),
-    ],
-)
-def test_limits_are_enforced(server: Server, body: dict[str, Any], match: str) -> None:
-    code, raw, _ = call(server, "/generate", body)
-    assert code == 400
-    assert match in json.loads(raw)["error"]
-
-
-def test_auth_and_metrics(server: Server) -> None:
-    assert call(server, "/generate", {"prompt": "x"}, token=None)[0] == 401
-    assert call(server, "/generate", {"prompt": "x"}, token="wrong")[0] == 401
-    code, body, _ = call(server, "/metrics")
-    assert code == 200
-    text = body.decode()
-    assert 'dreambooth_serve_requests_total{code="401"}' in text
-    assert "dreambooth_serve_ready 1.0" in text
-    before = REGISTRY.get_sample_value("dreambooth_serve_images_generated_total") or 0.0
-    req = {"prompt": "x", "numImages": 2, "format": "json", "width": 32, "height": 32}
-    assert call(server, "/generate", req)[0] == 200
-    assert REGISTRY.get_sample_value("dreambooth_serve_images_generated_total") == before + 2
-
-
-def served(config: dict[str, Any], workdir: Path) -> Server:
-    srv = Server(load_serve_config(json.dumps(config)), "127.0.0.1", 0, workdir=workdir)
-    srv.start()
-    assert srv.wait_loaded(120) == "ready", srv.error
-    return srv
-
-
-def pixels(srv: Server) -> np.ndarray[Any, Any]:
-    req = GenerateRequest(prompt="a photo of sks dog", seed=5, steps=2, width=32, height=32)
-    images, _ = srv.sampler.generate(req)
-    srv.stop()
-    return np.asarray(images[0], dtype=np.int16)
-
-
-def test_model_uris_diffusers_single_file_and_lora(store: Path, tmp_path: Path) -> None:
-    """Each kind of job output serves the same merged model; a user adapter may be named `model`."""
-    files = store / "store"
-    merged = pixels(served({"modelUri": (files / "model").as_uri()}, tmp_path / "a"))
+def test_the_three_kinds_of_model_uri_serve_the_same_model(exported: Path, tmp_path: Path) -> None:
+    with running(served({"modelUri": (exported / "model").as_uri()}, tmp_path), tmp_path / "a") as srv:
+        merged = image(srv)
+        assert image(srv, None).shape == (TRAINED_AT, TRAINED_AT, 3)  # the manifest's training resolution
     base = {"baseModel": {"tiny": True}}
-    single = pixels(served({**base, "modelUri": (files / "model.safetensors").as_uri()}, tmp_path / "b"))
-    assert np.abs(single - merged).max() <= 1
-    lora_file = (files / "lora" / "pytorch_lora_weights.safetensors").as_uri()
-    clash = [{"name": "model", "uri": (files / "lora").as_uri(), "weight": 0.0}]
-    srv = served({**base, "modelUri": lora_file, "adapters": clash}, tmp_path / "c")
-    assert srv.sampler.check(GenerateRequest(prompt="x", adapters={"model": 0.0})) is None
-    assert np.abs(pixels(srv) - merged).max() <= 2  # the LoRA modelUri is on, the user's "model" at 0
-    plain = pixels(served(base, tmp_path / "d"))
-    assert np.abs(plain - merged).max() > 2  # the adapters matter: the comparisons above are not vacuous
+    single_uri = (exported / "model.safetensors").as_uri()
+    with running(served({**base, "modelUri": single_uri}, tmp_path), tmp_path / "b") as srv:
+        assert max_diff(image(srv), merged) <= 1
+        assert image(srv, None).shape == (TRAINED_AT, TRAINED_AT, 3)  # from the single file's metadata
+    lora_uri = (exported / "lora" / "pytorch_lora_weights.safetensors").as_uri()
+    with running(served({**base, "modelUri": lora_uri}, tmp_path), tmp_path / "c") as srv:
+        assert max_diff(image(srv), merged) <= 2  # the LoRA modelUri is always on
+    with running(served(base, tmp_path), tmp_path / "d") as srv:
+        assert max_diff(image(srv), merged) > 2  # the adapters matter: the comparisons above are not vacuous
 
 
-def test_failed_load_exits_1_with_the_error_in_the_termination_message(
+def test_an_incomplete_folder_of_ours_is_refused_and_a_foreign_one_served(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(exported / "model", broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    monkeypatch.setenv(TERMINATION_ENV, str(tmp_path / "termination-log"))
+    srv = Server(served({"modelUri": broken.as_uri()}, tmp_path), "127.0.0.1", 0, workdir=tmp_path / "w1")
+    assert serve(srv) == 1
+    doc = json.loads((tmp_path / "termination-log").read_text())
+    assert doc["reason"] == "ModelLoadFailed"
+    assert "IncompleteModelError" in doc["message"]
+    assert "missing unet/diffusion_pytorch_model.safetensors" in doc["message"]
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(exported / "model", foreign)
+    (foreign / MANIFEST_NAME).unlink()  # a diffusers folder from elsewhere: no manifest, taken as it is
+    with running(served({"modelUri": foreign.as_uri()}, tmp_path), tmp_path / "w2") as srv:
+        assert image(srv).shape == (32, 32, 3)
+        assert image(srv, None).shape == (32, 32, 3)  # no manifest: the UNet's own size
+
+
+def test_a_failed_load_exits_1_with_the_error_in_the_termination_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(TERMINATION_ENV, str(tmp_path / "termination-log"))
-    config = load_serve_config(json.dumps({"modelUri": (tmp_path / "missing").as_uri()}))
-    srv = Server(config, "127.0.0.1", 0, workdir=tmp_path / "work")
-    assert serve(srv, drain_seconds=1) == 1
-    assert srv.state == "failed"
+    srv = Server(load_serve_config(json.dumps({"modelUri": (tmp_path / "missing").as_uri()})), workdir=tmp_path)
+    assert serve(srv) == 1
+    assert srv.lifecycle.phase == "failed"
     doc = json.loads((tmp_path / "termination-log").read_text())
-    assert doc["reason"] == "ModelLoadFailed"
-    assert doc["message"] == srv.error
+    assert doc == {"status": "failed", "reason": "ModelLoadFailed", "message": srv.lifecycle.error}
     assert "missing" in doc["message"]
 
 
-def test_invalid_configs_and_request_values(store: Path) -> None:
+def test_flags_on_top_of_the_environment() -> None:
+    environ = {
+        env.SERVE_CONFIG: json.dumps({"modelUri": "s3://bkt/m/model", "server": {"maxSteps": 30}}),
+        env.BIND_ADDRESS: "10.0.0.7",
+        env.SERVE_PORT: "9000",
+    }
+    settings = launch([], environ)
+    assert (settings.config.model_uri, settings.host, settings.port, settings.token) == (
+        "s3://bkt/m/model",
+        "10.0.0.7",
+        9000,
+        None,
+    )
+    settings = launch(
+        [
+            "--base-model",
+            "tiny",
+            "--adapter",
+            "dog=s3://bkt/dog/lora",
+            "--adapter",
+            "cat=file:///c/lora@0.5",
+            "--adapter-prefix",
+            "s3://bkt/jobs/",
+            "--port",
+            "8001",
+            "--max-batch-size",
+            "8",
+        ],
+        environ,
+    )
+    c = settings.config
+    assert c.model_uri is None  # --base-model replaces the environment's model
+    assert c.base_model is not None
+    assert c.base_model.tiny
+    assert [(a.name, a.uri, a.weight) for a in c.adapters] == [
+        ("dog", "s3://bkt/dog/lora", 1.0),
+        ("cat", "file:///c/lora", 0.5),
+    ]
+    assert (c.adapter_prefix, c.server.max_batch_size, c.server.max_steps, settings.port) == (
+        "s3://bkt/jobs/",
+        8,
+        30,
+        8001,
+    )
+    with pytest.raises(InvalidInputError, match="no server config"):
+        launch([], {})
     with pytest.raises(InvalidInputError, match=r"server\.defaultSteps may not exceed server\.maxSteps"):
-        load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxSteps": 10}}))
-    with pytest.raises(InvalidInputError, match="maxResolution"):  # the InferenceService's limit: at least 64
-        load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxResolution": 56}}))
-    config = load_serve_config(json.dumps({"baseModel": {"tiny": True}, "server": {"maxResolution": 64}}))
-    runner = ModelRunner(config, store / "unused")
-    runner.native_size = 128  # the model's own size applies when a request names none
-    assert runner.check(GenerateRequest(prompt="x")) == (
-        "width may not exceed 64 (the model's native size 128; name a smaller one)"
-    )
-    assert runner.check(GenerateRequest(prompt="x", width=64, height=64)) is None
-    assert (content_length(None), content_length("12"), content_length("-1"), content_length("abc")) == (
-        0,
-        12,
-        None,
-        None,
-    )
-    assert token_matches("Bearer t", "t")
-    assert not token_matches("Bearer tt", "t")
-    assert not token_matches(None, "t")
+        launch([], {env.SERVE_CONFIG: json.dumps({"baseModel": {"tiny": True}, "server": {"maxSteps": 10}})})
+    with pytest.raises(SystemExit):
+        launch(["--adapter", "no-uri"], {})
 
 
-@pytest.mark.parametrize("adapters", ['{"subject": NaN}', '{"subject": Infinity}', '{"subject": 10.5}'])
-def test_adapter_weights_are_bounded(server: Server, adapters: str) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    body = f'{{"prompt": "x", "adapters": {adapters}}}'
-    conn.request("POST", "/generate", body=body, headers={"Authorization": f"Bearer {TOKEN}"})
-    resp = conn.getresponse()
-    assert resp.status == 400
-    assert "adapters.subject" in json.loads(resp.read())["error"]
+def test_an_empty_token_is_an_error_not_auth_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert read_token({}) is None
+    assert read_token({env.SERVE_TOKEN: " t0k "}) == "t0k"
+    for empty in ("", "  \n"):
+        with pytest.raises(InvalidInputError, match="set but empty"):
+            read_token({env.SERVE_TOKEN: empty})
+    monkeypatch.setenv(TERMINATION_ENV, str(tmp_path / "termination-log"))
+    monkeypatch.setenv(env.SERVE_TOKEN, "")
+    monkeypatch.setenv(env.SERVE_CONFIG, json.dumps({"baseModel": {"tiny": True}}))
+    assert main([]) == 1
+    doc = json.loads((tmp_path / "termination-log").read_text())
+    assert doc["reason"] == "InvalidConfig"
+    assert env.SERVE_TOKEN in doc["message"]
 
 
-def raw(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        return b"".join(iter(lambda: sock.recv(65536), b""))
-
-
-@pytest.mark.parametrize(("length", "status"), [("-1", b"400"), ("abc", b"400"), (str(1 << 20), b"413")])
-def test_bad_content_length_is_answered_and_closes(server: Server, length: str, status: bytes) -> None:
-    head = f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {length}\r\n\r\n"
-    answer = raw(server.port, head.encode() + b'{"prompt": "x"}')
-    assert answer.startswith(b"HTTP/1.1 " + status), answer
-    assert b"Connection: close" in answer
-    assert server.httpd.RequestHandlerClass.timeout == 30  # type: ignore[attr-defined]
-
-
-def test_keep_alive_survives_early_answers(server: Server) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    for path, headers, code in [
-        ("/generate", {}, 401),
-        ("/nope", {"Authorization": f"Bearer {TOKEN}"}, 404),
-    ]:
-        conn.request("POST", path, body=b'{"prompt": "x"}', headers=headers)
-        resp = conn.getresponse()
-        assert resp.status == code
-        resp.read()
-        conn.request("GET", "/healthz")  # the same connection: the unread body must not leak into it
-        resp = conn.getresponse()
-        assert (resp.status, json.loads(resp.read())) == (200, {"status": "ok"})
-
-
-@pytest.mark.parametrize(
-    ("error", "code"),
-    [(RuntimeError("scheduler broke"), 500), (torch.cuda.OutOfMemoryError("CUDA out of memory"), 503)],
-)
-def test_generate_errors_answer_json_and_are_counted(
-    server: Server, monkeypatch: pytest.MonkeyPatch, error: Exception, code: int
-) -> None:
-    def boom(req: GenerateRequest) -> tuple[list[Any], int]:
-        raise error
-
-    monkeypatch.setattr(server.sampler, "generate", boom)
-    metric = "dreambooth_serve_requests_total"
-    before = REGISTRY.get_sample_value(metric, {"code": str(code)}) or 0.0
-    status, body, ctype = call(server, "/generate", {"prompt": "x"})
-    assert (status, ctype) == (code, "application/json")
-    assert str(error) in json.loads(body)["error"]
-    assert REGISTRY.get_sample_value(metric, {"code": str(code)}) == before + 1
-
-
-def test_drain_finishes_requests_in_flight_and_stops_accepting(tmp_path: Path) -> None:
-    srv = Server(load_serve_config(json.dumps({"baseModel": {"tiny": True}})), "127.0.0.1", 0, workdir=tmp_path)
-    srv.state = "ready"  # a stand-in model: generate blocks until released
+def test_drain_finishes_requests_in_flight(tmp_path: Path) -> None:
     entered, release = threading.Event(), threading.Event()
+    with running(config(), tmp_path) as srv:
 
-    def slow(req: GenerateRequest) -> tuple[list[Any], int]:
-        entered.set()
-        assert release.wait(60)
-        return [Image.new("RGB", (8, 8))], 0
+        def slow(sampling: Any, samples: Any, stop: Any = None) -> list[Any]:
+            entered.set()
+            assert release.wait(60)
+            return [Image.new("RGB", (sampling.width, sampling.height)) for _ in samples]
 
-    srv.sampler.generate = slow  # type: ignore[method-assign]
-    threading.Thread(target=srv.httpd.serve_forever, daemon=True).start()
-    probe = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
-    probe.request("GET", "/healthz")
-    assert probe.getresponse().read() == b'{"status": "ok"}'
-    answers: list[tuple[int, bytes, str]] = []
-    client = threading.Thread(target=lambda: answers.append(call(srv, "/generate", {"prompt": "x"}, token=None)))
-    client.start()
-    assert entered.wait(60)
-    assert not srv.drain(0.05)  # one request still in flight
-    probe.request("GET", "/healthz")
-    resp = probe.getresponse()
-    assert (resp.status, json.loads(resp.read())) == (503, {"status": "draining"})
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", srv.port), timeout=5)
-    release.set()
-    assert srv.drain(60)
-    client.join(60)
-    assert answers[0][0] == 200
+        srv.runner.generate = slow  # type: ignore[method-assign]
+        answers: list[Any] = []
+        thread = threading.Thread(target=lambda: answers.append(image(srv)))
+        thread.start()
+        assert entered.wait(60)
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        time.sleep(0.5)
+        assert srv.lifecycle.phase == "draining"
+        release.set()
+        thread.join(60)
+        stopper.join(60)
+    assert len(answers) == 1
+    assert answers[0].shape == (32, 32, 3)

@@ -158,6 +158,7 @@ AGE = _column("Age", "date", ".metadata.creationTimestamp", "Time since creation
 
 JOB_COLUMNS: Final = [
     _column("Phase", "string", ".status.phase", "The job's phase."),
+    _column("Reason", "string", ".status.reason", "Why the job is in its phase."),
     _column("Progress", "string", ".status.progressText", "Training steps done / total."),
     _column("Loss", "number", ".status.progress.loss", "The latest training loss."),
     _column("Restarts", "integer", ".status.restarts.total", "Gang restarts (preemptions and failures)."),
@@ -166,6 +167,7 @@ JOB_COLUMNS: Final = [
         "GPU-Seconds", "integer", ".status.usage.gpuSeconds", "GPU time used, over all pods and attempts.", priority=1
     ),
     _column("Model", "string", ".status.outputs.modelUri", "Where the trained model is.", priority=1),
+    _column("Message", "string", ".status.message", "What happened, and what to do.", priority=1),
 ]
 
 INFERENCE_COLUMNS: Final = [
@@ -352,6 +354,43 @@ def _columns_table(columns: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+INFERENCE_USAGE: Final = """\
+### Calling the server
+
+The server speaks OpenAI's Images API: `POST /v1/images/generations` (and `GET /v1/models`, which lists the base
+model, named `base`, and every subject it can load). `model` is `base` or a subject's name: an adapter of
+`spec.adapters`, or a LoRA job's export published to the server. Our fields beyond OpenAI's (`negative_prompt`,
+`num_inference_steps`, `guidance_scale`, `seed`, `scheduler`, `adapters`: name -> weight) go in the body, or in the
+official client's `extra_body`. Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 400 (a field,
+or over a `spec.server` limit, which the message names), 401, 404 (unknown model), 413 (body over 64 KiB), 429
+(queue full, with `Retry-After`), 503 (loading, draining, past the request's deadline). Inside the cluster the URL
+is `status.url`; from outside, `dreambooth generate` (through the API server's service proxy) or a port-forward:
+
+```sh
+dreambooth generate dog-server --prompt "a photo of sks dog" --subject dog -n 4 --size 512x512 --seed 7 -o out/
+
+kubectl port-forward svc/dog-server 8080:80 &
+curl -s localhost:8080/v1/images/generations -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\
+  -d '{"model": "dog", "prompt": "a photo of sks dog", "n": 1, "size": "512x512", "seed": 7}' \\
+  | jq -r '.data[0].b64_json' | base64 -d > dog.png
+```
+
+```python
+import base64
+from openai import OpenAI
+
+client = OpenAI(base_url="http://localhost:8080/v1", api_key=TOKEN)  # any key when spec.auth is unset
+print([m.id for m in client.models.list()])
+answer = client.images.generate(
+    model="dog", prompt="a photo of sks dog", n=2, size="512x512",
+    extra_body={"seed": 7, "num_inference_steps": 25, "negative_prompt": "blurry"},
+)
+for i, image in enumerate(answer.data):
+    open(f"dog-{i}.png", "wb").write(base64.b64decode(image.b64_json))
+```
+"""
+
+
 def render_docs(definitions: list[dict[str, Any]]) -> str:
     out = [DOCS_INTRO]
     for crd in definitions:
@@ -372,6 +411,8 @@ def render_docs(definitions: list[dict[str, Any]]) -> str:
                 "replaces an attempt stuck in ImagePullBackOff or Unschedulable) and `spec.runPolicy` (suspend, "
                 "deadlines, backoffLimit, TTL).\n"
             )
+        if names["kind"] == c.INFERENCE_KIND:
+            out.append(INFERENCE_USAGE)
         out.append("### Printer columns\n")
         out.extend(_columns_table(version["additionalPrinterColumns"]))
         out.append("\n### spec\n")

@@ -6,6 +6,7 @@ Every failure is one line on stderr and a non-zero exit status (see errors.ExitS
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,6 +217,66 @@ def report(
     else:
         path = DreamBoothClient(kubeconfig, context, namespace).report(source, output)
     say(f"report: {path}")
+
+
+@app.command()
+def generate(
+    name: Annotated[str, typer.Argument(help="The InferenceService's name.", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write the PNGs into.")] = Path(),
+    subject: Annotated[
+        str | None, typer.Option("--subject", help="A subject to draw (a LoRA job's name); the base model if unset.")
+    ] = None,
+    count: Annotated[int, typer.Option("-n", "--count", min=1, help="How many images.")] = 1,
+    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT (default: the model's own).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Image i uses seed + i (default: random).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: the server's).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="What not to draw.")] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="The server's base URL (a port-forward's, or status.url in the cluster) instead of "
+            "the API server's service proxy.",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="The bearer token (default: read from the service's auth Secret).")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up after this many seconds.")] = 600.0,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Namespace (default: the context's).")] = None,
+    context: Context = None,
+    kubeconfig: Kubeconfig = None,
+) -> None:
+    """Generate images with an InferenceService (OpenAI Images API) and write them as PNGs."""
+    client = DreamBoothClient(kubeconfig, context, namespace)
+    what = f"{count} image{'s' if count > 1 else ''} of {subject or 'the base model'}"
+    started = time.monotonic()
+    err_console.print(f"{name}: generating {what}{f' at {size}' if size else ''} ...", markup=False)
+    with err_console.status(f"{name}: generating {what}", spinner="dots") as status:
+
+        def waiting(note: str) -> None:
+            err_console.print(note, markup=False)
+            status.update(note)
+
+        images = client.generate(
+            name,
+            prompt,
+            output,
+            subject=subject,
+            n=count,
+            size=size,
+            seed=seed,
+            steps=steps,
+            negative_prompt=negative_prompt,
+            url=url,
+            token=token,
+            timeout=timeout,
+            on_wait=waiting,
+        )
+    err_console.print(f"{name}: {len(images)} image(s) in {time.monotonic() - started:.1f}s", markup=False)
+    for image in images:
+        say(f"{image.path}" + (f"  (seed {image.seed})" if image.seed is not None else ""))
 
 
 @app.command("demo-subject")

@@ -2,6 +2,8 @@
 
 `model/` (diffusers, safetensors, the base model's own sampling scheduler), `model.safetensors` (the LDM key
 layout, ldm.py), `lora/pytorch_lora_weights.safetensors` (for `pipe.load_lora_weights`), `README.md` (card.py).
+`model/` is uploaded parts first, `model_index.json` last, then its manifest (manifest.py), so that a folder with
+`model_index.json` is complete and a damaged one is recognised.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import torch
 from dreambooth_api.config import ExportDType, ExportFormat, JobConfig
 from dreambooth_trainer.export.card import model_card
 from dreambooth_trainer.export.ldm import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from dreambooth_trainer.export.manifest import upload_model_folder
 from dreambooth_trainer.export.merge import export_parts
 from dreambooth_trainer.storage import ObjectStore, join_uri
 
 DTYPES = {ExportDType.FP32: torch.float32, ExportDType.FP16: torch.float16, ExportDType.BF16: torch.bfloat16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RESOLUTION_METADATA = "resolution"
+"""The single file's safetensors metadata key holding the training resolution (the server's default size)."""
 
 
 @dataclass
@@ -125,8 +130,10 @@ def write_diffusers(
     return out_dir
 
 
-def write_single_file(unet: Any, vae: Any, text_encoder: Any, path: Path, dtype: torch.dtype) -> Path:
-    """One safetensors file in the original Stable Diffusion key layout."""
+def write_single_file(
+    unet: Any, vae: Any, text_encoder: Any, path: Path, dtype: torch.dtype, resolution: int | None = None
+) -> Path:
+    """One safetensors file in the original Stable Diffusion key layout (the training resolution in its metadata)."""
     from safetensors.torch import save_file
 
     state: dict[str, torch.Tensor] = {}
@@ -135,7 +142,10 @@ def write_single_file(unet: Any, vae: Any, text_encoder: Any, path: Path, dtype:
     state.update(text_encoder_to_ldm(text_encoder.state_dict()))
     tensors = {k: v.detach().to(dtype=dtype).contiguous().cpu() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "producer": "dreambooth-trainer"})
+    metadata = {"format": "pt", "producer": "dreambooth-trainer"}
+    if resolution is not None:
+        metadata[RESOLUTION_METADATA] = str(resolution)
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 
@@ -180,12 +190,14 @@ def export_model(
             module, workdir / "model", dtype, unet=parts.unet, text_encoder=parts.text_encoder, vae=parts.vae
         )
         uri = join_uri(out_uri, "model")
-        store.upload_dir(local, uri)
+        upload_model_folder(store, local, uri, config.training.resolution)
         result.uris["diffusers"] = uri
         files.append("model/")
     if ExportFormat.SAFETENSORS in formats:
         assert parts is not None
-        local_file = write_single_file(parts.unet, parts.vae, parts.text_encoder, workdir / "model.safetensors", dtype)
+        local_file = write_single_file(
+            parts.unet, parts.vae, parts.text_encoder, workdir / "model.safetensors", dtype, config.training.resolution
+        )
         uri = join_uri(out_uri, "model.safetensors")
         store.upload_file(local_file, uri)
         result.uris["safetensors"] = uri

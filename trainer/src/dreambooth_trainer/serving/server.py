@@ -1,246 +1,209 @@
-"""The HTTP server around a `ModelRunner`, its drain on SIGTERM, and `main`, the `dreambooth-serve` console script."""
+"""The process: uvicorn serving the app at once (liveness), the model loaded and warmed up in the background
+(readiness), the drain on SIGTERM, and `main`, the `dreambooth-serve` console script.
+
+A failed load (or a config that cannot start, such as an empty token) writes the termination message
+(`{"status": "failed", "reason", "message"}`) and exits 1. On SIGTERM the server answers /readyz 503, stops
+accepting connections, lets requests in flight finish (at most `DRAIN_SECONDS`) and exits 0.
+"""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Final
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+import uvicorn
 
-from dreambooth_api import env
-from dreambooth_api.serving import ServeConfig
+from dreambooth_api.exitcodes import InvalidInputError
+from dreambooth_api.serving import ServeConfig, ServerDefaults
 from dreambooth_trainer.lean_imports import keep_out, unused_packages
 from dreambooth_trainer.result import write_termination_message
-from dreambooth_trainer.serving.metrics import INFLIGHT, LATENCY, READY, REQUESTS
-from dreambooth_trainer.serving.protocol import (
-    MAX_BODY_BYTES,
-    GenerateRequest,
-    content_length,
-    error_status,
-    load_serve_config,
-    token_matches,
-)
-from dreambooth_trainer.serving.runner import ModelRunner
+from dreambooth_trainer.serving.adapters import AdapterCache
+from dreambooth_trainer.serving.app import create_app
+from dreambooth_trainer.serving.config import launch
+from dreambooth_trainer.serving.engine import Engine
+from dreambooth_trainer.serving.images import ImageService, Lifecycle, Phase
+from dreambooth_trainer.serving.runner import ModelRunner, Sample, Sampling
+from dreambooth_trainer.serving.subjects import SubjectCatalog
 
-SOCKET_TIMEOUT_SECONDS = 30
-DRAIN_SECONDS = 25.0  # within a pod's default 30 s termination grace period
-LOAD_FAILED_REASON = "ModelLoadFailed"
+DRAIN_SECONDS: Final = 25
+"""Within a pod's default 30 s termination grace period."""
+LOAD_FAILED_REASON: Final = "ModelLoadFailed"
+INVALID_CONFIG_REASON: Final = "InvalidConfig"
+KEEP_ALIVE_SECONDS: Final = 30
 
 
 def log(level: str, event: str, **fields: Any) -> None:
-    print(json.dumps({"level": level, "event": event, **fields}), flush=True)
+    print(json.dumps({"ts": time.time(), "level": level, "event": event, **fields}), flush=True)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, with readiness turned off as soon as a stop is asked for (SIGTERM)."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.lifecycle.phase != Phase.FAILED:
+            self.lifecycle.set(Phase.DRAINING)
+        super().handle_exit(sig, frame)
 
 
 class Server:
-    """The HTTP server around a `ModelRunner`; `start()` loads the model in the background."""
+    """The sampling server: `start()` (tests) or `serve()` (the console script) runs it."""
 
     def __init__(
-        self, config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, workdir: Path | None = None
+        self,
+        config: ServeConfig,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workdir: Path | None = None,
+        token: str | None = None,
     ) -> None:
-        self.sampler = ModelRunner(config, workdir or Path(tempfile.mkdtemp(prefix="dreambooth-serve-")))
-        self.token = os.environ.get(env.SERVE_TOKEN) or None
-        self.state = "loading"
-        self.error = ""
-        self.stop_requested = threading.Event()
-        """Set by SIGTERM, or when loading failed: `serve` then drains or exits."""
-        self.inflight = 0
-        self._idle = threading.Condition()
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True
+        self.config = config
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="dreambooth-serve-"))
+        self.lifecycle = Lifecycle()
+        limits = config.server
+        self.runner = ModelRunner(config, self.workdir)
+        self.catalog = SubjectCatalog(config, self.runner.store, log=log)
+        self.adapters = AdapterCache(
+            self.runner,
+            self.workdir,
+            max_count=limits.max_loaded_adapters or ServerDefaults.MAX_LOADED_ADAPTERS,
+            max_bytes=(limits.max_adapter_memory_mb or ServerDefaults.MAX_ADAPTER_MEMORY_MB) * 1024 * 1024,
+            log=log,
+        )
+        delay_ms = (
+            limits.max_batch_delay_ms if limits.max_batch_delay_ms is not None else ServerDefaults.MAX_BATCH_DELAY_MS
+        )
+        self.engine = Engine(
+            self.runner,
+            self.adapters,
+            max_batch=limits.max_batch_size,
+            max_delay=delay_ms / 1000,
+            max_queue=limits.max_queued_requests or ServerDefaults.MAX_QUEUED_REQUESTS,
+            log=log,
+        )
+        self.service = ImageService(config, self.runner, self.catalog, self.engine, self.lifecycle)
+        self.app = create_app(self.service, self.lifecycle, token)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(2048)
+        self.sock.set_inheritable(True)
+        self.uvicorn = _Uvicorn(
+            uvicorn.Config(
+                self.app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                timeout_graceful_shutdown=DRAIN_SECONDS,
+                h11_max_incomplete_event_size=64 * 1024,
+            ),
+            self.lifecycle,
+        )
         self._threads: list[threading.Thread] = []
+        self._loaded = threading.Event()
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return int(self.sock.getsockname()[1])
 
-    def _load(self) -> None:
+    # ----- loading -----------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model, warm it up (one small generation, the configured adapters loaded), start the engine."""
         try:
-            self.sampler.load()
-            self.state = "ready"
-            READY.set(1)
+            started = time.monotonic()
+            self.runner.load()
+            self.lifecycle.set(Phase.WARMING_UP)
+            self.warm_up()
+            self.engine.start()
+            self.lifecycle.set(Phase.READY)
+            log("info", "ready", seconds=round(time.monotonic() - started, 2), nativeSize=self.runner.native_size)
         except Exception as err:
-            self.state = "failed"
-            self.error = f"{type(err).__name__}: {err}"
-            log("error", "model_load_failed", error=self.error)
-            self.stop_requested.set()
+            self.lifecycle.set(Phase.FAILED, f"{type(err).__name__}: {err}")
+            log("error", "model_load_failed", error=self.lifecycle.error)
+            self.uvicorn.should_exit = True
+        finally:
+            self._loaded.set()
 
+    def warm_up(self) -> None:
+        defaults = [(s, s.weight) for s in self.catalog.defaults()]
+        fit = len(defaults) <= self.adapters.max_count
+        self.adapters.activate(defaults if fit else [])
+        size = min(self.runner.native_size, self.config.server.max_resolution)
+        size -= size % 8
+        sampling = Sampling(max(size, 8), max(size, 8), 1, self.config.server.default_scheduler, 1.0)
+        self.runner.generate(sampling, [Sample("warm-up", "", 0)])
+
+    # ----- running -----------------------------------------------------------------------------------
     def start(self) -> None:
-        for target in (self._load, self.httpd.serve_forever):
-            thread = threading.Thread(target=target, daemon=True)
+        """Serve and load in background threads (tests; `serve` runs uvicorn on the main thread for signals)."""
+        for name, target in (("uvicorn", self._run_uvicorn), ("load", self.load)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        while not self.uvicorn.started and self._threads[0].is_alive():
+            time.sleep(0.01)
+
+    def _run_uvicorn(self) -> None:
+        self.uvicorn.run(sockets=[self.sock])
 
     def wait_loaded(self, timeout: float) -> str:
-        self._threads[0].join(timeout)
-        return self.state
-
-    def begin_request(self) -> None:
-        with self._idle:
-            self.inflight += 1
-
-    def end_request(self) -> None:
-        with self._idle:
-            self.inflight -= 1
-            self._idle.notify_all()
-
-    def drain(self, timeout: float) -> bool:
-        """Answer 503 from now on, stop accepting connections and wait for requests in flight; True when none is
-        left within `timeout`."""
-        self.state = "draining"
-        READY.set(0)
-        self.stop()
-        with self._idle:
-            return self._idle.wait_for(lambda: self.inflight == 0, timeout)
+        """Wait for the load (and warm-up) to end; returns the phase (ready or failed)."""
+        self._loaded.wait(timeout)
+        return self.lifecycle.phase
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        """Stop serving (a stop as SIGTERM's: drain first) and the engine."""
+        if self.lifecycle.phase != Phase.FAILED:
+            self.lifecycle.set(Phase.DRAINING)
+        self.uvicorn.should_exit = True
+        for thread in self._threads[:1]:
+            thread.join(DRAIN_SECONDS + 5)
+        self.engine.stop()
+        self.sock.close()
 
 
-def serve(server: Server, drain_seconds: float = DRAIN_SECONDS) -> int:
-    """Run until the model fails to load (exit 1, error in the termination message) or a stop is requested
-    (SIGTERM: drain, exit 0)."""
-    server.start()
-    server.stop_requested.wait()
-    if server.state == "failed":
-        write_termination_message({"status": "failed", "reason": LOAD_FAILED_REASON, "message": server.error})
-        server.stop()
+def serve(server: Server) -> int:
+    """Run until SIGTERM (drain, exit 0) or a failed load (exit 1, the error in the termination message)."""
+    loader = threading.Thread(target=server.load, name="load", daemon=True)
+    loader.start()
+    server.uvicorn.run(sockets=[server.sock])
+    if server.lifecycle.phase == Phase.FAILED:
+        write_termination_message({"status": "failed", "reason": LOAD_FAILED_REASON, "message": server.lifecycle.error})
         return 1
-    drained = server.drain(drain_seconds)
-    log("info" if drained else "warning", "stopped", inflight=server.inflight)
+    server.engine.stop(timeout=5)
+    log("info", "stopped")
     return 0
 
 
-def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = SOCKET_TIMEOUT_SECONDS
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-        def _send(self, code: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
-            if self.command == "POST" and self.path == "/generate":
-                REQUESTS.labels(code=str(code)).inc()  # before the answer, so that a client sees it counted
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, code: int, data: Any) -> None:
-            self._send(code, json.dumps(data).encode(), "application/json")
-
-        def do_GET(self) -> None:
-            if self.path == "/healthz":
-                if server.state == "ready":
-                    self._json(200, {"status": "ok"})
-                elif server.state in ("loading", "draining"):
-                    self._json(503, {"status": server.state})
-                else:
-                    self._json(500, {"status": "failed", "error": server.error})
-            elif self.path == "/metrics":
-                self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
-            else:
-                self._json(404, {"error": "not found"})
-
-        def do_POST(self) -> None:
-            if self.path != "/generate":
-                self._reject(HTTPStatus.NOT_FOUND, "not found")
-                return
-            start = time.monotonic()
-            INFLIGHT.inc()
-            server.begin_request()
-            try:
-                self._generate()
-            finally:
-                server.end_request()
-                INFLIGHT.dec()
-                LATENCY.observe(time.monotonic() - start)
-
-        def _fail(self, code: HTTPStatus, message: str) -> int:
-            self._json(code, {"error": message})
-            return int(code)
-
-        def _reject(self, code: HTTPStatus, message: str) -> int:
-            """Answer before reading the body: drain a small one (keep-alive stays usable), else close."""
-            length = content_length(self.headers.get("Content-Length"))
-            if length is not None and length <= MAX_BODY_BYTES and server.state != "draining":
-                self.rfile.read(length)
-            else:
-                self.close_connection = True
-            return self._fail(code, message)
-
-        def _refusal(self) -> tuple[HTTPStatus, str] | None:
-            """Why the request is refused before its body is read, or None."""
-            if server.token and not token_matches(self.headers.get("Authorization"), server.token):
-                return HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token"
-            if server.state != "ready":
-                return HTTPStatus.SERVICE_UNAVAILABLE, f"model is {server.state}"
-            length = content_length(self.headers.get("Content-Length"))
-            if length is None:
-                return HTTPStatus.BAD_REQUEST, "Content-Length must be a non-negative integer"
-            if length > MAX_BODY_BYTES:
-                return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large"
-            return None
-
-        def _generate(self) -> int:
-            refusal = self._refusal()
-            if refusal is not None:
-                return self._reject(*refusal)
-            length = content_length(self.headers.get("Content-Length")) or 0
-            try:
-                req = GenerateRequest.model_validate_json(self.rfile.read(length))
-            except ValidationError as err:
-                reason = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-                return self._fail(HTTPStatus.BAD_REQUEST, reason)
-            problem = server.sampler.check(req)
-            if problem:
-                return self._fail(HTTPStatus.BAD_REQUEST, problem)
-            return self._answer(req)
-
-        def _answer(self, req: GenerateRequest) -> int:
-            from dreambooth_trainer.imageio import encode_png
-
-            try:
-                images, seed = server.sampler.generate(req)
-                pngs = [encode_png(img) for img in images]
-            except Exception as err:
-                log("error", "generate_failed", error=f"{type(err).__name__}: {err}")
-                return self._fail(error_status(err), f"generation failed: {type(err).__name__}: {err}")
-            if req.format == "png" and len(pngs) == 1:
-                self._send(200, pngs[0], "image/png", {"X-Seed": str(seed)})
-            else:
-                self._json(200, {"images": [base64.b64encode(p).decode() for p in pngs], "seed": seed})
-            return 200
-
-    return Handler
-
-
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dreambooth-serve`."""
     keep_out(unused_packages(None))
-    config = load_serve_config()
-    host = os.environ.get(env.BIND_ADDRESS, "0.0.0.0")  # noqa: S104 - a pod's server listens everywhere
-    port = int(os.environ.get(env.SERVE_PORT, str(env.SERVE_DEFAULT_PORT)))
-    workdir = Path(os.environ.get(env.WORKDIR) or tempfile.mkdtemp(prefix="dreambooth-serve-"))
-    server = Server(config, host, port, workdir)
+    try:
+        settings = launch(argv)
+    except InvalidInputError as err:
+        log("error", "invalid_config", error=str(err))
+        write_termination_message({"status": "failed", "reason": INVALID_CONFIG_REASON, "message": str(err)})
+        return 1
+    server = Server(settings.config, settings.host, settings.port, settings.workdir, settings.token)
+    log("info", "serving", host=settings.host, port=server.port, auth=settings.token is not None)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.stop_requested.set())
-    log("info", "serving", host=host, port=server.port)
+        signal.signal(sig, server.uvicorn.handle_exit)
     return serve(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
