@@ -23,35 +23,12 @@ DASHBOARD_NAMES = ("fleet", "job", "inference")
 
 # Names the dashboards and alerts use that the code does not register yet, each with why. The unit tests accept them
 # (and fail once one is no longer used); the lead reconciles them with the modules being written.
-_SERVE_PENDING = "sampling server, issue 15 item 8 (trainer/src/dreambooth_trainer/serving/metrics.py)"
 _EVALUATION_PENDING = (
     "evaluation scores observed by the operator: a histogram with the label metric (operator metrics.py)"
 )
-PENDING_METRICS: Mapping[str, str] = {
-    **dict.fromkeys(
-        (
-            "dreambooth_serve_queue_depth",
-            "dreambooth_serve_batch_size_bucket",
-            "dreambooth_serve_batch_size_sum",
-            "dreambooth_serve_batch_size_count",
-            "dreambooth_serve_batch_requests_sum",
-            "dreambooth_serve_batch_requests_count",
-            "dreambooth_serve_adapter_loads_total",
-            "dreambooth_serve_adapter_hits_total",
-            "dreambooth_serve_adapter_evictions_total",
-            "dreambooth_serve_adapter_load_seconds_bucket",
-            "dreambooth_serve_gpu_memory_allocated_bytes",
-        ),
-        _SERVE_PENDING,
-    ),
-    **dict.fromkeys(
-        (
-            "dreambooth_operator_evaluation_score_sum",
-            "dreambooth_operator_evaluation_score_count",
-        ),
-        _EVALUATION_PENDING,
-    ),
-}
+PENDING_METRICS: Mapping[str, str] = dict.fromkeys(
+    ("dreambooth_operator_evaluation_score_sum", "dreambooth_operator_evaluation_score_count"), _EVALUATION_PENDING
+)
 
 # Each meaningful combination of the chart's values: `helm lint --strict` (tests/unit/test_chart_values.py) and
 # `kubectl apply --dry-run=server` under Pod Security "restricted" (tests/integration/test_chart_quality.py) take

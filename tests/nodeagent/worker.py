@@ -86,6 +86,8 @@ class _Run:
     message_path: Path
     readiness: ProbeState | None
     liveness: ProbeState | None
+    startup: ProbeState | None = None
+    """Until it succeeds, the kubelet runs neither readiness nor liveness; past its failure threshold it restarts."""
     kill_at: float | None = None
 
 
@@ -259,6 +261,7 @@ class PodWorker:
             return
         readiness = spec.get("readinessProbe")
         liveness = spec.get("livenessProbe")
+        startup = spec.get("startupProbe")
         started = time.monotonic()
         self.runs[name] = _Run(
             process=process,
@@ -267,6 +270,7 @@ class PodWorker:
             message_path=message_path,
             readiness=ProbeState(readiness, started) if readiness else None,
             liveness=ProbeState(liveness, started) if liveness else None,
+            startup=ProbeState(startup, started) if startup else None,
         )
         record.container_id = f"{self.uid}-{name}-{run_index}"
         record.state = Running(process.started_at)
@@ -352,6 +356,22 @@ class PodWorker:
             self.stage = "terminal"
 
     def _probe(self, spec: dict[str, Any], record: ContainerRecord, run: _Run, now: float) -> None:
+        startup = run.startup
+        if startup is not None and not startup.success and run.kill_at is None:
+            if startup.due(now):
+                startup.record(run_probe(startup.probe, spec, self.pod_ip, run.env, self.workdir), now)
+            if startup.failed:
+                log.info("pod %s: startup probe of %s failed; restarting it", self.key, spec["name"])
+                run.process.signal(signal.SIGTERM)
+                run.kill_at = now + self._grace_seconds(self.pod)
+            elif startup.success:  # the other probes start now, as the kubelet starts them
+                for other in (run.readiness, run.liveness):
+                    if other is not None:
+                        other.next_at = now
+        if startup is not None and not startup.success:
+            if run.kill_at is not None and now >= run.kill_at:
+                run.process.signal(signal.SIGKILL)
+            return
         if run.readiness is not None and run.readiness.due(now):
             run.readiness.record(run_probe(run.readiness.probe, spec, self.pod_ip, run.env, self.workdir), now)
             record.ready = run.readiness.success

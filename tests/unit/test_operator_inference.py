@@ -405,10 +405,23 @@ def test_a_failed_load_mid_rollout_keeps_the_old_replicas_serving() -> None:
     )
 
 
-def test_max_batch_size_documents_per_request_chunks() -> None:
+def test_max_batch_size_documents_batching_and_chunks() -> None:
     description = ServerLimits.model_fields["max_batch_size"].description or ""
-    assert "a request's images are generated in chunks of this size" in description
-    assert "requests are not batched together" in description
+    assert "Concurrent compatible requests" in description
+    assert "its images generated in chunks of this size" in description
+
+
+def test_serving_pods_probe_liveness_and_readiness_apart() -> None:
+    """Issue 15: readiness waits for /readyz (loaded and warmed up); /healthz keeps a loading server alive, with a
+    startup probe long enough for a large model's download."""
+    spec = {"model": {"modelUri": "s3://bkt/base", "baseModel": {"tiny": True}}, "resources": {"gpus": 0}}
+    plan = reconcile_inference(isvc(**spec), None, None, SETTINGS, T0)
+    container = plan.children[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
 
 
 def pod_event_handlers(labels: Mapping[str, str]) -> list[Any]:

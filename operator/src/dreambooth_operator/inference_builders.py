@@ -30,6 +30,8 @@ from dreambooth_operator.settings import OperatorSettings
 
 SERVE_PORT: Final = envnames.SERVE_DEFAULT_PORT
 SERVICE_PORT: Final = 80
+STARTUP_PROBE_FAILURES: Final = 360
+"""Startup probe failures (every 5 s) before the kubelet restarts a server that is still loading: 30 minutes."""
 CONTAINER: Final = "server"
 CONFIG_ENV: Final = envnames.SERVE_CONFIG
 # The sampling server's gauge (trainer serve.py INFLIGHT); the HPA reads it through a custom metrics adapter.
@@ -181,7 +183,15 @@ def build_deployment(
                 "command": ["dreambooth-serve"],
                 "env": env,
                 "ports": [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}],
-                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+                # /healthz: alive (the model loads, or is loaded); /readyz: loaded and warmed up. The startup probe
+                # gives a large model 30 minutes to download and load before liveness applies.
+                "startupProbe": {
+                    "httpGet": {"path": "/healthz", "port": "http"},
+                    "periodSeconds": 5,
+                    "failureThreshold": STARTUP_PROBE_FAILURES,
+                },
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
                 "resources": resources,
                 "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
                 # The server writes a failed load's error to the file; a crash before that leaves its log tail.
