@@ -18,7 +18,6 @@ import binascii
 import builtins
 import codecs
 import copy
-import json
 import logging
 import tempfile
 import time
@@ -28,12 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import urllib3
-from kubernetes.client.rest import ApiException
-
 from dreambooth_api import constants as api
 from dreambooth_api.job import DreamBoothJobStatus
-from dreambooth_cli import kube, localrun, manifest, present
+from dreambooth_cli import images, kube, localrun, manifest, present
 from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
 from dreambooth_cli.events import Progress
 from dreambooth_cli.report import load_run, write_report
@@ -46,13 +42,6 @@ WATCH_RETRY_SECONDS = 300.0
 WATCH_INTERVAL_SECONDS = 2.0
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 """Kubernetes' label (and annotation) on the pods of an Indexed Job: the node rank of a DreamBoothJob's pod."""
-GENERATIONS_PATH = "/v1/images/generations"
-"""The sampling server's OpenAI Images endpoint."""
-SERVICE_PORT_NAME = "http"
-"""The port name of an InferenceService's Service."""
-GENERATE_TIMEOUT_SECONDS = 600.0
-RETRY_STATUSES = (429, 503)
-"""Answers worth waiting out (a full queue, a server still loading): retried after their Retry-After."""
 
 
 @dataclass(frozen=True)
@@ -124,21 +113,6 @@ class Upload:
 
 class WatchTimeoutError(CliError):
     """`watch` reached its timeout before the job succeeded or failed."""
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    """A PNG that `generate` wrote, and the seed that gives it again (with n=1)."""
-
-    path: Path
-    seed: int | None
-
-
-@dataclass(frozen=True)
-class _Answer:
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
 
 
 def submit_error(source: Path | str, job: str, err: ApiError, *, dry_run: bool) -> CliError:
@@ -341,9 +315,9 @@ class DreamBoothClient:
         negative_prompt: str | None = None,
         url: str | None = None,
         token: str | None = None,
-        timeout: float = GENERATE_TIMEOUT_SECONDS,
+        timeout: float = images.GENERATE_TIMEOUT_SECONDS,
         on_wait: Callable[[str], None] | None = None,
-    ) -> builtins.list[GeneratedImage]:
+    ) -> builtins.list[images.GeneratedImage]:
         """Generate `n` images with the InferenceService `name` (of `subject`, a LoRA subject such as a DreamBoothJob's
         name, else the base model) and write them as PNGs into the folder `output`.
 
@@ -363,27 +337,27 @@ class DreamBoothClient:
             service = self._inference_service(name)
             key = token or self._service_token(service)
 
-            def post() -> _Answer:
-                return self._post_through_api_server(name, body, key, deadline)
+            def post() -> images.Answer:
+                return images.post_through_api_server(self.target, name, body, key, deadline)
 
         else:
             key = token or self._token_if_known(name)
 
-            def post() -> _Answer:
-                return _post_direct(url, body, key, deadline)
+            def post() -> images.Answer:
+                return images.post_direct(url, body, key, deadline)
 
         while True:
             answer = post()
             if answer.status == 200:
                 break
-            message = _error_message(answer)
-            wait = _retry_after(answer.headers)
-            if answer.status not in RETRY_STATUSES or time.monotonic() + wait > deadline:
-                raise _generate_error(name, answer.status, message)
+            message = images.error_message(answer)
+            wait = images.retry_after(answer.headers)
+            if answer.status not in images.RETRY_STATUSES or time.monotonic() + wait > deadline:
+                raise images.generate_error(name, answer.status, message)
             if on_wait is not None:
                 on_wait(f"{name}: {message}; retrying in {wait:g}s")
             time.sleep(wait)
-        return _write_images(answer.body, Path(output), subject or name)
+        return images.write_images(answer.body, Path(output), subject or name)
 
     def _inference_service(self, name: str) -> dict[str, Any]:
         target = self.target
@@ -437,34 +411,6 @@ class DreamBoothClient:
         except (binascii.Error, UnicodeDecodeError) as err:
             raise CliError(f"the Secret {secret_name}'s key {key!r} is not a token: pass --token") from err
 
-    def _post_through_api_server(
-        self, name: str, body: Mapping[str, Any], token: str | None, deadline: float
-    ) -> _Answer:
-        """POST through the API server's proxy to the Service's `http` port. The API server removes the
-        Authorization header it authenticated with, so the token travels as `api-key` (the server accepts both)."""
-        target = self.target
-        path = f"/api/v1/namespaces/{target.namespace}/services/{name}:{SERVICE_PORT_NAME}/proxy{GENERATIONS_PATH}"
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if token:
-            headers["api-key"] = token
-        try:
-            response = target.api_client.call_api(
-                path,
-                "POST",
-                header_params=headers,
-                body=dict(body),
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-                _request_timeout=max(1.0, deadline - time.monotonic()),
-            )
-            return _Answer(int(response.status), dict(response.headers), bytes(response.data))
-        except ApiException as err:
-            return _Answer(int(err.status or 0), dict(err.headers or {}), _bytes(err.body))
-        except (urllib3.exceptions.HTTPError, OSError) as err:
-            reason = getattr(err, "reason", None) or err
-            raise ApiError(f"no cluster reachable at {target.host}: {reason}", ExitStatus.NO_CLUSTER, None) from err
-
     def report(self, name: str, output: str | Path | None = None) -> Path:
         """Write the job's self-contained HTML report (from its outputs in storage) to `output`; returns the path.
 
@@ -512,77 +458,3 @@ def _lines(response: Any) -> Iterator[str]:
             yield pending
     finally:
         response.release_conn()
-
-
-def _post_direct(url: str, body: Mapping[str, Any], token: str | None, deadline: float) -> _Answer:
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    read = max(1.0, deadline - time.monotonic())
-    try:
-        response = urllib3.request(
-            "POST",
-            url.rstrip("/") + GENERATIONS_PATH,
-            body=json.dumps(body).encode(),
-            headers=headers,
-            timeout=urllib3.Timeout(connect=10.0, read=read),
-            retries=False,
-        )
-    except urllib3.exceptions.HTTPError as err:
-        raise CliError(f"no server reachable at {url}: {err}", ExitStatus.ERROR) from err
-    return _Answer(response.status, dict(response.headers), response.data)
-
-
-def _bytes(body: Any) -> bytes:
-    if body is None:
-        return b""
-    return body if isinstance(body, bytes) else str(body).encode()
-
-
-def _error_message(answer: _Answer) -> str:
-    """OpenAI's `error.message`, a Kubernetes Status' `message` (the API server's own refusals), or the status."""
-    try:
-        doc = json.loads(answer.body)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict):
-        error = doc.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if doc.get("message"):
-            return str(doc["message"])
-    text = answer.body.decode(errors="replace").strip()
-    return f"HTTP {answer.status}" + (f": {text[:300]}" if text else "")
-
-
-def _retry_after(headers: Mapping[str, str]) -> float:
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), "")
-    try:
-        return min(30.0, max(1.0, float(value)))
-    except ValueError:
-        return 2.0
-
-
-def _generate_error(name: str, status: int, message: str) -> CliError:
-    if status == 400:
-        return InputError(f"{name}: {message}")
-    if status == 404:
-        return CliError(f"{name}: {message}", ExitStatus.NOT_FOUND)
-    if status == 401:
-        return CliError(f"{name}: {message} (pass --token)", ExitStatus.ERROR)
-    return CliError(f"{name}: {message}", ExitStatus.ERROR)
-
-
-def _write_images(body: bytes, folder: Path, stem: str) -> list[GeneratedImage]:
-    try:
-        data = json.loads(body)["data"]
-        images = [(base64.b64decode(item["b64_json"]), item.get("seed")) for item in data]
-    except (ValueError, KeyError, TypeError, binascii.Error) as err:
-        raise CliError(f"the server's answer is not an OpenAI images response: {err}") from err
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index, (png, seed) in enumerate(images):
-        path = folder / f"{stem}-{seed if isinstance(seed, int) else index}.png"
-        path.write_bytes(png)
-        written.append(GeneratedImage(path, seed if isinstance(seed, int) else None))
-    return written
