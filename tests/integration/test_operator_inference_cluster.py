@@ -231,3 +231,64 @@ def test_a_service_of_the_same_name_that_it_does_not_own_survives_untouched(
         for e in json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
     ]
     assert "ChildConflict" in reasons
+
+
+def lora_job(name: str, team: str) -> dict[str, Any]:
+    """A LoRA DreamBoothJob labelled team=`team` whose pods never run (the test writes its success)."""
+    job = make_job(name).label("team", team).training(method="lora").pod_template(nodeSelector=NOWHERE).obj()
+    job["spec"]["output"]["formats"] = ["lora"]
+    return as_manifest(job)
+
+
+def succeed(cluster: Cluster, namespace: str, name: str) -> None:
+    outputs = {"modelUri": f"s3://bucket/out/{name}/lora"}
+    patch_status(cluster, namespace, "dreamboothjob", name, {"phase": "Succeeded", "outputs": outputs})
+
+
+def subjects_of(cluster: Cluster, namespace: str, name: str) -> dict[str, str] | None:
+    configmap = get(cluster, "configmap", f"{name}-subjects", namespace)
+    return None if configmap is None else json.loads(configmap["data"]["subjects.json"])
+
+
+def test_a_job_that_succeeds_later_is_published_without_a_rollout(
+    cluster: Cluster, namespace: str, op_on_events_only: OperatorProcess
+) -> None:
+    """spec.subjects: with no periodic reconcile, a matching job's success alone adds it to the subjects ConfigMap;
+    the Deployment's pod template (and so its pods) stays as it was."""
+    op = op_on_events_only
+    for name, team in (("dog", "avatars"), ("owl", "birds")):
+        apply(cluster, lora_job(name, team), namespace)
+        succeed(cluster, namespace, name)
+    service = unschedulable("avatars", {"modelUri": "s3://bucket/base/model"}, {"replicas": 1})
+    service["spec"]["subjects"] = {"matchExpressions": [{"key": "team", "operator": "In", "values": ["avatars"]}]}
+    apply(cluster, service, namespace)
+    first = wait_on(
+        cluster, namespace, op, "inferenceservice", "avatars", "one subject",
+        lambda s: (s.get("status") or {}).get("subjects") == 1,
+    )  # fmt: skip
+    assert first["status"]["phase"] == "Loading"
+    assert subjects_of(cluster, namespace, "avatars") == {"dog": "s3://bucket/out/dog/lora"}
+    configmap = get(cluster, "configmap", "avatars-subjects", namespace)
+    assert configmap is not None
+    assert [r["name"] for r in configmap["metadata"]["ownerReferences"]] == ["avatars"]
+    before = get(cluster, "deployment", "avatars", namespace)
+    assert before is not None
+    pod = before["spec"]["template"]["spec"]
+    assert {"name": "subjects", "configMap": {"name": "avatars-subjects", "optional": True, "defaultMode": 420}} in (
+        pod["volumes"]
+    )
+    # A second matching job succeeds later (after the first reconcile wrote its status).
+    apply(cluster, lora_job("cat", "avatars"), namespace)
+    succeed(cluster, namespace, "cat")
+    wait_on(
+        cluster, namespace, op, "inferenceservice", "avatars", "two subjects",
+        lambda s: (s.get("status") or {}).get("subjects") == 2,
+    )  # fmt: skip
+    assert subjects_of(cluster, namespace, "avatars") == {
+        "cat": "s3://bucket/out/cat/lora",
+        "dog": "s3://bucket/out/dog/lora",
+    }
+    after = get(cluster, "deployment", "avatars", namespace)
+    assert after is not None
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert after["spec"]["template"] == before["spec"]["template"]

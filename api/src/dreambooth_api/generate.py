@@ -359,12 +359,14 @@ INFERENCE_USAGE: Final = """\
 
 The server speaks OpenAI's Images API: `POST /v1/images/generations` (and `GET /v1/models`, which lists the base
 model, named `base`, and every subject it can load). `model` is `base` or a subject's name: an adapter of
-`spec.adapters`, or a LoRA job's export published to the server. Our fields beyond OpenAI's (`negative_prompt`,
-`num_inference_steps`, `guidance_scale`, `seed`, `scheduler`, `adapters`: name -> weight) go in the body, or in the
-official client's `extra_body`. Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 400 (a field,
-or over a `spec.server` limit, which the message names), 401, 404 (unknown model), 413 (body over 64 KiB), 429
-(queue full, with `Retry-After`), 503 (loading, draining, past the request's deadline). Inside the cluster the URL
-is `status.url`; from outside, `dreambooth generate` (through the API server's service proxy) or a port-forward:
+`spec.adapters`, or a LoRA job's export published to the server (`spec.subjects` publishes every succeeded LoRA job
+its label selector matches, named after the job, with no restart; `status.subjects` counts them). Our fields beyond
+OpenAI's (`negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`, `scheduler`, `adapters`: name ->
+weight) go in the body, or in the official client's `extra_body`. Errors are OpenAI's `{"error": {"message", "type",
+"param", "code"}}`: 400 (a field, or over a `spec.server` limit, which the message names), 401, 404 (unknown model),
+413 (body over 64 KiB), 429 (queue full, with `Retry-After`), 503 (loading, draining, past the request's deadline).
+Inside the cluster the URL is `status.url`; from outside, `dreambooth generate` (through the API server's service
+proxy) or a port-forward:
 
 ```sh
 dreambooth generate dog-server --prompt "a photo of sks dog" --subject dog -n 4 --size 512x512 --seed 7 -o out/

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Final, Self
 
 from pydantic import ConfigDict, Field, model_validator
@@ -100,6 +101,79 @@ class Scaling(ApiModel):
         return self
 
 
+class SelectorOperator(StrEnum):
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+
+
+class LabelSelectorRequirement(ApiModel):
+    """A label selector requirement (as in Kubernetes' LabelSelector)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                "values must be non-empty for In and NotIn, and empty for Exists and DoesNotExist",
+            ),
+        )
+    )
+
+    key: str = Field(min_length=1, max_length=317)
+    """The label key."""
+    operator: SelectorOperator
+    """In, NotIn, Exists or DoesNotExist."""
+    values: list[str] = Field(default_factory=list, max_length=64)
+    """The values for In and NotIn (empty for Exists and DoesNotExist)."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if (self.operator in (SelectorOperator.IN, SelectorOperator.NOT_IN)) != bool(self.values):
+            raise ValueError("values must be non-empty for In and NotIn, and empty for Exists and DoesNotExist")
+        return self
+
+
+class LabelSelector(ApiModel):
+    """A Kubernetes label selector: every matchLabels pair and every matchExpressions requirement must hold (an
+    empty selector matches every object)."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict)
+    """Labels the object must have, with these values."""
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
+    """Requirements on the object's labels."""
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            ok = {
+                SelectorOperator.IN: present and labels.get(req.key) in req.values,
+                SelectorOperator.NOT_IN: not present or labels.get(req.key) not in req.values,
+                SelectorOperator.EXISTS: present,
+                SelectorOperator.DOES_NOT_EXIST: not present,
+            }[req.operator]
+            if not ok:
+                return False
+        return True
+
+    def to_query(self) -> str:
+        """The selector in the API server's `labelSelector` query syntax."""
+        parts = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]
+        for req in self.match_expressions:
+            values = ",".join(req.values)
+            parts.append(
+                {
+                    SelectorOperator.IN: f"{req.key} in ({values})",
+                    SelectorOperator.NOT_IN: f"{req.key} notin ({values})",
+                    SelectorOperator.EXISTS: req.key,
+                    SelectorOperator.DOES_NOT_EXIST: f"!{req.key}",
+                }[req.operator]
+            )
+        return ",".join(parts)
+
+
 class InferenceResources(ContainerResources):
     """GPUs and per-pod resources of each replica."""
 
@@ -134,6 +208,11 @@ class InferenceServiceSpec(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     """LoRA adapters loaded on top of the model."""
+    subjects: LabelSelector | None = None
+    """DreamBoothJobs in the namespace whose LoRA outputs are served as subjects: every Succeeded job that matches
+    this label selector, exports lora and has no QualityGateFailed condition is a subject named after the job (a
+    request's `model`). The operator publishes them in the ConfigMap `<name>-subjects`, mounted into the server
+    pods; a job that succeeds later is servable within a minute or so, with no new pods."""
     scaling: Scaling = Field(default_factory=Scaling)
     """Replicas or autoscaling. With maxReplicas above minReplicas the operator creates a HorizontalPodAutoscaler
     on the Pods metric dreambooth_serve_inflight_requests (exported by the server on /metrics); the cluster needs a
@@ -183,3 +262,5 @@ class InferenceServiceStatus(ApiModel):
     old replicas remain, unset while no replica is ready."""
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation the status was computed from."""
+    subjects: int | None = Field(default=None, ge=0)
+    """The servable subjects chosen by spec.subjects (unset without it)."""

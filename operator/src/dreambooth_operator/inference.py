@@ -11,16 +11,17 @@ service is then Failed (ModelLoadFailed) with that message, until a replica load
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
-from dreambooth_api.common import Condition, find_condition, set_condition
+from dreambooth_api.common import DNS_LABEL_PATTERN, Condition, find_condition, set_condition
 from dreambooth_api.constants import ConditionStatus, InferenceConditionType, InferencePhase, Reason
-from dreambooth_api.inference import InferenceServiceSpec, InferenceServiceStatus
+from dreambooth_api.inference import InferenceServiceSpec, InferenceServiceStatus, LabelSelector
 from dreambooth_operator.inference_builders import (
     CONFIG_ENV,
     CONTAINER,
@@ -33,6 +34,7 @@ from dreambooth_operator.inference_builders import (
     build_deployment,
     build_hpa,
     build_service,
+    build_subjects_configmap,
     replicas,
     replicas_handover,
 )
@@ -62,6 +64,43 @@ def resolve_model(
         return None, Reason.WAITING_FOR_JOB, f"waiting for DreamBoothJob {job_name} to succeed (phase {phase})"
     base = (source.get("spec") or {}).get("baseModel")
     return ResolvedModel(model_uri, base), Reason.MODEL_URI_SET, f"the model of DreamBoothJob {job_name}"
+
+
+QUALITY_GATE_FAILED: Final = "QualityGateFailed"
+"""A DreamBoothJob condition: True when the job succeeded but its quality gate failed (never served)."""
+_DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
+
+
+def lora_uri(job: Mapping[str, Any]) -> str | None:
+    """The LoRA weights folder of a job that exports the lora format: `<output.uri>/lora` (the storage layout of
+    docs/contracts.md), or its `status.outputs.modelUri` when that is the LoRA folder itself (LoRA-only output)."""
+    output = (job.get("spec") or {}).get("output") or {}
+    model_uri = str(((job.get("status") or {}).get("outputs") or {}).get("modelUri") or "")
+    if model_uri.rstrip("/").endswith("/lora"):
+        return model_uri.rstrip("/")
+    if "lora" in (output.get("formats") or []) and output.get("uri"):
+        return f"{str(output['uri']).rstrip('/')}/lora"
+    return None
+
+
+def servable_subjects(selector: LabelSelector, jobs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """{job name: LoRA URI} of the jobs that match `selector`, Succeeded, with a LoRA output, a name that is a DNS
+    label (a subject's name) and no QualityGateFailed condition that is True."""
+    subjects: dict[str, str] = {}
+    for job in jobs:
+        meta, status = job.get("metadata") or {}, job.get("status") or {}
+        name = str(meta.get("name") or "")
+        if not _DNS_LABEL.fullmatch(name) or len(name) > 63 or meta.get("deletionTimestamp"):
+            continue
+        if not selector.matches(dict(meta.get("labels") or {})) or status.get("phase") != "Succeeded":
+            continue
+        conditions = status.get("conditions") or []
+        if any(c.get("type") == QUALITY_GATE_FAILED and c.get("status") == "True" for c in conditions):
+            continue
+        uri = lora_uri(job)
+        if uri:
+            subjects[name] = uri
+    return dict(sorted(subjects.items()))
 
 
 def _server_fingerprint(deployment: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -164,10 +203,12 @@ def reconcile_inference(
     now: datetime,
     pods: Sequence[Mapping[str, Any]] = (),
     children: ObservedChildren | None = None,
+    subject_jobs: Sequence[Mapping[str, Any]] = (),
 ) -> InferencePlan:
-    """The next status and the children to apply. `children`: the Service, HPA and NetworkPolicy as read, by
-    (kind, name) (the Deployment is `deployment`); a child's name taken by an object the service does not control
-    stops every apply (condition ChildConflict)."""
+    """The next status and the children to apply. `children`: the Service, HPA, NetworkPolicy and subjects
+    ConfigMap as read, by (kind, name) (the Deployment is `deployment`); a child's name taken by an object the
+    service does not control stops every apply (condition ChildConflict). `subject_jobs`: the DreamBoothJobs of the
+    namespace that spec.subjects may choose from (`servable_subjects` filters them)."""
     meta = isvc["metadata"]
     generation = meta.get("generation")
     try:
@@ -218,15 +259,27 @@ def reconcile_inference(
         plan.stale.append((HPA_API_VERSION, HPA_KIND, str(meta["name"])))
     if settings.network_policies:
         plan.children.append(build_inference_network_policy(isvc, settings))
+    publish_subjects(plan, isvc, spec, subject_jobs)
     rollout = observe_rollout(deployment, wanted, replicas(spec))
     want = rollout.desired if autoscaled(spec) else replicas(spec)
-    status.replicas = rollout.replicas
-    status.ready_replicas = rollout.ready
+    status.replicas, status.ready_replicas = rollout.replicas, rollout.ready
     status.url = f"http://{meta['name']}.{meta['namespace']}.svc:{SERVICE_PORT}"
     status.served_model_uri = served_model_uri(rollout, prev.served_model_uri)
     status.phase, ok, reason, status.message = readiness(rollout, want, model.model_uri, status, load_failure(pods))
     cond(InferenceConditionType.READY, ok, reason, status.message)
     return plan
+
+
+def publish_subjects(
+    plan: InferencePlan, isvc: Mapping[str, Any], spec: InferenceServiceSpec, jobs: Sequence[Mapping[str, Any]]
+) -> None:
+    """With spec.subjects: the subjects ConfigMap among the children, and status.subjects its count."""
+    if spec.subjects is None:
+        plan.status.subjects = None
+        return
+    subjects = servable_subjects(spec.subjects, jobs)
+    plan.children.append(build_subjects_configmap(isvc, subjects))
+    plan.status.subjects = len(subjects)
 
 
 def set_condition_of(
@@ -263,6 +316,7 @@ def applied_children(
     autoscaling is off (a stale HPA is deleted only when it is the service's own), nor a NetworkPolicy while they
     are turned off."""
     kinds = {"Deployment", "Service"} | ({HPA_KIND} if autoscaled(spec) else set())
+    kinds |= {"ConfigMap"} if spec.subjects is not None else set()
     kinds |= {NETWORK_POLICY_KIND} if settings.network_policies else set()
     return {key: obj for key, obj in observed.items() if key[0] in kinds}
 

@@ -39,6 +39,12 @@ INFLIGHT_METRIC: Final = "dreambooth_serve_inflight_requests"
 DEFAULT_TARGET_INFLIGHT: Final = 2
 HPA_API_VERSION: Final = "autoscaling/v2"
 HPA_KIND: Final = "HorizontalPodAutoscaler"
+# spec.subjects: the ConfigMap `<service>-subjects` (key SUBJECTS_KEY), mounted read-only at SUBJECTS_DIR. The mount
+# is static: a new subject changes the ConfigMap's content only (the kubelet swaps the file), never the pod template.
+SUBJECTS_KEY: Final = "subjects.json"
+SUBJECTS_VOLUME: Final = "subjects"
+SUBJECTS_DIR: Final = "/etc/dreambooth/subjects"
+SUBJECTS_FILE: Final = f"{SUBJECTS_DIR}/{SUBJECTS_KEY}"
 # The field manager that keeps a Deployment's spec.replicas when the operator's apply stops setting it (the switch
 # from a fixed count to an HPA); see `replicas_handover`.
 HANDOVER_FIELD_MANAGER: Final = "dreambooth-operator-handover"
@@ -74,7 +80,25 @@ def serve_config(spec: InferenceServiceSpec, model: ResolvedModel) -> dict[str, 
         config["modelUri"] = model.model_uri
     if model.base_model:
         config["baseModel"] = model.base_model
+    if spec.subjects is not None:
+        config["subjectsFile"] = SUBJECTS_FILE
     return config
+
+
+def subjects_configmap_name(isvc: Mapping[str, Any]) -> str:
+    return f"{isvc['metadata']['name']}-subjects"
+
+
+def build_subjects_configmap(isvc: Mapping[str, Any], subjects: Mapping[str, str]) -> dict[str, Any]:
+    """The ConfigMap of spec.subjects: `subjects.json` is the server's subjects file (sorted `{job: LoRA URI}`)."""
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": subjects_configmap_name(isvc), "labels": labels(isvc)},
+        "data": {SUBJECTS_KEY: json.dumps(dict(subjects), sort_keys=True)},
+    }
+    kopf.adopt(configmap, owner=cast("kopf.Body", dict(isvc)))
+    return configmap
 
 
 def replicas(spec: InferenceServiceSpec) -> int:
@@ -200,6 +224,15 @@ def build_deployment(
         ],
     }
     volumes, mounts = list(cache_volumes), list(cache_mounts)
+    if spec.subjects is not None:
+        # Optional: a pod starts (with no subjects) even before the ConfigMap exists; the kubelet fills it in later.
+        volumes.append(
+            {
+                "name": SUBJECTS_VOLUME,
+                "configMap": {"name": subjects_configmap_name(isvc), "optional": True},
+            }
+        )
+        mounts.append({"name": SUBJECTS_VOLUME, "mountPath": SUBJECTS_DIR, "readOnly": True})
     if res.shared_memory is not None:
         shm_volume, shm_mount = shared_memory_volume(res.shared_memory)
         volumes.insert(0, shm_volume)

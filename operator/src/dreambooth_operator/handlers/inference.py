@@ -1,6 +1,7 @@
 """InferenceService handlers: one reconcile loop per service (lower volume than jobs; it reads its source job,
-Deployment and serving pods directly), woken by changes to the service, its Deployment, its pods, or its source
-job's end (jobs.py)."""
+Deployment, serving pods and the jobs its `spec.subjects` selects directly), woken by changes to the service, its
+Deployment, its pods, its source job's end (jobs.py), or, with `spec.subjects`, the end of any job in its namespace
+(`wake_subject_services`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,29 @@ from typing import Any
 
 import kopf
 from kubernetes import client
+from pydantic import ValidationError
 
-from dreambooth_api.constants import GROUP, INFERENCE_KIND, INFERENCE_PLURAL, JOB_KIND, LABEL_INFERENCE_NAME, VERSION
+from dreambooth_api.constants import (
+    GROUP,
+    INFERENCE_KIND,
+    INFERENCE_PLURAL,
+    JOB_KIND,
+    JOB_PLURAL,
+    LABEL_INFERENCE_NAME,
+    TERMINAL_JOB_PHASES,
+    VERSION,
+)
+from dreambooth_api.inference import LabelSelector
 from dreambooth_operator import kube, networkpolicies
 from dreambooth_operator.handlers.loop import LoopKind, Pass, report_field_conflict, run_loop
 from dreambooth_operator.handlers.state import OperatorState, inference_key, state_of
 from dreambooth_operator.inference import reconcile_inference
-from dreambooth_operator.inference_builders import HANDOVER_FIELD_MANAGER, HPA_API_VERSION, HPA_KIND
+from dreambooth_operator.inference_builders import (
+    HANDOVER_FIELD_MANAGER,
+    HPA_API_VERSION,
+    HPA_KIND,
+    subjects_configmap_name,
+)
 from dreambooth_operator.observed import now_utc
 
 SERVING_LABELS = {LABEL_INFERENCE_NAME: kopf.PRESENT}
@@ -32,6 +49,25 @@ def services_by_source_job(*, namespace: str | None, name: str | None, spec: kop
     """InferenceServices that serve a DreamBoothJob's model (model.fromJob), by (namespace, job name)."""
     job = (spec.get("model") or {}).get("fromJob")
     return {(namespace, job): name} if job else None
+
+
+@kopf.index(GROUP, VERSION, INFERENCE_PLURAL)
+def services_with_subjects(*, namespace: str | None, name: str | None, spec: kopf.Spec, **_: Any) -> Any:
+    """InferenceServices with spec.subjects (a label selector over the namespace's jobs), by namespace."""
+    return {namespace: name} if spec.get("subjects") is not None else None
+
+
+@kopf.on.event(GROUP, VERSION, JOB_PLURAL)
+def wake_subject_services(*, namespace: str | None, memo: Any, type: str, status: kopf.Status, **kwargs: Any) -> None:
+    """A job in the namespace ended (or went): every service with spec.subjects reconciles, so that a newly
+    succeeded job that its selector matches is published at once (a terminal job's later changes, such as a new
+    label or a QualityGateFailed condition, wake them too)."""
+    services: kopf.Index[str | None, str] = kwargs["services_with_subjects"]
+    if type != "DELETED" and status.get("phase") not in TERMINAL_JOB_PHASES:
+        return
+    state = state_of(memo)
+    for service in services.get(namespace, []):
+        state.wake(inference_key(namespace, service))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
@@ -99,9 +135,15 @@ def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tupl
     source = kube.get(state.api, api_version, JOB_KIND, namespace, source_name) if source_name else None
     deployment = kube.get(state.api, "apps/v1", "Deployment", namespace, name)
     children = {(kind, name): kube.get(state.api, version, kind, namespace, name) for version, kind in OTHER_CHILDREN}
+    subject_jobs = []
+    selector = subjects_selector(isvc)
+    if selector is not None:
+        configmap = subjects_configmap_name(isvc)
+        children[("ConfigMap", configmap)] = kube.get(state.api, "v1", "ConfigMap", namespace, configmap)
+        subject_jobs = kube.list_labelled(state.api, api_version, JOB_KIND, namespace, selector.to_query())
     # The serving pods, for a failed model load's termination message.
     pods = kube.list_labelled(state.api, "v1", "Pod", namespace, f"{LABEL_INFERENCE_NAME}={name}")
-    plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc(), pods, children)
+    plan = reconcile_inference(isvc, source, deployment, state.settings, now_utc(), pods, children, subject_jobs)
     # Stale children first: a leftover HPA must not rescale the Deployment after the fixed count is applied.
     for stale_version, kind, child_name in plan.stale:  # e.g. the HPA once autoscaling is off; only the service's own
         kube.delete_owned(state.api, stale_version, kind, namespace, child_name, uid)
@@ -121,3 +163,14 @@ def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tupl
     if patch:
         kube.patch_status(state.api, namespace, name, patch, kind=INFERENCE_KIND)
     return plan.events
+
+
+def subjects_selector(isvc: Mapping[str, Any]) -> LabelSelector | None:
+    """spec.subjects, or None when unset or invalid (the reconcile reports an invalid spec)."""
+    raw = (isvc.get("spec") or {}).get("subjects")
+    if raw is None:
+        return None
+    try:
+        return LabelSelector.model_validate(raw)
+    except ValidationError:
+        return None
