@@ -1,7 +1,7 @@
 """The Helm chart against real tools: helm lint, server-side dry-run of the rendered chart (under the
 "restricted" Pod Security level), least-privilege RBAC checked with `kubectl auth can-i`. promtool on the alerts is
 tests/unit/test_chart_alerts.py; the dashboards' queries answered by a real Prometheus scraping the real exporters are
-tests/integration/test_chart_dashboards.py; every values combination applied with --dry-run=server is
+tests/integration/test_chart_dashboards_exporters.py; every values combination applied with --dry-run=server is
 tests/integration/test_chart_quality.py."""
 
 from __future__ import annotations
