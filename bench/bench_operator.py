@@ -47,7 +47,7 @@ def _images(s3: Any, bucket: str, prefix: str) -> None:
 
 
 def _one_run(cluster: Any, s3: Any, log_dir: Path, index: int) -> dict[str, Any]:
-    from operator_harness import get, running_operator
+    from tests.infra.operator import get, running_operator
 
     namespace = cluster.create_namespace(f"bench-{index}")
     bucket = s3.make_bucket()

@@ -102,7 +102,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _burst(cluster: Any, log_dir: Path, n: int) -> dict[str, Any]:
     from kubernetes import client
-    from operator_harness import running_operator
+
+    from tests.infra.operator import running_operator
 
     api = cluster.api_client()
     custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)

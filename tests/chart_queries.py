@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.infra.paths import ROOT
+
 CHART = ROOT / "charts" / "dreambooth-operator"
 DASHBOARD_NAMES = ("fleet", "job", "inference")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_harness import OperatorProcess, running_operator
 
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import OperatorProcess, running_operator
 
 
 @pytest.fixture

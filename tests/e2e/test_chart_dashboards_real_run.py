@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_harness import OperatorProcess, apply, get, items, running_operator, wait_for
 
 from tests.chart_queries import exported_metric_names, metric_names, panel_queries, substitute, variable_selectors
 from tests.e2e.test_operator_training import TRAIN_TIMEOUT, credentials_secret, example, phase, upload_images
 from tests.infra.controlplane import Cluster
 from tests.infra.fixtures import PrometheusFactory
+from tests.infra.operator import OperatorProcess, apply, get, items, running_operator, wait_for
 from tests.infra.prometheus import PrometheusServer, Sample
 from tests.infra.s3 import S3Server
 

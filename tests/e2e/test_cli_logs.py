@@ -17,9 +17,9 @@ import yaml
 
 from dreambooth_api import constants as api
 from dreambooth_cli.errors import ExitStatus
+from tests.infra.paths import ROOT
 from tests.infra.processes import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")
 INDEX = "batch.kubernetes.io/job-completion-index"
 

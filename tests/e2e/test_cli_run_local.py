@@ -20,8 +20,8 @@ from PIL import Image
 from dreambooth_cli.errors import ExitStatus
 from dreambooth_cli.events import parse_line
 from dreambooth_cli.report import load_run
+from tests.infra.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")
 
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from dreambooth_cli import subject as toy
 from dreambooth_cli.report import load_run
+from tests.infra.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DREAMBOOTH = str(Path(sys.executable).parent / "dreambooth")
 PALETTE = np.array([toy.BACKGROUND, toy.BODY, toy.HAT, toy.BASE, toy.EYE, toy.PUPIL], dtype=np.float32) / 255
 SAMPLE_STEPS = [0, 250, 500, 750, 1000]

@@ -22,12 +22,12 @@ from typing import Any
 
 import openai
 import pytest
-from operator_harness import OperatorProcess, apply, condition, get, items, wait_for
 from PIL import Image
 
 from tests.e2e.test_operator_training import credentials_secret, phase, upload_images
 from tests.infra.controlplane import Cluster
 from tests.infra.inference import inference_service
+from tests.infra.operator import OperatorProcess, apply, condition, get, items, wait_for
 from tests.infra.processes import wait_until
 from tests.infra.s3 import S3Server
 

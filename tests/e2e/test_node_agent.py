@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
+from tests.infra.paths import TOOLS_BIN
 from tests.nodeagent.config import AgentConfig
 from tests.nodeagent.plugin import NodeAgent
 from tests.nodeagent.runtime import wait_process_exit
@@ -746,7 +747,7 @@ def _failed_state(recorder: PodRecorder, uid: str) -> dict[str, Any] | None:
 
 
 def cluster_kubectl_path() -> Path:
-    return Path(__file__).resolve().parents[2] / ".tools" / "bin" / "kubectl"
+    return TOOLS_BIN / "kubectl"
 
 
 # ---- (9) restartPolicy Always with back-off, and a liveness probe restarting a container -------------------------

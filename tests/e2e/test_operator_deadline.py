@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from operator_harness import OperatorProcess, apply, condition, event_reasons, get, items, wait_for
 from test_operator_training import credentials_secret, example, phase, upload_images
 
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import OperatorProcess, apply, condition, event_reasons, get, items, wait_for
 from tests.infra.s3 import S3Server
 
 SELECTOR = "dreambooth.dev/job-name=minimal"

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
-from operator_harness import OperatorProcess, apply, event_reasons, get, items, wait_for
 from test_operator_training import (
     credentials_secret,
     example,
@@ -20,6 +19,7 @@ from test_operator_training import (
 )
 
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import OperatorProcess, apply, event_reasons, get, items, wait_for
 from tests.infra.processes import NotReadyError
 from tests.infra.s3 import S3Server
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from operator_harness import OperatorProcess, apply, condition, event_reasons, get, wait_for
-
 from tests.e2e.test_operator_training import TRAIN_TIMEOUT, phase, staged_example
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import OperatorProcess, apply, condition, event_reasons, get, wait_for
 from tests.infra.s3 import S3Server
 
 BAD_IMAGE = "registry.invalid/dreambooth-operator/trainer:typo"

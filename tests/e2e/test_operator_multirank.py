@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from operator_harness import OperatorProcess, apply, items
-
 from tests.e2e.test_operator_training import (
     SELECTOR,
     evict_after_a_checkpoint,
@@ -17,6 +15,7 @@ from tests.e2e.test_operator_training import (
     wait_until_succeeded_after_one_preemption,
 )
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import OperatorProcess, apply, items
 from tests.infra.s3 import S3Server
 
 STEPS = 30

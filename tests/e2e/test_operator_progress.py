@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_harness import OperatorProcess, apply, running_operator, wait_for
 
 from tests.e2e.test_operator_training import TRAIN_TIMEOUT, credentials_secret, example, upload_images
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import OperatorProcess, apply, running_operator, wait_for
 from tests.infra.s3 import S3Server
 
 STEPS = 120

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from operator_harness import OperatorProcess, apply, condition, get, items, wait_for
 from test_operator_training import credentials_secret, example, phase, upload_images
 
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import OperatorProcess, apply, condition, get, items, wait_for
 from tests.infra.processes import NotReadyError
 from tests.infra.s3 import S3Server
 

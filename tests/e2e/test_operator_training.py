@@ -14,14 +14,14 @@ from typing import Any
 
 import yaml
 from kubernetes import client
-from operator_harness import OperatorProcess, apply, condition, event_reasons, get, items, wait_for
 from PIL import Image
 
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import OperatorProcess, apply, condition, event_reasons, get, items, wait_for
+from tests.infra.paths import ROOT
 from tests.infra.processes import NotReadyError
 from tests.infra.s3 import S3Server
 
-ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = ROOT / "examples" / "minimal-job.yaml"
 TRAIN_TIMEOUT = 420.0
 

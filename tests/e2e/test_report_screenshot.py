@@ -14,8 +14,8 @@ from PIL import Image
 
 from dreambooth_cli.report import load_run, write_report
 from dreambooth_cli.report.render import LAYOUT, LOSS_TREND_COLOR, LR_COLOR
+from tests.infra.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 # One solid colour per (step row, prompt column), so each grid cell is identifiable in the screenshot.
 CELL_COLOURS = {
     (0, 0): (230, 40, 40),

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.infra.paths import ROOT
+
 TOOLS_BIN = ROOT / ".tools" / "bin"
 
 DEFAULT_TIMEOUT_S = 120.0

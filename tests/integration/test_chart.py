@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_wrappers import make_job
 
 from dreambooth_operator.builders import build_batch_job
 from dreambooth_operator.inference import reconcile_inference
 from dreambooth_operator.settings import OperatorSettings
 from tests.infra.controlplane import Cluster
+from tests.infra.paths import ROOT
 from tests.infra.processes import tool, wait_until
+from tests.infra.wrappers import make_job
 
-ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "dreambooth-operator"
 ALL_FEATURES = [
     "--set=replicas=2",

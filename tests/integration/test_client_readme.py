@@ -22,9 +22,9 @@ import yaml
 from PIL import Image
 
 from dreambooth_api import constants as api
+from tests.infra.paths import ROOT
 from tests.infra.processes import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 JOB_CRD = f"{api.JOB_PLURAL}.{api.GROUP}"
 
 

@@ -13,9 +13,10 @@ from kubernetes.client.rest import ApiException
 
 from tests.infra.controlplane import Cluster
 from tests.infra.etcd import start_etcd
+from tests.infra.paths import TESTS
 from tests.infra.processes import free_port, wait_until
 
-VERSIONS_ENV = Path(__file__).resolve().parents[1] / "infra" / "versions.env"
+VERSIONS_ENV = TESTS / "infra" / "versions.env"
 # No node ever carries this label, so pods stay Pending even when the node agent has registered nodes.
 UNSCHEDULABLE = {"dbo.test/no-such-node": "true"}
 

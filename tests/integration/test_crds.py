@@ -22,9 +22,9 @@ from dreambooth_api.generate import inference_crd, job_crd
 from dreambooth_api.inference import InferenceServiceSpec
 from dreambooth_api.job import DreamBoothJobSpec
 from tests.infra.controlplane import Cluster
+from tests.infra.paths import ROOT
 from tests.infra.processes import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 

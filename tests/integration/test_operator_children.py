@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_harness import (
+
+from tests.infra.controlplane import Cluster
+from tests.infra.operator import (
     OperatorProcess,
     apply,
     as_manifest,
@@ -24,9 +26,7 @@ from operator_harness import (
     running_operator,
     wait_for,
 )
-from operator_wrappers import make_job
-
-from tests.infra.controlplane import Cluster
+from tests.infra.wrappers import make_job
 
 # No node has this label: pods never schedule, even when a node agent runs in the same session.
 NOWHERE = {"dbo.test/no-such-node": "true"}

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_harness import OperatorProcess, apply, as_manifest, condition, get, running_operator, wait_for
-from operator_wrappers import make_job
 
 from tests.infra.controlplane import Cluster
 from tests.infra.inference import inference_service
+from tests.infra.operator import OperatorProcess, apply, as_manifest, condition, get, running_operator, wait_for
+from tests.infra.wrappers import make_job
 
 NOWHERE = {"dbo.test/no-such-node": "true"}
 AUTOSCALED = {"minReplicas": 2, "maxReplicas": 5}

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from operator_harness import VENV_BIN, OperatorProcess, apply, as_manifest, get, install_crds, wait_for
-from operator_wrappers import make_job
 
 from tests.infra.controlplane import Cluster
+from tests.infra.operator import VENV_BIN, OperatorProcess, apply, as_manifest, get, install_crds, wait_for
+from tests.infra.paths import ROOT
 from tests.infra.processes import free_ports, start_process
+from tests.infra.wrappers import make_job
 
-ROOT = Path(__file__).resolve().parents[2]
 PEERING_CRDS = ROOT / "charts" / "dreambooth-operator" / "crds" / "kopf.dev_peerings.yaml"
 PEERING_NAME = "dreambooth-operator"
 # No node matches: the pods stay Pending (no node agent here), the operator still creates the children.

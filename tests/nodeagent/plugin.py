@@ -23,11 +23,13 @@ from typing import Any
 
 import pytest
 
+from tests.infra.paths import ROOT
+
 from . import layout
 from .config import AgentConfig
 from .runtime import read_log
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = ROOT
 START_TIMEOUT_S = 90.0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 
 from dreambooth_api.config import JobConfig
 from dreambooth_trainer.builder import configure_cuda_math, fabric_precision
+from tests.infra.paths import TESTS
 
 
 def _config(**training: Any) -> JobConfig:
@@ -54,7 +54,7 @@ def test_fabric_precision(mixed: str, cuda: bool, expected: str) -> None:
 
 def _gpu_conftest() -> ModuleType:
     """tests/gpu/conftest.py, for its batch helper (it is not a package module)."""
-    path = Path(__file__).resolve().parents[1] / "gpu" / "conftest.py"
+    path = TESTS / "gpu" / "conftest.py"
     spec = importlib.util.spec_from_file_location("gpu_tier_conftest", path)
     assert spec is not None
     assert spec.loader is not None

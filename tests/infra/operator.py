@@ -32,9 +32,9 @@ import yaml
 
 from tests.infra.controlplane import Cluster
 from tests.infra.kubeconfig import write_kubeconfig
+from tests.infra.paths import ROOT
 from tests.infra.processes import ManagedProcess, free_ports, http_get, start_process, tool, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT / "crds"
 CHART = ROOT / "charts" / "dreambooth-operator"
 VENV_BIN = Path(sys.executable).parent
