@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +11,9 @@ from dreambooth_api.config import parse_job_config
 from dreambooth_api.constants import API_VERSION, INFERENCE_KIND, JOB_KIND
 from dreambooth_api.inference import InferenceServiceSpec
 from dreambooth_api.job import DreamBoothJobSpec
+from tests.infra.paths import ROOT
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = ROOT / "examples"
 PLACEHOLDERS = ("s3://dreambooth-examples/", "http://s3.example:8333", "s3-credentials")
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from dreambooth_api.generate import CHART_CRD_DIR, CRD_DIR, DOCS_PATH, render_all, write_all
+from tests.infra.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 GENERATED = render_all()
 
 

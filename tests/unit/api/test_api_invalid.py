@@ -7,7 +7,6 @@ keeps the two sides from drifting apart without a cluster.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +16,9 @@ from pydantic import ValidationError
 from dreambooth_api.config import ConfigError, parse_job_config
 from dreambooth_api.inference import InferenceServiceSpec
 from dreambooth_api.job import DreamBoothJobSpec
+from tests.infra.paths import TESTS
 
-INVALID = Path(__file__).resolve().parents[1] / "integration" / "invalid"
+INVALID = TESTS / "integration" / "invalid"
 
 
 def _cases() -> list[Any]:

@@ -11,8 +11,8 @@ import pytest
 
 from dreambooth_cli.app import main
 from dreambooth_cli.errors import ExitStatus
+from tests.infra.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo-job.yaml"
 
 

@@ -11,8 +11,7 @@ import yaml
 from dreambooth_cli import localrun
 from dreambooth_cli.errors import ExitStatus, InputError
 from dreambooth_cli.sync import LocalFile, RemoteObject, collect_images, plan_uploads, sync_to_folder
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.infra.paths import ROOT
 
 
 def demo_job() -> dict:

@@ -12,6 +12,7 @@ from dreambooth_api import constants as api
 from dreambooth_cli import manifest
 from dreambooth_cli.errors import ExitStatus, InputError
 from dreambooth_cli.openapi import validate
+from tests.infra.paths import ROOT
 
 GOOD = f"""\
 apiVersion: {api.API_VERSION}
@@ -152,7 +153,7 @@ def test_check_schema_uses_the_crd_named_by_env(tmp_path: Path, monkeypatch: pyt
 
 
 def test_generated_crd_accepts_the_demo_job_and_rejects_a_bad_step_count() -> None:
-    root = Path(__file__).resolve().parents[2]
+    root = ROOT
     source = manifest.find_crd_schema(root / "crds")
     assert source is not None, "crds/ holds no generated CRD (make crds)"
     job = manifest.load_job_manifest(root / "examples" / "demo-job.yaml")

@@ -14,8 +14,8 @@ import typer.main
 from dreambooth_api import constants as api
 from dreambooth_cli.app import app
 from dreambooth_cli.client import DreamBoothClient
+from tests.infra.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 

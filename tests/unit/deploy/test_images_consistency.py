@@ -21,8 +21,8 @@ import yaml
 from dreambooth_api import constants as api
 from dreambooth_operator import settings
 from dreambooth_operator.builders import TRAINER_GID
+from tests.infra.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"operator": ROOT / "images/operator/Dockerfile", "trainer": ROOT / "images/trainer/Dockerfile"}
 INSTALLS = {"operator": ("api", "operator"), "trainer": ("api", "trainer")}
 """The projects each image installs (the CLI, cli/, is installed on users' machines, in no image)."""

@@ -8,7 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SCRIPT_DIR = Path(__file__).parents[1] / "infra"
+from tests.infra.paths import TESTS
+
+SCRIPT_DIR = TESTS / "infra"
 
 
 def test_a_second_run_keeps_the_links_to_the_system_tools(tmp_path: Path) -> None:

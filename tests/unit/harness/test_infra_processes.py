@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.infra.paths import ROOT
 from tests.infra.processes import (
     REGISTRY,
     ManagedProcess,
@@ -121,7 +122,7 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path: Path) -> No
 
 def test_servers_die_with_a_killed_test_session(tmp_path: Path) -> None:
     """A pytest killed by SIGKILL (timeouts, OOM) must not leave its servers running."""
-    root = Path(__file__).resolve().parents[2]
+    root = ROOT
     parent_script = (
         "import sys, time\n"
         f"sys.path.insert(0, {str(root)!r})\n"

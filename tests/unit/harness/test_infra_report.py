@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.infra.paths import ROOT
 
 INNER_TESTS = """
 import sys

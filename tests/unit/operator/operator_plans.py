@@ -7,12 +7,11 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from operator_wrappers import T0
-
 from dreambooth_api.constants import ANNOTATION_COUNTED_PREEMPTIONS
 from dreambooth_operator.observed import Attempt, Observed, ProgressSample, classify, parse_status
 from dreambooth_operator.plan import Plan, PlanBuilder
 from dreambooth_operator.reconcile import reconcile
+from tests.infra.wrappers import T0
 
 NOW = T0 + timedelta(seconds=30)
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from operator_wrappers import JobWrapper, make_job
 
 from dreambooth_operator.builders import (
     build_batch_job,
@@ -19,6 +18,7 @@ from dreambooth_operator.builders import (
     shared_memory_volume,
 )
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import JobWrapper, make_job
 
 SETTINGS = OperatorSettings(trainer_image="trainer:test", termination_grace_seconds=60, grace_margin_seconds=10)
 OWNER = {

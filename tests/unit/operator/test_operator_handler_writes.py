@@ -13,7 +13,6 @@ from typing import Any
 
 import kopf
 import pytest
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_api.constants import ANNOTATION_COUNTED_PREEMPTIONS
 from dreambooth_operator import kube
@@ -22,6 +21,7 @@ from dreambooth_operator.handlers.state import OperatorState
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 
 class FakeApi:

@@ -9,7 +9,6 @@ from typing import Any
 
 import kopf
 import pytest
-from operator_wrappers import T0, make_job, make_pod
 
 from dreambooth_api.inference import ServerLimits
 from dreambooth_operator.builders import build_batch_job
@@ -20,6 +19,7 @@ from dreambooth_operator.inference import build_service, reconcile_inference
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import T0, make_job, make_pod
 
 # NetworkPolicies have their own tests (test_operator_networkpolicies.py).
 SETTINGS = OperatorSettings(trainer_image="trainer:test", network_policies=False)

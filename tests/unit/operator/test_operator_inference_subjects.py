@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 import pytest
-from operator_wrappers import T0
 from pydantic import ValidationError
 
 from dreambooth_api.inference import InferenceServiceSpec, LabelSelector
@@ -17,6 +16,7 @@ from dreambooth_operator.inference import lora_uri, reconcile_inference, servabl
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import T0
 
 SETTINGS = OperatorSettings(trainer_image="trainer:test", network_policies=False)
 MODEL = "s3://bkt/base/model"

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_wrappers import T0, make_job
 
 from dreambooth_operator.builders import build_batch_job
 from dreambooth_operator.inference import reconcile_inference
 from dreambooth_operator.networkpolicies import build_inference_network_policy, build_job_network_policy
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import T0, make_job
 
 JOB_OWNER = {
     "apiVersion": "dreambooth.dev/v1alpha1",

@@ -5,13 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from operator_plans import builder
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_operator.observed import Observed
 from dreambooth_operator.plan import Action, ActionKind, Plan
 from dreambooth_operator.policies.budget import account_usage, remaining_gpu_seconds, seconds_until_spent
 from dreambooth_operator.reconcile import reconcile
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import builder
 
 
 def at(seconds: float) -> Any:

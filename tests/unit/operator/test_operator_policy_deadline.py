@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from operator_plans import after, cond, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_operator.builders import parse_spec
 from dreambooth_operator.plan import Action, ActionKind
 from dreambooth_operator.policies import deadline
 from dreambooth_operator.policies.deadline import exceeded, remaining_seconds
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import after, cond, run
 
 
 def test_deadline() -> None:

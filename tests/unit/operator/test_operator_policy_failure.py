@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from operator_plans import attempt_of, builder, cond, run
-from operator_wrappers import T0, PodWrapper, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_operator.builders import parse_spec
 from dreambooth_operator.plan import Action, ActionKind
@@ -16,6 +14,8 @@ from dreambooth_operator.policies.failure import (
     exceeds_backoff,
     gang_failure,
 )
+from tests.infra.wrappers import T0, PodWrapper, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import attempt_of, builder, cond, run
 
 JOB = make_job().nodes(2).obj()
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from operator_plans import after, attempt_of, builder, cond, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_operator.builders import parse_spec
 from dreambooth_operator.plan import Action, ActionKind
 from dreambooth_operator.policies import gang
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import after, attempt_of, builder, cond, run
 
 
 def test_multi_node_gang_restart_waits_for_old_pods_then_creates_the_next_attempt() -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from operator_plans import cond, reasons, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_operator.plan import Action, ActionKind
 from dreambooth_operator.policies import lost_pods
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import cond, reasons, run
 
 
 def test_older_attempt_pods_stuck_deleting_on_a_lost_node_are_force_deleted() -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_plans import NOW, cond, reasons
-from operator_wrappers import make_job
 
 from dreambooth_operator.inference import InferencePlan, reconcile_inference
 from dreambooth_operator.observed import Observed
@@ -15,6 +13,8 @@ from dreambooth_operator.ownership import ObservedChildren
 from dreambooth_operator.plan import Action, ActionKind, Plan
 from dreambooth_operator.reconcile import reconcile
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import make_job
+from tests.unit.operator.operator_plans import NOW, cond, reasons
 
 CREATE = [Action(ActionKind.CREATE_ATTEMPT, attempt=0)]
 

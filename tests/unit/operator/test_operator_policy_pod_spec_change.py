@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from operator_plans import after, attempt_of, builder, cond, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_operator.builders import parse_spec, pod_spec_hash
 from dreambooth_operator.plan import Action, ActionKind
 from dreambooth_operator.policies import pod_spec_change
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import after, attempt_of, builder, cond, run
 
 
 def test_an_attempt_that_cannot_start_is_replaced_when_the_pod_settings_change() -> None:

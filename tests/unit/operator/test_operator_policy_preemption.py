@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from operator_plans import after, cond, reasons, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_operator.policies import preemption
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import after, cond, reasons, run
 
 
 def test_single_node_preemption_is_counted_once() -> None:

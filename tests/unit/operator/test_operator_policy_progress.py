@@ -7,14 +7,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from operator_plans import NOW, after, attempt_of, builder, cond, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_api.progress import parse_progress
 from dreambooth_operator.handlers.jobs import record_metrics
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.observed import ProgressSample
 from dreambooth_operator.policies import progress
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import NOW, after, attempt_of, builder, cond, run
 
 
 def test_running_pod_is_initializing_until_progress_says_training() -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from operator_plans import NOW, cond, reasons
-from operator_wrappers import T0, make_batch_job, make_job
 
 from dreambooth_api.common import PodTemplateOverrides
 from dreambooth_operator.inference import reconcile_inference
@@ -16,6 +14,8 @@ from dreambooth_operator.plan import Action, ActionKind
 from dreambooth_operator.reconcile import reconcile
 from dreambooth_operator.restrictions import PodRestrictions, image_allowed, violations
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import T0, make_batch_job, make_job
+from tests.unit.operator.operator_plans import NOW, cond, reasons
 
 SETTINGS = OperatorSettings(
     trainer_image="ghcr.io/dreambooth-operator/trainer:0.1.0",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-from operator_plans import NOW, after, attempt_of, builder, reasons, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_operator.builders import parse_spec
 from dreambooth_operator.policies import success
 from dreambooth_operator.policies.success import outputs, rank0_result, succeeded
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import NOW, after, attempt_of, builder, reasons, run
 
 JOB = make_job().obj()
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from operator_plans import NOW, after, builder, cond, reasons, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_operator.builders import parse_spec
 from dreambooth_operator.plan import Action, ActionKind
 from dreambooth_operator.policies import suspend
 from dreambooth_operator.policies.suspend import desired_batch_suspend, waiting_for_admission
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import NOW, after, builder, cond, reasons, run
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from operator_plans import after, builder, cond, reasons, run
-from operator_wrappers import T0, iso, make_batch_job, make_job
-
 from dreambooth_operator.plan import Action, ActionKind
 from dreambooth_operator.policies import ttl
 from dreambooth_operator.policies.ttl import expired, remaining_seconds
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job
+from tests.unit.operator.operator_plans import after, builder, cond, reasons, run
 
 
 def test_ttl() -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from operator_plans import NOW, builder, cond, reasons, run
-from operator_wrappers import make_job
-
 from dreambooth_operator.policies import validity
+from tests.infra.wrappers import make_job
+from tests.unit.operator.operator_plans import NOW, builder, cond, reasons, run
 
 
 def test_invalid_spec_fails_without_children() -> None:

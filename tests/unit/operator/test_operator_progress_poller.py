@@ -17,7 +17,6 @@ from typing import Any
 import kopf
 import pytest
 from aiohttp import web
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_api.progress import MAX_PROGRESS_BYTES, ProgressError
 from dreambooth_operator import kube
@@ -26,6 +25,7 @@ from dreambooth_operator.handlers.state import OperatorState
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 KEY = ("team-a", "cat")
 LOG = logging.getLogger("test")

@@ -6,12 +6,11 @@ creating the first attempt, idempotence, stale objects, the phase from the pods,
 
 from __future__ import annotations
 
-from operator_plans import NOW, after, cond, reasons, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_operator.handlers.jobs import batch_jobs_by_owner, pods_by_owner
 from dreambooth_operator.observed import owned_batch_jobs
 from dreambooth_operator.plan import Action, ActionKind
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import NOW, after, cond, reasons, run
 
 
 def test_new_job_creates_attempt_zero() -> None:

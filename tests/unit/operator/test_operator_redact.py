@@ -7,12 +7,12 @@ import json
 from typing import Any
 
 import pytest
-from operator_plans import run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
 
 from dreambooth_operator.inference import reconcile_inference
 from dreambooth_operator.redact import redact
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import run
 
 ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 from aiohttp import web
-from operator_wrappers import make_job, make_pod
 from prometheus_client import generate_latest
 
 from dreambooth_operator.handlers.jobs import poll_progress
@@ -17,6 +16,7 @@ from dreambooth_operator.main import parse_args
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.progress import ProgressPoller, progress_url
 from dreambooth_operator.settings import OperatorSettings
+from tests.infra.wrappers import make_job, make_pod
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

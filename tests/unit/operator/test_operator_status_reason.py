@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from operator_plans import after, run
-from operator_wrappers import T0, iso, make_batch_job, make_job, make_pod
-
 from dreambooth_api.generate import JOB_COLUMNS
+from tests.infra.wrappers import T0, iso, make_batch_job, make_job, make_pod
+from tests.unit.operator.operator_plans import after, run
 
 
 def test_a_failed_job_shows_the_failure_reason() -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from operator_wrappers import T0, make_batch_job, make_job, make_pod
-
 from dreambooth_api.job import DreamBoothJobStatus, Usage
 from dreambooth_operator.handlers.jobs import record_metrics
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.observed import Observed
 from dreambooth_operator.reconcile import reconcile
 from dreambooth_operator.usage import KEEP_GONE, REFRESH_SECONDS, account, bound_at, stopped_at
+from tests.infra.wrappers import T0, make_batch_job, make_job, make_pod
 
 
 def at(seconds: float) -> Any:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from operator_wrappers import make_job
 
 from dreambooth_api.job import SPEC_RULES
 from dreambooth_operator import names
 from dreambooth_operator.validation import validate
+from tests.infra.wrappers import make_job
 
 
 def test_child_names_are_deterministic() -> None:
