@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving_support import LIMITS, PROMPT, SHARED_MODELS, client, config, max_diff, pixels, running
 
 from dreambooth_api import env
 from dreambooth_api.config import BaseModelSpec, JobConfig
@@ -28,7 +29,6 @@ from dreambooth_trainer.result import TERMINATION_ENV
 from dreambooth_trainer.serving.config import launch, load_serve_config, read_token
 from dreambooth_trainer.serving.server import Server, main, serve
 from dreambooth_trainer.storage import ObjectStore
-from tests.unit.trainer.serving_support import LIMITS, PROMPT, SHARED_MODELS, client, config, max_diff, pixels, running
 
 TRAINED_AT = 64  # the tiny model's own size is 32: the server must default to the training resolution
 
