@@ -267,7 +267,7 @@ def condition(obj: Mapping[str, Any], type_: str) -> dict[str, Any] | None:
 
 def event_reasons(cluster: Cluster, namespace: str, name: str) -> set[str]:
     events = items(cluster, "events", namespace)
-    return {e.get("reason") for e in events if (e.get("involvedObject") or {}).get("name") == name}
+    return {str(e.get("reason")) for e in events if (e.get("involvedObject") or {}).get("name") == name}
 
 
 def elapsed(start: float) -> float:

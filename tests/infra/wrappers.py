@@ -40,10 +40,12 @@ class JobWrapper:
 
     @property
     def _spec(self) -> dict[str, Any]:
-        return self._obj["spec"]
+        spec: dict[str, Any] = self._obj["spec"]
+        return spec
 
     def _section(self, key: str) -> dict[str, Any]:
-        return self._spec.setdefault(key, {})
+        section: dict[str, Any] = self._spec.setdefault(key, {})
+        return section
 
     def nodes(self, n: int) -> Self:
         self._section("resources")["nodes"] = n
@@ -203,7 +205,8 @@ class PodWrapper:
 
     @property
     def _status(self) -> dict[str, Any]:
-        return self._obj["status"]
+        status: dict[str, Any] = self._obj["status"]
+        return status
 
     def _container(self, state: dict[str, Any]) -> Self:
         self._status["containerStatuses"] = [{"name": "trainer", "state": state}]
