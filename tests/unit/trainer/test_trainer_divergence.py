@@ -25,7 +25,7 @@ from dreambooth_trainer.distributed import raised_on_all_ranks
 from dreambooth_trainer.loop import Divergence, TrainLoop
 from dreambooth_trainer.preemption import Preemption
 from tests.gpu.conftest import job_config, load_tiny, make_loop
-from tests.unit.test_runtime_loop import _config, _events, _loop
+from tests.unit.trainer.test_runtime_loop import _config, _events, _loop
 
 
 def _nan_at(loop: TrainLoop, steps: set[int], *, poison: bool = True) -> list[int]:
