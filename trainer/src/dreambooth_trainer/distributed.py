@@ -1,26 +1,16 @@
-"""The distributed environment the operator's pod template sets (docs/contracts.md), and how ranks agree and part.
+"""The distributed environment the operator's pod template sets (docs/contracts.md).
 
 `PET_NNODES`, `PET_NPROC_PER_NODE`, `PET_NODE_RANK`, `PET_MASTER_ADDR`, `PET_MASTER_PORT` (torchrun style) and
 `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE`, `NODE_RANK` (what Lightning reads). Fabric launches
 `nproc_per_node` processes per node (one per GPU, or that many CPU processes with gloo) and sets LOCAL_RANK.
-
-Every decision that ends a rank's run is taken by all ranks together, at the same point of the program, through a
-collective (`agree_any`, `on_rank0`, the loop's per-step all-reduce): a rank never leaves while a peer waits in a
-collective for it. At the end, `leave` meets the others in one last collective and destroys the process group
-before the interpreter exits. Without that, a rank that exits right after its last collective can abort (SIGABRT,
-"terminate called without an active exception"): the backend's worker thread still holds that collective's
-tensors, needs the GIL to free them, and a finalizing interpreter ends such a thread with a forced unwind through
-a noexcept destructor. Destroying the group releases the GIL and joins those threads first.
-
-Torch is imported lazily: the local-rank supervisor (launcher.py) imports this module and never needs it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from dreambooth_api.env import (
     PET_MASTER_ADDR,
@@ -30,11 +20,7 @@ from dreambooth_api.env import (
     PET_NPROC_PER_NODE,
     TRAINER_MASTER_PORT,
 )
-from dreambooth_api.exitcodes import ExitCode, InvalidInputError, TrainerError
-
-T = TypeVar("T")
-ALL_RANKS = "raised_on_all_ranks"
-"""Attribute set on an error that every rank raised at the same point (so they can still meet in `leave`)."""
+from dreambooth_api.exitcodes import InvalidInputError
 
 
 def _int(env: Mapping[str, str], *names: str, default: int) -> int:
@@ -100,89 +86,3 @@ def broadcast_object(fabric: Any, obj: Any, src: int = 0) -> Any:
     if fabric.world_size == 1:
         return obj
     return fabric.broadcast(obj, src=src)
-
-
-def _initialized(fabric: Any) -> bool:
-    if int(fabric.world_size) == 1:
-        return False
-    import torch.distributed as dist
-
-    return bool(dist.is_available() and dist.is_initialized())
-
-
-def on_all_ranks(err: BaseException) -> BaseException:
-    """Mark `err` as raised by every rank at the same point of the program."""
-    setattr(err, ALL_RANKS, True)
-    return err
-
-
-def raised_on_all_ranks(err: BaseException) -> bool:
-    return bool(getattr(err, ALL_RANKS, False))
-
-
-def agree_any(fabric: Any, flag: bool) -> bool:
-    """True on every rank when `flag` is True on any rank: one all-reduce that every rank must call at the same
-    point (a stop decision taken together, so no rank leaves while a peer waits for it in a collective)."""
-    if not _initialized(fabric):
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=fabric.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-class PeerError(TrainerError):
-    """Rank 0's error, raised on the other ranks with the same exit code and reason."""
-
-    def __init__(self, message: str, exit_code: int, reason: str) -> None:
-        super().__init__(message)
-        try:
-            self.exit_code = ExitCode(exit_code)
-        except ValueError:
-            self.exit_code = ExitCode.RETRYABLE
-        self.reason = reason
-
-
-def on_rank0(fabric: Any, fn: Callable[[], T], classify: Callable[[BaseException], tuple[int, str]]) -> T:
-    """Run `fn` on rank 0 and broadcast its outcome: its (picklable) value on every rank, or its error raised on
-    every rank (rank 0 its own, the others a `PeerError` with the exit code and reason `classify` gives), so that
-    the ranks leave the run at this point together instead of some waiting for the others in a collective."""
-    if not _initialized(fabric):
-        return fn()
-    error: BaseException | None = None
-    outcome: tuple[bool, Any, int, str] = (True, None, 0, "")
-    if int(fabric.global_rank) == 0:
-        try:
-            outcome = (True, fn(), 0, "")
-        except Exception as err:  # broadcast first: the others wait for this outcome
-            error = err
-            code, reason = classify(err)
-            outcome = (False, str(err) or type(err).__name__, int(code), reason)
-    ok, payload, code, reason = broadcast_object(fabric, outcome)
-    if not ok:
-        raise on_all_ranks(error if error is not None else PeerError(f"rank 0: {payload}", code, reason))
-    value: T = payload
-    return value
-
-
-def leave(fabric: Any, *, together: bool, log: Any = None) -> None:
-    """Leave the process group before the interpreter exits. `together`: every rank got here at the same point
-    (a normal end, or an error raised on all ranks), so they meet in one last collective first; then the group is
-    destroyed, which joins the backend's threads with the GIL released. After an error of this rank alone the peers
-    may be inside a collective that will never complete: nothing is waited for, the group is left to process exit."""
-    if not together or not _initialized(fabric):
-        return
-    import torch
-    import torch.distributed as dist
-
-    last = torch.zeros(1, device=fabric.device)  # alive until the group is gone: its worker never needs the GIL
-    try:
-        dist.all_reduce(last)
-        float(last.item())
-    except Exception as err:  # a peer died after its result: this rank's outcome stands
-        if log is not None:
-            log.warning("process_group_left", error=str(err))
-    dist.destroy_process_group()
-    del last

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ import torch.distributed as dist
 
 from dreambooth_api import env
 from dreambooth_api.config import JobConfig
-from dreambooth_api.exitcodes import ExitCode, InvalidInputError, LossDivergedError
+from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_api.progress import TrainerPhase
 from dreambooth_trainer import rng
 from dreambooth_trainer.checkpoint import (
@@ -48,8 +47,7 @@ from dreambooth_trainer.checkpoint import (
     run_fingerprint,
     to_cpu,
 )
-from dreambooth_trainer.cli import classify
-from dreambooth_trainer.distributed import PeerError, agree_any, on_all_ranks, on_rank0
+from dreambooth_trainer.distributed import broadcast_object
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
 from dreambooth_trainer.module import build_lr_scheduler, split_optimizers
@@ -78,56 +76,6 @@ class LoopOutcome:
     last_checkpoint: CheckpointInfo | None
     resumed_from: int | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
-
-
-_MAX_PENDING = 50
-"""At most this many steps' losses wait on the device before they are read."""
-
-
-class Divergence:
-    """Counts optimizer steps in a row whose loss is NaN or infinite; at `limit` of them the run has diverged."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.streak = 0
-        self.first: int | None = None
-
-    def observe(self, step: int, loss: float) -> None:
-        """Raises LossDivergedError (marked as raised on every rank: all ranks see the same averaged loss)."""
-        if math.isfinite(loss):
-            self.streak, self.first = 0, None
-            return
-        if not self.streak:
-            self.first = step
-        self.streak += 1
-        if self.limit is not None and self.streak >= self.limit:
-            raise on_all_ranks(
-                LossDivergedError(
-                    f"training diverged: the loss was not finite (NaN or infinite) for {self.streak} steps in a row "
-                    f"(steps {self.first} to {step}); lower training.learningRate or set training.maxGradNorm. No "
-                    "checkpoint was written since the loss stopped being finite, so a run with the same output "
-                    "resumes from the last one before it"
-                )
-            )
-
-
-@dataclass
-class _Run:
-    """One `TrainLoop.run`'s state between steps."""
-
-    start_step: int
-    due: _Due
-    divergence: Divergence = field(default_factory=lambda: Divergence(None))
-    loss: float | None = None
-    """The last loss read."""
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    pending: list[tuple[int, torch.Tensor | float, float]] = field(default_factory=list)
-    """(step, loss, lr) of steps whose loss is still on the device (one process reads them when a log line or a
-    checkpoint is due; several read every step's in the all-reduce that agrees on stopping)."""
-
-    @property
-    def resumed_from(self) -> int | None:
-        return self.start_step or None
 
 
 class _Due:
@@ -276,34 +224,21 @@ class TrainLoop:
         self.last_checkpoint = loaded.info
 
     def resume(self) -> int:
-        """Rank 0 finds the newest verified checkpoint and broadcasts its step (or its error: every rank raises it
-        together); every rank loads it. Raises RetryableError when storage fails and InvalidInputError for another
-        run's checkpoint, never starting over."""
-        found: list[Loaded] = []
-
-        def latest() -> int | None:
+        """Rank 0 finds the newest verified checkpoint and broadcasts its step; every rank loads it. Raises
+        RetryableError when storage fails and InvalidInputError for another run's checkpoint, never starting over."""
+        step: int | None = None
+        loaded: Loaded | None = None
+        if self.is_main:
             loaded = self.ckpt.load_latest()
             refusal = resume_refusal(loaded, self.t.max_steps) if loaded else None
             if refusal is not None:
                 raise InvalidInputError(refusal)
-            if loaded is None:
-                return None
-            found.append(loaded)
-            return loaded.info.step
-
-        step = on_rank0(self.fabric, latest, classify)
+            step = loaded.info.step if loaded else None
+        step = broadcast_object(self.fabric, step)
         if step is None:
             return 0
-        loaded: Loaded | None = None
-        failure: Exception | None = None
-        try:
-            loaded = found[0] if found else self.ckpt.load(step)
-        except Exception as err:
-            failure = err
-        if agree_any(self.fabric, failure is not None):  # every rank loads it, or every rank stops here
-            message = f"another rank could not load checkpoint step {step}"
-            raise on_all_ranks(failure or PeerError(message, ExitCode.RETRYABLE, "PeerFailed"))
-        assert loaded is not None
+        if loaded is None:
+            loaded = self.ckpt.load(step)
         self.restore(loaded)
         if self.is_main:
             self.metrics.load(step)
@@ -326,23 +261,15 @@ class TrainLoop:
         if self.is_main:
             self.metrics.upload()
 
-    def _upload_metrics_quietly(self) -> None:
-        try:
-            self.upload_metrics()
-        except Exception as err:
-            self.log.warning("metrics_upload_failed", error=str(err))
-
     # ----- the loop ------------------------------------------------------------------------------------------
-    def _agree(self, loss: torch.Tensor | float, *flags: bool) -> tuple[float, list[bool]]:
-        """Average the loss and OR the flags over ranks (one all-reduce, which reads the loss too)."""
+    def _agree(self, loss: float, *flags: bool) -> tuple[float, list[bool]]:
+        """Average the loss and OR the flags over ranks (one all-reduce)."""
         if self.world == 1:
-            return float(loss), list(flags)
-        device = self.fabric.device
-        values = torch.tensor([0.0, *[1.0 if f else 0.0 for f in flags]], dtype=torch.float64, device=device)
-        values[0] = loss.detach().to(torch.float64) if isinstance(loss, torch.Tensor) else loss
-        dist.all_reduce(values)
-        out = values.tolist()
-        return out[0] / self.world, [v > 0 for v in out[1:]]
+            return loss, list(flags)
+        t = torch.tensor([loss, *[1.0 if f else 0.0 for f in flags]], dtype=torch.float64, device=self.fabric.device)
+        dist.all_reduce(t)
+        values = t.tolist()
+        return values[0] / self.world, [v > 0 for v in values[1:]]
 
     def _checkpoint_async(self, step: int) -> None:
         start = time.monotonic()
@@ -377,17 +304,11 @@ class TrainLoop:
         return self.fabric.to_device(self.collate(items))
 
     def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer step (all micro-batches) starting at `step`; returns (mean loss, data-wait seconds). Reading
-        the loss waits for the step's device work (the GPU benchmark relies on it); `run` reads it less often."""
-        loss, data_wait = self._step(step)
-        return float(loss), data_wait
-
-    def _step(self, step: int) -> tuple[torch.Tensor, float]:
-        """`train_step` with the mean loss left on the device (a float64 scalar): no host sync."""
+        """One optimizer step (all micro-batches) starting at `step`; returns (mean loss, data-wait seconds)."""
         fabric = self.fabric
         accum = self.t.gradient_accumulation
         data_wait = 0.0
-        total: torch.Tensor | None = None
+        total = 0.0
         for micro in range(accum):
             rng.seed_step(self.t.seed, micro * self.world + self.rank, step)
             t0 = time.monotonic()
@@ -396,9 +317,7 @@ class TrainLoop:
             with fabric.no_backward_sync(self.model, enabled=micro < accum - 1):
                 loss = self.model.compute_loss(batch)
                 fabric.backward(loss / accum)
-            part = loss.detach().to(torch.float64) / accum
-            total = part if total is None else total + part
-        assert total is not None
+            total += float(loss.detach()) / accum
         if self.t.max_grad_norm is not None:
             self._clip_gradients(self.t.max_grad_norm)
         self.optimizer.step()
@@ -417,121 +336,75 @@ class TrainLoop:
             params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
-            # A non-finite norm (a NaN loss, an fp16 overflow the scaler then skips) is no error here: a diverged
-            # run is stopped by the non-finite loss count (`maxNonFiniteLossSteps`), as a failure for good.
-            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm, error_if_nonfinite=False)
+            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
 
-    def _tick(self, step: int, lr: float, data_wait: float) -> None:
-        """Progress of every step on every rank (rate, ETA, lr); its loss follows when it is read (`_read`)."""
+    def _record(self, step: int, loss: float, data_wait: float, force_log: bool) -> None:
+        """Progress on every rank; rank 0 also keeps metrics.jsonl and logs the (rate-limited) `step` event."""
+        t = self.t
+        lr = float(self.optimizer.param_groups[0]["lr"])
         if self.progress:
-            t = self.t
-            self.progress.on_step(step, None, lr, t.batch_size * t.gradient_accumulation, data_wait)
-
-    def _read_due(self, pending: int) -> bool:
-        """Whether to read the pending losses now: the `step` event is due, or as many steps wait as the divergence
-        limit (so a diverged run never trains on for long unseen)."""
-        limit = self.t.max_non_finite_loss_steps or _MAX_PENDING
-        return pending >= min(limit, _MAX_PENDING) or time.monotonic() - self._last_log >= self._log_every
-
-    def _read(self, pending: list[tuple[int, torch.Tensor | float, float]], force_log: bool) -> list[tuple[int, float]]:
-        """Read the pending steps' losses (one host sync for all of them) and record them: the loss in progress on
-        every rank; on rank 0 the metrics.jsonl lines and the (rate-limited) `step` event of the last one."""
-        tensors = [v for _, v, _ in pending if isinstance(v, torch.Tensor)]
-        read = iter(torch.stack(tensors).tolist() if tensors else [])
-        losses = [(step, float(v) if not isinstance(v, torch.Tensor) else next(read)) for step, v, _ in pending]
-        if self.progress and losses:
-            self.progress.on_loss(losses[-1][1])
-        if not self.is_main or not losses:
-            return losses
-        for (step, loss), (_, _, lr) in zip(losses, pending, strict=True):
-            self.metrics.append(step, loss, lr)
+            self.progress.on_step(step, loss, lr, t.batch_size * t.gradient_accumulation, data_wait)
+        if not self.is_main:
+            return
+        self.metrics.append(step, loss, lr)
         now = time.monotonic()
         if force_log or now - self._last_log >= self._log_every:
             self._last_log = now
-            step, loss = losses[-1]
             doc = self.progress.state.document if self.progress else None
             self.log.info(
                 "step",
                 step=step,
-                totalSteps=self.t.max_steps,
+                totalSteps=t.max_steps,
                 loss=loss,
-                lr=pending[-1][2],
+                lr=lr,
                 stepsPerSecond=doc.steps_per_second if doc else None,
                 etaSeconds=doc.eta_seconds if doc else None,
             )
-        return losses
 
     def run(self) -> LoopOutcome:
         t = self.t
-        run = _Run(self.resume(), _Due(t.checkpoint.interval_steps, t.checkpoint.interval_seconds))
-        run.divergence = Divergence(t.max_non_finite_loss_steps)
+        start_step = self.resume()
+        resumed_from = start_step or None
+        due = _Due(t.checkpoint.interval_steps, t.checkpoint.interval_seconds)
         if self.progress:
             self.progress.set_phase(TrainerPhase.TRAINING)
         if self.is_main:
-            self.log.info("training_started", step=run.start_step, totalSteps=t.max_steps, worldSize=self.world)
+            self.log.info("training_started", step=start_step, totalSteps=t.max_steps, worldSize=self.world)
         self._log_every = log_interval_seconds()
         self._last_log = 0.0
+        loss: float | None = None
+        losses: list[tuple[int, float]] = []
         self.model.train()
-        step = run.start_step
-        if step == 0 and self.on_step_end is not None:
+        step = start_step
+        if start_step == 0 and self.on_step_end is not None:
             self.on_step_end(0)  # the hook decides whether a fresh run wants anything at step 0
         _, (stop_now,) = self._agree(0.0, self.preemption.requested)
         if stop_now:  # stopped during setup: nothing new to save
-            return self._preempted(step, run)
+            return self._preempted(step, None, resumed_from, [])
         while step < t.max_steps:
-            step_loss, data_wait = self._step(step)
+            local_loss, data_wait = self.train_step(step)
             step += 1
             if self.on_step_end is not None:
                 self.on_step_end(step)
-            stop, checkpoint_due = self._after_step(step, step_loss, data_wait, run)
+            loss, (stop, time_due) = self._agree(local_loss, self.preemption.requested, due.by_time())
+            losses.append((step, loss))
+            self._record(step, loss, data_wait, force_log=stop or step in (start_step + 1, t.max_steps))
             if stop:
-                return self._preempted(step, run)
-            if checkpoint_due:
-                self._checkpoint_unless_diverging(step, run)
+                return self._preempted(step, loss, resumed_from, losses)
+            if step < t.max_steps and (due.by_steps(step) or time_due):
+                self._checkpoint_async(step)
+                due.reset()
         self.log.info("training_finished", step=step, trainableDigest=self.trainable_digest())
         # A final checkpoint lets a retry after a failed export skip training.
-        if run.resumed_from != step:
+        if resumed_from != step:
             info = self.checkpoint_sync(step, None)
             self.last_checkpoint = info or self.last_checkpoint
         self.upload_metrics()
-        return LoopOutcome("completed", step, run.loss, self.last_checkpoint, run.resumed_from, run.losses)
+        return LoopOutcome("completed", step, loss, self.last_checkpoint, resumed_from, losses)
 
-    def _after_step(self, step: int, step_loss: torch.Tensor, data_wait: float, run: _Run) -> tuple[bool, bool]:
-        """Agree with the other ranks on stopping and on a time-due checkpoint, record the step, read the pending
-        losses when due (raising LossDivergedError on every rank alike); returns (stop, checkpoint due)."""
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        if self.world > 1:
-            agreed, (stop, time_due) = self._agree(step_loss, self.preemption.requested, run.due.by_time())
-            run.pending.append((step, agreed, lr))
-        else:
-            stop, time_due = self.preemption.requested, run.due.by_time()
-            run.pending.append((step, step_loss, lr))
-        self._tick(step, lr, data_wait)
-        checkpoint_due = step < self.t.max_steps and (run.due.by_steps(step) or time_due)
-        force_log = stop or step in (run.start_step + 1, self.t.max_steps)
-        # Several ranks read every step (the all-reduce did already), so they all see a divergence at one step.
-        if self.world > 1 or force_log or checkpoint_due or self._read_due(len(run.pending)):
-            read = self._read(run.pending, force_log)
-            run.pending.clear()
-            run.losses.extend(read)
-            run.loss = read[-1][1]
-            try:
-                for at, value in read:
-                    run.divergence.observe(at, value)
-            except LossDivergedError:
-                self._upload_metrics_quietly()  # the loss curve up to the divergence, for whoever looks into it
-                raise
-        return stop, checkpoint_due
-
-    def _checkpoint_unless_diverging(self, step: int, run: _Run) -> None:
-        if run.divergence.streak:  # the newest checkpoint stays the last one with finite weights
-            if self.is_main:
-                self.log.warning("checkpoint_skipped", step=step, reason="the loss is not finite")
-            return
-        self._checkpoint_async(step)
-        run.due.reset()
-
-    def _preempted(self, step: int, run: _Run) -> LoopOutcome:
+    def _preempted(
+        self, step: int, loss: float | None, resumed_from: int | None, losses: list[tuple[int, float]]
+    ) -> LoopOutcome:
         if self.progress:
             self.progress.set_phase(TrainerPhase.CHECKPOINTING)
         deadline = self.preemption.deadline()
@@ -543,14 +416,17 @@ class TrainLoop:
                 secondsLeft=round(self.preemption.seconds_left(), 2),
             )
         info = None
-        if step != run.start_step and not run.divergence.streak:  # nothing new, or no finite weights to save
+        if step != (resumed_from or 0):
             info = self.checkpoint_sync(step, deadline)
         if info is not None:
             self.last_checkpoint = info
-            self._upload_metrics_quietly()
+            try:
+                self.upload_metrics()
+            except Exception as err:
+                self.log.warning("metrics_upload_failed", error=str(err))
         if self.progress:
             self.progress.set_phase(TrainerPhase.PREEMPTED)
-        return LoopOutcome("preempted", step, run.loss, self.last_checkpoint, run.resumed_from, run.losses)
+        return LoopOutcome("preempted", step, loss, self.last_checkpoint, resumed_from, losses)
 
     def close(self) -> bool:
         """Stop the upload thread. After a preemption it waits only until the preemption deadline; True when an
