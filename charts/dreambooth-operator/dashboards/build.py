@@ -298,13 +298,14 @@ FLEET = Spec(
                 P(
                     "bargauge",
                     "GPU-minutes per subject (in range)",
-                    "Minutes each job's training pods held their GPUs in the time range (one sample a minute of "
-                    "the trainer's phase): GPU-minutes when each pod has one GPU. A subject is one DreamBoothJob.",
+                    "Minutes each job's training ranks held their GPUs in the time range (the trainer's "
+                    "dreambooth_trainer_active_seconds_total, summed over ranks and pods): GPU-minutes with one GPU "
+                    "per rank. A subject is one DreamBoothJob.",
                     "m",
                     [
                         Q(
-                            "sort_desc(sum by (namespace, job) (sum_over_time((sum by (namespace, job, rank) "
-                            f'(dreambooth_trainer_phase{{{NS}, phase=~"{ACTIVE_PHASES}"}}))[$__range:1m])))',
+                            "sort_desc(sum by (namespace, job) "
+                            f"(increase(dreambooth_trainer_active_seconds_total{{{NS}}}[$__range])) / 60)",
                             "{{namespace}}/{{job}}",
                             instant=True,
                         )

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dreambooth_api.progress import TrainerPhase, parse_progress
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.preemption import Preemption
-from dreambooth_trainer.progress import Progress, ProgressServer, RateMeter
+from dreambooth_trainer.progress import ActiveSeconds, Progress, ProgressServer, RateMeter
 from dreambooth_trainer.result import RunResult, encode_termination_message, write_termination_message
 
 
@@ -145,3 +145,24 @@ def test_event_log_lines_are_json_with_context() -> None:
     assert first["loss"] is None
     assert first["ts"].endswith("Z")
     assert second["level"] == "warning"
+
+
+def test_active_seconds_count_only_the_phases_that_hold_the_gpu_and_grow_between_scrapes() -> None:
+    now = [100.0]
+    active = ActiveSeconds({"job": "j", "namespace": "n", "rank": "0"}, clock=lambda: now[0])
+    assert active.seconds() == 0
+    active.phase(TrainerPhase.INITIALIZING)
+    now[0] = 103.0
+    assert active.seconds() == 3  # read mid-phase: a scrape sees time still running
+    active.phase(TrainerPhase.TRAINING)  # active to active: the clock keeps running
+    now[0] = 110.0
+    active.phase(TrainerPhase.PREEMPTED)
+    now[0] = 500.0
+    assert active.seconds() == 10  # its last words do not count
+    active.phase(TrainerPhase.EXPORTING)
+    now[0] = 502.5
+    (family,) = active.collect()
+    assert family.name == "dreambooth_trainer_active_seconds"
+    assert [(s.name, s.labels, s.value) for s in family.samples] == [
+        ("dreambooth_trainer_active_seconds_total", {"job": "j", "namespace": "n", "rank": "0"}, 12.5)
+    ]

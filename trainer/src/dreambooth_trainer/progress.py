@@ -13,16 +13,65 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
 from dreambooth_api import env
 from dreambooth_api.progress import ProgressDocument, TrainerPhase
 
 PREFIX = "dreambooth_trainer"
+
+ACTIVE_PHASES = frozenset(
+    {
+        TrainerPhase.INITIALIZING,
+        TrainerPhase.GENERATING_PRIORS,
+        TrainerPhase.TRAINING,
+        TrainerPhase.CHECKPOINTING,
+        TrainerPhase.EXPORTING,
+    }
+)
+"""Phases in which a rank holds its GPU (the others are its last words)."""
+
+
+class ActiveSeconds(Collector):
+    """`dreambooth_trainer_active_seconds_total`: wall seconds this rank has spent in `ACTIVE_PHASES`, read at each
+    scrape (so a job shorter than a scrape interval still counts, unlike sampling the phase gauge)."""
+
+    def __init__(self, labels: dict[str, str], clock: Any = time.monotonic) -> None:
+        self._labels = labels
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._total = 0.0
+        self._since: float | None = None
+
+    def phase(self, phase: TrainerPhase) -> None:
+        with self._lock:
+            now = self._clock()
+            if phase in ACTIVE_PHASES and self._since is None:
+                self._since = now
+            elif phase not in ACTIVE_PHASES and self._since is not None:
+                self._total += now - self._since
+                self._since = None
+
+    def seconds(self) -> float:
+        with self._lock:
+            return self._total + (self._clock() - self._since if self._since is not None else 0.0)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            f"{PREFIX}_active_seconds",
+            "Wall seconds this rank spent initializing, generating priors, training, checkpointing or exporting: "
+            "the GPU-seconds it held, with one GPU per rank.",
+            labels=list(self._labels),
+        )
+        family.add_metric(list(self._labels.values()), self.seconds())
+        yield family
 
 
 class Metrics:
@@ -89,9 +138,12 @@ class Metrics:
             **self.labels
         )
         self._phase = gauge("phase", "1 for the current phase, 0 for the others.", ("phase",))
+        self.active_seconds = ActiveSeconds(self.labels)
+        r.register(self.active_seconds)
         self.set_phase(TrainerPhase.INITIALIZING)
 
     def set_phase(self, phase: TrainerPhase) -> None:
+        self.active_seconds.phase(phase)
         for p in TrainerPhase:
             self._phase.labels(**self.labels, phase=p.value).set(1.0 if p is phase else 0.0)
 
