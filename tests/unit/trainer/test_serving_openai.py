@@ -18,6 +18,7 @@ import pytest
 from serving_support import PROMPT, client, config, lora_subject, max_diff, pixels, running, sample
 
 from dreambooth_trainer.serving.server import Server
+from tests.infra.processes import wait_until
 
 TOKEN = "s3cret"
 
@@ -135,6 +136,9 @@ def test_auth_and_body_size(server: Server) -> None:
 def test_auth_is_checked_before_the_body_and_the_inflight_gauge_counts_only_authenticated(server: Server) -> None:
     """An unauthenticated request is answered 401 from its headers alone (its body never sent), and never shows in
     dreambooth_serve_inflight_requests, the HPA's metric."""
+    # The gauge is the process's: a request an earlier test gave up on (a client timeout or disconnect) is counted
+    # until its server notices. Start once they are all answered.
+    wait_until(lambda: sample("dreambooth_serve_inflight_requests") == 0, what="earlier tests' requests to end")
     before = sample("dreambooth_serve_inflight_requests")
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(
