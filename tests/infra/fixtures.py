@@ -192,6 +192,15 @@ def s3_env(s3: S3Server) -> dict[str, str]:
     return s3.env()
 
 
+@pytest.fixture
+def aws_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's credentials for `s3` come from the environment, as in a pod (secretKeyRef); no instance
+    metadata lookups."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
 PrometheusFactory = Callable[..., PrometheusServer]
 
 

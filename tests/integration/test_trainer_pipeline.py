@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import io
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
@@ -28,14 +26,6 @@ from dreambooth_trainer.validation import sample_and_upload
 from tests.infra.s3 import S3Server
 
 SHARED_MODELS = Path(tempfile.gettempdir()) / "dreambooth-test-models"
-
-
-@pytest.fixture
-def aws_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return
 
 
 def subject_png(seed: int) -> bytes:

@@ -4,7 +4,6 @@ missing objects and refused credentials."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,15 +15,6 @@ from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, parse_u
 from tests.infra.s3 import S3Server
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def aws_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Credentials come from the environment, as in a pod (secretKeyRef)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return
 
 
 def make_store(s3: S3Server, **kw: int) -> ObjectStore:
