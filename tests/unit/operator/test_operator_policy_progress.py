@@ -166,3 +166,29 @@ def test_an_older_trainer_without_resumed_from_counts_as_resumed_at_its_first_st
 def test_the_status_loss_is_rounded_to_four_significant_digits(raw: float | None, shown: float | None) -> None:
     """Issue 20: the LOSS column printed 0.9842754602432251."""
     assert progress.rounded(raw) == shown
+
+
+def test_a_sample_that_changes_nothing_but_its_time_writes_nothing() -> None:
+    """An initializing pod polled again: the status keeps the first sample (so `kubectl get -w` prints no identical
+    row); a sample with anything new is taken."""
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    pod = make_pod(job).running().obj()
+    doc = {"phase": "Initializing", "step": 0, "totalSteps": 10}
+    first = run(job, [make_batch_job(job).obj()], [pod], progress=_sample(pod, doc))
+    assert first.status.progress is not None
+    same = run(
+        after(job, first),
+        [make_batch_job(job).obj()],
+        [pod],
+        progress=_sample(pod, doc, at=NOW + timedelta(seconds=10)),
+    )
+    assert same.status.progress == first.status.progress
+    moved = {**doc, "phase": "Training", "step": 1}
+    later = run(
+        after(job, first),
+        [make_batch_job(job).obj()],
+        [pod],
+        progress=_sample(pod, moved, at=NOW + timedelta(seconds=20)),
+    )
+    assert later.status.progress is not None
+    assert (later.status.progress.step, later.status.progress.updated_at) == (1, NOW + timedelta(seconds=20))

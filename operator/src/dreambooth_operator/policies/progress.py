@@ -81,7 +81,7 @@ def take_sample(b: PlanBuilder, attempt: Attempt) -> None:
         # last step seen before the restart.
         resumed = doc.resumed_from if "resumed_from" in doc.model_fields_set else step
         redone += max(0, prev.step - (resumed or 0))
-    b.status.progress = Progress(
+    progress = Progress(
         step=step,
         steps_redone=redone,
         total_steps=total,
@@ -91,6 +91,10 @@ def take_sample(b: PlanBuilder, attempt: Attempt) -> None:
         stage=stage,
         updated_at=sample.at,
     )
+    if prev is None or progress.model_copy(update={"updated_at": prev.updated_at}) != prev:
+        # A sample that only says "still here" (an initializing pod polled again) keeps the status as it is: a write
+        # that changes nothing but its time would print the same `kubectl get -w` row again.
+        b.status.progress = progress
     b.status.progress_text = format_progress(step, total)
     if doc.last_checkpoint is not None:
         record_checkpoint(b, doc.last_checkpoint.model_dump(by_alias=True))
