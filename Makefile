@@ -74,6 +74,14 @@ demo: install ## Run a real DreamBooth job locally on the tiny model (file:// st
 	$(VENV)/bin/dreambooth demo-subject .demo/subject
 	$(VENV)/bin/dreambooth run examples/demo-job.yaml --local --workdir .demo --images .demo/subject
 
+.PHONY: cluster
+cluster: install binaries ## Try it locally: control plane, fake GPU nodes, S3, Prometheus, the operator from the chart; stays up
+	@$(PY) -m tests.infra.cluster up
+
+.PHONY: cluster-down
+cluster-down: ## Stop what `make cluster` started (from another terminal; Ctrl-C in its own does the same)
+	@$(PY) -m tests.infra.cluster down
+
 .PHONY: bench
 bench: install binaries ## Benchmarks; JSON results under bench/results/
 	$(PY) -m bench $(BENCH_ARGS)

@@ -21,8 +21,9 @@ import pytest
 from kubernetes import client, watch
 
 from tests.infra.paths import TOOLS_BIN
+from tests.infra.processes import NotReadyError, wait_until
 from tests.nodeagent.config import AgentConfig
-from tests.nodeagent.plugin import NodeAgent
+from tests.nodeagent.plugin import NodeAgent, NodeAgentError
 from tests.nodeagent.runtime import wait_process_exit
 
 TIMEOUT_S = 90.0
@@ -31,19 +32,22 @@ PYTHON = "python"
 
 
 def wait_for(what: str, condition: Callable[[], Any], agent: NodeAgent, timeout: float = TIMEOUT_S) -> Any:
-    """Poll ``condition`` until it returns something truthy (returned); fail with the agent's log tail."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        agent.check()
+    """Poll ``condition`` (the shared ``wait_until``) until it returns something truthy, and return that.
+
+    An exception from ``condition`` counts as "not yet" (an API object or pod file not there yet; the last one is
+    reported); an agent that died ends the wait at once. The error shows the agent's log tail."""
+    result: list[Any] = [None]
+
+    def check() -> bool:
         try:
-            result = condition()
-            if result:
-                return result
-        except (client.ApiException, FileNotFoundError) as exc:  # not there yet (API object, pod files)
-            last = exc
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})\n{agent.log_tail()}")
+            agent.check()
+        except NodeAgentError as exc:
+            raise NotReadyError(str(exc)) from exc
+        result[0] = condition()
+        return bool(result[0])
+
+    wait_until(check, what=what, timeout=timeout, details=agent.log_tail)
+    return result[0]
 
 
 @pytest.fixture
@@ -473,7 +477,7 @@ def test_missing_config_map_blocks_the_container_until_it_exists(
     def config_error() -> bool:
         current = get_pod(core, namespace, "late")
         statuses = (current or {}).get("status", {}).get("containerStatuses") or [{}]
-        return statuses[0].get("state", {}).get("waiting", {}).get("reason") == "CreateContainerConfigError"
+        return bool(statuses[0].get("state", {}).get("waiting", {}).get("reason") == "CreateContainerConfigError")
 
     wait_for("CreateContainerConfigError", config_error, node_agent)
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "late"}, "data": {"v": "arrived"}})
@@ -724,10 +728,16 @@ def test_node_loss_and_agent_stop_terminate_pods_and_clean_up(
         assert (get_pod(core, namespace, "p0") or {})["status"]["phase"] == "Running"
     finally:
         agent.stop()
-    deadline = time.monotonic() + 30
-    while (stopped := _failed_state(recorder, uids["p0"])) is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    recorder.stop()
+    try:  # (the agent is stopped: nothing to check it for)
+        wait_until(
+            lambda: _failed_state(recorder, uids["p0"]) is not None,
+            what="the agent stop to report p0 Failed",
+            timeout=30,
+            interval=0.1,
+        )
+    finally:
+        recorder.stop()
+    stopped = _failed_state(recorder, uids["p0"])
     assert stopped is not None, "the agent stop did not report p0 Failed"
     assert condition(stopped, "DisruptionTarget")["reason"] == "TerminationByKubelet"  # type: ignore[index]
     assert stopped["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 12

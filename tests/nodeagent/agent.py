@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .certs import write_self_signed
 from .config import AgentConfig
@@ -30,7 +31,7 @@ from .ipalloc import IPAllocator, claim_subnet
 from .kube import MERGE, ApiException, Kube
 from .logserver import LogServer
 from .podstatus import LOST_MESSAGE, ContainerRecord, container_status, lost
-from .runtime import private_hosts_supported
+from .runtime import bind_mounts_supported, private_hosts_supported
 from .worker import PodWorker, final_delete, pod_path
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ class Agent:
         self._pod_hosts: dict[str, PodHost] = {}
         self._views_dir = self.root / "hosts"
         self._private_hosts = False
+        self.mounts_supported = False
+        # Where pods find the API server (in-cluster config reads KUBERNETES_SERVICE_HOST/PORT): the server of the
+        # agent's own kubeconfig, as kube-proxy would route the `kubernetes` Service's ClusterIP to it.
+        api = urlsplit(self.kube.api.configuration.host)
+        self.api_host, self.api_port = api.hostname or "127.0.0.1", str(api.port or 443)
         self._lock = threading.RLock()
         self._workers: dict[str, PodWorker] = {}
         self._finished: set[str] = set()
@@ -130,6 +136,9 @@ class Agent:
         """The host part of a container's environment (the pod's own env is applied over it)."""
         env = {k: os.environ[k] for k in self.config.host_env_keys if k in os.environ}
         env["HOSTNAME"] = pod["spec"].get("hostname") or pod["metadata"]["name"]
+        # The kubelet gives every pod the `kubernetes` Service's address (only these three: nothing reads the rest).
+        env["KUBERNETES_SERVICE_HOST"] = self.api_host
+        env["KUBERNETES_SERVICE_PORT"] = env["KUBERNETES_SERVICE_PORT_HTTPS"] = self.api_port
         env["PYTHONUNBUFFERED"] = "1"  # a pipe makes Python buffer stdout; tests read logs while pods run
         if self.config.omp_num_threads is not None:
             env["OMP_NUM_THREADS"] = self.config.omp_num_threads
@@ -372,6 +381,9 @@ class Agent:
             self._private_hosts = private_hosts_supported(probe)
             if not self._private_hosts:
                 log.warning("no mount namespaces here: pods share the machine's /etc/hosts (short names may clash)")
+        self.mounts_supported = bind_mounts_supported(self.root / "mount-probe")
+        if not self.mounts_supported:
+            log.warning("no mount namespaces here: pods that mount their ServiceAccount token cannot start")
         self._write_hosts()
         for name in self.config.nodes:
             self._register(name)

@@ -7,6 +7,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The product's images, mapped to what their Dockerfiles' ENTRYPOINT runs (images/*/Dockerfile), found on the
+# agent's PATH (the venv's console scripts): a pod from the Helm chart, which gives the operator container no
+# `command`, runs the local venv's operator. Kept to these two on purpose; tests add their own through the setting.
+PRODUCT_IMAGE_ENTRYPOINTS: dict[str, list[str]] = {
+    "ghcr.io/dreambooth-operator/operator": ["dreambooth-operator"],
+    "ghcr.io/dreambooth-operator/trainer": ["dreambooth-train"],
+}
+
 HOST_ENV_KEYS = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "VIRTUAL_ENV")
 
 
@@ -38,8 +46,9 @@ class AgentConfig:
     omp_num_threads: str | None = "1"
     extra_env: dict[str, str] = field(default_factory=dict)
     host_env_keys: list[str] = field(default_factory=lambda: list(HOST_ENV_KEYS))
-    # Images have no filesystem here; a container without `command` runs its image's entrypoint from this map.
-    image_entrypoints: dict[str, list[str]] = field(default_factory=dict)
+    # Images have no filesystem here; a container without `command` runs its image's entrypoint from this map
+    # (an image name without tag or digest matches every tag). Replaces the default map when set.
+    image_entrypoints: dict[str, list[str]] = field(default_factory=lambda: dict(PRODUCT_IMAGE_ENTRYPOINTS))
     hosts_file: str = "/etc/hosts"  # "" disables hostname mapping
     # Give each pod process its namespace's view of the hosts file (a mount namespace; see hostsfile.py).
     private_hosts: bool = True

@@ -26,6 +26,8 @@ CLONE_NEWNS = 0x00020000
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_RDONLY = 1
+MS_REMOUNT = 32
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the forked child must not load libraries
 
 
@@ -35,22 +37,30 @@ def _check(result: int, what: str) -> None:
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
-def child_setup(hosts_file: Path | None) -> Callable[[], None]:
+def child_setup(hosts_file: Path | None, binds: Sequence[tuple[Path, str, bool]] = ()) -> Callable[[], None]:
     """What the child does between fork and exec.
 
     - SIGKILL when the agent thread that started it dies (an agent crash or kill must not leave pod processes
       behind; a clean stop terminates them itself).
-    - With ``hosts_file``: its own mount namespace with ``hosts_file`` bind-mounted over ``/etc/hosts``, so the pod
-      resolves names as its namespace's DNS search path would (see hostsfile.py).
+    - With ``hosts_file`` or ``binds``: its own mount namespace, with ``hosts_file`` bind-mounted over
+      ``/etc/hosts`` (the pod resolves names as its namespace's DNS search path would; see hostsfile.py) and each
+      ``(source, target, read_only)`` of ``binds`` bind-mounted at ``target`` (volumes.py: the ServiceAccount token).
     """
     target = str(hosts_file).encode() if hosts_file is not None else None
+    mounts = [(str(src).encode(), dst.encode(), read_only) for src, dst, read_only in binds]
 
     def setup() -> None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if target is None and not mounts:
+            return
+        _check(_LIBC.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        _check(_LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
         if target is not None:
-            _check(_LIBC.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            _check(_LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
             _check(_LIBC.mount(target, b"/etc/hosts", None, MS_BIND, None), "bind-mount /etc/hosts")
+        for src, dst, read_only in mounts:
+            _check(_LIBC.mount(src, dst, None, MS_BIND, None), "bind-mount a volume")
+            if read_only:
+                _check(_LIBC.mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), "remount read-only")
 
     return setup
 
@@ -59,6 +69,17 @@ def private_hosts_supported(hosts_file: Path) -> bool:
     """Whether this machine lets the agent give processes their own /etc/hosts (root, mount namespaces)."""
     try:
         result = subprocess.run(["true"], preexec_fn=child_setup(hosts_file), check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
+
+
+def bind_mounts_supported(probe_dir: Path) -> bool:
+    """Whether this machine lets the agent bind-mount a folder for one process only (volumes.py needs it)."""
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        setup = child_setup(None, [(probe_dir, str(probe_dir), True)])
+        result = subprocess.run(["true"], preexec_fn=setup, check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     return result.returncode == 0
@@ -138,7 +159,13 @@ class ContainerProcess:
     """One run of a container: a process group writing to ``log_path``."""
 
     def __init__(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path, hosts_file: Path | None = None
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        log_path: Path,
+        hosts_file: Path | None = None,
+        binds: Sequence[tuple[Path, str, bool]] = (),
     ) -> None:
         self.log_path = log_path
         self.done_path = log_path.with_suffix(".done")
@@ -152,7 +179,7 @@ class ContainerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=child_setup(hosts_file),  # noqa: PLW1509 (only system calls through a preloaded libc)
+            preexec_fn=child_setup(hosts_file, binds),  # noqa: PLW1509 (only system calls through a preloaded libc)
         )
         self.pid = self._proc.pid
         self._pump = threading.Thread(target=self._copy_output, name=f"log-{log_path.stem}-{self.pid}", daemon=True)

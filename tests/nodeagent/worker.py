@@ -46,6 +46,7 @@ from .podstatus import (
 )
 from .probes import ProbeState, run_probe
 from .runtime import ContainerProcess, read_log
+from .volumes import ProjectedVolumes
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class WorkerContext(Protocol):
     def host_ip(self) -> str: ...
     @property
     def source(self) -> ObjectSource: ...
+    @property
+    def mounts_supported(self) -> bool: ...
 
     def allocate_ip(self) -> str: ...
     def release_ip(self, ip: str) -> None: ...
@@ -116,6 +119,7 @@ class PodWorker:
             for record in self.main:
                 record.state = Waiting("ContainerCreating")
         self.runs: dict[str, _Run] = {}
+        self.volumes = ProjectedVolumes(ctx.kube, ctx.source, self.dir / "volumes")
         self.backoff_until: dict[str, float] = {}
         self.stage = "init"
         self.init_index = 0
@@ -248,13 +252,17 @@ class PodWorker:
             message_path.write_text("")
             env["TERMINATION_MESSAGE_PATH"] = str(message_path)
             argv = container_argv(spec, env, self.ctx.image_entrypoints())
-        except (EnvResolutionError, ApiException) as exc:
+            mounts = self.volumes.mounts(self.pod, spec, runtime)
+            if mounts and not self.ctx.mounts_supported:
+                raise EnvResolutionError("no mount namespaces on this machine: cannot mount the projected volumes")
+        except (EnvResolutionError, ApiException, OSError) as exc:  # (OSError: a volume's files or mount point)
             record.state = Waiting("CreateContainerConfigError", str(exc))
             self.backoff_until[name] = time.monotonic() + 1.0
             return
         log_file = layout.log_path(self.dir, name, run_index)
         try:
-            process = ContainerProcess(argv, env, self.workdir, log_file, self.hosts_view)
+            binds = [(m.source, m.target, m.read_only) for m in mounts]
+            process = ContainerProcess(argv, env, self.workdir, log_file, self.hosts_view, binds)
         except (OSError, subprocess.SubprocessError) as exc:
             now = datetime.now(UTC)
             self._exited(spec, record, Terminated(128, "StartError", now, now, f"failed to start {argv[0]!r}: {exc}"))
@@ -274,7 +282,8 @@ class PodWorker:
         )
         record.container_id = f"{self.uid}-{name}-{run_index}"
         record.state = Running(process.started_at)
-        record.ready = readiness is None and not _is_init(record, self.init)
+        # Without a readiness probe a container is ready once started (after its startup probe, if any).
+        record.ready = readiness is None and startup is None and not _is_init(record, self.init)
         log.info("pod %s: started %s (pid %d): %s", self.key, name, process.pid, argv)
 
     def _poll(self, spec: dict[str, Any], record: ContainerRecord) -> Terminated | None:
@@ -340,6 +349,11 @@ class PodWorker:
 
     def _step_main(self) -> None:
         now = time.monotonic()
+        if self.runs and self.volumes.tokens:
+            try:
+                self.volumes.refresh(self.pod)
+            except ApiException as exc:  # retried next tick, as the kubelet retries
+                log.warning("pod %s: token refresh failed (%s)", self.key, exc.status)
         for spec, record in zip(self.main_specs, self.main, strict=True):
             name = spec["name"]
             if name not in self.runs:
@@ -368,6 +382,7 @@ class PodWorker:
                 for other in (run.readiness, run.liveness):
                     if other is not None:
                         other.next_at = now
+                record.ready = run.readiness is None
         if startup is not None and not startup.success:
             if run.kill_at is not None and now >= run.kill_at:
                 run.process.signal(signal.SIGKILL)
