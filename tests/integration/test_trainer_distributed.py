@@ -4,7 +4,11 @@ would in an Indexed Job: PET_NNODES=2, PET_NPROC_PER_NODE=1, PET_NODE_RANK=0/1.
 - Both ranks end with identical trainable weights (the digest each rank logs), and rank 0 alone writes
   checkpoints, result.json and the termination message.
 - SIGTERM to both: they agree on the step, rank 0 checkpoints, both exit 12; restarted, both resume from
-  rank 0's checkpoint.
+  rank 0's checkpoint. Every rank leaves the process group (a last collective, then destroy_process_group) before
+  its interpreter exits: a rank that exited right after its last collective with the group still there could
+  abort (SIGABRT) in the backend's worker thread (issue 17, item 11).
+- SIGTERM to one rank before training starts: both ranks stop there together (exit 12), instead of the other rank
+  going on into a collective with a peer that left.
 - The result matches one process with the same global batch (batch 1 x 2 gradient-accumulation steps):
   the micro-batch seeding gives both runs the same examples, noise and timesteps, so they differ only in
   floating-point summation order (DDP all-reduce vs accumulation). Tolerance: rtol 1e-4, atol 1e-6 on every
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,19 @@ from tests.infra.s3 import S3Server
 from tests.integration.trainer_runs import TrainerRun, list_keys, put_images, read_object, tiny_job
 
 STEPS = 10
+# `dreambooth-train`, saying at exit (atexit runs before the interpreter finalizes) whether the process group was
+# still there: one left to die with the process can abort the rank while it finalizes.
+EXIT_CHECK = [
+    sys.executable,
+    "-c",
+    "import atexit, json\n"
+    "def _check():\n"
+    "    import torch.distributed as dist\n"
+    "    print(json.dumps({'event': 'exit_check', 'processGroup': dist.is_initialized()}), flush=True)\n"
+    "atexit.register(_check)\n"
+    "from dreambooth_trainer.cli import run\n"
+    "run()\n",
+]
 
 
 def _dist_env(rank: int, port: int) -> dict[str, str]:
@@ -44,9 +62,18 @@ def _dist_env(rank: int, port: int) -> dict[str, str]:
     }
 
 
-def _pair(config: dict[str, Any], tmp: Path, s3: S3Server, name: str) -> list[TrainerRun]:
+def _pair(
+    config: dict[str, Any], tmp: Path, s3: S3Server, name: str, argv: list[str] | None = None
+) -> list[TrainerRun]:
     port = free_port()
-    return [TrainerRun(config, tmp / f"{name}-r{r}", s3.env(), extra_env=_dist_env(r, port), name=name) for r in (0, 1)]
+    return [
+        TrainerRun(config, tmp / f"{name}-r{r}", s3.env(), extra_env=_dist_env(r, port), name=name, argv=argv)
+        for r in (0, 1)
+    ]
+
+
+def _left_the_process_group(runs: list[TrainerRun]) -> None:
+    assert [[e["processGroup"] for e in r.named("exit_check")] for r in runs] == [[False], [False]]
 
 
 def _weights(s3: S3Server, bucket: str, out: str) -> dict[str, torch.Tensor]:
@@ -105,23 +132,43 @@ def test_both_ranks_stop_on_sigterm_and_resume_from_rank0_checkpoint(
     s3: S3Server, bucket: str, single: dict[str, Any], tmp_path: Path
 ) -> None:
     config = tiny_job(s3, bucket, "ddp-pre", maxSteps=STEPS, batchSize=1)
-    first = _pair(config, tmp_path, s3, "first")
+    first = _pair(config, tmp_path, s3, "first", argv=EXIT_CHECK)
     first[0].wait_event(lambda e: e.get("event") == "step" and e["step"] >= 3, "step 3 on rank 0")
     for r in first:
         r.signal(signal.SIGTERM)
     codes = [r.wait() for r in first]
     assert codes == [12, 12], [r._details() for r in first]
+    _left_the_process_group(first)
+    assert first[0].named("preempted")[0]["step"] == first[1].named("preempted")[0]["step"]
     stopped = first[0].termination()["lastCheckpoint"]["step"]
     assert 3 <= stopped < STEPS
     assert f"ddp-pre/checkpoints/step-{stopped:08d}/manifest.json" in list_keys(s3, bucket, "ddp-pre/")
 
-    second = _pair(config, tmp_path, s3, "second")
+    second = _pair(config, tmp_path, s3, "second", argv=EXIT_CHECK)
     codes = [r.wait() for r in second]
     assert codes == [0, 0], [r._details() for r in second]
+    _left_the_process_group(second)
     assert [e["step"] for e in second[0].named("resumed")] == [stopped]
     digests = [r.named("training_finished")[0]["trainableDigest"] for r in second]
     assert digests[0] == digests[1]
     _assert_matches_single(single, _weights(s3, bucket, "ddp-pre"), _losses(s3, bucket, "ddp-pre"))
+
+
+def test_a_signal_to_one_rank_before_training_stops_both_ranks_there(s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    """Only rank 1 gets SIGTERM (one node of two preempted) while the base model loads. The ranks agree on stopping
+    before training (an all-reduce of the flag), so both exit 12 at once; rank 0 no longer goes on alone into a
+    collective that its departed peer never joins (a crash with gloo, a hang with NCCL)."""
+    config = tiny_job(s3, bucket, "ddp-setup", maxSteps=STEPS, batchSize=1)
+    runs = _pair(config, tmp_path, s3, "setup", argv=EXIT_CHECK)
+    runs[1].wait_event(lambda e: e.get("event") == "progress_server", "rank 1's progress server")
+    runs[1].signal(signal.SIGTERM)
+    codes = [r.wait(timeout=180) for r in runs]
+    assert codes == [12, 12], [r._details() for r in runs]
+    for r in runs:
+        assert r.named("training_started") == []
+        assert "before training" in r.named("failed")[0]["message"]
+    assert runs[0].termination()["reason"] == "Preempted"
+    _left_the_process_group(runs)
 
 
 def test_one_pod_with_two_local_ranks_stops_on_sigterm_to_its_first_process_and_resumes(

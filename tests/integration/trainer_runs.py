@@ -65,7 +65,9 @@ class TrainerRun:
         *,
         extra_env: dict[str, str] | None = None,
         name: str = "run",
+        argv: list[str] | None = None,
     ) -> None:
+        """`argv`: the command instead of `dreambooth-train` (e.g. `[python, -c, prelude + run()]`)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{name}.json"
         self.config_path.write_text(json.dumps(config))
@@ -88,7 +90,7 @@ class TrainerRun:
         self.stderr_path = workdir / f"{name}.stderr"
         self._stderr = self.stderr_path.open("w")
         self.proc = subprocess.Popen(
-            [TRAINER], env=env, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
+            argv or [TRAINER], env=env, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -267,6 +267,10 @@ class TrainingConfig(Model):
     """AdamW weight decay."""
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     """Clip gradients to this norm (null: no clipping)."""
+    max_non_finite_loss_steps: int | None = Field(default=20, ge=1, le=1_000_000)
+    """Stop a diverged run: once the loss was NaN or infinite for this many optimizer steps in a row, the trainer
+    exits as failed for good (exit code 10, reason LossDiverged) instead of burning GPU time; checkpoints are not
+    written while the loss is not finite. Null never stops."""
     seed: int = Field(default=42, ge=0, le=2**31 - 1)
     """The training seed; the same seed and data give the same run."""
     snr_gamma: float | None = Field(default=None, gt=0.0, le=100.0)

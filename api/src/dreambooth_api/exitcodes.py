@@ -1,8 +1,9 @@
 """The trainer's exit codes: the contract that the operator's podFailurePolicy relies on.
 
 - 0 SUCCESS: trained and exported. The Job succeeds.
-- 10 INVALID_INPUT: permanent (bad config, missing or undecodable image, wrong model path). podFailurePolicy
-  FailJob: the job fails at once with reason InvalidInput.
+- 10 INVALID_INPUT: permanent (bad config, missing or undecodable image, wrong model path, a diverged loss).
+  podFailurePolicy FailJob: the job fails at once with reason InvalidInput (the termination message's reason says
+  which: InvalidInput, LossDiverged).
 - 11 RETRYABLE: transient (storage outage after retries, a collective-communication failure). Counts against
   backoffLimit.
 - 12 PREEMPTED: got SIGTERM and wrote a checkpoint when it could. podFailurePolicy Ignore: the pod is recreated
@@ -35,6 +36,13 @@ class InvalidInputError(TrainerError):
 
     exit_code = ExitCode.INVALID_INPUT
     reason = "InvalidInput"
+
+
+class LossDivergedError(InvalidInputError):
+    """The loss was NaN or infinite for `training.maxNonFiniteLossSteps` optimizer steps in a row. Permanent: the
+    run is seeded, so a new attempt with the same settings diverges again."""
+
+    reason = "LossDiverged"
 
 
 class StoppedError(TrainerError):

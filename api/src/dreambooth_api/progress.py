@@ -133,7 +133,7 @@ def parse_progress(body: bytes | str | dict[str, Any]) -> ProgressDocument:
             raise ProgressError(f"/progress body is over {MAX_PROGRESS_BYTES} bytes")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, 4300+ digit ints
             raise ProgressError(f"/progress is not JSON: {exc}") from exc
     else:
         data = body

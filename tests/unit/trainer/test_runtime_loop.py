@@ -23,7 +23,8 @@ from dreambooth_api.config import JobConfig
 from dreambooth_api.exitcodes import ExitCode, InvalidInputError, RetryableError
 from dreambooth_trainer.checkpoint import run_fingerprint
 from dreambooth_trainer.logging import EventLog
-from dreambooth_trainer.loop import TrainLoop, _Due
+from dreambooth_trainer.loop import TrainLoop
+from dreambooth_trainer.loop_state import CheckpointDue
 from dreambooth_trainer.module import build_lr_scheduler
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.progress import Progress
@@ -223,14 +224,14 @@ def test_sigterm_before_the_first_step_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_time_cadence_checkpoints_when_the_interval_passed() -> None:
-    due = _Due(None, 10)
+    due = CheckpointDue(None, 10)
     assert not due.by_time()
     assert not due.by_steps(100)
     due.last -= 11
     assert due.by_time()
     due.reset()
     assert not due.by_time()
-    both = _Due(4, None)
+    both = CheckpointDue(4, None)
     assert both.by_steps(8)
     assert not both.by_steps(9)
     assert not both.by_time()

@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 
 from dreambooth_api.config import StorageSettings
-from dreambooth_api.exitcodes import InvalidInputError, RetryableError
-from dreambooth_trainer.storage import ObjectNotFoundError, ObjectStore, join_uri, parse_uri
+from dreambooth_api.exitcodes import ExitCode, InvalidInputError, RetryableError
+from dreambooth_trainer.storage import (
+    MAX_ATTEMPTS,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+    join_uri,
+    parse_uri,
+    retry_config,
+)
 
 
 @pytest.fixture
@@ -154,3 +162,32 @@ def test_region_comes_from_settings_then_boto3_then_default(
     assert ObjectStore(StorageSettings(endpoint="http://127.0.0.1:9")).s3.meta.region_name == "eu-west-1"
     settings = StorageSettings(endpoint="http://127.0.0.1:9", region="ap-south-1")
     assert ObjectStore(settings).s3.meta.region_name == "ap-south-1"
+
+
+def test_the_s3_client_retries_in_standard_mode_with_eight_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore's retries are the trainer's: standard mode (5xx, SlowDown and other throttling, resets and
+    timeouts, with exponential backoff and a retry quota), 8 attempts (the first included); AWS_RETRY_MODE and
+    AWS_MAX_ATTEMPTS change them (botocore ignores those variables once a Config sets retries, so the trainer reads
+    them)."""
+    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    retries = unreachable_store().s3.meta.config.retries
+    assert retries == {"mode": "standard", "total_max_attempts": MAX_ATTEMPTS}
+    assert MAX_ATTEMPTS == 8
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    assert unreachable_store().s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 3}
+    assert retry_config({"AWS_MAX_ATTEMPTS": ""}) == {"mode": "standard", "total_max_attempts": 8}
+    for bad in ({"AWS_RETRY_MODE": "sometimes"}, {"AWS_MAX_ATTEMPTS": "many"}, {"AWS_MAX_ATTEMPTS": "0"}):
+        with pytest.raises(InvalidInputError, match="AWS_"):
+            retry_config(bad)
+
+
+def test_a_storage_failure_is_retryable_with_reason_storage_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens on the endpoint: after its retries the read fails as StorageUnavailable (exit code 11)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with pytest.raises(StorageError, match=r"s3://bkt/x\.png") as info:
+        unreachable_store().read_bytes("s3://bkt/x.png")
+    assert (info.value.exit_code, info.value.reason) == (ExitCode.RETRYABLE, "StorageUnavailable")

@@ -21,19 +21,16 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dreambooth_api import env
 from dreambooth_api.config import JobConfig
-from dreambooth_api.exitcodes import InvalidInputError
+from dreambooth_api.exitcodes import ExitCode, InvalidInputError, LossDivergedError
 from dreambooth_api.progress import TrainerPhase
 from dreambooth_trainer import rng
 from dreambooth_trainer.checkpoint import (
@@ -47,53 +44,25 @@ from dreambooth_trainer.checkpoint import (
     run_fingerprint,
     to_cpu,
 )
-from dreambooth_trainer.distributed import broadcast_object
+from dreambooth_trainer.cli import classify
+from dreambooth_trainer.distributed import PeerError, agree_any, on_all_ranks, on_rank0
+from dreambooth_trainer.gradients import clip_gradients
 from dreambooth_trainer.logging import EventLog, utc_now_iso
 from dreambooth_trainer.logging import log as default_log
+from dreambooth_trainer.loop_state import (
+    MAX_PENDING,
+    CheckpointDue,
+    Divergence,
+    LoopOutcome,
+    RunState,
+    log_interval_seconds,
+)
 from dreambooth_trainer.module import build_lr_scheduler, split_optimizers
 from dreambooth_trainer.preemption import Preemption
 from dreambooth_trainer.progress import Progress
 from dreambooth_trainer.sampler import ResumableSampler
 from dreambooth_trainer.step_metrics import StepMetrics
 from dreambooth_trainer.storage import ObjectStore, join_uri
-
-DEFAULT_LOG_INTERVAL_SECONDS = 1.0
-
-
-def log_interval_seconds() -> float:
-    try:
-        return float(os.environ.get(env.LOG_INTERVAL_SECONDS, DEFAULT_LOG_INTERVAL_SECONDS))
-    except ValueError:
-        return DEFAULT_LOG_INTERVAL_SECONDS
-
-
-@dataclass
-class LoopOutcome:
-    status: str
-    """completed or preempted."""
-    step: int
-    final_loss: float | None
-    last_checkpoint: CheckpointInfo | None
-    resumed_from: int | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)
-
-
-class _Due:
-    """When the next checkpoint is due (step and/or seconds cadence)."""
-
-    def __init__(self, every_steps: int | None, every_seconds: int | None) -> None:
-        self.every_steps = every_steps
-        self.every_seconds = every_seconds
-        self.last = time.monotonic()
-
-    def by_steps(self, step: int) -> bool:
-        return self.every_steps is not None and step % self.every_steps == 0
-
-    def by_time(self) -> bool:
-        return self.every_seconds is not None and time.monotonic() - self.last >= self.every_seconds
-
-    def reset(self) -> None:
-        self.last = time.monotonic()
 
 
 class TrainLoop:
@@ -173,18 +142,10 @@ class TrainLoop:
     def _scaler(self) -> Any:
         return getattr(getattr(self.fabric, "_precision", None), "scaler", None)
 
-    def _gather_rng(self) -> list[dict[str, Any]]:
-        state = rng.capture()
-        if self.world == 1:
-            return [state]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, state)
-        return out
-
     def snapshot(self, step: int, deadline: float | None = None) -> Snapshot | None:
         """Every rank calls this (the RNG gather is collective); rank 0 gets the snapshot. Rank 0 first waits for
         the upload in flight (the staging buffers hold it); None when that is not done by `deadline`."""
-        rngs = self._gather_rng()
+        rngs = rng.gather(self.world)
         if not self.is_main:
             return None
         scaler = self._scaler()
@@ -224,21 +185,34 @@ class TrainLoop:
         self.last_checkpoint = loaded.info
 
     def resume(self) -> int:
-        """Rank 0 finds the newest verified checkpoint and broadcasts its step; every rank loads it. Raises
-        RetryableError when storage fails and InvalidInputError for another run's checkpoint, never starting over."""
-        step: int | None = None
-        loaded: Loaded | None = None
-        if self.is_main:
+        """Rank 0 finds the newest verified checkpoint and broadcasts its step (or its error: every rank raises it
+        together); every rank loads it. Raises RetryableError when storage fails and InvalidInputError for another
+        run's checkpoint, never starting over."""
+        found: list[Loaded] = []
+
+        def latest() -> int | None:
             loaded = self.ckpt.load_latest()
             refusal = resume_refusal(loaded, self.t.max_steps) if loaded else None
             if refusal is not None:
                 raise InvalidInputError(refusal)
-            step = loaded.info.step if loaded else None
-        step = broadcast_object(self.fabric, step)
+            if loaded is None:
+                return None
+            found.append(loaded)
+            return loaded.info.step
+
+        step = on_rank0(self.fabric, latest, classify)
         if step is None:
             return 0
-        if loaded is None:
-            loaded = self.ckpt.load(step)
+        loaded: Loaded | None = None
+        failure: Exception | None = None
+        try:
+            loaded = found[0] if found else self.ckpt.load(step)
+        except Exception as err:
+            failure = err
+        if agree_any(self.fabric, failure is not None):  # every rank loads it, or every rank stops here
+            message = f"another rank could not load checkpoint step {step}"
+            raise on_all_ranks(failure or PeerError(message, ExitCode.RETRYABLE, "PeerFailed"))
+        assert loaded is not None
         self.restore(loaded)
         if self.is_main:
             self.metrics.load(step)
@@ -261,15 +235,23 @@ class TrainLoop:
         if self.is_main:
             self.metrics.upload()
 
+    def _upload_metrics_quietly(self) -> None:
+        try:
+            self.upload_metrics()
+        except Exception as err:
+            self.log.warning("metrics_upload_failed", error=str(err))
+
     # ----- the loop ------------------------------------------------------------------------------------------
-    def _agree(self, loss: float, *flags: bool) -> tuple[float, list[bool]]:
-        """Average the loss and OR the flags over ranks (one all-reduce)."""
+    def _agree(self, loss: torch.Tensor | float, *flags: bool) -> tuple[float, list[bool]]:
+        """Average the loss and OR the flags over ranks (one all-reduce, which reads the loss too)."""
         if self.world == 1:
-            return loss, list(flags)
-        t = torch.tensor([loss, *[1.0 if f else 0.0 for f in flags]], dtype=torch.float64, device=self.fabric.device)
-        dist.all_reduce(t)
-        values = t.tolist()
-        return values[0] / self.world, [v > 0 for v in values[1:]]
+            return float(loss), list(flags)
+        device = self.fabric.device
+        values = torch.tensor([0.0, *[1.0 if f else 0.0 for f in flags]], dtype=torch.float64, device=device)
+        values[0] = loss.detach().to(torch.float64) if isinstance(loss, torch.Tensor) else loss
+        dist.all_reduce(values)
+        out = values.tolist()
+        return out[0] / self.world, [v > 0 for v in out[1:]]
 
     def _checkpoint_async(self, step: int) -> None:
         start = time.monotonic()
@@ -304,11 +286,17 @@ class TrainLoop:
         return self.fabric.to_device(self.collate(items))
 
     def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer step (all micro-batches) starting at `step`; returns (mean loss, data-wait seconds)."""
+        """One optimizer step (all micro-batches) starting at `step`; returns (mean loss, data-wait seconds). Reading
+        the loss waits for the step's device work (the GPU benchmark relies on it); `run` reads it less often."""
+        loss, data_wait = self._step(step)
+        return float(loss), data_wait
+
+    def _step(self, step: int) -> tuple[torch.Tensor, float]:
+        """`train_step` with the mean loss left on the device (a float64 scalar): no host sync."""
         fabric = self.fabric
         accum = self.t.gradient_accumulation
         data_wait = 0.0
-        total = 0.0
+        total: torch.Tensor | None = None
         for micro in range(accum):
             rng.seed_step(self.t.seed, micro * self.world + self.rank, step)
             t0 = time.monotonic()
@@ -317,94 +305,128 @@ class TrainLoop:
             with fabric.no_backward_sync(self.model, enabled=micro < accum - 1):
                 loss = self.model.compute_loss(batch)
                 fabric.backward(loss / accum)
-            total += float(loss.detach()) / accum
+            part = loss.detach().to(torch.float64) / accum
+            total = part if total is None else total + part
+        assert total is not None
         if self.t.max_grad_norm is not None:
-            self._clip_gradients(self.t.max_grad_norm)
+            clip_gradients(self.fabric, self.model, self.optimizer, self._scaler(), self.t.max_grad_norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, data_wait
 
-    def _clip_gradients(self, max_norm: float) -> None:
-        scaler = self._scaler()
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if scaler is not None and getattr(inner, "_step_supports_amp_scaling", False):
-            # fp16 with fused AdamW: Fabric refuses to unscale for optimizers that unscale themselves, but
-            # GradScaler supports it (its step() then skips unscaling); found on an H200.
-            scaler.unscale_(inner)
-            params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm)
-
-    def _record(self, step: int, loss: float, data_wait: float, force_log: bool) -> None:
-        """Progress on every rank; rank 0 also keeps metrics.jsonl and logs the (rate-limited) `step` event."""
-        t = self.t
-        lr = float(self.optimizer.param_groups[0]["lr"])
+    def _tick(self, step: int, lr: float, data_wait: float) -> None:
+        """Progress of every step on every rank (rate, ETA, lr); its loss follows when it is read (`_read`)."""
         if self.progress:
-            self.progress.on_step(step, loss, lr, t.batch_size * t.gradient_accumulation, data_wait)
-        if not self.is_main:
-            return
-        self.metrics.append(step, loss, lr)
+            t = self.t
+            self.progress.on_step(step, None, lr, t.batch_size * t.gradient_accumulation, data_wait)
+
+    def _read_due(self, pending: int) -> bool:
+        """Whether to read the pending losses now: the `step` event is due, or as many steps wait as the divergence
+        limit (so a diverged run never trains on for long unseen)."""
+        limit = self.t.max_non_finite_loss_steps or MAX_PENDING
+        return pending >= min(limit, MAX_PENDING) or time.monotonic() - self._last_log >= self._log_every
+
+    def _read(self, pending: list[tuple[int, torch.Tensor | float, float]], force_log: bool) -> list[tuple[int, float]]:
+        """Read the pending steps' losses (one host sync for all of them) and record them: the loss in progress on
+        every rank; on rank 0 the metrics.jsonl lines and the (rate-limited) `step` event of the last one."""
+        tensors = [v for _, v, _ in pending if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack(tensors).tolist() if tensors else [])
+        losses = [(step, float(v) if not isinstance(v, torch.Tensor) else next(read)) for step, v, _ in pending]
+        if self.progress and losses:
+            self.progress.on_loss(losses[-1][1])
+        if not self.is_main or not losses:
+            return losses
+        for (step, loss), (_, _, lr) in zip(losses, pending, strict=True):
+            self.metrics.append(step, loss, lr)
         now = time.monotonic()
         if force_log or now - self._last_log >= self._log_every:
             self._last_log = now
+            step, loss = losses[-1]
             doc = self.progress.state.document if self.progress else None
             self.log.info(
                 "step",
                 step=step,
-                totalSteps=t.max_steps,
+                totalSteps=self.t.max_steps,
                 loss=loss,
-                lr=lr,
+                lr=pending[-1][2],
                 stepsPerSecond=doc.steps_per_second if doc else None,
                 etaSeconds=doc.eta_seconds if doc else None,
             )
+        return losses
 
     def run(self) -> LoopOutcome:
         t = self.t
-        start_step = self.resume()
-        resumed_from = start_step or None
-        due = _Due(t.checkpoint.interval_steps, t.checkpoint.interval_seconds)
+        run = RunState(self.resume(), CheckpointDue(t.checkpoint.interval_steps, t.checkpoint.interval_seconds))
+        run.divergence = Divergence(t.max_non_finite_loss_steps)
         if self.progress:
             self.progress.set_phase(TrainerPhase.TRAINING)
         if self.is_main:
-            self.log.info("training_started", step=start_step, totalSteps=t.max_steps, worldSize=self.world)
+            self.log.info("training_started", step=run.start_step, totalSteps=t.max_steps, worldSize=self.world)
         self._log_every = log_interval_seconds()
         self._last_log = 0.0
-        loss: float | None = None
-        losses: list[tuple[int, float]] = []
         self.model.train()
-        step = start_step
-        if start_step == 0 and self.on_step_end is not None:
+        step = run.start_step
+        if step == 0 and self.on_step_end is not None:
             self.on_step_end(0)  # the hook decides whether a fresh run wants anything at step 0
         _, (stop_now,) = self._agree(0.0, self.preemption.requested)
         if stop_now:  # stopped during setup: nothing new to save
-            return self._preempted(step, None, resumed_from, [])
+            return self._preempted(step, run)
         while step < t.max_steps:
-            local_loss, data_wait = self.train_step(step)
+            step_loss, data_wait = self._step(step)
             step += 1
             if self.on_step_end is not None:
                 self.on_step_end(step)
-            loss, (stop, time_due) = self._agree(local_loss, self.preemption.requested, due.by_time())
-            losses.append((step, loss))
-            self._record(step, loss, data_wait, force_log=stop or step in (start_step + 1, t.max_steps))
+            stop, checkpoint_due = self._after_step(step, step_loss, data_wait, run)
             if stop:
-                return self._preempted(step, loss, resumed_from, losses)
-            if step < t.max_steps and (due.by_steps(step) or time_due):
-                self._checkpoint_async(step)
-                due.reset()
+                return self._preempted(step, run)
+            if checkpoint_due:
+                self._checkpoint_unless_diverging(step, run)
         self.log.info("training_finished", step=step, trainableDigest=self.trainable_digest())
         # A final checkpoint lets a retry after a failed export skip training.
-        if resumed_from != step:
+        if run.resumed_from != step:
             info = self.checkpoint_sync(step, None)
             self.last_checkpoint = info or self.last_checkpoint
         self.upload_metrics()
-        return LoopOutcome("completed", step, loss, self.last_checkpoint, resumed_from, losses)
+        return LoopOutcome("completed", step, run.loss, self.last_checkpoint, run.resumed_from, run.losses)
 
-    def _preempted(
-        self, step: int, loss: float | None, resumed_from: int | None, losses: list[tuple[int, float]]
-    ) -> LoopOutcome:
+    def _after_step(self, step: int, step_loss: torch.Tensor, data_wait: float, run: RunState) -> tuple[bool, bool]:
+        """Agree with the other ranks on stopping and on a time-due checkpoint, record the step, read the pending
+        losses when due (raising LossDivergedError on every rank alike); returns (stop, checkpoint due)."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        if self.world > 1:
+            agreed, (stop, time_due) = self._agree(step_loss, self.preemption.requested, run.due.by_time())
+            run.pending.append((step, agreed, lr))
+        else:
+            stop, time_due = self.preemption.requested, run.due.by_time()
+            run.pending.append((step, step_loss, lr))
+        self._tick(step, lr, data_wait)
+        checkpoint_due = step < self.t.max_steps and (run.due.by_steps(step) or time_due)
+        force_log = stop or step in (run.start_step + 1, self.t.max_steps)
+        # Several ranks read every step (the all-reduce did already), so they all see a divergence at one step.
+        if self.world > 1 or force_log or checkpoint_due or self._read_due(len(run.pending)):
+            read = self._read(run.pending, force_log)
+            run.pending.clear()
+            run.losses.extend(read)
+            run.loss = read[-1][1]
+            try:
+                for at, value in read:
+                    run.divergence.observe(at, value)
+            except LossDivergedError:
+                self._upload_metrics_quietly()  # the loss curve up to the divergence, for whoever looks into it
+                raise
+        return stop, checkpoint_due
+
+    def _checkpoint_unless_diverging(self, step: int, run: RunState) -> None:
+        if run.divergence.streak:  # the newest checkpoint stays the last one with finite weights
+            if self.is_main:
+                self.log.warning("checkpoint_skipped", step=step, reason="the loss is not finite")
+            return
+        self._checkpoint_async(step)
+        run.due.reset()
+
+    def _preempted(self, step: int, run: RunState) -> LoopOutcome:
         if self.progress:
             self.progress.set_phase(TrainerPhase.CHECKPOINTING)
         deadline = self.preemption.deadline()
@@ -416,17 +438,14 @@ class TrainLoop:
                 secondsLeft=round(self.preemption.seconds_left(), 2),
             )
         info = None
-        if step != (resumed_from or 0):
+        if step != run.start_step and not run.divergence.streak:  # nothing new, or no finite weights to save
             info = self.checkpoint_sync(step, deadline)
         if info is not None:
             self.last_checkpoint = info
-            try:
-                self.upload_metrics()
-            except Exception as err:
-                self.log.warning("metrics_upload_failed", error=str(err))
+            self._upload_metrics_quietly()
         if self.progress:
             self.progress.set_phase(TrainerPhase.PREEMPTED)
-        return LoopOutcome("preempted", step, loss, self.last_checkpoint, resumed_from, losses)
+        return LoopOutcome("preempted", step, run.loss, self.last_checkpoint, run.resumed_from, run.losses)
 
     def close(self) -> bool:
         """Stop the upload thread. After a preemption it waits only until the preemption deadline; True when an

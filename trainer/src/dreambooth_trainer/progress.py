@@ -209,21 +209,28 @@ class Progress:
         self.state.update(phase=phase)
         self.metrics.set_phase(phase)
 
-    def on_step(self, step: int, loss: float, lr: float, images: int, data_wait: float) -> None:
+    def on_step(self, step: int, loss: float | None, lr: float, images: int, data_wait: float) -> None:
+        """A finished optimizer step; `loss` None when it is not read yet (`on_loss` sets it later)."""
         self.rate.tick(images)
         sps, ips = self.rate.rates()
         total = self.state.document.total_steps
         eta = (total - step) / sps if sps else None
-        self.state.update(step=step, loss=loss, lr=lr, steps_per_second=sps, eta_seconds=eta)
+        self.state.update(step=step, lr=lr, steps_per_second=sps, eta_seconds=eta)
+        if loss is not None:
+            self.on_loss(loss)
         m = self.metrics
         m.step.set(step)
-        m.loss.set(loss)
         m.lr.set(lr)
         if sps is not None and ips is not None:
             m.steps_per_second.set(sps)
             m.images_per_second.set(ips)
         m.data_wait.inc(data_wait)
         self._gpu_memory()
+
+    def on_loss(self, loss: float) -> None:
+        """The loss of the last step that was read (the loop reads device losses in batches)."""
+        self.state.update(loss=loss)
+        self.metrics.loss.set(loss)
 
     def _gpu_memory(self) -> None:
         import torch

@@ -84,3 +84,15 @@ def restore(state: RngState) -> None:
         count = min(len(cuda), torch.cuda.device_count())
         for i in range(count):
             torch.cuda.set_rng_state(_b64_to_tensor(cuda[i]), device=i)
+
+
+def gather(world: int) -> list[RngState]:
+    """Every rank's RNG state, in rank order (collective: every rank calls it; one process: its own)."""
+    state = capture()
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, state)
+    return out

@@ -1,8 +1,13 @@
 """Object storage behind one small interface: `s3://bucket/key` (boto3) and `file:///abs/path` URIs.
 
-Every method takes full URIs. A missing object raises `ObjectNotFoundError(uri)`. S3 retries are botocore's
-(`Config(retries=...)`) and large transfers go through boto3's transfer manager; nothing here retries by hand.
-`file://` writes go through a temporary file in the same folder and a rename, so readers never see half a file.
+Every method takes full URIs. A missing object raises `ObjectNotFoundError(uri)`; a failure that outlasted the
+retries raises `StorageError` (retryable, reason StorageUnavailable). S3 retries are botocore's
+(`Config(retries=...)`: standard mode, `MAX_ATTEMPTS` attempts; `AWS_RETRY_MODE` and `AWS_MAX_ATTEMPTS` change
+them) and large transfers go through boto3's transfer manager, which also retries a download whose body broke
+off. botocore retries a request until its response head arrives, not the reading of its body: `read_bytes` reads a
+body again when it broke off or came short of its Content-Length (botocore checks the length), and that is the
+only retry by hand. `file://` writes go through a temporary file in the same folder and a rename, so readers never
+see half a file.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +34,8 @@ if TYPE_CHECKING:
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK = 64 * 1024 * 1024
 MAX_ATTEMPTS = 8
+"""Attempts per request, the first one included (botocore's `total_max_attempts`; AWS_MAX_ATTEMPTS counts alike)."""
+RETRY_MODES = ("standard", "adaptive", "legacy")
 
 
 class ObjectNotFoundError(InvalidInputError):
@@ -41,6 +48,25 @@ class ObjectNotFoundError(InvalidInputError):
 
 class StorageError(RetryableError):
     """Object storage failed after botocore's retries (an outage, throttling, a network error)."""
+
+    reason = "StorageUnavailable"
+
+
+def retry_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """botocore's `retries` setting: standard mode with `MAX_ATTEMPTS` attempts (the first try included), unless
+    `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` say otherwise (botocore itself ignores them once a Config sets retries)."""
+    e = os.environ if env is None else env
+    mode = e.get("AWS_RETRY_MODE") or "standard"
+    if mode not in RETRY_MODES:
+        raise InvalidInputError(f"AWS_RETRY_MODE={mode!r} is not one of {', '.join(RETRY_MODES)}")
+    raw = e.get("AWS_MAX_ATTEMPTS") or str(MAX_ATTEMPTS)
+    try:
+        attempts = int(raw)
+    except ValueError as err:
+        raise InvalidInputError(f"AWS_MAX_ATTEMPTS={raw!r} is not an integer") from err
+    if attempts < 1:
+        raise InvalidInputError(f"AWS_MAX_ATTEMPTS={raw!r} must be at least 1")
+    return {"mode": mode, "total_max_attempts": attempts}
 
 
 @dataclass(frozen=True)
@@ -133,7 +159,7 @@ class ObjectStore:
                 from botocore.config import Config
 
                 config = Config(
-                    retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+                    retries=retry_config(),  # type: ignore[arg-type]
                     s3={"addressing_style": self.settings.addressing_style},  # type: ignore[arg-type]
                     connect_timeout=10,
                     read_timeout=60,
@@ -154,6 +180,8 @@ class ObjectStore:
             multipart_threshold=self.multipart_threshold,
             multipart_chunksize=self.multipart_chunksize,
             max_concurrency=8,
+            # A download whose body breaks off is tried again as often as botocore tries a request.
+            num_download_attempts=int(retry_config()["total_max_attempts"]),
         )
 
     @staticmethod
@@ -193,10 +221,15 @@ class ObjectStore:
                 return p.path.read_bytes()
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
                 raise ObjectNotFoundError(uri) from err
-        try:
-            return self.s3.get_object(Bucket=p.bucket, Key=p.key)["Body"].read()
-        except Exception as err:
-            raise self._s3_error(err, uri) from err
+        attempts = int(retry_config()["total_max_attempts"])
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.s3.get_object(Bucket=p.bucket, Key=p.key)["Body"].read()
+            except Exception as err:
+                if attempt < attempts and _body_broke_off(err):
+                    continue  # botocore retried the request, not the body: ask again
+                raise self._s3_error(err, uri) from err
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         p = parse_uri(uri)
@@ -347,6 +380,14 @@ class ObjectStore:
             self.download_file(obj.uri, target)
             out.append(target)
         return out
+
+
+def _body_broke_off(err: Exception) -> bool:
+    """A response body that ended early or broke off while being read (botocore's length check, a reset)."""
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
+
+    return isinstance(err, IncompleteReadError | ResponseStreamingError | ReadTimeoutError | ProtocolError)
 
 
 def _region(session: Any, configured: str | None) -> str:
