@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark module and write JSON under bench/results/.
 
 Each `bench/bench_*.py` module exposes `run(results_dir: Path) -> dict`; this runner calls them in turn (or
-only those named on the command line), records the machine they ran on, and writes `bench/results/summary.json`.
+only those named on the command line, with or without the `bench_` prefix), records the machine they ran on,
+and writes `bench/results/summary.json`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    names = argv or sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
+    # `python -m bench operator_scale` and `python -m bench bench_operator_scale` name the same module.
+    names = [a if a.startswith("bench_") else f"bench_{a}" for a in argv]
+    names = names or sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
     summary: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     failed = []
     for name in names:

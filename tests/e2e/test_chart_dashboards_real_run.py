@@ -29,6 +29,9 @@ STEPS = 120
 # (dashboard, panel title, target index) whose data needs a run this test does not make.
 NEEDS_ANOTHER_RUN = {
     ("fleet", "Restarts by reason, and steps redone", 0): "a restarted job (preemption or a retried failure)",
+    # The operator's evaluation histogram: tests/e2e/test_evaluation_job.py reads it after an evaluated job.
+    ("fleet", "Evaluation scores (mean of the jobs evaluated)", 0): "a job with spec.evaluation",
+    ("job", "Evaluation scores (jobs evaluated in range)", 0): "a job with spec.evaluation",
 }
 
 
@@ -96,7 +99,9 @@ def test_fleet_and_job_panels_answer_from_a_real_run(
     scraped_pods: dict[str, str] = {}
 
     def fetch() -> dict[str, Any] | None:
-        for pod in items(cluster, "pods", namespace, f"dreambooth.dev/job-name={name}"):
+        for pod in items(
+            cluster, "pods", namespace, f"dreambooth.dev/job-name={name},dreambooth.dev/component=trainer"
+        ):
             ip = (pod.get("status") or {}).get("podIP")
             pod_name = pod["metadata"]["name"]
             if ip and pod_name not in scraped_pods:

@@ -12,6 +12,8 @@ from tests.infra.operator import OperatorProcess, apply, condition, event_reason
 from tests.infra.s3 import S3Server
 
 SELECTOR = "dreambooth.dev/job-name=minimal"
+TRAINERS = f"{SELECTOR},dreambooth.dev/component=trainer"
+"""The attempt's batch Job and pods, not the input check `minimal-check` that ran before them."""
 
 
 def test_deadline_then_ttl(cluster: Cluster, namespace: str, s3: S3Server, op: OperatorProcess) -> None:
@@ -20,7 +22,8 @@ def test_deadline_then_ttl(cluster: Cluster, namespace: str, s3: S3Server, op: O
     credentials_secret(cluster, s3, namespace)
     job = example(s3, bucket)
     job["spec"]["training"]["maxSteps"] = 100000
-    job["spec"]["runPolicy"] = {"activeDeadlineSeconds": 20, "ttlSecondsAfterFinished": 5}
+    # The deadline of a running attempt: no input check first, whose seconds would count against the 20 s.
+    job["spec"]["runPolicy"] = {"activeDeadlineSeconds": 20, "ttlSecondsAfterFinished": 5, "preflight": False}
     apply(cluster, job, namespace)
 
     def fetch() -> dict[str, Any] | None:
@@ -69,7 +72,7 @@ def test_gpu_seconds_limit_stops_the_job_at_its_budget(
     assert f"used {used} GPU-seconds" in failed.get("message", "")
     wait_for(
         "the attempt to be deleted",
-        lambda: items(cluster, "jobs.batch", namespace, SELECTOR),
+        lambda: items(cluster, "jobs.batch", namespace, TRAINERS),
         lambda j: j == [],
         120,
         op,

@@ -80,7 +80,8 @@ def test_multi_node_gang_restarts_as_a_new_attempt_after_an_eviction(
     assert status["attempt"] == 1
     assert status["restarts"] == {"preemptions": 1, "failures": 0, "total": 1}
     # The old attempt's batch Job is gone; the new one ran both ranks.
-    assert [j["metadata"]["name"] for j in items(cluster, "jobs.batch", namespace)] == ["minimal-a1"]
+    names = [j["metadata"]["name"] for j in items(cluster, "jobs.batch", namespace)]
+    assert names == ["minimal-a1", "minimal-check"]  # and the input check that ran before attempt 0
     new_pods = items(cluster, "pods", namespace, "dreambooth.dev/attempt=1")
     assert sorted(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] for p in new_pods) == ["0", "1"]
     rank0 = next(p for p in new_pods if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "0")

@@ -14,7 +14,8 @@ from tests.infra.processes import NotReadyError
 from tests.infra.s3 import S3Server
 
 TIMEOUT = 420.0
-SELECTOR = "dreambooth.dev/job-name=minimal"
+SELECTOR = "dreambooth.dev/job-name=minimal,dreambooth.dev/component=trainer"
+"""The training pods (not the input check's, which ran before them and stays until the job's TTL)."""
 
 
 def _job(cluster: Cluster, s3: S3Server, namespace: str, steps: int) -> dict[str, Any]:

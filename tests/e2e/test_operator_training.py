@@ -24,6 +24,8 @@ from tests.infra.s3 import S3Server
 
 MINIMAL = ROOT / "examples" / "minimal-job.yaml"
 TRAIN_TIMEOUT = 420.0
+TRAINER = "dreambooth.dev/component=trainer"
+"""The training pods and batch Jobs (not the input check `<job>-check` that runs before them)."""
 
 
 def upload_images(s3: S3Server, bucket: str, prefix: str, count: int = 4) -> None:
@@ -122,11 +124,12 @@ def test_minimal_example_succeeds_across_an_operator_restart(
     assert status["completionTime"] >= status["startTime"]
     assert (condition(dbj, "Succeeded") or {}).get("reason") == "TrainingCompleted"
     assert "Initializing" in seen or "Running" in seen
-    assert [j["metadata"]["name"] for j in items(cluster, "jobs.batch", namespace)] == [f"{name}-a0"]
+    # One training Job, and the input check that ran before it (kept until the job's TTL, like the attempt).
+    assert [j["metadata"]["name"] for j in items(cluster, "jobs.batch", namespace)] == [f"{name}-a0", f"{name}-check"]
     assert any(k.startswith("models/minimal/model/") for k in keys(s3, bucket, "models/minimal/"))
     assert "TrainingCompleted" in event_reasons(cluster, namespace, name)
     # GPU time: the pod that trained, from its binding to its exit, counted once across the operator restart.
-    pods = items(cluster, "pods", namespace, f"dreambooth.dev/job-name={name}")
+    pods = items(cluster, "pods", namespace, f"dreambooth.dev/job-name={name},{TRAINER}")
     done = next(p for p in pods if p["status"].get("phase") == "Succeeded")
     runs = usage_by_pod(dbj)
     assert len(runs) == 1 + failed, runs
@@ -145,7 +148,11 @@ def test_invalid_input_fails_at_once_with_the_trainers_message(
     upload_images(s3, bucket, "subjects/dog/", count=2)
     s3.client().put_object(Bucket=bucket, Key="subjects/dog/cat3.jpg", Body=b"not an image at all")
     credentials_secret(cluster, s3, namespace)
-    apply(cluster, example(s3, bucket), namespace)
+    job = example(s3, bucket)
+    # The trainer's own check and the podFailurePolicy's FailJob, without the CPU-only input check that would catch
+    # the image first (that path: test_preflight.py).
+    job["spec"]["runPolicy"] = {"preflight": False}
+    apply(cluster, job, namespace)
     dbj = wait_for(
         "Failed", lambda: get(cluster, "dreamboothjob", "minimal", namespace), lambda j: phase(j) == "Failed", 300, op
     )
@@ -165,7 +172,7 @@ def test_invalid_input_fails_at_once_with_the_trainers_message(
     assert "InvalidInput" in event_reasons(cluster, namespace, "minimal")
 
 
-SELECTOR = "dreambooth.dev/job-name=minimal"
+SELECTOR = f"dreambooth.dev/job-name=minimal,{TRAINER}"
 ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}]
 
 
@@ -193,7 +200,7 @@ def evict_after_a_checkpoint(cluster: Cluster, namespace: str, op: OperatorProce
         TRAIN_TIMEOUT,
         op,
     )
-    selector = f"dreambooth.dev/job-name={name}"
+    selector = f"dreambooth.dev/job-name={name},{TRAINER}"
     running = [p for p in items(cluster, "pods", namespace, selector) if p["status"].get("phase") == "Running"]
     assert len(running) == 1
     evicted: str = running[0]["metadata"]["name"]

@@ -245,3 +245,16 @@ def serve() -> Iterator[FakeVlm]:
     """A started server for a pytest fixture (`yield from serve()`)."""
     with FakeVlm() as server:
         yield server
+
+
+def task_responder(answers: dict[str, str]) -> Callable[[dict[str, Any]], Reply]:
+    """Answer each request by its task (the `response_format` schema's name: caption, concept_preservation,
+    prompt_following) with `answers[task]`, in vLLM's shape; a 500 for a task without an answer."""
+
+    def reply(body: dict[str, Any]) -> Reply:
+        name = ((body.get("response_format") or {}).get("json_schema") or {}).get("name")
+        if name not in answers:
+            return error_reply(500, f"no answer for task {name}")
+        return vllm_reply(answers[name])
+
+    return reply

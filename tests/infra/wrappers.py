@@ -112,6 +112,11 @@ class JobWrapper:
         self._obj.setdefault("status", {}).update(fields)
         return self
 
+    def no_preflight(self) -> Self:
+        """runPolicy.preflight: false, for tests of what happens after the input check (policies/preflight.py)."""
+        self._section("runPolicy")["preflight"] = False
+        return self
+
     def obj(self) -> dict[str, Any]:
         return copy.deepcopy(self._obj)
 

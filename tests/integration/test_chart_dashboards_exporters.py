@@ -71,6 +71,7 @@ def scraped(prometheus: PrometheusFactory) -> Iterator[tuple[PrometheusServer, O
     metrics.job_duration.labels(phase="Succeeded").observe(600)
     metrics.job_gpu_seconds.labels(phase="Succeeded").observe(900)
     metrics.job_gpu_seconds.labels(phase="Failed").observe(120)
+    metrics.observe_evaluation({"dino": 0.6, "clipI": 0.8, "clipT": 0.3, "conceptPreservation": 3.0})
     metrics.reconcile_duration.observe(0.02)
     metrics.progress_polls.labels(result="ok").inc()
     metrics.stale_reads.inc()

@@ -131,7 +131,7 @@ def test_printer_columns_show_status(crds: Cluster, namespace: str) -> None:
             "progress": {"step": 412, "totalSteps": 800, "loss": 0.1234},
             "restarts": {"preemptions": 2, "failures": 1, "total": 3},
             "outputs": {"modelUri": "s3://dreambooth-examples/models/minimal/model"},
-            "usage": {"podSeconds": 150, "gpuSeconds": 600, "gpusPerPod": 4},
+            "usage": {"podSeconds": 150, "gpuSeconds": 600, "gpuMinutes": 10, "gpusPerPod": 4},
             "conditions": [
                 {
                     "type": "Running",
@@ -153,7 +153,7 @@ def test_printer_columns_show_status(crds: Cluster, namespace: str) -> None:
     assert "MODEL" not in cols
     wide = _columns(crds, namespace, "dbj", "columns", "-o", "wide")
     assert wide["MODEL"] == "s3://dreambooth-examples/models/minimal/model"
-    assert wide["GPU-SECONDS"] == "600"
+    assert wide["GPU-MINUTES"] == "10"
 
     bad = {"status": {"phase": "Exploded"}}
     result = crds.kubectl(

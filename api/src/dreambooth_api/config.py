@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Annotated, Any, Self
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from dreambooth_api import env
 from dreambooth_api.common import CamelModel, Uri
+from dreambooth_api.evaluation import CaptionMode, EvaluationSpec, VlmSpec, caption_mode
 
 
 class Model(CamelModel):
@@ -126,8 +127,12 @@ class InstanceImagesSpec(Model):
     identifier: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^\S+$")
     """The identifier token that names the subject, for example sks; it must appear in `prompt`. When null it is
     the words of `prompt` that the class prompt lacks. Sidecar captions must contain it."""
-    captions: bool = False
-    """Use a sidecar .txt file next to each image as its caption (it must contain the identifier token)."""
+    captions: Annotated[CaptionMode, BeforeValidator(caption_mode)] = CaptionMode.OFF
+    """Where each image's caption comes from: off (the prompt), sidecar (a .txt file next to each image, written by
+    you; it must contain the identifier token) or auto (the VLM, spec.vlm, writes the .txt sidecars before training).
+    A trainer config file may also say true (sidecar) or false (off)."""
+    overwrite_captions: bool = False
+    """With captions: auto, caption every image again (otherwise an image with a .txt sidecar keeps it)."""
     min_images: int = Field(default=1, ge=1, le=1000)
     """Fail the job when fewer images than this are found."""
     min_resolution: int = Field(default=64, ge=8, le=8192)
@@ -340,11 +345,22 @@ class JobConfig(Model):
     """Outputs."""
     storage: StorageSettings = Field(default_factory=StorageSettings)
     """Object-storage connection settings."""
+    evaluation: EvaluationSpec | None = None
+    """Evaluation after training (docs/evaluation.md)."""
+    vlm: VlmSpec | None = None
+    """The vision-language model for captions: auto and the evaluation's judge."""
 
     @model_validator(mode="after")
     def _lora_export(self) -> Self:
         if not lora_export_allowed(self.output.formats, self.training.method):
             raise ValueError(LORA_EXPORT_MESSAGE)
+        return self
+
+    @model_validator(mode="after")
+    def _vlm_needed(self) -> Self:
+        judge = self.evaluation is not None and self.evaluation.judge
+        if self.vlm is None and (messages := vlm_missing(judge, self.instance_images.captions)):
+            raise ValueError("; ".join(messages))
         return self
 
 
@@ -356,6 +372,15 @@ tests/unit/test_api_rules.py checks all three against `lora_export_allowed` on t
 def lora_export_allowed(formats: Collection[str], method: str) -> bool:
     """The one definition of the rule: the lora export format needs method lora (enum members or their values)."""
     return ExportFormat.LORA not in formats or method == Method.LORA
+
+
+JUDGE_NEEDS_VLM = "evaluation.judge needs spec.vlm"
+CAPTIONS_NEED_VLM = "instanceImages.captions: auto needs spec.vlm"
+
+
+def vlm_missing(judge: bool, captions: str) -> list[str]:
+    """Why a job without `vlm` is invalid (the CRD's CEL rules say the same); empty when it is not."""
+    return [m for m, needed in ((JUDGE_NEEDS_VLM, judge), (CAPTIONS_NEED_VLM, captions == CaptionMode.AUTO)) if needed]
 
 
 class ConfigError(ValueError):

@@ -59,6 +59,8 @@ class Component(StrEnum):
     """Values of the `dreambooth.dev/component` label."""
 
     TRAINER = "trainer"
+    PREFLIGHT = "preflight"
+    """The CPU-only input check that runs before a job's first GPU attempt (its batch Job `<job>-check`)."""
     INFERENCE = "inference"
 
 
@@ -124,6 +126,13 @@ class JobConditionType(StrEnum):
     CHILD_CONFLICT = "ChildConflict"
     """True while an object with a child's name exists that this job does not control (the operator never
     overwrites or deletes it; the job waits); False (reason ConflictResolved) once it is gone."""
+    QUALITY_GATE_FAILED = "QualityGateFailed"
+    """Set when the job succeeded with `evaluation.minScore`: True when a judge mean is below it (the model is
+    exported but not served by subject selectors), False when the gate passed or the judge gave no scores."""
+    INPUT_CHECKED = "InputChecked"
+    """The pre-flight input check (a CPU-only pod before the first GPU attempt): False with reason CheckingInput while
+    it runs; True (InputValid) once it passed; False with reason InvalidInput when it found invalid input (the job
+    fails), or InputCheckInconclusive when it could not finish (the GPU Job starts; the trainer checks again)."""
 
 
 class InferenceConditionType(StrEnum):
@@ -145,6 +154,11 @@ class Reason(StrEnum):
     SPEC_VALID = "SpecValid"
     INVALID_SPEC = "InvalidSpec"
     INVALID_INPUT = "InvalidInput"
+    LOSS_DIVERGED = "LossDiverged"
+    """The trainer's loss was not finite for training.maxNonFiniteLossSteps steps in a row (a permanent failure)."""
+    CHECKING_INPUT = "CheckingInput"
+    INPUT_VALID = "InputValid"
+    INPUT_CHECK_INCONCLUSIVE = "InputCheckInconclusive"
     WAITING_FOR_ADMISSION = "WaitingForAdmission"
     ADMITTED = "Admitted"
     PODS_PENDING = "PodsPending"
@@ -163,6 +177,9 @@ class Reason(StrEnum):
     RESUMED = "Resumed"
     TRAINING_COMPLETED = "TrainingCompleted"
     CHILD_DELETED = "ChildDeleted"
+    SCORE_BELOW_MINIMUM = "ScoreBelowMinimum"
+    QUALITY_GATE_PASSED = "QualityGatePassed"
+    JUDGE_UNKNOWN = "JudgeUnknown"
     # Both kinds
     CHILD_CONFLICT = "ChildConflict"
     """A child's name is taken by an object this resource does not control (condition ChildConflict, and a Warning

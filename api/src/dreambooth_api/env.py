@@ -25,6 +25,8 @@ MODEL_CACHE_DIR: Final = "DREAMBOOTH_MODEL_CACHE_DIR"
 """A shared volume for base models and compile caches (optional)."""
 LOG_INTERVAL_SECONDS: Final = "DREAMBOOTH_LOG_INTERVAL_SECONDS"
 """Seconds between two `step` log lines."""
+VLM_API_KEY: Final = "DREAMBOOTH_VLM_API_KEY"
+"""The VLM endpoint's API key (`spec.vlm.credentialsSecret`, through secretKeyRef; never in the ConfigMap)."""
 
 # Sampling server pods.
 SERVE_CONFIG: Final = "DREAMBOOTH_SERVE_CONFIG"

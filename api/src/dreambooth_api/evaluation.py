@@ -18,15 +18,23 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Final, Self
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from dreambooth_api.common import ApiModel, DnsSubdomain, Uri
-from dreambooth_api.config import Model
+from dreambooth_api import env
+from dreambooth_api.common import ApiModel, CamelModel, DnsSubdomain, Uri
+
+
+class Model(CamelModel):
+    """Base of the evaluation's config models: unknown fields are rejected, as `config.Model` does (not imported
+    from there: `config.JobConfig` holds `EvaluationSpec` and `VlmSpec`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
 
 SUBJECT_PLACEHOLDER: Final = "{}"
 """Where the subject text ("sks dog") goes in a prompt template."""
 
-VLM_API_KEY_ENV: Final = "DREAMBOOTH_VLM_API_KEY"
+VLM_API_KEY_ENV: Final = env.VLM_API_KEY
 """The environment variable that holds the VLM's API key (the operator maps `vlm.credentialsSecret` to it)."""
 
 DEFAULT_DINO_MODEL: Final = "facebook/dino-vits16"

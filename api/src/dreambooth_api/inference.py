@@ -241,9 +241,14 @@ class InferenceServiceStatus(ApiModel):
     """The observed state of an InferenceService, written by the operator through the status subresource."""
 
     phase: InferencePhase | None = None
-    """Pending, Loading, Ready or Failed."""
+    """Pending, Loading, Ready or Failed. Pending while it waits (for its source job to exist and succeed, or for a
+    conflicting object to go): it recovers by itself. Failed only when something must be changed: the source job
+    failed, the spec breaks the operator's restrictions, or the server cannot load the model."""
+    reason: str | None = Field(default=None, max_length=128)
+    """Why the service is in its phase, in one word: the Ready condition's reason (for example WaitingForJob,
+    ReplicasNotReady, ReplicasReady, SourceJobFailed, ModelLoadFailed). The Reason printer column."""
     message: str | None = Field(default=None, max_length=4096)
-    """A human-readable summary of the current state."""
+    """What happened, and what to do (the Message printer column, at -o wide)."""
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},

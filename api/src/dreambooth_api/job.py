@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Final
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from dreambooth_api.common import (
     ApiModel,
@@ -23,8 +23,15 @@ from dreambooth_api.common import (
     immutable,
     validations,
 )
-from dreambooth_api.config import LORA_EXPORT_MESSAGE, lora_export_allowed
+from dreambooth_api.config import (
+    CAPTIONS_NEED_VLM,
+    JUDGE_NEEDS_VLM,
+    LORA_EXPORT_MESSAGE,
+    lora_export_allowed,
+    vlm_missing,
+)
 from dreambooth_api.constants import JobPhase
+from dreambooth_api.evaluation import SecretKeyRef
 from dreambooth_api.trainer_config import build_trainer_config
 
 # Spec field (camelCase) -> the trainer model (in dreambooth_api.config) that defines its schema.
@@ -34,6 +41,8 @@ TRAINER_SECTIONS: Final = {
     "priorPreservation": "PriorPreservationSpec",
     "training": "TrainingConfig",
     "output": "OutputSpec",
+    "evaluation": "EvaluationSpec",
+    "vlm": "VlmSpec",
 }
 
 # CEL rules for the trainer's cross-field validators (same messages as the trainer's), keyed by trainer model.
@@ -62,6 +71,12 @@ TRAINER_RULES: Final[dict[str, list[CelRule]]] = {
             "training.lora is only allowed with method: lora",
         ),
     ],
+    "EvaluationSpec": [
+        cel(
+            "!has(self.minScore) || (has(self.judge) && self.judge)",
+            "evaluation.minScore needs evaluation.judge: true",
+        ),
+    ],
 }
 
 # Which spec fields may change after creation. Changing what is trained (or where it goes) would mix two
@@ -77,6 +92,8 @@ IMMUTABLE_FIELDS: Final = (
     "training",
     "output",
     "resources",
+    "evaluation",
+    "vlm",
 )
 
 SPEC_RULES: Final = [
@@ -91,6 +108,14 @@ SPEC_RULES: Final = [
     cel(
         "!has(self.runPolicy) || !has(self.runPolicy.gpuSecondsLimit) || self.resources.gpusPerNode > 0",
         "runPolicy.gpuSecondsLimit needs resources.gpusPerNode above 0 (a CPU job uses no GPU-seconds)",
+    ),
+    cel(
+        "has(self.vlm) || !has(self.evaluation) || !has(self.evaluation.judge) || !self.evaluation.judge",
+        JUDGE_NEEDS_VLM,
+    ),
+    cel(
+        "has(self.vlm) || !has(self.instanceImages.captions) || self.instanceImages.captions != 'auto'",
+        CAPTIONS_NEED_VLM,
     ),
 ]
 
@@ -120,6 +145,11 @@ class RunPolicy(ApiModel):
     """Delete the job's pods and batch Job this long after it finished (the DreamBoothJob and its outputs stay)."""
     suspend: bool = False
     """Suspend the job: its pods are deleted, and setting it back to false resumes from the last checkpoint."""
+    preflight: bool = True
+    """Before the first GPU attempt, check the input on a CPU-only pod (the trainer image, no GPU): the instance
+    images exist and decode, the buckets exist, the output is writable and the base model is reachable. Invalid input
+    fails the job (reason InvalidInput) without a GPU-second used. Not run for a job that resumes, or one created
+    suspended."""
 
 
 class DreamBoothJobSpec(ApiModel):
@@ -139,6 +169,11 @@ class DreamBoothJobSpec(ApiModel):
     """Training hyper-parameters (trainer section)."""
     output: dict[str, Any] = Field(json_schema_extra=validations(immutable("output")))
     """Where the model goes and in which formats (trainer section)."""
+    evaluation: dict[str, Any] | None = Field(default=None, json_schema_extra=validations(immutable("evaluation")))
+    """Evaluation after training: DreamBench prompts sampled from the trained (and base) model, scored with DINO,
+    CLIP-I and CLIP-T, optionally judged by the VLM with a quality gate (trainer section; docs/evaluation.md)."""
+    vlm: dict[str, Any] | None = Field(default=None, json_schema_extra=validations(immutable("vlm")))
+    """An OpenAI-compatible vision-language model endpoint for captions: auto and the judge (trainer section)."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """Object-storage connection settings and credentials."""
     resources: JobResources = Field(default_factory=JobResources, json_schema_extra=validations(immutable("resources")))
@@ -162,7 +197,15 @@ class DreamBoothJobSpec(ApiModel):
             errors.append(SPEC_RULES[1]["message"])
         if self.run_policy.gpu_seconds_limit is not None and self.resources.gpus_per_node == 0:
             errors.append(SPEC_RULES[2]["message"])
+        judge = bool((self.evaluation or {}).get("judge"))
+        if self.vlm is None:
+            errors += vlm_missing(judge, str(self.instance_images.get("captions", "off")))
         return errors
+
+    def vlm_secret(self) -> SecretKeyRef | None:
+        """The Secret key of the VLM's API key (`vlm.credentialsSecret`), for the pods' secretKeyRef env."""
+        secret = (self.vlm or {}).get("credentialsSecret")
+        return SecretKeyRef.model_validate(secret) if isinstance(secret, dict) else None
 
     def trainer_config(self, name: str, namespace: str) -> dict[str, Any]:
         """The trainer's JobConfig document (DREAMBOOTH_CONFIG), built by the operator's own pure function."""
@@ -222,7 +265,18 @@ class Outputs(ApiModel):
     samples_uri: str | None = Field(default=None, max_length=1024)
     """The validation samples."""
     evaluation: dict[str, float] | None = None
-    """Evaluation scores by metric name (for example clipScore), when evaluation ran."""
+    """Evaluation scores by metric name, when evaluation ran: dino, clipI, clipT (the trained model), baseDino,
+    baseClipI, baseClipT (the base model), conceptPreservation, promptFollowing (the judge's means, 0-4)."""
+    evaluation_uri: str | None = Field(default=None, max_length=1024)
+    """The evaluation's detail: result.json (per-prompt scores, judge reasons), the samples and grid.png."""
+    score: float | None = Field(default=None)
+    """The headline score: the trained model's DINO (subject fidelity, 0-1), the Score printer column."""
+    quality_gate: str | None = Field(default=None, max_length=16)
+    """The quality gate: passed, failed, skipped or unknown (evaluation.minScore)."""
+    quality_gate_reason: str | None = Field(default=None, max_length=512)
+    """Why the gate decided as it did."""
+    evaluation_error: str | None = Field(default=None, max_length=512)
+    """Why the evaluation produced no scores (the model was still exported)."""
 
 
 class PodRun(ApiModel):
@@ -247,6 +301,8 @@ class Usage(ApiModel):
     """Seconds that the job's pods held their nodes, summed over pods."""
     gpu_seconds: int = Field(default=0, ge=0)
     """podSeconds times resources.gpusPerNode: the GPU time the job was charged (GPU-seconds per subject)."""
+    gpu_minutes: float = Field(default=0, ge=0)
+    """gpuSeconds in minutes, to one decimal (the GPU-Minutes printer column; the CLI uses the same unit)."""
     gpus_per_pod: int = Field(default=0, ge=0)
     """The GPUs each pod holds (resources.gpusPerNode)."""
     pods: list[PodRun] = Field(default_factory=list)
@@ -254,6 +310,12 @@ class Usage(ApiModel):
     gone. Not capped: a cap would have to fold pods that are still listed, and they would be counted again."""
     earlier_pod_seconds: int = Field(default=0, ge=0)
     """podSeconds of pods no longer listed in `pods` (older pods are folded in to keep the status small)."""
+
+    @model_validator(mode="after")
+    def _minutes(self) -> Usage:
+        """gpuMinutes always follows gpuSeconds (it is never set on its own)."""
+        self.gpu_minutes = round(self.gpu_seconds / 60, 1)
+        return self
 
 
 class DreamBoothJobStatus(ApiModel):

@@ -20,10 +20,11 @@ from rich.text import Text
 
 from dreambooth_api import constants as api
 from dreambooth_cli import localrun, manifest, present, subject
-from dreambooth_cli.client import DreamBoothClient, JobInfo, Upload
+from dreambooth_cli.client import DreamBoothClient, Upload
 from dreambooth_cli.display import ProgressDisplay
 from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
 from dreambooth_cli.events import format_log_event, parse_line
+from dreambooth_cli.jobinfo import JobInfo
 from dreambooth_cli.report import load_run, write_report
 from dreambooth_cli.report.data import looks_like_run
 from dreambooth_cli.sync import collect_images, sync_to_folder
@@ -81,6 +82,19 @@ def run(
     say(f"model:   {output / 'model'}")
     say(f"samples: {output / 'samples'}")
     say(f"report:  {report}")
+    say_evaluation(result.termination)
+
+
+def say_evaluation(fields: dict[str, object]) -> None:
+    """The evaluation's scores and gate from a result document (nothing when the run was not evaluated)."""
+    scores = fields.get("evaluation")
+    if isinstance(scores, dict):
+        say("evaluation: " + ", ".join(f"{name} {value:.4g}" for name, value in sorted(scores.items())))
+    if fields.get("qualityGate"):
+        reason = fields.get("qualityGateReason")
+        say(f"quality gate: {fields['qualityGate']}" + (f" ({reason})" if reason else ""))
+    if fields.get("evaluationError"):
+        say(f"evaluation error: {fields['evaluationError']}")
 
 
 @app.command()
@@ -89,6 +103,13 @@ def submit(
     images: Annotated[
         Path | None, typer.Option("--images", help="Upload these photos to spec.instanceImages.uri first.")
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check/--no-check",
+            help="Check that spec.instanceImages' bucket exists and its prefix holds images before creating the job.",
+        ),
+    ] = True,
     namespace: Namespace = None,
     context: Context = None,
     kubeconfig: Kubeconfig = None,
@@ -100,7 +121,7 @@ def submit(
     def uploaded(upload: Upload) -> None:
         say(f"images: {upload.uploaded} uploaded, {upload.unchanged} unchanged, to {upload.uri}")
 
-    name = client.submit(job, images, on_upload=uploaded, source=job_file)
+    name = client.submit(job, images, on_upload=uploaded, source=job_file, check_input=check)
     ns = client.namespace_for(job)
     say(f"{api.JOB_KIND} {ns}/{name} created. Next:")
     say(f"  kubectl get dbj {name} -n {ns}")
@@ -136,7 +157,8 @@ def list_(
 
 @app.command()
 def status(name: JobName, namespace: Namespace = None, context: Context = None, kubeconfig: Kubeconfig = None) -> None:
-    """Show a job's phase, progress, outputs and conditions (exit 4 when the job failed)."""
+    """Show a job's phase, progress, outputs and conditions (exit 4 when the job failed, 7 when it failed its
+    quality gate)."""
     client = DreamBoothClient(kubeconfig, context, namespace)
     job = client.get(name)
     details = Table(show_header=False, box=None, pad_edge=False)
@@ -152,6 +174,8 @@ def status(name: JobName, namespace: Namespace = None, context: Context = None, 
         out.print(table)
     if job.failed:  # scripts can test `dreambooth status NAME` like `watch`: exit 4 for a failed job
         raise CliError(f"{name} failed: {job.failure_message}", ExitStatus.JOB_FAILED)
+    if job.quality_gate_failed is not None:  # exit 7: succeeded, but under evaluation.minScore
+        raise CliError(f"{name} failed its quality gate: {job.quality_gate_failed}", ExitStatus.QUALITY_GATE_FAILED)
 
 
 @app.command()
@@ -163,7 +187,8 @@ def watch(
     context: Context = None,
     kubeconfig: Kubeconfig = None,
 ) -> None:
-    """Show a live progress bar from the job's status until it succeeds (exit 0) or fails (non-zero)."""
+    """Show a live progress bar from the job's status until it succeeds (exit 0) or fails (non-zero; 7 when it
+    succeeded under evaluation.minScore: QualityGateFailed)."""
     client = DreamBoothClient(kubeconfig, context, namespace).connect()  # fail before the display starts
     last: JobInfo | None = None
     with ProgressDisplay(err_console, description=name) as display:
@@ -180,6 +205,8 @@ def watch(
     if last.failed:
         raise CliError(f"{name} failed: {last.failure_message}", ExitStatus.JOB_FAILED)
     say(f"{name} succeeded; model: {last.model_uri or '-'}")
+    if last.quality_gate_failed is not None:  # the model is exported, but under evaluation.minScore
+        raise CliError(f"{name} failed its quality gate: {last.quality_gate_failed}", ExitStatus.QUALITY_GATE_FAILED)
 
 
 @app.command()
@@ -217,6 +244,29 @@ def report(
     else:
         path = DreamBoothClient(kubeconfig, context, namespace).report(source, output)
     say(f"report: {path}")
+
+
+@app.command()
+def evaluate(
+    source: Annotated[str, typer.Argument(help="A local run folder (workdir or output) of a finished run.")],
+) -> None:
+    """Evaluate a finished local run's exported model again (its config.json's spec.evaluation and spec.vlm): the
+    scores and the gate are printed and written next to the model (evaluation.json, evaluation/); exit 7 when the
+    quality gate failed."""
+    folder = Path(source)
+    if not folder.is_dir():
+        raise InputError(
+            f"{source}: not a folder; evaluate a local run (a cluster job's evaluation runs in its training pod)"
+        )
+    fields = localrun.evaluate_run(localrun.output_dir_of(folder))
+    for name, value in sorted((fields.get("evaluation") or {}).items()):
+        say(f"{name}: {value:.4g}")
+    gate = fields.get("qualityGate")
+    reason = fields.get("qualityGateReason")
+    say(f"quality gate: {gate}" + (f" ({reason})" if reason else ""))
+    say(f"detail: {fields.get('evaluationUri')}")
+    if gate == "failed":
+        raise CliError(f"{source} failed its quality gate: {reason}", ExitStatus.QUALITY_GATE_FAILED)
 
 
 @app.command()

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth_api import constants as api
-from dreambooth_api.job import DreamBoothJobStatus
 from dreambooth_cli import images, kube, localrun, manifest, present
 from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
-from dreambooth_cli.events import Progress
+from dreambooth_cli.jobinfo import JobInfo
 from dreambooth_cli.report import load_run, write_report
 from dreambooth_cli.sync import collect_images
 
@@ -42,64 +41,6 @@ WATCH_RETRY_SECONDS = 300.0
 WATCH_INTERVAL_SECONDS = 2.0
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 """Kubernetes' label (and annotation) on the pods of an Indexed Job: the node rank of a DreamBoothJob's pod."""
-
-
-@dataclass(frozen=True)
-class JobInfo:
-    """A DreamBoothJob as read from the cluster: the facts most callers want, and the object itself (`raw`)."""
-
-    name: str
-    namespace: str
-    phase: str
-    """A `JobPhase` value ("Pending" until the operator writes one)."""
-    progress: Progress
-    """Steps, loss, learning rate, speed and ETA from status.progress (total steps from the spec until then)."""
-    raw: dict[str, Any]
-    """The custom object as the API server returned it."""
-
-    @classmethod
-    def from_object(cls, job: dict[str, Any], namespace: str = "") -> JobInfo:
-        meta = job.get("metadata") or {}
-        return cls(
-            name=str(meta.get("name", "")),
-            namespace=str(meta.get("namespace") or namespace),
-            phase=present.phase_of(job),
-            progress=present.progress_of(job),
-            raw=job,
-        )
-
-    @property
-    def status(self) -> DreamBoothJobStatus:
-        """status as the typed contract model (raises pydantic's ValidationError for a status it does not allow)."""
-        return DreamBoothJobStatus.model_validate(present.status_of(self.raw))
-
-    @property
-    def terminal(self) -> bool:
-        """Succeeded or Failed: nothing will change any more."""
-        return self.phase in api.TERMINAL_JOB_PHASES
-
-    @property
-    def succeeded(self) -> bool:
-        return self.phase == api.JobPhase.SUCCEEDED
-
-    @property
-    def failed(self) -> bool:
-        return self.phase == api.JobPhase.FAILED
-
-    @property
-    def model_uri(self) -> str | None:
-        """status.outputs.modelUri: where the exported model is, once the job succeeded."""
-        uri = (present.status_of(self.raw).get("outputs") or {}).get("modelUri")
-        return str(uri) if uri else None
-
-    @property
-    def failure_message(self) -> str:
-        """`Reason: message` of the Failed condition, else status.message."""
-        status = present.status_of(self.raw)
-        for c in status.get("conditions") or []:
-            if isinstance(c, dict) and c.get("type") == "Failed" and c.get("status") == "True":
-                return f"{c.get('reason', 'Failed')}: {c.get('message', '')}".rstrip(": ")
-        return str(status.get("message") or "failed")
 
 
 @dataclass(frozen=True)
@@ -179,12 +120,15 @@ class DreamBoothClient:
         *,
         on_upload: Callable[[Upload], None] | None = None,
         source: str | Path | None = None,
+        check_input: bool = True,
     ) -> str:
         """Create a DreamBoothJob (a YAML file or a manifest) and return its name.
 
         A server-side dry run (strict field validation) checks it first; then the photos in the folder `images`
         are uploaded to spec.instanceImages.uri (an s3:// prefix), skipping those already there with the same
-        checksum, and `on_upload` hears how many; then the job is created. `source` names the manifest in errors.
+        checksum, and `on_upload` hears how many; then, with `check_input`, the images' bucket must exist and their
+        prefix hold images (preflight.py; an InputError otherwise, a logged note when it cannot be checked from
+        here); then the job is created. `source` names the manifest in errors.
         """
         if isinstance(job, Mapping):
             manifest_ = copy.deepcopy(dict(job))
@@ -209,6 +153,12 @@ class DreamBoothClient:
             upload = self._upload_images(target, manifest_, Path(images))
             if on_upload is not None:
                 on_upload(upload)
+        if check_input:
+            from dreambooth_cli import preflight
+
+            note = preflight.check_job(target, manifest_)
+            if note:
+                log.warning("%s", note)
         try:
             kube.call(target, create, *args, field_validation="Strict")
         except ApiError as err:

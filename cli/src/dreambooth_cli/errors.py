@@ -21,6 +21,8 @@ class ExitStatus(IntEnum):
     """The named job does not exist."""
     ALREADY_EXISTS = 6
     """`submit`: a job of that name already exists in the namespace."""
+    QUALITY_GATE_FAILED = 7
+    """`watch`, `status`: the job succeeded but its evaluation is under `evaluation.minScore` (QualityGateFailed)."""
 
 
 class CliError(Exception):

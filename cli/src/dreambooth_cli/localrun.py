@@ -300,3 +300,25 @@ def output_dir_of(path: Path) -> Path:
     if isinstance(uri, str):
         return uri_to_path(uri)
     return path
+
+
+EVALUATE_MODULE = "dreambooth_trainer.evaluation.rerun"
+
+
+def evaluate_run(output: Path) -> dict[str, Any]:
+    """Evaluate a finished run's output folder again (the trainer's `evaluation.rerun`, in the trainer's Python);
+    returns the fields it printed (evaluation, evaluationUri, qualityGate, qualityGateReason)."""
+    python = Path(trainer_command()[0]).parent / "python"
+    command = [str(python) if python.is_file() else sys.executable, "-m", EVALUATE_MODULE, str(output.resolve())]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    try:
+        fields: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        fields = {}
+    if proc.returncode == 10:
+        raise InputError(str(fields.get("error") or proc.stderr.strip()[-500:]))
+    if proc.returncode != 0:
+        detail = fields.get("evaluationError") or proc.stderr.strip()[-500:] or f"exit {proc.returncode}"
+        raise CliError(f"the evaluation failed: {detail}", ExitStatus.JOB_FAILED)
+    return fields

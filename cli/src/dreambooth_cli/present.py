@@ -139,6 +139,15 @@ def detail_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
         rows.extend((key, str(outputs[key])) for key in ("modelUri", "samplesUri") if outputs.get(key))
         evaluation = outputs.get("evaluation")
         if isinstance(evaluation, dict):
-            rows.extend((f"evaluation {k}", str(v)) for k, v in sorted(evaluation.items()))
+            rows.extend((f"evaluation {k}", f"{v:.4g}" if isinstance(v, float) else str(v))
+                        for k, v in sorted(evaluation.items()))  # fmt: skip
+        if outputs.get("qualityGate"):
+            reason = outputs.get("qualityGateReason")
+            rows.append(
+                ("quality gate", f"{outputs['qualityGate']}: {reason}" if reason else str(outputs["qualityGate"]))
+            )
+        for key, label in (("evaluationUri", "evaluation detail"), ("evaluationError", "evaluation error")):
+            if outputs.get(key):
+                rows.append((label, str(outputs[key])))
     rows.extend((key, str(status[key])) for key in ("startTime", "completionTime") if status.get(key))
     return rows

@@ -23,7 +23,15 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 SHA256_METADATA = "sha256"
-REPORT_FILES = ("metrics.jsonl", "config.json", "result.json", "evaluation.json")
+REPORT_FILES = (
+    "metrics.jsonl",
+    "config.json",
+    "result.json",
+    "evaluation.json",
+    "evaluation/result.json",
+    "evaluation/grid.png",
+    "captions.json",
+)
 
 
 def split_uri(uri: str) -> tuple[str, str]:

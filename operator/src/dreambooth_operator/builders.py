@@ -138,6 +138,14 @@ def _env(job: Mapping[str, Any], spec: DreamBoothJobSpec, attempt: int, settings
         if creds.session_token_key:
             keys.append((envnames.AWS_SESSION_TOKEN, creds.session_token_key))
         env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}} for var, key in keys]
+    vlm_secret = spec.vlm_secret()
+    if vlm_secret is not None:  # the value stays in the Secret: only the reference is in the pod spec
+        env.append(
+            {
+                "name": envnames.VLM_API_KEY,
+                "valueFrom": {"secretKeyRef": {"name": vlm_secret.name, "key": vlm_secret.key}},
+            }
+        )
     overrides = spec.pod_template.env if spec.pod_template and spec.pod_template.env else []
     user = [e.to_wire() for e in overrides]
     user_names = {e["name"] for e in user}

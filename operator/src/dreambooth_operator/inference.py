@@ -1,7 +1,8 @@
 """InferenceService: the pure reconcile (the builders are in inference_builders.py).
 
 `spec.model.fromJob` resolves to the job's `status.outputs.modelUri` and its `spec.baseModel` once the job has
-succeeded; until then the service is Pending (WaitingForJob), and Failed when the job failed or is missing.
+succeeded; until then the service is Pending (WaitingForJob), also while the job does not exist (yet): it may be
+created after the service, and the service recovers by itself. Failed (SourceJobFailed) only when the job failed.
 It is Ready only when every ready replica runs the desired server config (no old replicas left); while a rollout
 is under way it is Loading (RollingOut) and `servedModelUri` names the model the old replicas still serve.
 A server that cannot load its model exits with the error as its termination message; with no replica ready the
@@ -45,6 +46,8 @@ from dreambooth_operator.redact import redact
 from dreambooth_operator.restrictions import violations
 from dreambooth_operator.settings import OperatorSettings
 
+SOURCE_JOB_FAILED_HINT: Final = "train it again (a new job, or this one recreated), or set spec.model to another model"
+
 
 def resolve_model(
     spec: InferenceServiceSpec, source: Mapping[str, Any] | None
@@ -54,14 +57,17 @@ def resolve_model(
         return ResolvedModel(spec.model.model_uri, spec.model.base_model), Reason.MODEL_URI_SET, "modelUri is set"
     job_name = spec.model.from_job
     if source is None:
-        return None, Reason.SOURCE_JOB_NOT_FOUND, f"DreamBoothJob {job_name} not found"
+        message = f"DreamBoothJob {job_name} does not exist (yet); the service starts once it exists and succeeds"
+        return None, Reason.WAITING_FOR_JOB, message
     status = source.get("status") or {}
     phase = status.get("phase")
     if phase == "Failed":
-        return None, Reason.SOURCE_JOB_FAILED, f"DreamBoothJob {job_name} failed: {status.get('message') or ''}"
+        message = f"DreamBoothJob {job_name} failed: {status.get('message') or ''}; {SOURCE_JOB_FAILED_HINT}"
+        return None, Reason.SOURCE_JOB_FAILED, message
     model_uri = (status.get("outputs") or {}).get("modelUri")
     if phase != "Succeeded" or not model_uri:
-        return None, Reason.WAITING_FOR_JOB, f"waiting for DreamBoothJob {job_name} to succeed (phase {phase})"
+        message = f"waiting for DreamBoothJob {job_name} to succeed (phase {phase or 'not set yet'})"
+        return None, Reason.WAITING_FOR_JOB, message
     base = (source.get("spec") or {}).get("baseModel")
     return ResolvedModel(model_uri, base), Reason.MODEL_URI_SET, f"the model of DreamBoothJob {job_name}"
 
@@ -208,7 +214,24 @@ def reconcile_inference(
     """The next status and the children to apply. `children`: the Service, HPA, NetworkPolicy and subjects
     ConfigMap as read, by (kind, name) (the Deployment is `deployment`); a child's name taken by an object the
     service does not control stops every apply (condition ChildConflict). `subject_jobs`: the DreamBoothJobs of the
-    namespace that spec.subjects may choose from (`servable_subjects` filters them)."""
+    namespace that spec.subjects may choose from (`servable_subjects` filters them). status.reason (the Reason
+    column) is the Ready condition's reason, which every outcome sets."""
+    plan = _plan(isvc, source_job, deployment, settings, now, pods, children, subject_jobs)
+    ready = find_condition(plan.status.conditions, InferenceConditionType.READY.value)
+    plan.status.reason = ready.reason if ready is not None else None
+    return plan
+
+
+def _plan(
+    isvc: Mapping[str, Any],
+    source_job: Mapping[str, Any] | None,
+    deployment: Mapping[str, Any] | None,
+    settings: OperatorSettings,
+    now: datetime,
+    pods: Sequence[Mapping[str, Any]],
+    children: ObservedChildren | None,
+    subject_jobs: Sequence[Mapping[str, Any]],
+) -> InferencePlan:
     meta = isvc["metadata"]
     generation = meta.get("generation")
     try:
@@ -225,7 +248,10 @@ def reconcile_inference(
         status.message = f"invalid spec: {err.error_count()} error(s): " + "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
-        plan.events.append(("Warning", Reason.INVALID_SPEC, status.message))
+        status.message += "; fix the spec and apply it again"
+        set_condition_of(
+            plan, InferenceConditionType.READY, False, Reason.INVALID_SPEC, status.message, now, generation
+        )
         return plan
 
     def cond(type_: InferenceConditionType, ok: bool, reason: str, message: str, event: bool = True) -> None:
@@ -241,8 +267,8 @@ def reconcile_inference(
     model, reason, message = resolve_model(spec, source_job)
     cond(InferenceConditionType.MODEL_RESOLVED, model is not None, reason, message)
     if model is None:
-        failed = reason in (Reason.SOURCE_JOB_FAILED, Reason.SOURCE_JOB_NOT_FOUND)
-        status.phase = InferencePhase.FAILED if failed else InferencePhase.PENDING
+        # Only a failed job needs a person; a missing or unfinished one is waited for.
+        status.phase = InferencePhase.FAILED if reason == Reason.SOURCE_JOB_FAILED else InferencePhase.PENDING
         status.message = message
         cond(InferenceConditionType.READY, False, reason, message)
         return plan
@@ -293,7 +319,8 @@ def set_condition_of(
     *,
     event: bool = True,
 ) -> None:
-    """Set a condition of the plan's status (redacted); an event when its status or reason changes."""
+    """Set a condition of the plan's status (redacted); an event when its status or reason changes, one per reason
+    and reconcile (ModelResolved and Ready that change with one reason are one transition)."""
     message = redact(message)
     new = Condition(
         type=type_.value,
@@ -304,7 +331,8 @@ def set_condition_of(
         observed_generation=generation,
     )
     old = find_condition(plan.status.conditions, type_.value)
-    if event and (old is None or old.status != new.status or old.reason != new.reason):
+    changed = old is None or old.status != new.status or old.reason != new.reason
+    if event and changed and all(r != reason for _, r, _ in plan.events):
         plan.events.append(("Warning" if reason in WARNING_REASONS else "Normal", reason, message))
     plan.status.conditions = set_condition(plan.status.conditions, new)
 
@@ -350,8 +378,8 @@ def blocked_by_foreign_children(
 
 WARNING_REASONS = frozenset(
     {
+        Reason.INVALID_SPEC,
         Reason.SOURCE_JOB_FAILED,
-        Reason.SOURCE_JOB_NOT_FOUND,
         Reason.MODEL_LOAD_FAILED,
         Reason.CHILD_CONFLICT,
         Reason.POLICY_VIOLATION,

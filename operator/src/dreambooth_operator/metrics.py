@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter as Tally
+from collections.abc import Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -12,6 +14,10 @@ DURATION_BUCKETS: Final = (5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200,
 
 # Buckets for GPU-seconds per job: a few GPU-minutes (a LoRA on one GPU) to GPU-days (large full fine-tunes).
 GPU_SECONDS_BUCKETS: Final = (60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
+
+# Buckets for evaluation scores: cosine similarities (dino, clipI, clipT: 0 to 1 in practice) and the judge's means
+# (conceptPreservation, promptFollowing: 0 to 4).
+SCORE_BUCKETS: Final = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 
 class OperatorMetrics:
@@ -69,6 +75,15 @@ class OperatorMetrics:
             buckets=GPU_SECONDS_BUCKETS,
             registry=r,
         )
+        self.evaluation_score = Histogram(
+            "dreambooth_operator_evaluation_score",
+            "Evaluation scores of succeeded DreamBoothJobs (status.outputs.evaluation), observed once when the job "
+            "succeeds, by metric (dino, clipI, clipT, baseDino, baseClipI, baseClipT, conceptPreservation, "
+            "promptFollowing)",
+            ["metric"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
         self.progress_polls = Counter(
             "dreambooth_operator_progress_polls_total",
             "Reads of rank 0's /progress, by result (ok or error)",
@@ -93,6 +108,12 @@ class OperatorMetrics:
         counts = Tally(self._phases.values())
         for known in ("Pending", "Queued", "Initializing", "Running", "Succeeded", "Failed", "Suspended"):
             self.jobs.labels(phase=known).set(counts.get(known, 0))
+
+    def observe_evaluation(self, scores: Mapping[str, float] | None) -> None:
+        """Observe a succeeded job's evaluation scores (finite ones; the metric names the status uses)."""
+        for metric, value in (scores or {}).items():
+            if math.isfinite(value):
+                self.evaluation_score.labels(metric=metric).observe(value)
 
     def serve(self, port: int, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from other pods
         """Serve /metrics in a background thread."""

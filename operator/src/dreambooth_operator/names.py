@@ -35,6 +35,11 @@ def batch_job_name(job_name: str, attempt: int) -> str:
     return f"{job_name}-a{attempt}"
 
 
+def preflight_job_name(job_name: str) -> str:
+    """The batch Job of the pre-flight input check, run once before the first attempt (preflight_builders.py)."""
+    return f"{job_name}-check"
+
+
 def pod_hostname(job_name: str, attempt: int, index: int) -> str:
     """The hostname the Job controller gives the pod of completion index ``index``."""
     return f"{batch_job_name(job_name, attempt)}-{index}"
@@ -48,7 +53,8 @@ def master_address(job_name: str, attempt: int) -> str:
 def longest_child_label(job_name: str) -> str:
     """The longest DNS label derived from ``job_name`` (checked against 63 characters)."""
     hostname = f"{job_name}-a{'9' * MAX_ATTEMPT_DIGITS}-{'9' * MAX_INDEX_DIGITS}"
-    return max((hostname, service_name(job_name), configmap_name(job_name), network_policy_name(job_name)), key=len)
+    children = (service_name(job_name), configmap_name(job_name), network_policy_name(job_name))
+    return max((hostname, *children, preflight_job_name(job_name)), key=len)
 
 
 def max_job_name_length() -> int:

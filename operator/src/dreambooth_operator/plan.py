@@ -34,6 +34,8 @@ class ActionKind(StrEnum):
     """TTL: delete every batch Job, the Service and the ConfigMap of the job."""
     FORCE_DELETE_POD = "ForceDeletePod"
     """Delete pod `name` (precondition: `uid`) with gracePeriodSeconds=0: it is stuck deleting on a lost node."""
+    CREATE_PREFLIGHT = "CreatePreflight"
+    """Ensure the ConfigMap and Service, then create the input check's batch Job `name` (policies/preflight.py)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class PlanBuilder:
     def plan(self, finished: bool = False) -> Plan:
         self.status.restarts.total = self.status.restarts.preemptions + self.status.restarts.failures
         self.status.reason = phase_reason(self.status)
-        self.events.extend(transition_events(self.prev, self.status))
+        self.events.extend(transition_events(self.prev, self.status, self.job_name))
         return Plan(
             status=self.status,
             actions=self.actions,
@@ -145,7 +147,12 @@ PHASE_CONDITIONS: Final[dict[JobPhase, tuple[JobConditionType, ...]]] = {
     JobPhase.QUEUED: (JobConditionType.QUEUED,),
     JobPhase.INITIALIZING: (JobConditionType.RUNNING,),
     JobPhase.RUNNING: (JobConditionType.RUNNING,),
-    JobPhase.PENDING: (JobConditionType.CHILD_CONFLICT, JobConditionType.VALID, JobConditionType.RUNNING),
+    JobPhase.PENDING: (
+        JobConditionType.CHILD_CONFLICT,
+        JobConditionType.VALID,
+        JobConditionType.RUNNING,
+        JobConditionType.INPUT_CHECKED,
+    ),
 }
 
 
@@ -159,7 +166,8 @@ def phase_reason(status: DreamBoothJobStatus) -> str | None:
         if cond is None:
             continue
         explains = cond.status == ConditionStatus.TRUE
-        if type_ in (JobConditionType.VALID, JobConditionType.RUNNING) and status.phase is JobPhase.PENDING:
+        pending_types = (JobConditionType.VALID, JobConditionType.RUNNING, JobConditionType.INPUT_CHECKED)
+        if type_ in pending_types and status.phase is JobPhase.PENDING:
             explains = cond.status == ConditionStatus.FALSE
         if type_ is JobConditionType.RUNNING and status.phase is not JobPhase.PENDING:
             explains = True
@@ -172,6 +180,7 @@ WARNING_REASONS: Final = frozenset(
     {
         Reason.INVALID_SPEC,
         Reason.INVALID_INPUT,
+        Reason.LOSS_DIVERGED,
         Reason.PREEMPTED,
         Reason.RETRYING,
         Reason.BACKOFF_LIMIT_EXCEEDED,
@@ -186,18 +195,82 @@ WARNING_REASONS: Final = frozenset(
 )
 
 
-def transition_events(prev: DreamBoothJobStatus, new: DreamBoothJobStatus) -> list[Event]:
-    """One event per condition whose status or reason changed in this reconcile."""
-    events = []
+# The order of one reconcile's events, by the type of the condition that carries them: what happened to the pods
+# first, then a checkpoint, then how the job ended. Conditions that change together with the same reason (Failed
+# and Running on a failure, Succeeded and Running on success) are one transition: the last type in this order tells
+# it (its condition's message is the event's).
+EVENT_ORDER: Final = (
+    JobConditionType.VALID,
+    JobConditionType.CHILD_CONFLICT,
+    JobConditionType.INPUT_CHECKED,
+    JobConditionType.QUEUED,
+    JobConditionType.SUSPENDED,
+    JobConditionType.RUNNING,
+    JobConditionType.CHECKPOINTED,
+    JobConditionType.SUCCEEDED,
+    JobConditionType.FAILED,
+)
+
+NOT_NEWS: Final = frozenset({(Reason.PODS_PENDING, ConditionStatus.FALSE), (Reason.SPEC_VALID, ConditionStatus.TRUE)})
+"""(reason, status) of a condition's first value that is no event: what every new job starts with."""
+
+# What to do (or what happens next), after what happened: `{name}` is the job's name.
+EVENT_HINTS: Final[dict[str, str]] = {
+    Reason.INVALID_SPEC: "fix the spec and create the job again (a failed job is not retried)",
+    Reason.INVALID_INPUT: "fix the input and create the job again (a failed job is not retried)",
+    Reason.LOSS_DIVERGED: (
+        "lower training.learningRate or set training.maxGradNorm, then create the job again (the run is seeded: a "
+        "retry would diverge the same way)"
+    ),
+    Reason.CHECKING_INPUT: "the GPU Job starts once the input passes (`kubectl logs job/{name}-check`)",
+    Reason.INPUT_VALID: "creating the GPU Job",
+    Reason.INPUT_CHECK_INCONCLUSIVE: "`kubectl logs job/{name}-check` shows why the check did not finish",
+    Reason.POLICY_VIOLATION: "use what the operator's restrictions allow and create the job again",
+    Reason.PODS_RUNNING: "the trainer loads the model and the images (`dreambooth logs {name}`)",
+    Reason.TRAINING: "training started (`dreambooth watch {name}` shows the progress)",
+    Reason.UNSCHEDULABLE: (
+        "no node fits the pods: check spec.resources and spec.podTemplate (nodeSelector, tolerations), "
+        "a fixed podTemplate applies at once"
+    ),
+    Reason.IMAGE_PULL_FAILED: "fix spec.podTemplate.image (or its pull secret), the fix applies at once",
+    Reason.RETRYING: "`dreambooth logs {name}` shows the trainer's error",
+    Reason.BACKOFF_LIMIT_EXCEEDED: "`dreambooth logs {name}` shows the trainer's error: fix it, create the job again",
+    Reason.DEADLINE_EXCEEDED: "raise spec.runPolicy.activeDeadlineSeconds and create the job again",
+    Reason.GPU_SECONDS_LIMIT_EXCEEDED: "raise spec.runPolicy.gpuSecondsLimit and create the job again",
+    Reason.SUSPENDED_BY_USER: "set spec.runPolicy.suspend to false to resume from the last checkpoint",
+    Reason.CHILD_CONFLICT: "delete or rename that object (the job waits)",
+    Reason.CHECKPOINT_WRITTEN: "a restarted pod resumes from the newest checkpoint",
+    Reason.TRAINING_COMPLETED: (
+        "`dreambooth report {name}` shows the samples, and an InferenceService with model.fromJob: {name} serves it"
+    ),
+}
+
+
+def event_text(reason: str, message: str, name: str) -> str:
+    """What happened (the condition's message) and what to do (EVENT_HINTS)."""
+    hint = EVENT_HINTS.get(reason, "").format(name=name)
+    return f"{message.rstrip('. ')}; {hint}" if message and hint else message or hint or reason
+
+
+def transition_events(prev: DreamBoothJobStatus, new: DreamBoothJobStatus, name: str = "") -> list[Event]:
+    """One event per transition: per reason among the conditions whose status or reason changed in this reconcile
+    (conditions that change with one reason are one event), in EVENT_ORDER."""
+    changed: dict[str, list[Condition]] = {}
     for cond in new.conditions:
         old = find_condition(prev.conditions, cond.type)
         if old is not None and old.status == cond.status and old.reason == cond.reason:
             continue
-        if old is None and cond.status == ConditionStatus.FALSE and cond.reason == Reason.PODS_PENDING:
-            continue  # a job that starts out with pending pods is not news
-        kind = "Warning" if cond.reason in WARNING_REASONS and cond.status == ConditionStatus.TRUE else "Normal"
-        if cond.type == JobConditionType.RUNNING and cond.reason in WARNING_REASONS:
-            kind = "Warning"
-        text = cond.message or f"{cond.type} is {cond.status.value}"
-        events.append(Event(kind, cond.reason, text))
-    return events
+        if old is None and (cond.reason, cond.status) in NOT_NEWS:
+            continue  # a new job whose spec is valid, or whose pods start out pending, is not news
+        changed.setdefault(cond.reason or cond.type, []).append(cond)
+    order = {t.value: i for i, t in enumerate(EVENT_ORDER)}
+    events: list[tuple[int, Event]] = []
+    for reason, group in changed.items():
+        main = max(group, key=lambda c: order.get(c.type, -1))
+        warning = reason in WARNING_REASONS and any(
+            c.status == ConditionStatus.TRUE or c.type in (JobConditionType.RUNNING, JobConditionType.INPUT_CHECKED)
+            for c in group
+        )
+        text = event_text(reason, main.message or f"{main.type} is {main.status.value}", name)
+        events.append((order.get(main.type, -1), Event("Warning" if warning else "Normal", reason, text)))
+    return [event for _, event in sorted(events, key=lambda pair: pair[0])]

@@ -2,8 +2,9 @@
 
 observe (observed.py: the job, its batch Jobs and pods, rank 0's progress) -> classify (by attempt) -> apply the
 policies (policies/, one file each: validity, restrictions, budget, preemption, failure, progress, deadline,
-success, gang, suspend, pod_spec_change, lost_pods, ownership, ttl) -> create what is missing -> the new status,
-once (plan.py). The handler writes the status, emits the events, and then carries out the actions.
+success, gang, suspend, pod_spec_change, lost_pods, ownership, ttl; preflight, the CPU-only input check before the
+first attempt) -> create what is missing -> the new status, once (plan.py). The handler writes the status, emits
+the events, and then carries out the actions.
 
 Status never goes backwards: terminal phases are sticky, the attempt and restart counters only grow, a stale
 object (an older generation than the status has seen) changes nothing, and a condition keeps its transition
@@ -31,6 +32,7 @@ from dreambooth_operator.policies import (
     ownership,
     pod_spec_change,
     preemption,
+    preflight,
     progress,
     restrictions,
     success,
@@ -49,6 +51,7 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
     if prev.observed_generation is not None and generation is not None and generation < prev.observed_generation:
         return Plan(status=prev, requeue_after=None)
     obs, foreign = split_owned(obs)
+    obs, checks = preflight.split(obs, foreign)  # the input check's pods hold no GPU and are no attempt's
     b = PlanBuilder(obs, prev, generation)
 
     budget.account_usage(b)
@@ -77,6 +80,9 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
     if attempt.batch_job is None:
         if attempt.blocker is not None:
             return ownership.blocked_by_batch_job(b, attempt.blocker)
+        checking = preflight.check_input(b, spec, attempt, checks)
+        if checking is not None:
+            return checking
         return _start_attempt(b, spec, attempt)
     held = suspend.hold(b, spec, attempt)
     if held is not None:

@@ -90,6 +90,10 @@ class OperatorSettings(BaseSettings):
 
     reconcile_interval_seconds: float = Field(default=12.0, gt=0)
     """How often each active job is reconciled (and rank 0's /progress polled) without any event."""
+    idle_reconcile_max_seconds: float = Field(default=300.0, gt=0)
+    """The longest periodic check of a job that cannot change by itself (its pods wait for a node, or it has none
+    running, or it is terminal): its interval doubles from `reconcile_interval_seconds` up to this. Events (the job
+    or a child changed) and deadlines still wake it at once; the periodic check only covers a missed event."""
     progress_concurrency: int = Field(default=16, ge=1)
     """At most this many /progress requests in flight at once across all jobs."""
     progress_timeout_seconds: float = Field(default=3.0, gt=0)

@@ -13,7 +13,11 @@ from dreambooth_api.generate import crds, inference_crd, job_crd
 from dreambooth_api.schema import Schema, model_json_schema, to_structural, walk
 
 # Free-form Kubernetes sub-objects: the only places that keep unknown fields.
-PRESERVE_UNKNOWN_ALLOWED = {"spec.podTemplate.affinity", "spec.podTemplate.env[].valueFrom"}
+PRESERVE_UNKNOWN_ALLOWED = {
+    "spec.podTemplate.affinity",
+    "spec.podTemplate.env[].valueFrom",
+    "spec.vlm.extraBody",  # provider-specific request fields, passed to the VLM endpoint as they are
+}
 STRUCTURAL_FORBIDDEN_KEYS = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "not", "title", "definitions", "const"}
 
 

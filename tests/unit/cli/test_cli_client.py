@@ -15,8 +15,9 @@ from kubernetes import client
 from dreambooth_api import constants as api
 from dreambooth_api.job import DreamBoothJobStatus
 from dreambooth_cli import kube
-from dreambooth_cli.client import COMPLETION_INDEX, DreamBoothClient, JobInfo, WatchTimeoutError, _lines
+from dreambooth_cli.client import COMPLETION_INDEX, DreamBoothClient, WatchTimeoutError, _lines
 from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
+from dreambooth_cli.jobinfo import JobInfo
 
 NOW = "2026-11-27T00:00:00Z"
 

@@ -57,7 +57,7 @@ def source(phase: str, model_uri: str | None = None) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("job", "phase", "reason"),
     [
-        (None, "Failed", "SourceJobNotFound"),
+        (None, "Pending", "WaitingForJob"),  # it may be created after the service (issue 20)
         (source("Running"), "Pending", "WaitingForJob"),
         (source("Failed"), "Failed", "SourceJobFailed"),
     ],

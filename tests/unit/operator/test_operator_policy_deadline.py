@@ -31,7 +31,7 @@ def test_deadline_exceeded_stops_the_pods_and_fails() -> None:
 
 
 def test_time_queued_for_admission_does_not_count_against_the_deadline() -> None:
-    job = make_job().queue("gpu").run_policy(activeDeadlineSeconds=3600).obj()
+    job = make_job().queue("gpu").run_policy(activeDeadlineSeconds=3600).no_preflight().obj()
     plan = run(job)
     assert plan.status.phase == "Queued"
     assert plan.status.start_time is None

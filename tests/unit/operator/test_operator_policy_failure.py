@@ -69,6 +69,21 @@ def test_invalid_input_fails_at_once_with_the_trainer_message() -> None:
     assert plan.status.message == "cat3.jpg is bad"
 
 
+def test_a_diverged_loss_fails_at_once_as_loss_diverged_with_a_hint() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    message = {"status": "failed", "reason": "LossDiverged", "message": "the loss was NaN for 3 steps in a row"}
+    pod = make_pod(job).exited(10, message)
+    plan = run(job, [make_batch_job(job).failed("PodFailurePolicy", "x").obj()], [pod.obj()])
+    assert plan.status.phase == "Failed"
+    assert cond(plan, "Failed") == ("True", "LossDiverged")
+    assert plan.status.reason == "LossDiverged"
+    assert plan.status.restarts.total == 0
+    (event,) = [e for e in plan.events if e.reason == "LossDiverged"]
+    assert event.type == "Warning"
+    assert "the loss was NaN for 3 steps in a row" in event.message
+    assert "training.learningRate" in event.message
+
+
 def test_single_node_backoff_limit_exceeded() -> None:
     job = make_job().run_policy(backoffLimit=1).status(attempt=0, phase="Running", startTime=iso(T0)).obj()
     batch = make_batch_job(job).failed().failed_count(2).obj()

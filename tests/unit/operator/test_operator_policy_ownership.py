@@ -43,7 +43,7 @@ def plan_for(job: dict[str, Any], observed: ObservedChildren | None) -> Plan:
 
 
 def test_without_the_children_read_the_first_plan_creates_and_the_handler_reads_them() -> None:
-    assert plan_for(make_job().obj(), None).actions == CREATE
+    assert plan_for(make_job().no_preflight().obj(), None).actions == CREATE
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_without_the_children_read_the_first_plan_creates_and_the_handler_reads_
     ids=["absent", "owned"],
 )
 def test_absent_or_owned_children_let_the_attempt_start(observed: ObservedChildren) -> None:
-    plan = plan_for(make_job().obj(), observed)
+    plan = plan_for(make_job().no_preflight().obj(), observed)
     assert plan.actions == CREATE
     assert cond(plan, "ChildConflict") is None
 
@@ -76,7 +76,7 @@ def test_absent_or_owned_children_let_the_attempt_start(observed: ObservedChildr
 def test_a_foreign_child_blocks_the_attempt_with_a_condition_and_a_warning(
     kind: str, name: str, controller: dict[str, Any] | None, says: str
 ) -> None:
-    plan = plan_for(make_job().obj(), children(**{kind: obj(kind, name, controller)}))
+    plan = plan_for(make_job().no_preflight().obj(), children(**{kind: obj(kind, name, controller)}))
     assert plan.actions == []
     assert plan.status.phase == "Pending"
     assert cond(plan, "ChildConflict") == ("True", "ChildConflict")
@@ -89,7 +89,7 @@ def test_a_foreign_child_blocks_the_attempt_with_a_condition_and_a_warning(
 
 
 def test_the_conflict_is_reported_once_and_resolved_when_the_object_is_gone() -> None:
-    job = make_job().obj()
+    job = make_job().no_preflight().obj()
     blocked = plan_for(job, children(ConfigMap=obj("ConfigMap", "cat-config")))
     job = {**job, "status": blocked.status_wire()}
     again = plan_for(job, children(ConfigMap=obj("ConfigMap", "cat-config")))
@@ -101,7 +101,7 @@ def test_the_conflict_is_reported_once_and_resolved_when_the_object_is_gone() ->
 
 @pytest.mark.parametrize("deleting", [False, True])
 def test_leftovers_of_an_earlier_job_of_the_same_name_are_waited_for_without_a_conflict(deleting: bool) -> None:
-    plan = plan_for(make_job().obj(), children(Service=obj("Service", "cat-workers", EARLIER, deleting)))
+    plan = plan_for(make_job().no_preflight().obj(), children(Service=obj("Service", "cat-workers", EARLIER, deleting)))
     assert plan.actions == []
     assert plan.status.phase == "Pending"
     assert "waiting for the Service cat-workers of an earlier object with this name to be deleted" in (
@@ -112,7 +112,7 @@ def test_leftovers_of_an_earlier_job_of_the_same_name_are_waited_for_without_a_c
 
 
 def test_a_foreign_batch_job_that_is_not_an_earlier_jobs_is_a_conflict() -> None:
-    job = make_job().obj()
+    job = make_job().no_preflight().obj()
     foreign = obj("Job", "cat-a0", OTHER)
     foreign["metadata"]["labels"] = {"dreambooth.dev/job-name": "cat", "dreambooth.dev/attempt": "0"}
     plan = reconcile(Observed(job=job, batch_jobs=[foreign], pods=[], now=NOW))

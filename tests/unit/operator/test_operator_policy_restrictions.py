@@ -102,7 +102,10 @@ def test_a_job_that_breaks_a_rule_fails_at_once_and_its_running_attempt_is_stopp
 
 
 def test_a_job_within_the_rules_is_created() -> None:
-    job = make_job().pod_template(image="registry.corp/team-a/trainer:3", serviceAccountName="trainer").obj()
+    job = make_job().pod_template(image="registry.corp/team-a/trainer:3", serviceAccountName="trainer")
+    plan = reconcile(Observed(job=job.obj(), batch_jobs=[], pods=[], now=NOW, rules=SETTINGS.rules_for("team-a")))
+    assert plan.actions == [Action(ActionKind.CREATE_PREFLIGHT, name="cat-check")]  # the input check comes first
+    job = job.no_preflight().obj()
     plan = reconcile(Observed(job=job, batch_jobs=[], pods=[], now=NOW, rules=SETTINGS.rules_for("team-a")))
     assert plan.actions == [Action(ActionKind.CREATE_ATTEMPT, attempt=0)]
 

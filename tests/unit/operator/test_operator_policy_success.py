@@ -39,9 +39,11 @@ def test_outputs_fall_back_to_the_storage_layout() -> None:
 
 def test_success_sets_outputs_and_is_sticky() -> None:
     job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
-    message = {"status": "succeeded", "modelUri": "s3://bucket/out/cat/model", "steps": 10, "finalLoss": 0.1}
+    message = {"status": "succeeded", "modelUri": "s3://bucket/out/cat/model", "steps": 10, "finalLoss": 0.9842754602}
     plan = run(job, [make_batch_job(job).complete().obj()], [make_pod(job).exited(0, message).obj()])
     assert plan.status.phase == "Succeeded"
+    assert plan.status.progress is not None
+    assert plan.status.progress.loss == 0.9843  # the LOSS column, as the progress policy rounds it
     assert plan.status.outputs is not None
     assert plan.status.outputs.model_uri == "s3://bucket/out/cat/model"
     assert plan.status.outputs.samples_uri == "s3://bucket/out/cat/samples"

@@ -48,7 +48,7 @@ def test_suspend_and_resume() -> None:
 
 
 def test_kueue_job_is_queued_until_admitted() -> None:
-    job = make_job().queue("gpu").obj()
+    job = make_job().queue("gpu").no_preflight().obj()
     plan = run(job)
     assert plan.actions == [Action(ActionKind.CREATE_ATTEMPT, attempt=0)]
     assert plan.status.phase == "Queued"

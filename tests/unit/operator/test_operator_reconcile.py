@@ -14,13 +14,13 @@ from tests.unit.operator.operator_plans import NOW, after, cond, reasons, run
 
 
 def test_new_job_creates_attempt_zero() -> None:
-    plan = run(make_job().obj())
+    plan = run(make_job().no_preflight().obj())  # with the input check first: test_operator_policy_preflight.py
     assert plan.actions == [Action(ActionKind.CREATE_ATTEMPT, attempt=0)]
     assert plan.status.phase == "Pending"
     assert plan.status.start_time == NOW
     assert plan.status.observed_generation == 1
     assert cond(plan, "Valid") == ("True", "SpecValid")
-    assert reasons(plan) == [("Normal", "SpecValid")]
+    assert reasons(plan) == []  # a valid spec is what every new job starts with: no event (test_operator_events.py)
 
 
 def test_status_written_twice_is_stable_and_emits_no_new_events() -> None:
@@ -95,7 +95,7 @@ def test_children_of_an_earlier_job_with_the_same_name_are_not_adopted() -> None
     # Once it is gone, attempt 0 is created; foreign Jobs of other attempts are neither waited for nor deleted.
     other = make_batch_job(job, 3).owner("uid-old").obj()
     other_pod = make_pod(job, 3, 0).owner("uid-cat-a3").running().obj()
-    assert run(job, [other], [other_pod]).actions == [Action(ActionKind.CREATE_ATTEMPT, attempt=0)]
+    assert run(job, [other], [other_pod]).actions == [Action(ActionKind.CREATE_PREFLIGHT, name="cat-check")]
     assert owned_batch_jobs(job, [old_job.obj(), other, make_batch_job(job).obj()]) == [make_batch_job(job).obj()]
     # A pod of a foreign batch Job is not one of this job's pods.
     mine = after(job, plan) | {"status": {"attempt": 0, "phase": "Running", "startTime": iso(T0)}}

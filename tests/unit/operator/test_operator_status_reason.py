@@ -49,7 +49,8 @@ def test_the_job_columns_are_pinned() -> None:
         ("Loss", ".status.progress.loss", 0),
         ("Restarts", ".status.restarts.total", 0),
         ("Age", ".metadata.creationTimestamp", 0),
-        ("GPU-Seconds", ".status.usage.gpuSeconds", 1),
+        ("GPU-Minutes", ".status.usage.gpuMinutes", 1),
         ("Model", ".status.outputs.modelUri", 1),
+        ("Score", ".status.outputs.score", 1),
         ("Message", ".status.message", 1),
     ]

@@ -56,5 +56,7 @@ def test_cross_section_rules_give_the_api_servers_messages() -> None:
     job["spec"].setdefault("training", {})["method"] = "full"
     job["spec"]["resources"]["gpusPerNode"] = 0
     job["spec"]["runPolicy"] = {"gpuSecondsLimit": 600}  # without GPUs
+    job["spec"]["evaluation"] = {"enabled": True, "judge": True}  # without vlm
+    job["spec"]["instanceImages"]["captions"] = "auto"  # without vlm
     errors = validate(job)
     assert [r["message"] for r in SPEC_RULES] == [e for e in errors if e in {r["message"] for r in SPEC_RULES}]

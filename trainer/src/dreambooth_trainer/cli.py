@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "termination message to <workdir>/termination-log unless TERMINATION_MESSAGE_PATH is set",
     )
     p.add_argument("--workdir", type=Path, help=f"local scratch folder (default: ${env.WORKDIR} or ./.dreambooth)")
+    p.add_argument(
+        "--preflight",
+        action="store_true",
+        help="only check the input on this CPU (buckets, images, output, base model) and exit: preflight.py",
+    )
     return p.parse_args(argv)
 
 
@@ -91,6 +96,10 @@ def _procs_per_node(local: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.preflight:
+        from dreambooth_trainer.preflight import run_preflight
+
+        return run_preflight(args.config)
     workdir = args.workdir or (Path(os.environ[env.WORKDIR]) if os.environ.get(env.WORKDIR) else None)
     if args.local and not os.environ.get("TERMINATION_MESSAGE_PATH"):
         base = workdir or Path.cwd() / ".dreambooth"

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dreambooth_api.config import Crop, InstanceImagesSpec
+from dreambooth_api.evaluation import CaptionMode
 from dreambooth_api.exitcodes import InvalidInputError
 from dreambooth_trainer.imageio import (
     check_size,
@@ -96,10 +97,11 @@ def load_instance_examples(
             f"found {len(objects)} instance images in {where}, fewer than minImages={spec.min_images}"
         )
     min_side = max(spec.min_resolution, 1)
-    identifiers = identifier_tokens(spec, class_prompt) if spec.captions else []
-    if spec.captions and not identifiers:
+    with_captions = spec.captions is not CaptionMode.OFF
+    identifiers = identifier_tokens(spec, class_prompt) if with_captions else []
+    if with_captions and not identifiers:
         raise InvalidInputError(
-            "captions: true needs the identifier token: set instanceImages.identifier (or a class prompt)"
+            f"captions: {spec.captions} needs the identifier token: set instanceImages.identifier (or a class prompt)"
         )
     examples = []
     for uri, size in objects:
@@ -111,7 +113,7 @@ def load_instance_examples(
             raise InvalidInputError(f"instance image {uri} does not exist") from err
         image = decode_image(data, uri, min_resolution=min_side)
         caption = spec.prompt
-        if spec.captions:
+        if with_captions:
             caption = _read_caption(store, uri, identifiers)
         examples.append(Example(uri, resize_shorter_side(image, resolution), caption))
     return examples

@@ -24,7 +24,19 @@ from dreambooth_api.progress import TrainerPhase
 from dreambooth_trainer import compilation, rng
 from dreambooth_trainer.builder import build_training, configure_cuda_math, make_fabric
 from dreambooth_trainer.checkpoint import CheckpointStore, run_fingerprint
+from dreambooth_trainer.cli import classify
 from dreambooth_trainer.components import Components, load_components, model_cache_dir
+from dreambooth_trainer.distributed import (
+    agree_any,
+    global_rank,
+    leave,
+    on_all_ranks,
+    on_rank0,
+    raised_on_all_ranks,
+    read_env,
+    serve_rendezvous,
+)
+from dreambooth_trainer.evaluation import stage as evaluation
 from dreambooth_trainer.export import export_model
 from dreambooth_trainer.logging import EventLog
 from dreambooth_trainer.logging import log as default_log
@@ -56,23 +68,38 @@ class JobContext:
 
 
 def build_dataset(ctx: JobContext, components: Components) -> Any:
-    """Instance images, class priors (generated split across ranks, or reused) and caches: `prepare_dataset`."""
+    """Instance images, class priors (generated split across ranks, or reused) and caches: `prepare_dataset`.
+
+    The ranks meet once after class-image generation. A rank stopped by a signal between generation batches still
+    meets the others there, and they all stop together (StoppedError on every rank); otherwise a rank that left
+    would leave its peers waiting in that collective (a crash with gloo, a hang with NCCL)."""
 
     def on_phase(phase: str) -> None:
         ctx.progress.set_phase(TrainerPhase(phase))
         ctx.log.info("phase", phase=phase)
 
-    dataset = prepare_dataset(
-        ctx.config,
-        components,
-        ctx.store,
-        rank=int(ctx.fabric.global_rank),
-        world_size=int(ctx.fabric.world_size),
-        device=ctx.fabric.device,
-        barrier=ctx.fabric.barrier,
-        on_phase=on_phase,
-        should_stop=lambda: ctx.preemption.requested,
-    )
+    met: list[bool] = []
+
+    def meet() -> None:
+        met.append(True)
+        _stop_if_requested(ctx, "generating class images")
+
+    try:
+        dataset = prepare_dataset(
+            ctx.config,
+            components,
+            ctx.store,
+            rank=int(ctx.fabric.global_rank),
+            world_size=int(ctx.fabric.world_size),
+            device=ctx.fabric.device,
+            barrier=meet,
+            on_phase=on_phase,
+            should_stop=lambda: ctx.preemption.requested,
+        )
+    except StoppedError as err:
+        if not met:  # stopped between generation batches: the others wait for this rank where they meet
+            agree_any(ctx.fabric, True)
+        raise on_all_ranks(err) from None
     ctx.progress.set_phase(TrainerPhase.INITIALIZING)
     ctx.log.info("dataset_ready", items=len(dataset), withPrior=bool(getattr(dataset, "with_prior", False)))
     return dataset
@@ -91,7 +118,11 @@ def run_job(
     """Train, validate and export one job. Returns (status, result document); raises TrainerError subclasses."""
     log = log or default_log
     configure_cuda_math(config)
-    fabric = fabric or make_fabric(config, local=local)
+    if fabric is None:
+        fabric = make_fabric(config, local=local)
+        if not local:  # before Fabric starts the process group: rank 0 serves its rendezvous on MASTER_ADDR only
+            dist_env = read_env()
+            serve_rendezvous(dist_env, global_rank(dist_env))
     fabric.launch()
     rank = int(fabric.global_rank)
     log.bind(rank=rank, attempt=int(os.environ.get(env.ATTEMPT, "0") or 0))
@@ -106,10 +137,14 @@ def run_job(
     scratch.mkdir(parents=True, exist_ok=True)
     ctx = JobContext(config, ObjectStore(config.storage), scratch, preemption, log, progress, fabric)
     try:
-        return _run(ctx)
-    except BaseException:
+        outcome = _run(ctx)
+    except BaseException as err:
         progress.set_phase(TrainerPhase.FAILED)
+        leave(fabric, together=raised_on_all_ranks(err), log=log)
         raise
+    else:
+        leave(fabric, together=True, log=log)
+        return outcome
     finally:
         if server is not None:
             server.stop()
@@ -120,19 +155,24 @@ def _run(ctx: JobContext) -> tuple[str, dict[str, Any]]:
     t = cfg.training
     fabric = ctx.fabric
     log = ctx.log
-    if ctx.is_main:
+
+    def claim_output() -> None:
         # Another run's checkpoints under this output: refuse before overwriting its config.json.
         CheckpointStore(
             ctx.store, cfg.output.resolved_checkpoint_uri(), fingerprint=run_fingerprint(cfg)
         ).check_compatible()
         ctx.store.write_bytes(join_uri(cfg.output.uri, "config.json"), json.dumps(cfg.to_wire(), indent=2).encode())
         log.info("started", job=cfg.name, totalSteps=t.max_steps, worldSize=int(fabric.world_size))
+
+    on_rank0(fabric, claim_output, classify)  # its refusal or storage error stops every rank here
     if t.compile_unet:
         compilation.prepare(cuda=torch.cuda.is_available())
     rng.seed_all(t.seed)
     components = load_components(cfg.base_model, ctx.store, model_cache_dir(ctx.workdir.parent / "models"))
     _stop_if_requested(ctx, "loading the base model")
+    evaluation.captions_before_training(fabric, cfg, ctx.store, log)
     dataset = build_dataset(ctx, components)
+    evaluation.record_prompts_of(fabric, cfg, dataset, ctx.store, log)
     _stop_if_requested(ctx, "preparing the data")
     rng.seed_all(t.seed)  # the LoRA adapters' initial weights come from the global generator
     training = build_training(
@@ -172,11 +212,10 @@ def _run(ctx: JobContext) -> tuple[str, dict[str, Any]]:
     final_loss = outcome.final_loss
     if final_loss is None:
         final_loss = loop.metrics.last_loss()
-    model_uri = None
     if ctx.is_main:
         ctx.progress.set_phase(TrainerPhase.EXPORTING)
-        model_uri = _export(ctx, module, outcome.step, final_loss)
-    fabric.barrier()
+    # Rank 0 exports; its outcome (an error too) reaches every rank, so none waits for a rank that failed.
+    model_uri = on_rank0(fabric, lambda: _export(ctx, module, outcome.step, final_loss), classify)
     result = RunResult(
         status="succeeded",
         model_uri=model_uri,
@@ -186,14 +225,18 @@ def _run(ctx: JobContext) -> tuple[str, dict[str, Any]]:
         duration_seconds=duration,
         last_checkpoint=last,
     )
+    cache = model_cache_dir(ctx.workdir.parent / "models")
+    evaluated = evaluation.evaluate_after_export(fabric, cfg, module, ctx.store, ctx.workdir, cache, log)
     ctx.progress.set_phase(TrainerPhase.SUCCEEDED)
-    return "succeeded", result.to_wire()
+    return "succeeded", {**result.to_wire(), **evaluated}
 
 
 def _stop_if_requested(ctx: JobContext, stage: str) -> None:
-    """Before training has started there is nothing to checkpoint: a preemption signal ends the run at once."""
-    if ctx.preemption.requested:
-        raise StoppedError(f"stopped by {ctx.preemption.signal_name or 'a signal'} after {stage}, before training")
+    """Before training has started there is nothing to checkpoint: a preemption signal ends the run at once, on
+    every rank together (a rank that got no signal learns of its peer's here)."""
+    if agree_any(ctx.fabric, ctx.preemption.requested):
+        by = ctx.preemption.signal_name or ("a signal" if ctx.preemption.requested else "a signal to another rank")
+        raise on_all_ranks(StoppedError(f"stopped by {by} after {stage}, before training"))
 
 
 def _validator(ctx: JobContext, module: DreamBoothModule) -> Callable[[int], None] | None:

@@ -39,13 +39,14 @@ from dreambooth_api.constants import (
 )
 from dreambooth_operator import kube, podstate
 from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
-from dreambooth_operator.handlers.loop import LoopKind, Pass, report_field_conflict, run_loop
+from dreambooth_operator.handlers.loop import LoopKind, Pass, pods_wait, report_field_conflict, run_loop
 from dreambooth_operator.handlers.state import Key, OperatorState, inference_key, state_of, trim
 from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.networkpolicies import build_job_network_policy
 from dreambooth_operator.observed import Observed, ProgressSample, now_utc, owned_batch_jobs, parse_status
 from dreambooth_operator.ownership import ObservedChildren
 from dreambooth_operator.plan import ActionKind, Plan
+from dreambooth_operator.preflight_builders import build_preflight_job
 from dreambooth_operator.reconcile import reconcile
 from dreambooth_operator.settings import OperatorSettings
 
@@ -148,7 +149,9 @@ async def job_loop(
             report_field_conflict(state, key, body, err)
             raise
         state.conflicts.pop(key, None)
-        return Pass(finished=plan.finished, requeue_after=plan.requeue_after)
+        # Idle (the periodic check backs off): nothing to do, and no pod that could change without an event.
+        idle = not plan.actions and pods_wait(pods_index.get(key, []))
+        return Pass(finished=plan.finished, requeue_after=plan.requeue_after, idle=idle)
 
     await run_loop(state, (namespace or "", name or ""), JOB_LOOP, once, stopped, logger)
 
@@ -188,7 +191,7 @@ async def reconcile_job(
         rules=state.settings.rules_for(namespace),
     )
     plan = reconcile(obs)
-    if any(a.kind is ActionKind.CREATE_ATTEMPT for a in plan.actions):
+    if any(a.kind in (ActionKind.CREATE_ATTEMPT, ActionKind.CREATE_PREFLIGHT) for a in plan.actions):
         # About to create the children: read the ones that every attempt shares, and plan again knowing whether
         # anything else holds their names (policies/ownership.py).
         children = await asyncio.to_thread(observe_children, state, job)
@@ -315,6 +318,10 @@ def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mappi
             for child in singletons(job, state.settings):
                 kube.ensure_child(api, child, job)  # raises ForeignChildError rather than touch another's object
             kube.create(api, build_batch_job(job, action.attempt, state.settings))
+        elif action.kind is ActionKind.CREATE_PREFLIGHT:
+            for child in singletons(job, state.settings):
+                kube.ensure_child(api, child, job)
+            kube.create(api, build_preflight_job(job, state.settings))
         elif action.kind is ActionKind.DELETE_BATCH_JOB and action.name in owned:
             # Foreground: the Job stays until its pods have stopped (and written their checkpoint).
             kube.delete(
@@ -354,6 +361,8 @@ def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase:
         return
     if phase in (JobPhase.SUCCEEDED, JobPhase.FAILED):
         metrics.job_gpu_seconds.labels(phase=phase.value).observe(status.usage.gpu_seconds if status.usage else 0)
+    if phase == JobPhase.SUCCEEDED and status.outputs is not None:
+        metrics.observe_evaluation(status.outputs.evaluation)
     created = podstate.parse_time(meta.get("creationTimestamp"))
     if created is None:
         return

@@ -94,10 +94,12 @@ def invalid_input(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt) -> 
     invalid = next((p for p in attempt.pods if classify(p) is FailureKind.INVALID_INPUT), None)
     if invalid is None:
         return False
-    detail = podstate.termination_message(invalid).get("message") or "the trainer rejected its input"
+    message = podstate.termination_message(invalid)
+    detail = message.get("message") or "the trainer rejected its input"
     if spec.resources.nodes > 1:
         b.stop_attempt(attempt)
-    b.fail(Reason.INVALID_INPUT, str(detail))
+    diverged = message.get("reason") == Reason.LOSS_DIVERGED
+    b.fail(Reason.LOSS_DIVERGED if diverged else Reason.INVALID_INPUT, str(detail))
     return True
 
 
