@@ -16,7 +16,7 @@ install: ## Create .venv with the four projects (api, operator, trainer, cli) an
 	@bash tests/infra/install-venv.sh
 
 .PHONY: binaries
-binaries: ## Build/cache etcd, kube-*, kubectl, helm, weed, prometheus into .tools/bin (idempotent)
+binaries: ## Build/cache etcd, kube-*, kubectl, helm, kueue, weed, prometheus into .tools/bin (idempotent)
 	@bash tests/infra/build-binaries.sh all
 
 .PHONY: lock

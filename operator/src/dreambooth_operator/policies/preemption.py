@@ -11,6 +11,7 @@ from typing import Any, Final
 from dreambooth_api.constants import ANNOTATION_COUNTED_PREEMPTIONS, JobConditionType, Reason
 from dreambooth_api.job import DreamBoothJobSpec
 from dreambooth_operator import podstate
+from dreambooth_operator.builders import is_queued_by_kueue
 from dreambooth_operator.observed import Attempt
 from dreambooth_operator.plan import PlanBuilder
 from dreambooth_operator.policies import failure
@@ -40,8 +41,12 @@ def count(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt) -> None:
     if not new:
         return
     b.counted_pods = (counted + new)[-COUNTED_PODS_KEEP:]
-    if spec.run_policy.suspend:
-        # Pods that the Job controller stops for a user's suspend exit 12 too: remembered, not counted.
+    queue_suspended = (
+        is_queued_by_kueue(b.obs.job) and attempt.batch_job is not None and podstate.job_suspended(attempt.batch_job)
+    )
+    if spec.run_policy.suspend or queue_suspended:
+        # Pods that the Job controller stops for a user's suspend exit 12 too: remembered, not counted. So are those
+        # stopped because the queue (Kueue) suspended the Job: policies/suspend.py counts that eviction once.
         return
     b.status.restarts.preemptions += len(new)
     b.condition(

@@ -40,6 +40,16 @@ def _queued(b: PlanBuilder) -> None:
     b.condition(JobConditionType.QUEUED, True, Reason.WAITING_FOR_ADMISSION, "waiting for admission")
 
 
+def _evicted(b: PlanBuilder, *, count: bool) -> None:
+    """An admitted attempt that the queue suspended again (Kueue preempted it): its pods stop after a checkpoint,
+    and it waits to be admitted again. Counted as one preemption when it happens (`count`)."""
+    if count:
+        b.status.restarts.preemptions += 1
+    b.phase(JobPhase.QUEUED, "preempted by the queue; resumes from its last checkpoint when admitted again")
+    b.condition(JobConditionType.QUEUED, True, Reason.PREEMPTED, "preempted by the queue; waiting for admission")
+    b.condition(JobConditionType.RUNNING, False, Reason.PREEMPTED, "the queue took the GPUs back")
+
+
 def hold_new_attempt(b: PlanBuilder, spec: DreamBoothJobSpec) -> bool:
     """An attempt being created: True when it is created suspended (by the user, or for the queue to admit it)."""
     if spec.run_policy.suspend:
@@ -69,7 +79,14 @@ def hold(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt) -> Plan | No
     if find_condition(b.status.conditions, JobConditionType.SUSPENDED.value):
         b.condition(JobConditionType.SUSPENDED, False, Reason.RESUMED, "resumed from the last checkpoint")
     if waiting_for_admission(user_suspend, batch_suspended or wanted is True, kueue):
-        _queued(b)
+        queued = find_condition(b.status.conditions, JobConditionType.QUEUED.value)
+        # (A user's resume of an admitted job also finds it suspended and queued again: not a preemption.)
+        was_suspended = find_condition(b.prev.conditions, JobConditionType.SUSPENDED.value)
+        resumed_now = was_suspended is not None and was_suspended.status == "True"
+        if queued is not None and not resumed_now and (queued.status == "False" or queued.reason == Reason.PREEMPTED):
+            _evicted(b, count=queued.status == "False")
+        else:
+            _queued(b)
         return b.plan()
     if find_condition(b.status.conditions, JobConditionType.QUEUED.value) is not None:
         b.condition(JobConditionType.QUEUED, False, Reason.ADMITTED, "admitted")
