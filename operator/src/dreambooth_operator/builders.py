@@ -276,19 +276,23 @@ def build_pod_template(
     return {"metadata": metadata, "spec": pod_spec}
 
 
+def invalid_input_rules() -> list[dict[str, Any]]:
+    """podFailurePolicy rules of every pod that reads the job's input (trainer and input check): a disruption
+    (eviction, preemption) is no failed try, invalid input (exit 10) fails the Job at once."""
+    return [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [int(ExitCode.INVALID_INPUT)]},
+        },
+    ]
+
+
 def pod_failure_policy() -> dict[str, Any]:
     """Preemption never uses up backoffLimit; invalid input fails the Job at once (docs/contracts.md)."""
     return {
         "rules": [
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER_NAME,
-                    "operator": "In",
-                    "values": [int(ExitCode.INVALID_INPUT)],
-                },
-            },
+            *invalid_input_rules(),
             {
                 "action": "Ignore",
                 "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [int(ExitCode.PREEMPTED)]},

@@ -15,7 +15,6 @@ from typing import Any, Final
 
 from dreambooth_api import env as envnames
 from dreambooth_api.constants import KUEUE_PRIORITY_CLASS_LABEL, KUEUE_QUEUE_LABEL, Component
-from dreambooth_api.exitcodes import ExitCode
 from dreambooth_operator import names
 from dreambooth_operator.builders import (
     RESTRICTED_CONTAINER_SECURITY,
@@ -23,6 +22,7 @@ from dreambooth_operator.builders import (
     adopt,
     apply_scheduling_overrides,
     child_labels,
+    invalid_input_rules,
     parse_spec,
     pod_security_context,
 )
@@ -92,19 +92,7 @@ def build_preflight_pod_template(job: Mapping[str, Any], settings: OperatorSetti
 
 def preflight_failure_policy() -> dict[str, Any]:
     """Invalid input fails the Job at once; a disruption (eviction, preemption) is not a failed try."""
-    return {
-        "rules": [
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER_NAME,
-                    "operator": "In",
-                    "values": [int(ExitCode.INVALID_INPUT)],
-                },
-            },
-        ]
-    }
+    return {"rules": invalid_input_rules()}
 
 
 def build_preflight_job(job: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:

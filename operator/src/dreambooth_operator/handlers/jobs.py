@@ -3,9 +3,10 @@
 One kopf daemon per DreamBoothJob runs its reconcile loop (loop.py). The loop wakes when the job or one of its
 batch Jobs or pods changes (the event handlers below poke it), and at least every `reconcile_interval_seconds`
 (to poll rank 0's /progress and to honour deadlines and TTLs) while the job may change by itself; a job with nothing
-to do and no pod on a node backs off, doubling up to `idle_reconcile_max_seconds` (loop.py `idle_interval`). The batch Jobs and pods are observed through kopf
-indexes (in-memory, kept current by watches), so a reconcile lists nothing; the ConfigMap, Service and
-NetworkPolicy are read only when the plan creates an attempt, to check that nothing else holds their names.
+to do and no pod on a node backs off, doubling up to `idle_reconcile_max_seconds` (loop.py `idle_interval`). The
+batch Jobs and pods are observed through kopf indexes (in-memory, kept current by watches), so a reconcile lists
+nothing; the ConfigMap, Service and NetworkPolicy are read only when the plan creates an attempt, to check that
+nothing else holds their names.
 
 The status is written before the actions run: a restart counted in this reconcile (a gang restart deletes the
 failed attempt's batch Job) must not be lost should the operator die between the two, since the deleted Job
