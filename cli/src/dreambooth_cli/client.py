@@ -221,7 +221,8 @@ class DreamBoothClient:
             time.sleep(interval)
 
     def logs(self, name: str, rank: int = 0, follow: bool = False) -> Iterator[str]:
-        """The trainer log of one rank's pod (of the newest attempt), line by line with their line ends.
+        """The trainer log of one rank's pod (of the newest attempt), line by line with their line ends; for rank 0
+        of a job with no training pod, the input check's log (the pre-flight pod, `<name>-check`).
 
         The pod is looked up at once (a CliError with status NOT_FOUND when there is none yet); with `follow` the
         lines keep coming until the pod ends. Iterate to the end, or close() the iterator, to free the connection.
@@ -236,6 +237,9 @@ class DreamBoothClient:
             target, target.core.list_namespaced_pod, target.namespace, label_selector=f"{api.LABEL_JOB_NAME}={name}"
         ).items
         mine = [p for p in pods if _rank_of(p) == str(rank)]
+        if not mine and rank == 0:
+            # No training pod yet (or never: the input check failed the job): the input check's log tells why.
+            mine = [p for p in pods if (p.metadata.labels or {}).get(api.LABEL_COMPONENT) == api.Component.PREFLIGHT]
         if not mine:
             raise CliError(f"no pod of {name} with rank {rank} yet (found {len(pods)} pods)", ExitStatus.NOT_FOUND)
         pod = max(mine, key=_newest)

@@ -292,3 +292,22 @@ def test_lines_of_an_empty_body() -> None:
     response = FakeResponse([])
     assert list(_lines(response)) == []
     assert response.released
+
+
+def test_logs_of_a_job_stopped_by_its_input_check_are_the_check_pods(
+    target: kube.Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = pod("toy-check-x", 0, 0, 1)
+    check.metadata.labels = {api.LABEL_COMPONENT: api.Component.PREFLIGHT}
+    read: list[str] = []
+
+    def call(_: kube.Target, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn.__name__ == "list_namespaced_pod":
+            return SimpleNamespace(items=[check])
+        read.append(args[0])
+        return FakeResponse([b"bucket nope does not exist\n"])
+
+    monkeypatch.setattr(kube, "get_job", lambda *_: job())
+    monkeypatch.setattr(kube, "call", call)
+    assert list(DreamBoothClient().logs("toy")) == ["bucket nope does not exist\n"]
+    assert read == ["toy-check-x"]
