@@ -34,26 +34,34 @@ Writes `bench/results/operator_scale.json` (`python -m bench bench_operator_scal
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
-import random
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bench.operator_scale_cluster import ProgressServer, create_node, run_pod
+from bench.operator_scale_figures import (
+    CHILD_KINDS,
+    change_schedule,
+    children_complete,
+    job_list,
+    percentiles,
+    reconcile_totals,
+    settled,
+    status_lags,
+    window_figures,
+)
 from bench.results_file import write_result
-from dreambooth_api.constants import GROUP, LABEL_COMPONENT, LABEL_JOB_NAME, VERSION, Component
-from dreambooth_api.env import TRAINER_METRICS_PORT
+from dreambooth_api.constants import GROUP, LABEL_JOB_NAME, VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):
@@ -79,10 +87,6 @@ LAG_SETUP_SECONDS = 1200.0
 WATCH_SECONDS = 60
 WARM_UP = "warm-up"
 RECONCILE_INTERVAL_SECONDS = "12"  # the operator's default (settings.reconcile_interval_seconds)
-NODE = "bench-node"
-NODE_TAINT = {"key": "dreambooth.dev/bench", "value": "no-kubelet", "effect": "NoSchedule"}
-CHILD_KINDS = ("Job", "Service", "ConfigMap")
-TOTAL_STEPS = 10_000
 SEED = 19
 SETUP = (
     "one operator (default 12 s periodic check, idle jobs back off up to 300 s), loopback control plane on this "
@@ -94,103 +98,6 @@ SETUP = (
 
 
 # --- pure parts (tests/unit/bench/test_bench_operator_scale.py) ---------------------------------------------
-
-
-def job_list(n: int, prefix: str, template: dict[str, Any]) -> dict[str, Any]:
-    """A v1 List of `n` copies of `template` named `<prefix>-0000`, `<prefix>-0001`, ..."""
-    items = []
-    for i in range(n):
-        copy = json.loads(json.dumps(template))
-        copy["metadata"]["name"] = f"{prefix}-{i:04d}"
-        copy["metadata"].pop("namespace", None)
-        items.append(copy)
-    return {"apiVersion": "v1", "kind": "List", "items": items}
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50, p95 (nearest rank) and max, rounded to 10 ms; None for no values."""
-    if not values:
-        return {"p50": None, "p95": None, "max": None}
-    ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, max(0, int(-(-q * len(ordered) // 1)) - 1))], 2)
-
-    return {"p50": rank(0.5), "p95": rank(0.95), "max": round(ordered[-1], 2)}
-
-
-def children_complete(children: dict[str, dict[str, float]], jobs: list[str]) -> dict[str, float] | None:
-    """Per job, when its last child (of CHILD_KINDS) appeared; None while any job lacks one."""
-    done = {}
-    for job in jobs:
-        times = [children[kind].get(job) for kind in CHILD_KINDS]
-        if any(t is None for t in times):
-            return None
-        done[job] = max(t for t in times if t is not None)
-    return done
-
-
-def change_schedule(jobs: list[str], rounds: int, period: float, seed: int) -> list[tuple[float, str, int]]:
-    """(seconds from the start, job, new step) for every progress change, in time order: each job goes from step 1
-    up by one `rounds` times, `period` apart, from a random offset in [0, period)."""
-    draw = random.Random(seed)
-    changes = []
-    for job in jobs:
-        offset = draw.uniform(0.0, period)
-        changes += [(offset + r * period, job, 2 + r) for r in range(rounds)]
-    return sorted(changes)
-
-
-def status_lags(changes: list[tuple[float, str, int]], seen: dict[str, list[tuple[float, int]]]) -> list[float]:
-    """For each change (time it was made, job, step), the time until the job's status first showed that step or a
-    later one (`seen`: per job, (time, status.progress.step) in watch order). Changes never seen are left out."""
-    lags = []
-    for at, job, step in changes:
-        shown = next((t for t, s in seen.get(job, []) if s >= step and t >= at), None)
-        if shown is not None:
-            lags.append(shown - at)
-    return lags
-
-
-def window_figures(
-    seconds: float, cpu_seconds: float, reconciles: tuple[float, float], idle_jobs: int
-) -> dict[str, Any]:
-    """One measurement window: `reconciles` = (count, sum of seconds) of reconcile durations in it."""
-    count, total = reconciles
-    return {
-        "jobs": idle_jobs,
-        "windowSeconds": round(seconds, 1),
-        "operatorCpuSeconds": round(cpu_seconds, 2),
-        "operatorCpuCores": round(cpu_seconds / seconds, 4) if seconds > 0 else None,
-        "reconcilesPerSecond": round(count / seconds, 2) if seconds > 0 else None,
-        "meanReconcileSeconds": round(total / count, 4) if count else None,
-    }
-
-
-def reconcile_totals(metrics: str) -> tuple[float, float]:
-    """(count, sum of seconds) of dreambooth_operator_reconcile_duration_seconds in a /metrics text."""
-    values = {
-        line.split()[0]: float(line.split()[1])
-        for line in metrics.splitlines()
-        if line.startswith("dreambooth_operator_reconcile_duration_seconds_")
-    }
-    prefix = "dreambooth_operator_reconcile_duration_seconds"
-    return values.get(f"{prefix}_count", 0.0), values.get(f"{prefix}_sum", 0.0)
-
-
-def settled(before: tuple[float, float], after: tuple[float, float], limit: float) -> bool:
-    """Whether the operator's backlog is drained: the passes that ended between two reads of (count, sum of
-    seconds) of its reconcile durations took under `limit` seconds on average, or none ended."""
-    count = after[0] - before[0]
-    return count <= 0 or (after[1] - before[1]) / count < limit
-
-
-def progress_document(step: int) -> dict[str, Any]:
-    """What a training rank 0 serves at /progress (docs/contracts.md), at `step`."""
-    return {"phase": "Training", "step": step, "totalSteps": TOTAL_STEPS, "loss": 0.1, "stepsPerSecond": 1.0}
-
-
-# --- the operator process -----------------------------------------------------------------------------------
 
 
 def _proc_status(pid: int, field_name: str) -> float:
@@ -350,115 +257,6 @@ def _wait(what: str, check: Callable[[], Any], timeout: float = TIMEOUT_SECONDS)
 # --- the fake /progress endpoints ---------------------------------------------------------------------------
 
 
-class ProgressServer:
-    """One aiohttp app in its own thread, listening on TRAINER_METRICS_PORT of many loopback addresses: each
-    address is one pod's, and serves that job's current step."""
-
-    def __init__(self) -> None:
-        self.steps: dict[str, int] = {}  # by pod IP
-        self.requests = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="progress-server", daemon=True)
-        self._runner: Any = None
-
-    def start(self, ips: list[str]) -> None:
-        from aiohttp import web
-
-        async def progress(request: web.Request) -> web.Response:
-            self.requests += 1
-            ip = (request.transport.get_extra_info("sockname") or ("",))[0] if request.transport else ""
-            step = self.steps.get(ip)
-            if step is None:
-                return web.Response(status=404)
-            return web.json_response(progress_document(step))
-
-        async def serve() -> None:
-            app = web.Application()
-            app.router.add_get("/progress", progress)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            for ip in ips:
-                await web.TCPSite(self._runner, ip, TRAINER_METRICS_PORT).start()
-
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(serve(), self._loop).result(timeout=60)
-
-    def close(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-
-
-# --- the cluster's side of a running pod --------------------------------------------------------------------
-
-
-def _create_node(core: Any) -> None:
-    """A Node object without a kubelet (the control plane runs no node-lifecycle controller, so it stays), tainted
-    so that the scheduler never places a pod on it: only the benchmark binds pods there."""
-    core.create_node(
-        {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
-            "spec": {"taints": [NODE_TAINT]},
-        }
-    )
-
-
-def _bind(core: Any, pod: Any) -> None:
-    from kubernetes import client
-
-    binding = client.V1Binding(
-        metadata=client.V1ObjectMeta(name=pod.metadata.name), target=client.V1ObjectReference(kind="Node", name=NODE)
-    )
-    core.create_namespaced_pod_binding(pod.metadata.name, pod.metadata.namespace, binding, _preload_content=False)
-
-
-def _pod_status(pod: Any, ip: str, now: str) -> dict[str, Any]:
-    """The status a kubelet writes: a trainer pod runs at `ip`; any other pod of a job (the input check that runs
-    before the first attempt) has exited 0."""
-    container = pod.spec.containers[0]
-    trainer = (pod.metadata.labels or {}).get(LABEL_COMPONENT) == Component.TRAINER.value
-    state: dict[str, Any] = (
-        {"running": {"startedAt": now}}
-        if trainer
-        else {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}}
-    )
-    ready = "True" if trainer else "False"
-    conditions = {"PodScheduled": "True", "Initialized": "True", "ContainersReady": ready, "Ready": ready}
-    return {
-        "phase": "Running" if trainer else "Succeeded",
-        "hostIP": "127.0.0.1",
-        "podIP": ip,
-        "podIPs": [{"ip": ip}],
-        "startTime": now,
-        "conditions": [{"type": c, "status": v, "lastTransitionTime": now} for c, v in conditions.items()],
-        "containerStatuses": [
-            {
-                "name": container.name,
-                "image": container.image,
-                "imageID": "",
-                "ready": trainer,
-                "started": trainer,
-                "restartCount": 0,
-                "state": state,
-            }
-        ],
-    }
-
-
-def _run_pod(core: Any, pod: Any, ip: str) -> bool:
-    """Bind `pod` to the Node and write the status a kubelet would (`_pod_status`); True for a trainer pod."""
-    _bind(core, pod)
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    status = _pod_status(pod, ip, now)
-    core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
-    return bool(status["phase"] == "Running")
-
-
-# --- the phases ----------------------------------------------------------------------------------------------
-
-
 def _template() -> dict[str, Any]:
     template: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "minimal-job.yaml").read_text())
     return template
@@ -533,7 +331,7 @@ def _status_lag(cluster: Any, op: Any, pid: int, namespace: str, n: int, idle_jo
             if pod.metadata.uid in handled or job not in ips or pod.spec.node_name or pod.metadata.deletion_timestamp:
                 return
             handled.add(pod.metadata.uid)
-            if _run_pod(core, pod, ips[job]):
+            if run_pod(core, pod, ips[job]):
                 started.add(job)
 
         with watching(cluster, namespace, Watched(hooks={"Pod": kubelet}), ("DreamBoothJob", "Pod")) as watched:
@@ -588,7 +386,7 @@ def run(results_dir: Path, n: int = JOBS, running: int = RUNNING_JOBS) -> dict[s
         work, logs = Path(tmp) / "work", Path(tmp) / "logs"
         with running_cluster(work / "cluster", logs) as cluster:
             api = cluster.api_client()
-            _create_node(client.CoreV1Api(api))
+            create_node(client.CoreV1Api(api))
             scale, lag = cluster.create_namespace("scale"), cluster.create_namespace("lag")
             env = {"DREAMBOOTH_OPERATOR_RECONCILE_INTERVAL_SECONDS": RECONCILE_INTERVAL_SECONDS}
             with running_operator(cluster, logs, [scale, lag], env) as op:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench.bench_operator_scale import (
+from bench.operator_scale_figures import (
     CHILD_KINDS,
     change_schedule,
     children_complete,
