@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from dreambooth_api import env as envnames
-from dreambooth_api.constants import KUEUE_PRIORITY_CLASS_LABEL, KUEUE_QUEUE_LABEL, Component
+from dreambooth_api.constants import ANNOTATION_POD_SPEC_HASH, KUEUE_PRIORITY_CLASS_LABEL, KUEUE_QUEUE_LABEL, Component
 from dreambooth_operator import names
 from dreambooth_operator.builders import (
     RESTRICTED_CONTAINER_SECURITY,
@@ -25,6 +25,7 @@ from dreambooth_operator.builders import (
     invalid_input_rules,
     parse_spec,
     pod_security_context,
+    pod_spec_hash,
 )
 from dreambooth_operator.layout import CONTAINER_NAME, RESERVED_ENV
 from dreambooth_operator.settings import OperatorSettings
@@ -102,7 +103,12 @@ def build_preflight_job(job: Mapping[str, Any], settings: OperatorSettings) -> d
         {
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": {"name": names.preflight_job_name(name), "labels": child_labels(job, Component.PREFLIGHT)},
+            "metadata": {
+                "name": names.preflight_job_name(name),
+                "labels": child_labels(job, Component.PREFLIGHT),
+                # What the pods were built from: a check stuck on a bad image is replaced once the spec changes.
+                "annotations": {ANNOTATION_POD_SPEC_HASH: pod_spec_hash(parse_spec(job))},
+            },
             "spec": {
                 "completions": 1,
                 "parallelism": 1,

@@ -4,6 +4,7 @@ and then inconclusive, never a failure; a resumed job does not check again; the 
 
 from __future__ import annotations
 
+import copy
 from datetime import timedelta
 from typing import Any
 
@@ -231,3 +232,25 @@ def test_outcome(batch: dict[str, Any], pods: list[int], want: Outcome) -> None:
     job = make_job().obj()
     observed = [check_pod(job, n).exited(code).obj() for n, code in enumerate(pods)]
     assert outcome({"status": batch}, observed)[0] is want
+
+
+def test_a_check_stuck_on_a_bad_image_is_replaced_once_the_spec_is_fixed() -> None:
+    """As pod_spec_change does for an attempt: the check is built from the new spec, no failure is counted."""
+    from dreambooth_operator.builders import parse_spec, pod_spec_hash
+
+    bad = checking(make_job().pod_template(image="registry.invalid/t:typo").obj())
+    pod = make_pod(bad).image_pull()
+    pod._obj["metadata"] = check_pod(bad)._obj["metadata"]
+    built = pod_spec_hash(parse_spec(bad))
+    stuck = check_job(bad).pod_spec_hash(built).obj()
+    # Not changed: it stays, and says why.
+    assert run(bad, [stuck], [pod.obj()]).status.reason == "ImagePullFailed"
+    fixed = copy.deepcopy(bad)
+    fixed["spec"]["podTemplate"]["image"] = "ghcr.io/dreambooth-operator/trainer:0.1.0"
+    plan = run(fixed, [stuck], [pod.obj()])
+    assert plan.actions == [Action(ActionKind.DELETE_BATCH_JOB, name="cat-check")]
+    assert plan.status.phase == "Pending"
+    assert ("Normal", "PodSpecChanged") in reasons(plan)
+    assert plan.status.restarts.total == 0
+    # Once it is gone, a new check is created (from the fixed spec).
+    assert run(after(fixed, plan)).actions == CHECK

@@ -27,7 +27,7 @@ from dreambooth_api.job import DreamBoothJobSpec
 from dreambooth_operator import names, podstate, usage
 from dreambooth_operator.observed import Attempt, Observed
 from dreambooth_operator.plan import Action, ActionKind, Plan, PlanBuilder
-from dreambooth_operator.policies import failure, ownership, ttl
+from dreambooth_operator.policies import failure, ownership, pod_spec_change, ttl
 
 DONE_REASONS: Final = frozenset({Reason.INPUT_VALID, Reason.INVALID_INPUT, Reason.INPUT_CHECK_INCONCLUSIVE})
 """InputChecked reasons after which the check never runs again."""
@@ -131,7 +131,24 @@ def check_input(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt, check
     if podstate.is_deleting(current):
         b.requeue.append(RECHECK_SECONDS)
         return _checking(b, Reason.CHECKING_INPUT, f"waiting for the deleted input check Job {name} to go")
-    return _apply(b, name, current, checks.pods)
+    return _replace_stuck(b, spec, name, current, checks.pods) or _apply(b, name, current, checks.pods)
+
+
+def _replace_stuck(
+    b: PlanBuilder, spec: DreamBoothJobSpec, name: str, current: Mapping[str, Any], pods: list[Mapping[str, Any]]
+) -> Plan | None:
+    """The check's pod cannot start (image pull, scheduling) and the user has since changed spec.podTemplate or
+    spec.storage: delete the check, and a new one is built from the new spec (as pod_spec_change does for an
+    attempt); None otherwise."""
+    active = [p for p in pods if podstate.is_active(p) and not podstate.is_deleting(p)]
+    stuck = next((m for p in active if (m := podstate.image_pull_failure(p) or podstate.unschedulable(p))), None)
+    if stuck is None or not pod_spec_change.changed(current, spec):
+        return None
+    b.actions.append(Action(ActionKind.DELETE_BATCH_JOB, name=name))
+    b.requeue.append(RECHECK_SECONDS)
+    message = f"spec.podTemplate or spec.storage changed while the input check could not start ({stuck})"
+    b.condition(JobConditionType.RUNNING, False, Reason.POD_SPEC_CHANGED, message)
+    return _checking(b, Reason.CHECKING_INPUT, f"{message}; checking again with the new settings")
 
 
 def _apply(b: PlanBuilder, name: str, current: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> Plan | None:
