@@ -87,7 +87,7 @@ def test_run_policy_and_pod_template_stay_mutable(crds: Cluster, namespace: str)
     }
     crds.kubectl("patch", "dbj", "mutable", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
     spec = json.loads(crds.kubectl("get", "dbj", "mutable", "-n", namespace, "-o", "json").stdout)["spec"]
-    assert spec["runPolicy"] == {"suspend": True, "activeDeadlineSeconds": 600, "backoffLimit": 1}
+    assert spec["runPolicy"] == {"suspend": True, "activeDeadlineSeconds": 600, "backoffLimit": 1, "preflight": True}
     assert spec["podTemplate"]["image"] == "registry.example/trainer:v2"
 
 
@@ -97,7 +97,7 @@ def test_defaults_are_filled_in_by_the_api_server(crds: Cluster, namespace: str)
     assert spec["training"]["method"] == "lora"
     assert spec["training"]["checkpoint"] == {"intervalSteps": 100, "intervalSeconds": 600, "keep": 2}
     assert spec["resources"] == {"nodes": 1, "gpusPerNode": 1}  # gpuResourceName: the operator's setting
-    assert spec["runPolicy"] == {"backoffLimit": 3, "suspend": False}
+    assert spec["runPolicy"] == {"backoffLimit": 3, "suspend": False, "preflight": True}
     assert spec["output"]["formats"] == ["diffusers"]
 
 
