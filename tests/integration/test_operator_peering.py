@@ -91,7 +91,7 @@ def test_only_the_highest_priority_replica_reconciles_and_the_other_takes_over(
     active, standby = sorted(pair, key=lambda op: op.priority(), reverse=True)
     wait_for("the lower replica to pause", standby.log_text, lambda t: "Pausing operations in favour of" in t, 60)
 
-    apply(cluster, as_manifest(make_job("one").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    apply(cluster, as_manifest(make_job("one").no_preflight().pod_template(nodeSelector=NOWHERE).obj()), namespace)
     wait_for("the batch Job of one", lambda: batch_job(cluster, "one", namespace), lambda j: True, 60, active)
     wait_for("a reconcile by the active replica", active.reconciles, lambda n: n > 0, 30, active)
     assert standby.reconciles() == 0, standby.log_tail()
@@ -100,6 +100,6 @@ def test_only_the_highest_priority_replica_reconciles_and_the_other_takes_over(
     assert "Resuming operations" not in standby.log_text()
     active.stop()
     wait_for("the standby to resume", standby.log_text, lambda t: "Resuming operations" in t, 90, standby)
-    apply(cluster, as_manifest(make_job("two").pod_template(nodeSelector=NOWHERE).obj()), namespace)
+    apply(cluster, as_manifest(make_job("two").no_preflight().pod_template(nodeSelector=NOWHERE).obj()), namespace)
     wait_for("the batch Job of two", lambda: batch_job(cluster, "two", namespace), lambda j: True, 60, standby)
     wait_for("a reconcile by the former standby", standby.reconciles, lambda n: n > 0, 30, standby)
