@@ -29,7 +29,7 @@ from dreambooth_operator.inference_builders import (
     HPA_API_VERSION,
     HPA_KIND,
     SERVICE_PORT,
-    ResolvedModel,
+    ServedModel,
     applied_replicas,
     autoscaled,
     build_deployment,
@@ -49,12 +49,10 @@ from dreambooth_operator.settings import OperatorSettings
 SOURCE_JOB_FAILED_HINT: Final = "train it again (a new job, or this one recreated), or set spec.model to another model"
 
 
-def resolve_model(
-    spec: InferenceServiceSpec, source: Mapping[str, Any] | None
-) -> tuple[ResolvedModel | None, str, str]:
+def resolve_model(spec: InferenceServiceSpec, source: Mapping[str, Any] | None) -> tuple[ServedModel | None, str, str]:
     """(model, reason, message): the model when known, else why not."""
     if spec.model.model_uri is not None:
-        return ResolvedModel(spec.model.model_uri, spec.model.base_model), Reason.MODEL_URI_SET, "modelUri is set"
+        return ServedModel(spec.model.model_uri, spec.model.base_model), Reason.MODEL_URI_SET, "modelUri is set"
     job_name = spec.model.from_job
     if source is None:
         message = f"DreamBoothJob {job_name} does not exist (yet); the service starts once it exists and succeeds"
@@ -69,7 +67,7 @@ def resolve_model(
         message = f"waiting for DreamBoothJob {job_name} to succeed (phase {phase or 'not set yet'})"
         return None, Reason.WAITING_FOR_JOB, message
     base = (source.get("spec") or {}).get("baseModel")
-    return ResolvedModel(model_uri, base), Reason.MODEL_URI_SET, f"the model of DreamBoothJob {job_name}"
+    return ServedModel(model_uri, base), Reason.MODEL_URI_SET, f"the model of DreamBoothJob {job_name}"
 
 
 QUALITY_GATE_FAILED: Final = "QualityGateFailed"

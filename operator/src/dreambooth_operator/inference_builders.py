@@ -51,7 +51,10 @@ HANDOVER_FIELD_MANAGER: Final = "dreambooth-operator-handover"
 
 
 @dataclass(frozen=True)
-class ResolvedModel:
+class ServedModel:
+    """What an InferenceService serves: a trained model's URI (from its job) or a base model spec (not the
+    trainer's local weights folder, `dreambooth_trainer.components.ResolvedModel`)."""
+
     model_uri: str | None
     base_model: dict[str, Any] | None
 
@@ -64,7 +67,7 @@ def labels(isvc: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def serve_config(spec: InferenceServiceSpec, model: ResolvedModel) -> dict[str, Any]:
+def serve_config(spec: InferenceServiceSpec, model: ServedModel) -> dict[str, Any]:
     """The sampling server's ServeConfig (DREAMBOOTH_SERVE_CONFIG)."""
     storage: dict[str, Any] = {"addressingStyle": spec.storage.addressing_style.value}
     if spec.storage.endpoint:
@@ -167,7 +170,7 @@ def replicas_handover(spec: InferenceServiceSpec, deployment: Mapping[str, Any] 
 def build_deployment(
     isvc: Mapping[str, Any],
     spec: InferenceServiceSpec,
-    model: ResolvedModel,
+    model: ServedModel,
     settings: OperatorSettings,
     replica_count: int | None,
 ) -> dict[str, Any]:
