@@ -115,6 +115,7 @@ done
 step "gpu serving benchmark"
 # bench/bench_serve.py --gpu: an SD 1.5-sized model (random weights), 512 px, 25 steps, fp16, batched against the
 # server's unbatched mode at concurrency 1/4/16, LoRA cold load and warm switch; serve_gpu.json has the targets.
+# `make test` runs this code path on the CPU first (`--gpu --dry-run`, tests/unit/bench/test_bench_serve.py).
 if ((SERVE_SECONDS > 0)); then
   timeout --kill-after=15 "$SERVE_SECONDS" python3 -m bench.bench_serve --gpu
   rc=$?

@@ -46,7 +46,7 @@ from .podstatus import (
 )
 from .probes import ProbeState, run_probe
 from .runtime import ContainerProcess, read_log
-from .volumes import ProjectedVolumes
+from .volumes import PodVolumes
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class PodWorker:
             for record in self.main:
                 record.state = Waiting("ContainerCreating")
         self.runs: dict[str, _Run] = {}
-        self.volumes = ProjectedVolumes(ctx.kube, ctx.source, self.dir / "volumes")
+        self.volumes = PodVolumes(ctx.kube, ctx.source, self.dir / "volumes")
         self.backoff_until: dict[str, float] = {}
         self.stage = "init"
         self.init_index = 0
@@ -349,7 +349,7 @@ class PodWorker:
 
     def _step_main(self) -> None:
         now = time.monotonic()
-        if self.runs and self.volumes.tokens:
+        if self.runs and self.volumes.renewing:
             try:
                 self.volumes.refresh(self.pod)
             except ApiException as exc:  # retried next tick, as the kubelet retries
