@@ -89,7 +89,8 @@ WARM_UP = "warm-up"
 RECONCILE_INTERVAL_SECONDS = "12"  # the operator's default (settings.reconcile_interval_seconds)
 SEED = 19
 SETUP = (
-    "one operator (default 12 s periodic check, idle jobs back off up to 300 s), loopback control plane on this "
+    "one operator with its default settings (12 s periodic check, idle jobs back off up to 300 s, 16 threads and "
+    "16 kept-alive connections for its API calls), loopback control plane on this "
     "machine, one tainted Node without a kubelet (pods stay Pending unless the benchmark binds them); "
     "examples/minimal-job.yaml copies applied in one kubectl apply; the status-lag jobs' /progress served by one "
     "local aiohttp process. Other engineers' tests ran on the same 2 cores at the same time (they share the CPU "
@@ -335,7 +336,9 @@ def _status_lag(cluster: Any, op: Any, pid: int, namespace: str, n: int, idle_jo
                 started.add(job)
 
         with watching(cluster, namespace, Watched(hooks={"Pod": kubelet}), ("DreamBoothJob", "Pod")) as watched:
-            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job_list(n, "lag", _template())))
+            body = json.dumps(job_list(n, "lag", _template()))
+            # As long as it takes: at the API server's write rate on a busy machine, 100 creates took over 120 s.
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=body, timeout=LAG_SETUP_SECONDS)
             _wait("the lag jobs' trainer pods to run", lambda: len(started) == n, LAG_SETUP_SECONDS)
             _wait("step 1 in every lag job's status", lambda: len(watched.step_history()) == n, LAG_SETUP_SECONDS)
             changes = change_schedule(jobs, LAG_ROUNDS, LAG_PERIOD_SECONDS, SEED)

@@ -157,6 +157,10 @@ def test_captions_evaluation_and_a_failed_quality_gate(
     assert len(vlm.requests) == 2 + 4 * 2
     assert {r.headers["authorization"] for r in vlm.requests} == {f"Bearer {API_KEY}"}
     assert all(r.body["chat_template_kwargs"] == {"enable_thinking": False} for r in vlm.requests)
+    # The input check asked the endpoint for its models first, with the same key.
+    assert condition(dbj, "InputChecked")["reason"] == "InputValid"  # type: ignore[index]
+    assert [(r.path, r.headers["authorization"]) for r in vlm.model_requests] == [("/v1/models", f"Bearer {API_KEY}")]
+    assert vlm.model_requests[0].at < vlm.requests[0].at
     # The key itself is nowhere the operator writes: the ConfigMap, the status, the events.
     configmaps = cluster.kubectl("get", "configmaps", "-n", namespace, "-o", "json").stdout
     events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout

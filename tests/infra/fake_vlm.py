@@ -13,6 +13,9 @@ of the request body. The reply builders copy the response shapes of the servers 
 - `garbage_reply`: a 200 whose body is not JSON at all;
 - a `Reply` with `delay` longer than the client's timeout plays a timeout.
 
+`GET /v1/models` (the pre-flight probe) lists `models` in vLLM's shape, or answers the next of `script_models`;
+those requests go to `model_requests`, apart from the chat requests.
+
     with FakeVlm() as server:
         server.script(error_reply(429, headers={"Retry-After": "1"}), vllm_reply('{"score": 3}'))
         ...  # point VlmSpec.base_url at server.base_url
@@ -59,6 +62,10 @@ class Recorded:
     body: dict[str, Any]
     at: float
     """time.monotonic() at arrival."""
+
+
+SERVED_MODELS = ("m", "baidu/ERNIE-4.5-VL-28B-A3B-PT")
+"""What `GET /v1/models` lists by default: the model names the tests configure."""
 
 
 def _usage() -> dict[str, Any]:
@@ -160,10 +167,13 @@ class FakeVlm:
 
     def __init__(self, responder: Callable[[dict[str, Any]], Reply] | None = None) -> None:
         self.requests: list[Recorded] = []
+        self.model_requests: list[Recorded] = []
+        self.models: list[str] = list(SERVED_MODELS)
         self.responder = responder
         self.in_flight = 0
         self.max_in_flight = 0
         self._script: deque[Reply] = deque()
+        self._models_script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -179,13 +189,21 @@ class FakeVlm:
         with self._lock:
             self._script.extend(replies)
 
+    def script_models(self, *replies: Reply) -> None:
+        """Queue replies to `GET /v1/models`; each request takes the next one (then the model list)."""
+        with self._lock:
+            self._models_script.extend(replies)
+
     def reset(self, responder: Callable[[dict[str, Any]], Reply] | None = None) -> None:
         """Forget the requests, the script and the concurrency high-water mark; set a new responder. Waits for the
         requests still in flight (a played timeout) to finish first."""
         wait_until(lambda: self.in_flight == 0, what="the fake VLM's requests in flight", timeout=10, interval=0.02)
         with self._lock:
             self.requests.clear()
+            self.model_requests.clear()
+            self.models = list(SERVED_MODELS)
             self._script.clear()
+            self._models_script.clear()
             self.max_in_flight = 0
             self.responder = responder
 
@@ -221,6 +239,25 @@ class FakeVlm:
             if reply.raw:
                 return Response(str(reply.body), status_code=reply.status, headers=reply.headers,
                                 media_type="text/plain")  # fmt: skip
+            return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> Response:
+            with self._lock:
+                self.model_requests.append(Recorded(request.url.path, dict(request.headers), {}, time.monotonic()))
+                reply = self._models_script.popleft() if self._models_script else None
+                served = list(self.models)
+            if reply is None:
+                data: list[dict[str, Any]] = [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m, "parent": None,
+                     "max_model_len": 32768, "permission": []}
+                    for m in served
+                ]  # fmt: skip
+                return JSONResponse({"object": "list", "data": data})
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+            if reply.raw:
+                return Response(str(reply.body), status_code=reply.status, media_type="text/plain")
             return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
         return app

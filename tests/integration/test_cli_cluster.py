@@ -20,7 +20,9 @@ import yaml
 from PIL import Image
 
 from dreambooth_api import constants as api
+from dreambooth_api.evaluation import VLM_API_KEY_ENV
 from dreambooth_cli.errors import ExitStatus
+from tests.infra.fake_vlm import FakeVlm, task_responder
 from tests.infra.paths import ROOT
 from tests.infra.processes import wait_until
 
@@ -154,6 +156,33 @@ def test_submit_uploads_changed_photos_and_creates_the_job(
     assert result.stderr.strip() == (
         f"error: {api.JOB_KIND} {namespace}/toy already exists (delete it first, or change metadata.name)"
     )
+
+
+@pytest.mark.usefixtures("crds")
+def test_submit_caption_writes_uploads_and_trains_on_the_sidecars(
+    cluster: Any, s3: Any, namespace: str, storage: dict[str, Any], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    bucket = storage["bucket"]
+    folder = photos(tmp_path / "photos", count=2)
+    (folder / "img-1.txt").write_text("my own caption of sks toy\n")
+    job = job_manifest("captioned", bucket, storage["spec"])
+    job["spec"]["instanceImages"].update({"identifier": "sks", "captions": "auto"})
+    with FakeVlm(task_responder({"caption": json.dumps({"caption": "a toy on a red couch"})})) as vlm:
+        job["spec"]["vlm"] = {"baseUrl": vlm.base_url, "model": "m", "maxRetries": 0}
+        result = dreambooth(
+            {**cli_env, VLM_API_KEY_ENV: "sk-user"},
+            *("submit", str(write_job(tmp_path, job)), "--images", str(folder), "--caption", "-n", namespace),
+        )
+    assert result.returncode == 0, result.stderr
+    assert f"captions: 1 written by the VLM, 1 kept, 0 the instance prompt, as .txt files in {folder}" in result.stdout
+    assert "instanceImages.captions: sidecar" in result.stdout
+    assert "images: 4 uploaded" in result.stdout
+    assert (folder / "img-0.txt").read_text() == "a sks toy on a red couch\n"
+    client = s3.client()
+    stored = client.get_object(Bucket=bucket, Key="photos/captioned/img-0.txt")["Body"].read()
+    assert stored == b"a sks toy on a red couch\n"
+    created = json.loads(cluster.kubectl("get", "dbj", "captioned", "-n", namespace, "-o", "json").stdout)
+    assert created["spec"]["instanceImages"]["captions"] == "sidecar"  # trains on what the user can read
 
 
 @pytest.mark.usefixtures("crds")

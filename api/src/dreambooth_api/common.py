@@ -13,10 +13,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self, cast
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, Strict, StringConstraints, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 from dreambooth_api.constants import ConditionStatus
+
+# The scalars of a spec, typed as the API server types them: no lax coercion (true -> 1, "7" -> 7, 1 -> true, "1.5"
+# -> 1.5), so that the models reject what the CRD's structural schema rejects (tests/integration/
+# test_crd_differential.py); an integer is still a number, as in JSON. Statuses, which only our code writes, stay lax.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
 
 # An object-storage URI: s3://bucket/prefix or file:///absolute/path (the trainer's config uses the same).
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.*)$"
@@ -37,7 +44,7 @@ QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 Quantity = Annotated[
-    int | Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN, max_length=64)],
+    Int | Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN, max_length=64)],
     WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
 ]
 
@@ -142,7 +149,7 @@ class Toleration(ApiModel):
     """The taint value to match with operator Equal."""
     effect: TaintEffect | None = None
     """The taint effect to match; all effects when unset."""
-    toleration_seconds: int | None = Field(default=None, ge=0)
+    toleration_seconds: Int | None = Field(default=None, ge=0)
     """With effect NoExecute: how long the pod stays bound after the taint appears."""
 
 
@@ -199,7 +206,7 @@ class PodTemplateOverrides(ApiModel):
     """The pods' PriorityClass; lower priority pods are preempted first."""
     service_account_name: DnsSubdomain | None = None
     """The pods' ServiceAccount (for example one bound to a cloud identity for object storage)."""
-    automount_service_account_token: bool | None = None
+    automount_service_account_token: Bool | None = None
     """Mount the ServiceAccount's API token into the pods. Off unless set to true: the trainer and the sampling
     server never call the Kubernetes API. Set it only for a serviceAccountName whose token the pods need (for
     example a cloud identity that exchanges the projected token); the operator's restrictions may limit which

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from dreambooth_api import env
-from dreambooth_api.common import CamelModel, Uri
+from dreambooth_api.common import Bool, CamelModel, Float, Int, Uri
 from dreambooth_api.evaluation import CaptionMode, EvaluationSpec, VlmSpec, caption_mode
 
 
@@ -89,7 +89,7 @@ class BaseModelSpec(Model):
     """The hub revision (branch, tag or commit) of `id`."""
     uri: Uri | None = None
     """A diffusers folder in object storage (s3:// or file://), used instead of `id`."""
-    tiny: bool = False
+    tiny: Bool = False
     """Build a tiny Stable Diffusion model from configs (random UNet and text encoder, hand-set VAE): demos, tests."""
     variant: str | None = Field(default=None, max_length=32)
     """The weights variant to load, for example fp16."""
@@ -131,15 +131,16 @@ class InstanceImagesSpec(Model):
     """Where each image's caption comes from: off (the prompt), sidecar (a .txt file next to each image, written by
     you; it must contain the identifier token) or auto (the VLM, spec.vlm, writes the .txt sidecars before training).
     A trainer config file may also say true (sidecar) or false (off)."""
-    overwrite_captions: bool = False
-    """With captions: auto, caption every image again (otherwise an image with a .txt sidecar keeps it)."""
-    min_images: int = Field(default=1, ge=1, le=1000)
+    overwrite_captions: Bool = False
+    """With captions: auto, caption every image again (otherwise an image with a .txt sidecar keeps it). A resumed
+    run keeps the captions its earlier attempt trained on (recorded in the output's captions.json)."""
+    min_images: Int = Field(default=1, ge=1, le=1000)
     """Fail the job when fewer images than this are found."""
-    min_resolution: int = Field(default=64, ge=8, le=8192)
+    min_resolution: Int = Field(default=64, ge=8, le=8192)
     """Fail the job when an image's shorter side is below this many pixels."""
     crop: Crop = Crop.CENTER
     """How to crop images to the training resolution after resizing the shorter side."""
-    flip: bool = False
+    flip: Bool = False
     """Randomly flip images horizontally."""
 
     @model_validator(mode="after")
@@ -154,23 +155,23 @@ class InstanceImagesSpec(Model):
 class PriorPreservationSpec(Model):
     """Prior preservation: generated class images keep the model from forgetting the class."""
 
-    enabled: bool = False
+    enabled: Bool = False
     """Turn prior preservation on."""
     class_prompt: str | None = Field(default=None, min_length=1, max_length=1000)
     """The class prompt without the identifier, for example "a photo of a dog". Required when enabled."""
-    num_images: int = Field(default=100, ge=1, le=10000)
+    num_images: Int = Field(default=100, ge=1, le=10000)
     """How many class images to generate (or reuse from the cache)."""
-    loss_weight: float = Field(default=1.0, ge=0.0, le=100.0)
+    loss_weight: Float = Field(default=1.0, ge=0.0, le=100.0)
     """The weight of the prior loss: loss = instance loss + lossWeight * prior loss."""
     cache_uri: Uri | None = Field(default=None)
     """The shared, content-addressed class-image cache. Defaults to <output uri>/../class-cache."""
     sampler: Sampler = Sampler.DDIM
     """The sampler used to generate class images."""
-    steps: int = Field(default=30, ge=1, le=1000)
+    steps: Int = Field(default=30, ge=1, le=1000)
     """Sampling steps per class image."""
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    guidance_scale: Float = Field(default=7.5, ge=0.0, le=50.0)
     """Classifier-free guidance scale for class images."""
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
     """Seed for class image generation."""
 
     @model_validator(mode="after")
@@ -183,9 +184,9 @@ class PriorPreservationSpec(Model):
 class LoraSpec(Model):
     """LoRA adapter settings (only with method: lora)."""
 
-    rank: int = Field(default=8, ge=1, le=512)
+    rank: Int = Field(default=8, ge=1, le=512)
     """The rank of the LoRA update matrices."""
-    alpha: float = Field(default=8.0, gt=0.0, le=1024.0)
+    alpha: Float = Field(default=8.0, gt=0.0, le=1024.0)
     """The LoRA scaling alpha (the update is scaled by alpha / rank)."""
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
@@ -193,7 +194,7 @@ class LoraSpec(Model):
         max_length=64,
     )
     """Names of the UNet modules that get LoRA adapters."""
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout on the LoRA path."""
 
 
@@ -202,28 +203,28 @@ class ValidationSpec(Model):
 
     prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(default_factory=list, max_length=32)
     """Prompts to sample with a fixed seed. Empty turns validation off."""
-    interval_steps: int = Field(default=100, ge=1)
+    interval_steps: Int = Field(default=100, ge=1)
     """Sample every this many steps (and at the end)."""
-    before_training: bool = Field(default=False)
+    before_training: Bool = Field(default=False)
     """Also sample once before the first step of a fresh run (step 0): the base model's baseline in the report."""
-    num_images: int = Field(default=1, ge=1, le=16)
+    num_images: Int = Field(default=1, ge=1, le=16)
     """Images per prompt."""
-    steps: int = Field(default=25, ge=1, le=1000)
+    steps: Int = Field(default=25, ge=1, le=1000)
     """Sampling steps."""
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    guidance_scale: Float = Field(default=7.5, ge=0.0, le=50.0)
     """Classifier-free guidance scale."""
-    seed: int = Field(default=1234, ge=0, le=2**31 - 1)
+    seed: Int = Field(default=1234, ge=0, le=2**31 - 1)
     """The fixed seed, so that samples are comparable across steps."""
 
 
 class CheckpointSpec(Model):
     """When to write checkpoints, and how many to keep."""
 
-    interval_steps: int | None = Field(default=100, ge=1)
+    interval_steps: Int | None = Field(default=100, ge=1)
     """Write a checkpoint every this many steps. Null turns step checkpoints off."""
-    interval_seconds: int | None = Field(default=600, ge=10)
+    interval_seconds: Int | None = Field(default=600, ge=10)
     """Write a checkpoint when this many seconds have passed since the last one. Null turns it off."""
-    keep: int = Field(default=2, ge=1, le=100)
+    keep: Int = Field(default=2, ge=1, le=100)
     """How many complete checkpoints to keep; older ones are deleted after a newer one is complete."""
 
 
@@ -234,55 +235,55 @@ class TrainingConfig(Model):
     """full fine-tunes the UNet (and optionally the text encoder); lora trains LoRA adapters."""
     lora: LoraSpec | None = None
     """LoRA settings; only allowed with method: lora (defaults apply when omitted)."""
-    max_steps: int = Field(default=400, ge=1, le=1_000_000)
+    max_steps: Int = Field(default=400, ge=1, le=1_000_000)
     """Total optimizer steps."""
-    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    learning_rate: Float = Field(default=1e-4, gt=0.0, le=1.0)
     """Peak learning rate of the UNet (or its adapters)."""
     lr_schedule: LRSchedule = Field(default=LRSchedule.CONSTANT)
     """The learning-rate schedule."""
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: Int = Field(default=0, ge=0)
     """Linear warmup steps (with lrSchedule constant: constant_with_warmup)."""
-    batch_size: int = Field(default=1, ge=1, le=256)
+    batch_size: Int = Field(default=1, ge=1, le=256)
     """Instance images per GPU per step (the same number of class images is added with prior preservation)."""
-    gradient_accumulation: int = Field(default=1, ge=1, le=128)
+    gradient_accumulation: Int = Field(default=1, ge=1, le=128)
     """Micro-batches accumulated per optimizer step."""
-    resolution: int = Field(default=512, ge=8, le=2048, multiple_of=8)
+    resolution: Int = Field(default=512, ge=8, le=2048, multiple_of=8)
     """Training resolution in pixels (square); a multiple of 8."""
-    train_text_encoder: bool = Field(default=False)
+    train_text_encoder: Bool = Field(default=False)
     """Also train the text encoder."""
-    text_encoder_steps: int | None = Field(default=None, ge=1)
+    text_encoder_steps: Int | None = Field(default=None, ge=1)
     """Train the text encoder for only this many steps (all steps when null)."""
-    text_encoder_learning_rate: float | None = Field(default=None, gt=0.0, le=1.0)
+    text_encoder_learning_rate: Float | None = Field(default=None, gt=0.0, le=1.0)
     """Learning rate of the text encoder (the UNet's when null)."""
     mixed_precision: MixedPrecision = Field(default=MixedPrecision.NO)
     """Mixed precision: no, fp16 or bf16 (fp16 and bf16 need a GPU)."""
-    allow_tf32: bool = Field(default=True)
+    allow_tf32: Bool = Field(default=True)
     """On CUDA GPUs with tensor cores (Ampere and newer), run fp32 matmuls and convolutions in TF32: several times
     faster where a step still computes in fp32 (mixedPrecision: no, the frozen VAE and text encoder), at about 3
     significant digits. False keeps full fp32."""
-    gradient_checkpointing: bool = Field(default=False)
+    gradient_checkpointing: Bool = Field(default=False)
     """Trade compute for memory with activation checkpointing."""
-    compile_unet: bool = Field(default=False)
+    compile_unet: Bool = Field(default=False)
     """Run the UNet's training forward and backward through torch.compile (inductor). Faster steps on CUDA after a
     one-time compile of about a minute, which the compile cache on the shared model cache volume shortens for later
     jobs: worth it for long runs, rarely for a few hundred LoRA steps. Needs a C compiler in the image."""
     optimizer: Optimizer = Optimizer.ADAMW
     """adamw (fused on CUDA) or adamw8bit (bitsandbytes; 8-bit optimizer state, on CUDA or the CPU)."""
-    adam_weight_decay: float = Field(default=1e-2, ge=0.0, le=1.0)
+    adam_weight_decay: Float = Field(default=1e-2, ge=0.0, le=1.0)
     """AdamW weight decay."""
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    max_grad_norm: Float | None = Field(default=1.0, gt=0.0)
     """Clip gradients to this norm (null: no clipping)."""
-    max_non_finite_loss_steps: int | None = Field(default=20, ge=1, le=1_000_000)
+    max_non_finite_loss_steps: Int | None = Field(default=20, ge=1, le=1_000_000)
     """Stop a diverged run: once the loss was NaN or infinite for this many optimizer steps in a row, the trainer
     exits as failed for good (exit code 10, reason LossDiverged) instead of burning GPU time; checkpoints are not
     written while the loss is not finite. Null never stops."""
-    seed: int = Field(default=42, ge=0, le=2**31 - 1)
+    seed: Int = Field(default=42, ge=0, le=2**31 - 1)
     """The training seed; the same seed and data give the same run."""
-    snr_gamma: float | None = Field(default=None, gt=0.0, le=100.0)
+    snr_gamma: Float | None = Field(default=None, gt=0.0, le=100.0)
     """Min-SNR loss weighting gamma (5.0 is typical); null turns it off."""
-    offset_noise: float = Field(default=0.0, ge=0.0, le=1.0)
+    offset_noise: Float = Field(default=0.0, ge=0.0, le=1.0)
     """Offset-noise strength (0 turns it off)."""
-    cache_latents: bool = Field(default=True)
+    cache_latents: Bool = Field(default=True)
     """Encode images and prompts once when the VAE and text encoder are frozen."""
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     """Periodic validation samples."""

@@ -45,6 +45,10 @@ MANAGED_BY: Final = "dreambooth-operator"
 # On a single-node DreamBoothJob: UIDs (JSON list, bounded) of its pods already counted as preempted, so that an
 # operator restart does not count them twice.
 ANNOTATION_COUNTED_PREEMPTIONS: Final = f"{GROUP}/counted-preemptions"
+# On a DreamBoothJob, set by the user or `dreambooth evaluate NAME`: a request (any new token, for example a random
+# hex string) to evaluate the job's exported model again. The operator serves each token once and records it in
+# status.observedEvaluateRequest; on its `<job>-eval` batch Job: the token that Job serves.
+ANNOTATION_EVALUATE: Final = f"{GROUP}/evaluate"
 
 # Kueue: this label on a DreamBoothJob is copied onto its batch Job, which Kueue then admits (it unsuspends it).
 KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
@@ -62,6 +66,8 @@ class Component(StrEnum):
     PREFLIGHT = "preflight"
     """The CPU-only input check that runs before a job's first GPU attempt (its batch Job `<job>-check`)."""
     INFERENCE = "inference"
+    EVALUATION = "evaluation"
+    """The evaluation of a succeeded job's exported model, run again on request (its batch Job `<job>-eval`)."""
 
 
 class JobPhase(StrEnum):
@@ -133,6 +139,11 @@ class JobConditionType(StrEnum):
     """The pre-flight input check (a CPU-only pod before the first GPU attempt): False with reason CheckingInput while
     it runs; True (InputValid) once it passed; False with reason InvalidInput when it found invalid input (the job
     fails), or InputCheckInconclusive when it could not finish (the GPU Job starts; the trainer checks again)."""
+    REEVALUATED = "Reevaluated"
+    """The last evaluation request (annotation dreambooth.dev/evaluate): False with reason Reevaluating while its Job
+    `<job>-eval` runs; True (Reevaluated) once new scores are in status.outputs; False with reason ReevaluationFailed
+    (the Job failed; the job stays Succeeded and keeps its scores) or ReevaluationNotPossible (the job has not
+    succeeded, has no spec.evaluation or no exported model)."""
 
 
 class InferenceConditionType(StrEnum):
@@ -180,6 +191,10 @@ class Reason(StrEnum):
     SCORE_BELOW_MINIMUM = "ScoreBelowMinimum"
     QUALITY_GATE_PASSED = "QualityGatePassed"
     JUDGE_UNKNOWN = "JudgeUnknown"
+    REEVALUATING = "Reevaluating"
+    REEVALUATED = "Reevaluated"
+    REEVALUATION_FAILED = "ReevaluationFailed"
+    REEVALUATION_NOT_POSSIBLE = "ReevaluationNotPossible"
     # Both kinds
     CHILD_CONFLICT = "ChildConflict"
     """A child's name is taken by an object this resource does not control (condition ChildConflict, and a Warning

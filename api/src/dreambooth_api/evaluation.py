@@ -21,7 +21,7 @@ from typing import Annotated, Any, Final, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from dreambooth_api import env
-from dreambooth_api.common import ApiModel, CamelModel, DnsSubdomain, Uri
+from dreambooth_api.common import ApiModel, Bool, CamelModel, DnsSubdomain, Float, Int, Uri
 
 
 class Model(CamelModel):
@@ -157,6 +157,10 @@ class JudgeStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
+METRIC_MODEL_SOURCE_MESSAGE: Final = "a metric model needs exactly one of id, uri or tiny: true"
+"""The rule's message (the CRD's CEL rule, `job.TRAINER_RULES`, says the same)."""
+
+
 class MetricModelSpec(Model):
     """A metric model (DINO or CLIP, transformers format). Exactly one of id, uri or tiny."""
 
@@ -166,14 +170,14 @@ class MetricModelSpec(Model):
     """The hub revision (branch, tag or commit) of `id`; pin a commit to compare scores across months."""
     uri: Uri | None = None
     """A transformers model folder in object storage (config.json, weights, preprocessor config), instead of id."""
-    tiny: bool = False
+    tiny: Bool = False
     """A tiny random model built from configs: demos and tests only (the scores mean nothing)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
         sources = [s for s in (self.id, self.uri) if s] + (["tiny"] if self.tiny else [])
         if len(sources) != 1:
-            raise ValueError("a metric model needs exactly one of id, uri or tiny: true")
+            raise ValueError(METRIC_MODEL_SOURCE_MESSAGE)
         return self
 
     def identity(self) -> str:
@@ -191,21 +195,21 @@ PromptTemplate = Annotated[str, Field(min_length=3, max_length=1000, pattern=r"\
 class EvaluationSpec(Model):
     """After training, sample prompts from the trained model and score the samples against the subject's images."""
 
-    enabled: bool = False
+    enabled: Bool = False
     """Run the evaluation after training."""
     subject_kind: SubjectKind = SubjectKind.OBJECT
     """Which of DreamBench's prompt lists to use: object (backgrounds and properties) or live (also outfits)."""
     prompts: list[PromptTemplate] | None = Field(default=None, min_length=1, max_length=100)
     """Your own prompt templates instead of DreamBench's; `{}` marks the subject, for example "a {} on a boat"."""
-    images_per_prompt: int = Field(default=1, ge=1, le=16)
+    images_per_prompt: Int = Field(default=1, ge=1, le=16)
     """Samples per prompt (the paper uses 4; 1 keeps the GPU time per subject low)."""
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
     """Sample j of prompt i uses seed + i * imagesPerPrompt + j, for the trained and the base model alike."""
-    num_inference_steps: int = Field(default=30, ge=1, le=1000)
+    num_inference_steps: Int = Field(default=30, ge=1, le=1000)
     """Sampling steps per image."""
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    guidance_scale: Float = Field(default=7.5, ge=0.0, le=50.0)
     """Classifier-free guidance scale."""
-    baseline: bool = True
+    baseline: Bool = True
     """Also sample and score the base model with the same prompts and seeds, so the gain is visible."""
     dino_model: MetricModelSpec | None = None
     """The DINO model (subject fidelity); unset: facebook/dino-vits16, the paper's ViT-S/16."""
@@ -216,9 +220,9 @@ class EvaluationSpec(Model):
     and the word after it ("sks dog" in "a photo of sks dog")."""
     reference_images: Uri | None = None
     """A prefix of held-out photos of the subject to compare against; the instance images when unset."""
-    judge: bool = False
+    judge: Bool = False
     """Also have the VLM (`spec.vlm`) score each sample for concept preservation and prompt following (0-4)."""
-    min_score: float | None = Field(default=None, ge=0.0, le=4.0)
+    min_score: Float | None = Field(default=None, ge=0.0, le=4.0)
     """The quality gate: both judge means (0-4) must reach it, else the job gets QualityGateFailed. Needs judge."""
 
     @model_validator(mode="after")
@@ -293,29 +297,29 @@ class VlmSpec(Model):
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Provider-specific request fields merged into every request body, for example
     {"chat_template_kwargs": {"enable_thinking": false}} for ERNIE 4.5 VL on vLLM or FastDeploy."""
-    timeout_seconds: float = Field(default=120.0, gt=0.0, le=3600.0)
+    timeout_seconds: Float = Field(default=120.0, gt=0.0, le=3600.0)
     """Timeout of one request."""
-    max_retries: int = Field(default=3, ge=0, le=10)
+    max_retries: Int = Field(default=3, ge=0, le=10)
     """Retries of a request after a timeout, a connection error, 408, 409, 429 or 5xx, with exponential backoff
     (Retry-After is honoured up to 2 minutes)."""
-    max_concurrency: int = Field(default=4, ge=1, le=64)
+    max_concurrency: Int = Field(default=4, ge=1, le=64)
     """Requests in flight at once."""
     structured_output: StructuredOutput = StructuredOutput.AUTO
     """auto, json_schema or prompt (see StructuredOutput)."""
-    max_image_side: int = Field(default=768, ge=64, le=4096)
+    max_image_side: Int = Field(default=768, ge=64, le=4096)
     """Images are downscaled so that their longer side is at most this many pixels before they are sent."""
-    temperature: float | None = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: Float | None = Field(default=0.0, ge=0.0, le=2.0)
     """Sampling temperature (0: as repeatable as the server allows); null leaves it to the server."""
-    max_tokens: int | None = Field(default=None, ge=1, le=131072)
+    max_tokens: Int | None = Field(default=None, ge=1, le=131072)
     """The answer's token limit; null leaves it to the server (a thinking model needs room for its reasoning)."""
 
 
 class CaptionsSpec(Model):
     """How the VLM captions instance images (`instanceImages.captions: auto`)."""
 
-    overwrite: bool = False
+    overwrite: Bool = False
     """Replace existing .txt sidecars (otherwise an image that has one keeps it)."""
-    max_words: int = Field(default=40, ge=5, le=70)
+    max_words: Int = Field(default=40, ge=5, le=70)
     """Longest caption in words (CLIP's text encoder reads 77 tokens)."""
     instruction: str | None = Field(default=None, max_length=2000)
     """Extra guidance added to the captioning request, for example "mention the clothing"."""

@@ -12,6 +12,7 @@ from dreambooth_api.common import (
     Condition,
     ContainerResources,
     DnsSubdomain,
+    Int,
     PodTemplateOverrides,
     StorageSpec,
     Uri,
@@ -78,13 +79,13 @@ class Scaling(ApiModel):
         )
     )
 
-    replicas: int | None = Field(default=None, ge=0, le=1000)
+    replicas: Int | None = Field(default=None, ge=0, le=1000)
     """A fixed number of replicas (0 stops serving but keeps the object)."""
-    min_replicas: int | None = Field(default=None, ge=1, le=1000)
+    min_replicas: Int | None = Field(default=None, ge=1, le=1000)
     """The fewest replicas when autoscaling."""
-    max_replicas: int | None = Field(default=None, ge=1, le=1000)
+    max_replicas: Int | None = Field(default=None, ge=1, le=1000)
     """The most replicas when autoscaling."""
-    target_inflight_requests: int | None = Field(default=None, ge=1, le=1000)
+    target_inflight_requests: Int | None = Field(default=None, ge=1, le=1000)
     """Autoscaling target: average in-flight requests per replica (2 when unset)."""
 
     @model_validator(mode="after")
@@ -177,7 +178,7 @@ class LabelSelector(ApiModel):
 class InferenceResources(ContainerResources):
     """GPUs and per-pod resources of each replica."""
 
-    gpus: int = Field(default=1, ge=0, le=16)
+    gpus: Int = Field(default=1, ge=0, le=16)
     """GPUs per replica (0 serves on CPU, slowly; for tests)."""
 
 

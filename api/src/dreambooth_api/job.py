@@ -14,9 +14,11 @@ from pydantic import ConfigDict, Field, model_validator
 
 from dreambooth_api.common import (
     ApiModel,
+    Bool,
     CelRule,
     Condition,
     ContainerResources,
+    Int,
     PodTemplateOverrides,
     StorageSpec,
     cel,
@@ -31,7 +33,7 @@ from dreambooth_api.config import (
     vlm_missing,
 )
 from dreambooth_api.constants import JobPhase
-from dreambooth_api.evaluation import SecretKeyRef
+from dreambooth_api.evaluation import METRIC_MODEL_SOURCE_MESSAGE, SecretKeyRef
 from dreambooth_api.trainer_config import build_trainer_config
 
 # Spec field (camelCase) -> the trainer model (in dreambooth_api.config) that defines its schema.
@@ -70,6 +72,12 @@ TRAINER_RULES: Final[dict[str, list[CelRule]]] = {
             "!has(self.lora) || !has(self.method) || self.method == 'lora'",
             "training.lora is only allowed with method: lora",
         ),
+    ],
+    "MetricModelSpec": [
+        cel(
+            "(has(self.id) ? 1 : 0) + (has(self.uri) ? 1 : 0) + ((has(self.tiny) && self.tiny) ? 1 : 0) == 1",
+            METRIC_MODEL_SOURCE_MESSAGE,
+        )
     ],
     "EvaluationSpec": [
         cel(
@@ -123,29 +131,29 @@ SPEC_RULES: Final = [
 class JobResources(ContainerResources):
     """How many nodes and GPUs the job uses, and each pod's CPU, memory and shared memory."""
 
-    nodes: int = Field(default=1, ge=1, le=256)
+    nodes: Int = Field(default=1, ge=1, le=256)
     """Number of nodes (pods in the Indexed Job); more than one runs distributed data parallel training."""
-    gpus_per_node: int = Field(default=1, ge=0, le=16)
+    gpus_per_node: Int = Field(default=1, ge=0, le=16)
     """GPUs per node; one training process per GPU (0 runs one CPU process, for tests)."""
 
 
 class RunPolicy(ApiModel):
     """How the job runs and retries. Every field may change while the job runs."""
 
-    backoff_limit: int = Field(default=3, ge=0, le=100)
+    backoff_limit: Int = Field(default=3, ge=0, le=100)
     """Retryable failures (not preemptions) allowed before the job fails; each restarts from the last checkpoint."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    active_deadline_seconds: Int | None = Field(default=None, ge=1)
     """Fail the job when it has run this long (Suspended time excluded)."""
-    gpu_seconds_limit: int | None = Field(default=None, ge=1)
+    gpu_seconds_limit: Int | None = Field(default=None, ge=1)
     """Fail the job once its pods have used this many GPU-seconds (status.usage.gpuSeconds: every pod of every
     attempt, preempted ones included): a cost cap per subject, for example against a spot pool that keeps
     preempting. The attempt is stopped at the limit (pods run on for their grace period, not counted) and the last
     checkpoint stays. Needs resources.gpusPerNode above 0."""
-    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    ttl_seconds_after_finished: Int | None = Field(default=None, ge=0)
     """Delete the job's pods and batch Job this long after it finished (the DreamBoothJob and its outputs stay)."""
-    suspend: bool = False
+    suspend: Bool = False
     """Suspend the job: its pods are deleted, and setting it back to false resumes from the last checkpoint."""
-    preflight: bool = True
+    preflight: Bool = True
     """Before the first GPU attempt, check the input on a CPU-only pod (the trainer image, no GPU): the instance
     images exist and decode, the buckets exist, the output is writable and the base model is reachable. Invalid input
     fails the job (reason InvalidInput) without a GPU-second used. Not run for a job that resumes, or one created
@@ -227,7 +235,7 @@ class Progress(ApiModel):
     eta_seconds: float | None = Field(default=None, ge=0)
     """Estimated seconds until training finishes."""
     stage: str | None = Field(default=None, max_length=64)
-    """The trainer's own stage: Initializing, GeneratingPriors, Training, Checkpointing, Exporting."""
+    """The trainer's own stage: Initializing, GeneratingPriors, Training, Checkpointing, Exporting, Evaluating."""
     updated_at: datetime | None = None
     """When the operator last read progress."""
     steps_redone: int = Field(default=0, ge=0)
@@ -353,6 +361,9 @@ class DreamBoothJobStatus(ApiModel):
     """When the job succeeded or failed."""
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation the status was computed from."""
+    observed_evaluate_request: str | None = Field(default=None, max_length=128)
+    """The last evaluation request served (the value of the dreambooth.dev/evaluate annotation); the condition
+    Reevaluated tells its outcome. Each request runs once."""
 
 
 def progress_text(step: int, total_steps: int) -> str:

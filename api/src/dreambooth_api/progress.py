@@ -29,13 +29,21 @@ class TrainerPhase(StrEnum):
     TRAINING = "Training"
     CHECKPOINTING = "Checkpointing"
     EXPORTING = "Exporting"
+    EVALUATING = "Evaluating"
+    """After the export: sampling and scoring the trained model (spec.evaluation)."""
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     PREEMPTED = "Preempted"
 
 
 RESUMED_PHASES: Final = frozenset(
-    {TrainerPhase.TRAINING, TrainerPhase.CHECKPOINTING, TrainerPhase.EXPORTING, TrainerPhase.SUCCEEDED}
+    {
+        TrainerPhase.TRAINING,
+        TrainerPhase.CHECKPOINTING,
+        TrainerPhase.EXPORTING,
+        TrainerPhase.EVALUATING,
+        TrainerPhase.SUCCEEDED,
+    }
 )
 """Phases a trainer reports only once it has restored its checkpoint (so its step is the resumed one)."""
 

@@ -16,7 +16,7 @@ from typing import Final, Self
 
 from pydantic import ConfigDict, Field, RootModel, model_validator
 
-from dreambooth_api.common import ApiModel, DnsLabel, Uri, cel, validations
+from dreambooth_api.common import ApiModel, DnsLabel, Float, Int, Uri, cel, validations
 from dreambooth_api.config import BaseModelSpec, Model, Sampler, StorageSettings
 
 __all__ = [
@@ -41,7 +41,7 @@ class Adapter(ApiModel):
     """The adapter's name, unique in the list."""
     uri: Uri
     """The LoRA weights folder (a DreamBoothJob's <output>/lora)."""
-    weight: float = Field(default=1.0, ge=-10.0, le=10.0)
+    weight: Float = Field(default=1.0, ge=-10.0, le=10.0)
     """The default scale of the adapter."""
 
 
@@ -57,36 +57,36 @@ class ServerLimits(ApiModel):
         )
     )
 
-    max_batch_size: int = Field(default=4, ge=1, le=64)
+    max_batch_size: Int = Field(default=4, ge=1, le=64)
     """The most images generated together in one pipeline call. Concurrent compatible requests (same size, steps,
     scheduler, guidance scale and adapters) are batched up to this many images; a request asking for more runs
     alone, its images generated in chunks of this size. 1 turns batching off."""
-    max_batch_delay_ms: int | None = Field(default=None, ge=0, le=10_000)
+    max_batch_delay_ms: Int | None = Field(default=None, ge=0, le=10_000)
     """How long the first request of a batch may wait for compatible requests to join it (10 when unset)."""
-    max_queued_requests: int | None = Field(default=None, ge=1, le=10_000)
+    max_queued_requests: Int | None = Field(default=None, ge=1, le=10_000)
     """Requests waiting for the model, at most; more get HTTP 429 with Retry-After (64 when unset)."""
-    request_timeout_seconds: int | None = Field(default=None, ge=1, le=3600)
+    request_timeout_seconds: Int | None = Field(default=None, ge=1, le=3600)
     """A request's deadline, queueing included; a request past it gets HTTP 503 and its work is dropped (120 when
     unset)."""
-    max_prompt_tokens: int | None = Field(default=None, ge=1, le=1024)
+    max_prompt_tokens: Int | None = Field(default=None, ge=1, le=1024)
     """The longest prompt (and negative prompt) in tokenizer tokens, start and end tokens included (the text
     encoder's context, 77 for Stable Diffusion, when unset; longer prompts would be cut)."""
-    max_loaded_adapters: int | None = Field(default=None, ge=1, le=4096)
+    max_loaded_adapters: Int | None = Field(default=None, ge=1, le=4096)
     """LoRA adapters kept loaded in the pipeline, at most; the least recently used is evicted (8 when unset)."""
-    max_adapter_memory_mb: int | None = Field(default=None, ge=1, le=1_048_576)
+    max_adapter_memory_mb: Int | None = Field(default=None, ge=1, le=1_048_576)
     """Memory of the loaded LoRA adapters' weights in mebibytes, at most (on the GPU, or host memory on the CPU);
     the least recently used are evicted (2048 when unset)."""
-    max_images_per_request: int = Field(default=4, ge=1, le=64)
+    max_images_per_request: Int = Field(default=4, ge=1, le=64)
     """The most images one request may ask for."""
-    max_steps: int = Field(default=50, ge=1, le=1000)
+    max_steps: Int = Field(default=50, ge=1, le=1000)
     """The most sampling steps one request may ask for."""
-    max_resolution: int = Field(default=768, ge=64, le=2048, multiple_of=8)
+    max_resolution: Int = Field(default=768, ge=64, le=2048, multiple_of=8)
     """The largest width or height one request may ask for (a multiple of 8)."""
     default_scheduler: Sampler = Sampler.EULER
     """The sampler used when a request names none."""
-    default_steps: int = Field(default=25, ge=1, le=1000)
+    default_steps: Int = Field(default=25, ge=1, le=1000)
     """Sampling steps when a request names none."""
-    default_guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    default_guidance_scale: Float = Field(default=7.5, ge=0.0, le=50.0)
     """Classifier-free guidance scale when a request names none."""
 
     @model_validator(mode="after")

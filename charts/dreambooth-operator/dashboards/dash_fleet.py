@@ -58,7 +58,7 @@ FLEET = Spec(
                 P(
                     "timeseries",
                     "Running GPUs (training pods)",
-                    "Training pods holding their GPUs (a trainer phase from Initializing to Exporting), by "
+                    "Training pods holding their GPUs (a trainer phase from Initializing to Evaluating), by "
                     "namespace: the GPU count when each pod has one GPU; multiply by the GPUs per pod otherwise.",
                     "short",
                     [

@@ -41,7 +41,7 @@ JOB = Spec(
                     "stat",
                     "Phase",
                     "The trainer's current phase (rank 0): Initializing, GeneratingPriors, Training, "
-                    "Checkpointing, Exporting, then Succeeded, Failed or Preempted.",
+                    "Checkpointing, Exporting, Evaluating, then Succeeded, Failed or Preempted.",
                     "none",
                     [Q(f"max by (phase) (dreambooth_trainer_phase{{{R0}}}) > 0", "{{phase}}", instant=True)],
                     w=6,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Phases in which a trainer pod holds its GPUs (docs/contracts.md, the /progress phases).
-ACTIVE_PHASES = "Initializing|GeneratingPriors|Training|Checkpointing|Exporting"
+ACTIVE_PHASES = "Initializing|GeneratingPriors|Training|Checkpointing|Exporting|Evaluating"
 # Phases in which the optimizer steps (the training-stall alert uses the same two).
 STEPPING_PHASES = "Training|Checkpointing"
 

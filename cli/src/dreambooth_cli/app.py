@@ -10,7 +10,7 @@ import time
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dreambooth_api import constants as api
+from dreambooth_cli import evaluate as evaluation
 from dreambooth_cli import localrun, manifest, present, subject
 from dreambooth_cli.client import DreamBoothClient, Upload
 from dreambooth_cli.display import ProgressDisplay
@@ -28,6 +29,9 @@ from dreambooth_cli.jobinfo import JobInfo
 from dreambooth_cli.report import load_run, write_report
 from dreambooth_cli.report.data import looks_like_run
 from dreambooth_cli.sync import collect_images, sync_to_folder
+
+if TYPE_CHECKING:
+    from dreambooth_cli.captioning import CaptionReport
 
 app = typer.Typer(
     name="dreambooth",
@@ -110,6 +114,17 @@ def submit(
             help="Check that spec.instanceImages' bucket exists and its prefix holds images before creating the job.",
         ),
     ] = True,
+    caption: Annotated[
+        bool,
+        typer.Option(
+            "--caption",
+            help="Caption the --images photos with the job's spec.vlm first (.txt sidecars next to them, to read and "
+            "edit; the API key from $DREAMBOOTH_VLM_API_KEY) and train on them (instanceImages.captions: sidecar).",
+        ),
+    ] = False,
+    overwrite_captions: Annotated[
+        bool, typer.Option("--overwrite-captions", help="With --caption, replace existing .txt sidecars too.")
+    ] = False,
     namespace: Namespace = None,
     context: Context = None,
     kubeconfig: Kubeconfig = None,
@@ -118,10 +133,27 @@ def submit(
     job = manifest.load_job_manifest(job_file)
     client = DreamBoothClient(kubeconfig, context, namespace)
 
+    def captioned(done: CaptionReport) -> None:
+        say(
+            f"captions: {done.written} written by the VLM, {done.kept} kept, {done.fallback} the instance prompt"
+            + (f" ({done.reason})" if done.reason else "")
+            + f", as .txt files in {done.folder}"
+        )
+        say("captions: the job trains on them as they are (instanceImages.captions: sidecar); edit and submit again")
+
     def uploaded(upload: Upload) -> None:
         say(f"images: {upload.uploaded} uploaded, {upload.unchanged} unchanged, to {upload.uri}")
 
-    name = client.submit(job, images, on_upload=uploaded, source=job_file, check_input=check)
+    name = client.submit(
+        job,
+        images,
+        on_upload=uploaded,
+        source=job_file,
+        check_input=check,
+        caption=caption,
+        overwrite_captions=overwrite_captions,
+        on_caption=captioned,
+    )
     ns = client.namespace_for(job)
     say(f"{api.JOB_KIND} {ns}/{name} created. Next:")
     say(f"  kubectl get dbj {name} -n {ns}")
@@ -197,8 +229,8 @@ def watch(
             display.note(f"{name}: {err.message}; retrying in {delay:g}s")
 
         for job in client.watch(name, timeout=timeout, interval=interval, on_retry=retrying):
-            if last is None or job.phase != last.phase:
-                display.note(f"{name}: {job.phase}")
+            if last is None or job.progress.phase != last.progress.phase:  # Running, then Evaluating, ...
+                display.note(f"{name}: {job.progress.phase}")
             display.update(job.progress)
             last = job
     assert last is not None  # watch yields at least one read, or raises
@@ -248,16 +280,52 @@ def report(
 
 @app.command()
 def evaluate(
-    source: Annotated[str, typer.Argument(help="A local run folder (workdir or output) of a finished run.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A job's name, or a local run folder (workdir or output) of a finished run.", show_default=False
+        ),
+    ],
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Give up waiting after this many seconds.")] = None,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between status reads.")] = 2.0,
+    namespace: Namespace = None,
+    context: Context = None,
+    kubeconfig: Kubeconfig = None,
 ) -> None:
-    """Evaluate a finished local run's exported model again (its config.json's spec.evaluation and spec.vlm): the
-    scores and the gate are printed and written next to the model (evaluation.json, evaluation/); exit 7 when the
-    quality gate failed."""
-    folder = Path(source)
-    if not folder.is_dir():
-        raise InputError(
-            f"{source}: not a folder; evaluate a local run (a cluster job's evaluation runs in its training pod)"
-        )
+    """Evaluate a finished job's exported model again (spec.evaluation and spec.vlm) and print the scores and the
+    gate: a job in the cluster (NAME: the operator runs the Job NAME-eval), or a local run (DIR: an existing folder;
+    the files go next to the model). Exit 7 when the quality gate failed, 4 when the evaluation failed, 2 when the
+    job cannot be evaluated (not succeeded, no spec.evaluation)."""
+    if evaluation.is_local_run(source):
+        _evaluate_local(Path(source))
+        return
+    client = DreamBoothClient(kubeconfig, context, namespace).connect()
+    token = evaluation.new_token()
+    evaluation.request(client.target, source, token)
+    err_console.print(f"{source}: evaluation requested ({api.ANNOTATION_EVALUATE}={token})", markup=False)
+    last: JobInfo | None = None
+    shown = ""
+    for job in evaluation.wait(client.target, source, token, timeout=timeout, interval=interval):
+        line = evaluation.progress_line(job.raw, token)
+        if line != shown:
+            err_console.print(f"{source}: {line}", markup=False)
+            shown = line
+        last = job
+    assert last is not None  # wait yields at least one read, or raises
+    result = evaluation.outcome(last.raw, token)
+    assert result is not None  # wait returns once the request is served
+    if result.reason == api.Reason.REEVALUATION_NOT_POSSIBLE:
+        raise InputError(f"{source}: {result.message}")
+    if not result.ok:
+        raise CliError(f"{source}: {result.message}", ExitStatus.JOB_FAILED)
+    for key, value in evaluation.score_rows(last.raw):
+        say(f"{key}: {value}")
+    if last.quality_gate_failed is not None:
+        raise CliError(f"{source} failed its quality gate: {last.quality_gate_failed}", ExitStatus.QUALITY_GATE_FAILED)
+
+
+def _evaluate_local(folder: Path) -> None:
+    """`evaluate DIR`: the trainer's evaluation.rerun on a local run's output folder."""
     fields = localrun.evaluate_run(localrun.output_dir_of(folder))
     for name, value in sorted((fields.get("evaluation") or {}).items()):
         say(f"{name}: {value:.4g}")
@@ -266,7 +334,7 @@ def evaluate(
     say(f"quality gate: {gate}" + (f" ({reason})" if reason else ""))
     say(f"detail: {fields.get('evaluationUri')}")
     if gate == "failed":
-        raise CliError(f"{source} failed its quality gate: {reason}", ExitStatus.QUALITY_GATE_FAILED)
+        raise CliError(f"{folder} failed its quality gate: {reason}", ExitStatus.QUALITY_GATE_FAILED)
 
 
 @app.command()

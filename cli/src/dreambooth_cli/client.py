@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dreambooth_api import constants as api
 from dreambooth_cli import images, kube, localrun, manifest, present
@@ -33,6 +33,9 @@ from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
 from dreambooth_cli.jobinfo import JobInfo
 from dreambooth_cli.report import load_run, write_report
 from dreambooth_cli.sync import collect_images
+
+if TYPE_CHECKING:
+    from dreambooth_cli.captioning import CaptionReport
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +124,17 @@ class DreamBoothClient:
         on_upload: Callable[[Upload], None] | None = None,
         source: str | Path | None = None,
         check_input: bool = True,
+        caption: bool = False,
+        overwrite_captions: bool = False,
+        on_caption: Callable[[CaptionReport], None] | None = None,
     ) -> str:
         """Create a DreamBoothJob (a YAML file or a manifest) and return its name.
 
-        A server-side dry run (strict field validation) checks it first; then the photos in the folder `images`
-        are uploaded to spec.instanceImages.uri (an s3:// prefix), skipping those already there with the same
+        A server-side dry run (strict field validation) checks it first; then, with `caption`, the job's spec.vlm
+        captions the photos in the folder `images` as the trainer's `captions: auto` would, writing .txt sidecars
+        next to them (an existing one is kept unless `overwrite_captions`; captioning.py), `on_caption` hears how
+        many, and the job is created with `instanceImages.captions: sidecar`; then the photos (and sidecars) are
+        uploaded to spec.instanceImages.uri (an s3:// prefix), skipping those already there with the same
         checksum, and `on_upload` hears how many; then, with `check_input`, the images' bucket must exist and their
         prefix hold images (preflight.py; an InputError otherwise, a logged note when it cannot be checked from
         here); then the job is created. `source` names the manifest in errors.
@@ -149,6 +158,16 @@ class DreamBoothClient:
             kube.call(target, create, *args, dry_run="All", field_validation="Strict")
         except ApiError as err:
             raise submit_error(label, f"{ns}/{name}", err, dry_run=True) from err
+        if caption:
+            if images is None:
+                raise InputError("--caption needs --images (the local photos to caption before the upload)")
+            from dreambooth_cli import captioning
+
+            folder = Path(images)
+            captioned = captioning.caption_folder(manifest_, folder, overwrite=overwrite_captions, label=str(label))
+            captioning.as_sidecar_job(manifest_)
+            if on_caption is not None:
+                on_caption(captioned)
         if images is not None:
             upload = self._upload_images(target, manifest_, Path(images))
             if on_upload is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from dreambooth_api.constants import JobPhase
+from dreambooth_api.progress import TrainerPhase
 from dreambooth_cli.events import Progress
 
 
@@ -39,11 +41,13 @@ def phase_of(job: dict[str, Any]) -> str:
 
 
 def progress_of(job: dict[str, Any]) -> Progress:
+    """status.progress; its `phase` is the job's, or Evaluating while a running job's trainer evaluates."""
     progress = Progress(phase=phase_of(job))
     raw = status_of(job).get("progress")
     if isinstance(raw, dict):
         progress.update(raw)
-        progress.phase = phase_of(job)
+        evaluating = raw.get("stage") == TrainerPhase.EVALUATING and phase_of(job) == JobPhase.RUNNING
+        progress.phase = TrainerPhase.EVALUATING.value if evaluating else phase_of(job)
     if progress.total_steps is None:
         total = job.get("spec", {}).get("training", {}).get("maxSteps")
         progress.total_steps = total if isinstance(total, int) else None

@@ -7,6 +7,12 @@ with a JSON merge patch (the generated typed clients would send a strategic merg
 Children are never clobbered (`ensure_child`, `delete_owned`): one is created only where none exists (a POST, which
 fails on an existing object), and updated (server-side apply) or deleted only when the owner's uid is its
 controller ownerReference, with the child's own uid in the request, so that a same-named successor is never touched.
+
+A child is created by one server-side apply that cannot touch an existing object (`create_by_apply`: with a
+resourceVersion no existing child can have, which the API server checks against an existing object and ignores
+when it creates one), so no read comes first: only when the name is taken is the object read and its controller
+checked. (A POST would need a second request: it records the fields under an Update entry, which a later unforced
+apply of a changed field conflicts with.)
 """
 
 from __future__ import annotations
@@ -76,16 +82,19 @@ def retry_policy(retries: int) -> Retry:
     )
 
 
-def load_api_client(timeout_seconds: float = 60, retries: int = 3) -> OperatorApiClient:
-    """In-cluster credentials, else the kubeconfig ($KUBECONFIG or ~/.kube/config); with retries and a request
-    timeout. Both are set on the Configuration before the ApiClient exists: its connection pool reads `retries`
-    once, when it is built."""
+def load_api_client(timeout_seconds: float = 60, retries: int = 3, connections: int | None = None) -> OperatorApiClient:
+    """In-cluster credentials, else the kubeconfig ($KUBECONFIG or ~/.kube/config); with retries, a request
+    timeout and at most `connections` kept-alive connections to the API server (None: the client's default, 5 per
+    CPU). All are set on the Configuration before the ApiClient exists: its connection pool reads them once, when
+    it is built."""
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
     configuration.retries = retry_policy(retries)
+    if connections is not None:
+        configuration.connection_pool_maxsize = connections
     return OperatorApiClient(configuration, timeout_seconds)
 
 
@@ -133,6 +142,26 @@ def create(api: client.ApiClient, manifest: Mapping[str, Any]) -> bool:
     return True
 
 
+CREATE_ONLY_VERSION: Final = "1"
+"""The resourceVersion that makes a server-side apply create-only (`create_by_apply`). An apply that names a
+resourceVersion changes only an object of that version (any other answers 409 Conflict, and nothing is written);
+an absent object is created whatever the version (kube-apiserver 1.36; tests/integration/test_operator_kube.py).
+No object has version 1: etcd's first write is revision 2, and a child is written long after its namespace."""
+
+
+def create_by_apply(api: client.ApiClient, manifest: Mapping[str, Any]) -> Any:
+    """Create the object by a server-side apply as the operator's field manager (which then owns every field it
+    set, as its later applies expect); None, with nothing written, when an object of that name exists."""
+    body = copy.deepcopy(dict(manifest))
+    body["metadata"]["resourceVersion"] = CREATE_ONLY_VERSION
+    try:
+        return apply(api, body)
+    except ApiException as err:
+        if err.status == 409:  # the version differs (or a field conflicts): an object of the name exists
+            return None
+        raise
+
+
 def apply(api: client.ApiClient, manifest: Mapping[str, Any], manager: str = FIELD_MANAGER, force: bool = False) -> Any:
     """Server-side apply as `manager`. Unforced, a field that another manager set is a conflict (409); forced,
     the apply takes the field over. (Children go through `ensure_child`, which checks their controller first.)"""
@@ -143,12 +172,12 @@ def apply(api: client.ApiClient, manifest: Mapping[str, Any], manager: str = FIE
 
 
 class ForeignChildError(Exception):
-    """A child's name is taken by an object its owner does not control (seen at the last moment: the next
-    reconcile observes it and reports the conflict)."""
+    """A child's name is taken by an object its owner does not control (`found`, as read)."""
 
-    def __init__(self, conflict: ownership.Foreign) -> None:
+    def __init__(self, conflict: ownership.Foreign, found: Mapping[str, Any] | None = None) -> None:
         super().__init__(conflict.message)
         self.conflict = conflict
+        self.found = found
 
 
 class FieldConflictError(Exception):
@@ -206,46 +235,35 @@ def apply_owned(api: client.ApiClient, manifest: Mapping[str, Any], uid: str, *,
 
 
 def ensure_child(
-    api: client.ApiClient, manifest: Mapping[str, Any], owner: Mapping[str, Any], *, force: bool = False
+    api: client.ApiClient,
+    manifest: Mapping[str, Any],
+    owner: Mapping[str, Any],
+    *,
+    force: bool = False,
+    read_first: bool = False,
 ) -> Any:
     """Create the child where none exists, else update it if `owner` controls it; raise ForeignChildError when
     another object has its name. `force`: take fields over from other managers (the serving Deployment's
-    spec.replicas from the HorizontalPodAutoscaler's controller: inference_builders.py)."""
+    spec.replicas from the HorizontalPodAutoscaler's controller: inference_builders.py).
+
+    The create comes first (`create_by_apply`, which fails on an existing object), and only a name that is taken is
+    read: a new child costs one request. `read_first`, for a child that usually exists (applied at every
+    reconcile): read it first, and create it only where none exists.
+    """
     meta = manifest["metadata"]
     api_version, kind, namespace, name = manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"]
-    existing = get(api, api_version, kind, namespace, name)
+    existing = get(api, api_version, kind, namespace, name) if read_first else None
     if existing is None:
-        path = path_of(api_version, kind, namespace)
-        try:
-            created = request(api, "POST", path, dict(manifest), query=[("fieldManager", FIELD_MANAGER)])
-        except ApiException as err:
-            if err.status != 409:
-                raise
-        else:
-            return _adopt_created(api, manifest, created)
+        created = create_by_apply(api, manifest)
+        if created is not None:
+            return created
         existing = get(api, api_version, kind, namespace, name)
-        if existing is None:
-            raise ApiException(status=409, reason=f"the {kind} {name} was created and deleted meanwhile")
+    if existing is None:
+        raise ApiException(status=409, reason=f"the {kind} {name} was created and deleted meanwhile")
     conflict = ownership.foreign(kind, existing, owner)
     if conflict is not None:
-        raise ForeignChildError(conflict)
+        raise ForeignChildError(conflict, existing)
     return apply_owned(api, manifest, str(existing["metadata"]["uid"]), force=force)
-
-
-def _adopt_created(api: client.ApiClient, manifest: Mapping[str, Any], created: Mapping[str, Any]) -> Any:
-    """Turn the operator's create into its server-side apply. A POST records the fields under an Update entry of the
-    operator's manager, which a later unforced apply that changes one of them would conflict with; rewriting that
-    entry's operation to Apply (a request may set managedFields) leaves the object as if the apply had created it.
-    (The uid in the patch is a precondition, as everywhere.)"""
-    meta = created["metadata"]
-    entries = [
-        {**entry, "operation": "Apply"}
-        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Update"
-        else entry
-        for entry in meta.get("managedFields") or []
-    ]
-    patch = {"metadata": {"uid": meta["uid"], "managedFields": entries}}
-    return merge_patch(api, manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"], patch)
 
 
 def delete_owned(

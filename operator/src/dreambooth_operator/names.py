@@ -40,6 +40,11 @@ def preflight_job_name(job_name: str) -> str:
     return f"{job_name}-check"
 
 
+def evaluation_job_name(job_name: str) -> str:
+    """The batch Job that evaluates a succeeded job's exported model again, on request (evaluate_builders.py)."""
+    return f"{job_name}-eval"
+
+
 def pod_hostname(job_name: str, attempt: int, index: int) -> str:
     """The hostname the Job controller gives the pod of completion index ``index``."""
     return f"{batch_job_name(job_name, attempt)}-{index}"
@@ -54,7 +59,7 @@ def longest_child_label(job_name: str) -> str:
     """The longest DNS label derived from ``job_name`` (checked against 63 characters)."""
     hostname = f"{job_name}-a{'9' * MAX_ATTEMPT_DIGITS}-{'9' * MAX_INDEX_DIGITS}"
     children = (service_name(job_name), configmap_name(job_name), network_policy_name(job_name))
-    return max((hostname, *children, preflight_job_name(job_name)), key=len)
+    return max((hostname, *children, preflight_job_name(job_name), evaluation_job_name(job_name)), key=len)
 
 
 def max_job_name_length() -> int:

@@ -36,6 +36,9 @@ class ActionKind(StrEnum):
     """Delete pod `name` (precondition: `uid`) with gracePeriodSeconds=0: it is stuck deleting on a lost node."""
     CREATE_PREFLIGHT = "CreatePreflight"
     """Ensure the ConfigMap and Service, then create the input check's batch Job `name` (policies/preflight.py)."""
+    CREATE_EVALUATION = "CreateEvaluation"
+    """Ensure the ConfigMap and Service, then create the re-evaluation's batch Job `name` for the job's evaluation
+    request (policies/evaluate_rerun.py)."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,8 @@ WARNING_REASONS: Final = frozenset(
         Reason.CHILD_CONFLICT,
         Reason.POLICY_VIOLATION,
         STUCK_PODS_FORCE_DELETED,
+        Reason.REEVALUATION_FAILED,
+        Reason.REEVALUATION_NOT_POSSIBLE,
     }
 )
 
@@ -209,6 +214,7 @@ EVENT_ORDER: Final = (
     JobConditionType.CHECKPOINTED,
     JobConditionType.SUCCEEDED,
     JobConditionType.FAILED,
+    JobConditionType.REEVALUATED,
 )
 
 NOT_NEWS: Final = frozenset({(Reason.PODS_PENDING, ConditionStatus.FALSE), (Reason.SPEC_VALID, ConditionStatus.TRUE)})
@@ -243,6 +249,9 @@ EVENT_HINTS: Final[dict[str, str]] = {
     Reason.TRAINING_COMPLETED: (
         "`dreambooth report {name}` shows the samples, and an InferenceService with model.fromJob: {name} serves it"
     ),
+    Reason.REEVALUATING: "`kubectl logs job/{name}-eval` shows its progress",
+    Reason.REEVALUATED: "status.outputs holds the new scores (`dreambooth status {name}`)",
+    Reason.REEVALUATION_FAILED: "`kubectl logs job/{name}-eval` shows why; set a new dreambooth.dev/evaluate to retry",
 }
 
 
@@ -268,7 +277,8 @@ def transition_events(prev: DreamBoothJobStatus, new: DreamBoothJobStatus, name:
     for reason, group in changed.items():
         main = max(group, key=lambda c: order.get(c.type, -1))
         warning = reason in WARNING_REASONS and any(
-            c.status == ConditionStatus.TRUE or c.type in (JobConditionType.RUNNING, JobConditionType.INPUT_CHECKED)
+            c.status == ConditionStatus.TRUE
+            or c.type in (JobConditionType.RUNNING, JobConditionType.INPUT_CHECKED, JobConditionType.REEVALUATED)
             for c in group
         )
         text = event_text(reason, main.message or f"{main.type} is {main.status.value}", name)

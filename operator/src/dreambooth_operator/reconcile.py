@@ -3,8 +3,8 @@
 observe (observed.py: the job, its batch Jobs and pods, rank 0's progress) -> classify (by attempt) -> apply the
 policies (policies/, one file each: validity, restrictions, budget, preemption, failure, progress, deadline,
 success, gang, suspend, pod_spec_change, lost_pods, ownership, ttl; preflight, the CPU-only input check before the
-first attempt) -> create what is missing -> the new status, once (plan.py). The handler writes the status, emits
-the events, and then carries out the actions.
+first attempt; evaluate_rerun, a finished job's evaluation again on request) -> create what is missing -> the new
+status, once (plan.py). The handler writes the status, emits the events, and then carries out the actions.
 
 Status never goes backwards: terminal phases are sticky, the attempt and restart counters only grow, a stale
 object (an older generation than the status has seen) changes nothing, and a condition keeps its transition
@@ -26,6 +26,7 @@ from dreambooth_operator.plan import Action, ActionKind, Plan, PlanBuilder
 from dreambooth_operator.policies import (
     budget,
     deadline,
+    evaluate_rerun,
     failure,
     gang,
     lost_pods,
@@ -56,7 +57,8 @@ def reconcile(obs: Observed) -> Plan:  # noqa: PLR0911 - one early return per po
 
     budget.account_usage(b)
     if prev.phase in TERMINAL_JOB_PHASES:
-        return ttl.finish(b)
+        return evaluate_rerun.serve(b, foreign) or ttl.finish(b)
+    evaluate_rerun.refuse_unfinished(b)
     spec = validity.valid_spec(b)
     if spec is None or not restrictions.allowed(b, spec):
         return ttl.finish(b)
@@ -137,7 +139,9 @@ def _running(b: PlanBuilder, spec: DreamBoothJobSpec, attempt: Attempt, current:
             (sample.stage or "") in RESUMED_PHASES or (sample.step > 0 and sample.stage != TrainerPhase.INITIALIZING)
         )
         phase = JobPhase.RUNNING if training else JobPhase.INITIALIZING
-        b.phase(phase, "training" if training else "loading the model and data")
+        evaluating = sample is not None and sample.stage == TrainerPhase.EVALUATING
+        doing = "evaluating the trained model" if evaluating else "training"
+        b.phase(phase, doing if training else "loading the model and data")
         reason = Reason.RESUMED if restarted else (Reason.TRAINING if training else Reason.PODS_RUNNING)
         b.condition(JobConditionType.RUNNING, True, reason, f"{nodes} pod(s) running (attempt {b.status.attempt})")
     lost_pods.force_delete_lost(b, pods)

@@ -107,6 +107,11 @@ class OperatorSettings(BaseSettings):
     """TCP connect timeout to the API server."""
     request_timeout_seconds: int = Field(default=60, ge=1)
     """Timeout of each non-watch API request."""
+    api_threads: int = Field(default=16, ge=1)
+    """Threads that make the reconciles' API calls (each call blocks its thread until the API server answers), and
+    as many kept-alive connections to the API server. A new job's reconcile makes 5 calls in a row; with asyncio's
+    default of 4 + CPUs threads (6 on 2 cores), a burst of jobs queued behind a few threads waiting on a busy API
+    server (bench/bench_operator_scale.py). The chart's `extraEnv` sets it (DREAMBOOTH_OPERATOR_API_THREADS)."""
     api_retries: int = Field(default=3, ge=0)
     """Retries of one API request after a connection error, or after a 429/5xx answer to a request that is safe to
     repeat (GET, DELETE with its uid precondition); a POST or PATCH that may have reached the server is not repeated."""

@@ -113,10 +113,3 @@ def test_evaluate_refuses_a_folder_that_is_no_run(tmp_path: Path, capsys: pytest
         main(["evaluate", str(tmp_path)])
     assert exit_.value.code == ExitStatus.INVALID_INPUT
     assert "no config.json" in capsys.readouterr().err
-
-
-def test_evaluate_refuses_a_job_name(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        main(["evaluate", "some-job"])
-    assert exit_.value.code == ExitStatus.INVALID_INPUT
-    assert "evaluate a local run" in capsys.readouterr().err

@@ -134,6 +134,23 @@ def test_watch_rides_out_an_api_blip(monkeypatch: pytest.MonkeyPatch, capsys: py
     assert clock.sleeps == [2.0, 1.0, 2.0, 4.0]
 
 
+def test_watch_says_when_the_trainer_evaluates(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evaluating = job("Running", 20)
+    evaluating["status"]["progress"]["stage"] = "Evaluating"
+    replies = [job("Running", 5), evaluating, evaluating, job("Succeeded", 20)]
+    clock = FakeClock()
+    target = kube.Target(client.ApiClient(client.Configuration()), "ns", "https://127.0.0.1:1")
+    monkeypatch.setattr(kube, "connect", lambda *_: target)
+    monkeypatch.setattr(kube, "get_job", lambda *_: replies.pop(0))
+    monkeypatch.setattr(time, "sleep", clock.sleep)
+    monkeypatch.setattr(time, "monotonic", clock)
+    main(["watch", "toy", "--interval", "2"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("toy: ")]
+    assert notes == ["toy: Running", "toy: Evaluating", "toy: Succeeded"]
+
+
 def test_watch_fails_at_once_when_the_job_is_gone(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,10 @@ def test_each_dashboard_ships_as_a_configmap_for_the_grafana_sidecar() -> None:
         assert cm["metadata"]["annotations"] == {"grafana_folder": "DreamBooth"}
     off = _render("--set=dashboards.enabled=false")
     assert not [d for d in off if d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"]]
+
+
+def test_the_dashboards_count_the_phases_the_trainer_counts_as_holding_the_gpu() -> None:
+    from dreambooth_trainer.progress import ACTIVE_PHASES
+
+    phases = sys.modules["dash_model"].ACTIVE_PHASES.split("|")  # loaded by build.py (BUILD, above)
+    assert sorted(phases) == sorted(p.value for p in ACTIVE_PHASES)

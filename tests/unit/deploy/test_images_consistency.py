@@ -108,6 +108,9 @@ def test_the_operator_image_installs_only_what_the_operator_runs() -> None:
     """typer, rich and boto3 are the CLI's: neither the operator project nor its image has them."""
     assert not dependency_names("operator") & CLI_ONLY_DEPENDENCIES
     assert not dependency_names("api") & CLI_ONLY_DEPENDENCIES
+    # dreambooth_api.vlm's openai is the api project's `vlm` extra: the trainer and the CLI have it, the operator not.
+    assert "openai" not in dependency_names("api") | dependency_names("operator")
+    assert "openai" in dependency_names("cli") & dependency_names("trainer")
     assert dependency_names("cli") >= {"dreambooth-api", *CLI_ONLY_DEPENDENCIES}
     assert not dependency_names("cli") & {"dreambooth-operator", "dreambooth-trainer", "torch"}
     assert {"dreambooth", "kubectl-dreambooth"} <= console_scripts("cli")
@@ -115,7 +118,7 @@ def test_the_operator_image_installs_only_what_the_operator_runs() -> None:
     copied = {a.split()[0] for w, a in instructions(IMAGES["operator"]) if w == "COPY" and not a.startswith("--")}
     assert "cli" not in copied
     installs = " ".join(a for w, a in instructions(IMAGES["operator"]) if w == "RUN")
-    for module in ("torch", *CLI_ONLY_DEPENDENCIES):  # the build fails if any of them got installed
+    for module in ("torch", "openai", *CLI_ONLY_DEPENDENCIES):  # the build fails if any of them got installed
         assert f" {module}" in installs.partition("find_spec")[2], module
 
 

@@ -60,6 +60,23 @@ def test_running_pod_is_initializing_until_progress_says_training() -> None:
     assert run(after(job, plan), [make_batch_job(job).obj()], [pod], progress=other).status.progress_text == "5/10"
 
 
+def test_a_trainer_that_evaluates_after_the_export_shows_it_in_the_status() -> None:
+    job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
+    pod = make_pod(job).running().obj()
+
+    def sample(phase: str) -> ProgressSample:
+        doc = parse_progress({"phase": phase, "step": 20, "totalSteps": 20})
+        return ProgressSample(0, pod["metadata"]["uid"], T0, doc, NOW)
+
+    plan = run(job, [make_batch_job(job).obj()], [pod], progress=sample("Evaluating"))
+    assert (plan.status.phase, plan.status.message) == ("Running", "evaluating the trained model")
+    assert plan.status.progress is not None
+    assert plan.status.progress.stage == "Evaluating"
+    assert cond(plan, "Running") == ("True", "Training")
+    exporting = run(job, [make_batch_job(job).obj()], [pod], progress=sample("Exporting"))
+    assert (exporting.status.phase, exporting.status.message) == ("Running", "training")
+
+
 def test_steps_redone_after_restarts_are_counted_once_against_the_resumed_checkpoint() -> None:
     job = make_job().status(attempt=0, phase="Running", startTime=iso(T0)).obj()
     batch = [make_batch_job(job).obj()]

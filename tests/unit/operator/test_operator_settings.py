@@ -54,10 +54,10 @@ def test_peering_is_mandatory_when_the_settings_say_so(
     """The chart sets DREAMBOOTH_OPERATOR_PEERING_MANDATORY with more than one replica: kopf then pauses without the
     peering CRD instead of acting as if alone. (kopf.operator() turns mandatory on for any peering name; the startup
     handler has the last word.)"""
-    created: list[tuple[float, int]] = []
+    created: list[tuple[float, int, int | None]] = []
 
-    def fake_client(timeout: float, retries: int) -> Any:
-        created.append((timeout, retries))
+    def fake_client(timeout: float, retries: int, connections: int | None = None) -> Any:
+        created.append((timeout, retries, connections))
         return SimpleNamespace(user_agent="x", close=lambda: None)
 
     monkeypatch.setattr(startup, "load_api_client", fake_client)
@@ -66,7 +66,8 @@ def test_peering_is_mandatory_when_the_settings_say_so(
     memo = kopf.Memo(settings=ours)
     asyncio.run(startup.configure(settings=settings, memo=memo, logger=logging.getLogger("t")))
     assert settings.peering.mandatory is mandatory
-    assert created == [(ours.request_timeout_seconds, ours.api_retries)]
+    # One kept-alive API connection per thread of the reconciles' blocking calls.
+    assert created == [(ours.request_timeout_seconds, ours.api_retries, ours.api_threads)]
     asyncio.run(memo["state"].poller.close())
 
 
@@ -74,7 +75,7 @@ def test_kopf_posts_only_warnings_of_its_own_as_events(monkeypatch: pytest.Monke
     """Issue 20: kopf's INFO log lines ("Daemon 'job_loop' succeeded.") were posted as events on every job. The
     operator's own events (kopf.event, gated only by `enabled`) still go out."""
     monkeypatch.setattr(
-        startup, "load_api_client", lambda timeout, retries: SimpleNamespace(user_agent="x", close=lambda: None)
+        startup, "load_api_client", lambda *_, **__: SimpleNamespace(user_agent="x", close=lambda: None)
     )
     settings = kopf.OperatorSettings()
     memo = kopf.Memo(settings=OperatorSettings(metrics_port=0))

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_api.evaluation import JudgeScores, JudgeStatus, QualityGate, SampleJudgement, VlmSpec
+from dreambooth_api.vlm.client import VlmClient
 from dreambooth_trainer.evaluation.judge import (
     CONCEPT_TASK,
     MAX_REFERENCES,
@@ -17,7 +18,6 @@ from dreambooth_trainer.evaluation.judge import (
     quality_gate,
     summarize,
 )
-from dreambooth_trainer.evaluation.vlm import VlmClient
 from tests.infra.fake_vlm import FakeVlm, Reply, answer_text, error_reply, fastdeploy_reply, image_urls
 
 

@@ -21,12 +21,12 @@ from dreambooth_api.evaluation import (
     VlmSpec,
 )
 from dreambooth_api.exitcodes import InvalidInputError
+from dreambooth_api.vlm.client import VlmClient
 from dreambooth_trainer.components import Components, load_components
 from dreambooth_trainer.evaluation.judge import CONCEPT_TASK
 from dreambooth_trainer.evaluation.metrics import MetricModels, load_metric_models
 from dreambooth_trainer.evaluation.outputs import EVALUATION_FILE, GAP, GRID_FILE, RESULT_FILE
 from dreambooth_trainer.evaluation.runner import NO_VLM_REASON, generate_samples, load_images, run_evaluation
-from dreambooth_trainer.evaluation.vlm import VlmClient
 from dreambooth_trainer.pipelines import build_pipeline
 from dreambooth_trainer.storage import ObjectStore
 from tests.infra.fake_vlm import FakeVlm, Reply, vllm_reply

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,11 +19,18 @@ from dreambooth_api import env
 from dreambooth_api.config import parse_job_config
 from dreambooth_api.evaluation import CaptionMode, EvaluationResult, JudgeScores, JudgeStatus, MetricScores, QualityGate
 from dreambooth_api.exitcodes import InvalidInputError
+from dreambooth_api.progress import TrainerPhase
 from dreambooth_trainer.evaluation.judge import CONCEPT_TASK, PROMPT_TASK
-from dreambooth_trainer.evaluation.stage import caption_stage, termination_fields
+from dreambooth_trainer.evaluation.stage import (
+    caption_stage,
+    evaluate_after_export,
+    record_prompts,
+    termination_fields,
+)
+from dreambooth_trainer.progress import Progress
 from dreambooth_trainer.result import MAX_TERMINATION_BYTES, encode_termination_message
 from dreambooth_trainer.storage import ObjectStore
-from tests.infra.fake_vlm import FakeVlm, task_responder
+from tests.infra.fake_vlm import FakeVlm, task_responder, vllm_reply
 from tests.infra.processes import free_port
 
 TRAINER = str(Path(sys.executable).parent / "dreambooth-train")
@@ -239,3 +247,76 @@ def test_the_preflight_check_does_not_want_sidecars_of_an_auto_job(tmp_path: Pat
     )
     with pytest.raises(InvalidInputError, match=r"img0\.txt"):
         check_images(sidecar, ObjectStore())  # a sidecar job still needs its captions
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    warning = info
+
+
+def test_overwrite_captions_does_not_caption_again_on_a_resumed_attempt(server: FakeVlm, tmp_path: Path) -> None:
+    """Attempt 0 captions every image and records what it trained on; a restarted attempt of the run keeps those
+    captions (its checkpoint was trained on them), and captions again only an image whose sidecar changed."""
+    _images(tmp_path / "images", 3)
+    config = parse_job_config({**_config(tmp_path, server.base_url), "evaluation": None})
+    config.instance_images.overwrite_captions = True
+    (tmp_path / "images" / "img0.txt").write_text("a user's old caption of sks toy\n")  # overwritten by attempt 0
+    store = ObjectStore()
+    first = iter(["a sks toy on a red couch", "a sks toy in the snow", "a sks toy on a shelf", "a sks toy at night"])
+    server.reset(lambda _body: vllm_reply(json.dumps({"caption": next(first)})))
+
+    assert caption_stage(config, store, _Log()) == {"vlm": 3, "existing": 0, "fallback": 0}
+    attempt0 = {i: (tmp_path / "images" / f"img{i}.txt").read_text() for i in range(3)}
+    assert "a user's old caption of sks toy\n" not in attempt0.values()
+    dataset = SimpleNamespace(
+        instances=[SimpleNamespace(source=f"file://{tmp_path}/images/img{i}.png", caption=attempt0[i].strip())
+                   for i in range(3)]
+    )  # fmt: skip
+    record_prompts(config, dataset, store)  # what the trainer does once the dataset is read
+    (tmp_path / "images" / "img2.txt").write_text("edited by hand between attempts\n")
+
+    log = _Log()
+    assert caption_stage(config, store, log) == {"vlm": 1, "existing": 2, "fallback": 0}
+    assert len(server.requests) == 4  # only img2 was captioned again
+    assert [(tmp_path / "images" / f"img{i}.txt").read_text() for i in range(2)] == [attempt0[0], attempt0[1]]
+    assert (tmp_path / "images" / "img2.txt").read_text() == "a sks toy at night\n"
+
+
+def test_an_unreadable_record_means_captioning_again(server: FakeVlm, tmp_path: Path) -> None:
+    _images(tmp_path / "images", 1)
+    config = parse_job_config({**_config(tmp_path, server.base_url), "evaluation": None})
+    config.instance_images.overwrite_captions = True
+    (tmp_path / "images" / "img0.txt").write_text("a sks toy\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "captions.json").write_text("{not json")
+    server.reset(lambda _body: vllm_reply(json.dumps({"caption": "a sks toy on a chair"})))
+    log = _Log()
+
+    assert caption_stage(config, ObjectStore(), log) == {"vlm": 1, "existing": 0, "fallback": 0}
+    assert [e for e, _ in log.events] == ["training_prompts_unreadable", "captions"]
+
+
+def test_rank0_progress_says_evaluating_during_the_evaluation(tmp_path: Path) -> None:
+    config = parse_job_config(_config(tmp_path, "http://127.0.0.1:9/v1"))
+    progress = Progress("eval", "ns", 0, 2)
+    seen: list[TrainerPhase | None] = []
+
+    class Unet:
+        def parameters(self) -> Iterator[Any]:  # the evaluation's first look at the trained model
+            seen.append(progress.state.document.phase)
+            raise RuntimeError("no weights here")
+
+    module = SimpleNamespace(unet=Unet())
+    fabric = SimpleNamespace(global_rank=0, world_size=1)
+    fields = evaluate_after_export(fabric, config, module, ObjectStore(), tmp_path, tmp_path, _Log(), progress=progress)
+
+    assert seen == [TrainerPhase.EVALUATING]
+    assert fields == {"evaluationError": "RuntimeError: no weights here"}
+    assert b'dreambooth_trainer_phase{job="eval",namespace="ns",phase="Evaluating",rank="0"} 1.0' in (
+        progress.metrics.exposition()
+    )

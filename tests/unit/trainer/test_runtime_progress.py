@@ -161,8 +161,12 @@ def test_active_seconds_count_only_the_phases_that_hold_the_gpu_and_grow_between
     assert active.seconds() == 10  # its last words do not count
     active.phase(TrainerPhase.EXPORTING)
     now[0] = 502.5
+    active.phase(TrainerPhase.EVALUATING)  # the evaluation samples on the GPU too
+    now[0] = 506.5
+    active.phase(TrainerPhase.SUCCEEDED)
+    now[0] = 600.0
     (family,) = active.collect()
     assert family.name == "dreambooth_trainer_active_seconds"
     assert [(s.name, s.labels, s.value) for s in family.samples] == [
-        ("dreambooth_trainer_active_seconds_total", {"job": "j", "namespace": "n", "rank": "0"}, 12.5)
+        ("dreambooth_trainer_active_seconds_total", {"job": "j", "namespace": "n", "rank": "0"}, 16.5)
     ]

@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only check the input on this CPU (buckets, images, output, base model) and exit: preflight.py",
     )
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="only evaluate the job's exported model again (spec.evaluation) and exit: evaluation/rerun.py",
+    )
     return p.parse_args(argv)
 
 
@@ -100,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_trainer.preflight import run_preflight
 
         return run_preflight(args.config)
+    if args.evaluate:
+        from dreambooth_trainer.evaluation.rerun import main_stored
+
+        return main_stored(args.config, args.workdir)
     workdir = args.workdir or (Path(os.environ[env.WORKDIR]) if os.environ.get(env.WORKDIR) else None)
     if args.local and not os.environ.get("TERMINATION_MESSAGE_PATH"):
         base = workdir or Path.cwd() / ".dreambooth"

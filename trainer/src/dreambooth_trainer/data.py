@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from dreambooth_api.config import Crop, InstanceImagesSpec
 from dreambooth_api.evaluation import CaptionMode
 from dreambooth_api.exitcodes import InvalidInputError
+from dreambooth_api.vlm.captions import identifier_tokens
 from dreambooth_trainer.imageio import (
     check_size,
     crop_box,
@@ -48,18 +49,6 @@ class Example:
     source: str
     image: Image.Image
     caption: str
-
-
-def identifier_tokens(spec: InstanceImagesSpec, class_prompt: str | None) -> list[str]:
-    """The subject's identifier word(s): explicit, or the instance prompt's words that the class prompt lacks."""
-    if spec.identifier:
-        return [spec.identifier]
-    if class_prompt:
-        class_words = set(class_prompt.lower().split())
-        words = [w for w in spec.prompt.split() if w.lower() not in class_words]
-        if words:
-            return words
-    return []
 
 
 def list_instance_uris(spec: InstanceImagesSpec, store: ObjectStore) -> list[str]:

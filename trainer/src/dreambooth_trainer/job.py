@@ -226,7 +226,9 @@ def _run(ctx: JobContext) -> tuple[str, dict[str, Any]]:
         last_checkpoint=last,
     )
     cache = model_cache_dir(ctx.workdir.parent / "models")
-    evaluated = evaluation.evaluate_after_export(fabric, cfg, module, ctx.store, ctx.workdir, cache, log)
+    evaluated = evaluation.evaluate_after_export(
+        fabric, cfg, module, ctx.store, ctx.workdir, cache, log, progress=ctx.progress
+    )
     ctx.progress.set_phase(TrainerPhase.SUCCEEDED)
     return "succeeded", {**result.to_wire(), **evaluated}
 

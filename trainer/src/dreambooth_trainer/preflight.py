@@ -7,11 +7,16 @@ stack loads:
 2. the instance images are listed, read, decoded and validated exactly as training loads them (data.py);
 3. the output is writable (a probe object is written and deleted) and holds no other run's checkpoints;
 4. the base model is reachable: a diffusers folder under baseModel.uri (model_index.json and the parts training
-   reads), or the hub repository and revision of baseModel.id (not checked when the hub cannot be reached).
+   reads), or the hub repository and revision of baseModel.id (not checked when the hub cannot be reached);
+5. with `captions: auto` or the judge on, spec.vlm answers: `models.list` through the openai client (one try, a
+   short timeout) lists vlm.model. A refused key (401/403), an unknown model or a baseUrl without /models is
+   invalid input; a timeout, a connection error, a 429 or a 5xx is transient (the captions and the judge would
+   only fall back), so the check is inconclusive, as with a storage outage.
 
 The outcome is the termination message (result.py) and the exit code (exitcodes.py): 0 with a summary; 10
-(INVALID_INPUT) naming the problem; 11 (RETRYABLE) when storage failed after botocore's retries, which the
-operator retries with the Job controller's backoff. Nothing else is written: no result.json, no config.json.
+(INVALID_INPUT) naming the problem; 11 (RETRYABLE) when storage failed after botocore's retries or the VLM endpoint
+did not answer, which the operator retries with the Job controller's backoff and then counts as inconclusive.
+Nothing else is written: no result.json, no config.json.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 
 from dreambooth_api.config import BaseModelSpec, JobConfig, load_job_config
 from dreambooth_api.evaluation import CaptionMode
-from dreambooth_api.exitcodes import ExitCode, InvalidInputError
+from dreambooth_api.exitcodes import ExitCode, InvalidInputError, RetryableError
 from dreambooth_trainer.logging import log
 from dreambooth_trainer.result import RunResult, write_termination_message
 from dreambooth_trainer.storage import ObjectStore, StorageError, join_uri, parse_uri, relative_path
@@ -152,6 +157,39 @@ def _check_hub(spec: BaseModelSpec) -> str:
     return f"base model {name}"
 
 
+class VlmUnavailableError(RetryableError):
+    """The VLM endpoint timed out, could not be reached or answered 429/5xx: the check is inconclusive."""
+
+    reason = "VlmUnavailable"
+
+
+def vlm_uses(config: JobConfig) -> list[str]:
+    """What the job needs spec.vlm for: captions (auto) and the judge."""
+    uses = []
+    if config.instance_images.captions is CaptionMode.AUTO:
+        uses.append("captions: auto")
+    if config.evaluation is not None and config.evaluation.enabled and config.evaluation.judge:
+        uses.append("evaluation.judge")
+    return uses
+
+
+def check_vlm(config: JobConfig) -> str | None:
+    """spec.vlm answers and serves its model, when the job uses it; returns what was checked (None: not used).
+    The API key is the trainer's (`DREAMBOOTH_VLM_API_KEY`, from vlm.credentialsSecret)."""
+    uses = vlm_uses(config)
+    if not uses or config.vlm is None:
+        return None
+    from dreambooth_api.vlm.client import probe_endpoint
+
+    problem = probe_endpoint(config.vlm)
+    if problem is None:
+        return f"VLM {config.vlm.model} at {config.vlm.base_url} answers"
+    message = f"spec.vlm (for {' and '.join(uses)}): {problem.message}"
+    if problem.permanent:
+        raise InvalidInputError(message)
+    raise VlmUnavailableError(message)
+
+
 def run_checks(config: JobConfig, store: ObjectStore, progress: Callable[[str], None] | None = None) -> str:
     """Every check, in order (the first failure raises); returns the summary for the termination message."""
     step = progress or (lambda _: None)
@@ -165,11 +203,15 @@ def run_checks(config: JobConfig, store: ObjectStore, progress: Callable[[str], 
     check_output(config, store)
     step("base model")
     model = check_base_model(config.base_model, store)
+    step("vlm")
+    vlm = check_vlm(config)
     where = config.instance_images.uri or "instanceImages.files"
     parts = [f"{count} instance image(s) in {where} decode"]
     if names:
         parts.append(f"bucket(s) {', '.join(names)} exist")
     parts += [f"{config.output.uri} is writable", model]
+    if vlm:
+        parts.append(vlm)
     return "; ".join(parts)
 
 

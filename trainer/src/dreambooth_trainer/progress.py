@@ -34,6 +34,7 @@ ACTIVE_PHASES = frozenset(
         TrainerPhase.TRAINING,
         TrainerPhase.CHECKPOINTING,
         TrainerPhase.EXPORTING,
+        TrainerPhase.EVALUATING,
     }
 )
 """Phases in which a rank holds its GPU (the others are its last words)."""

@@ -158,7 +158,8 @@ def reconcile_inference_once(state: OperatorState, body: kopf.Body) -> list[tupl
         # the HPA's controller when autoscaling is turned off (or from `kubectl scale` while the count is fixed),
         # and the pod template back from hand edits. Any other child's field that another manager changed is a
         # conflict (kube.FieldConflictError), reported and not overwritten.
-        kube.ensure_child(state.api, child, isvc, force=child["kind"] == "Deployment")
+        # Read first: after the first reconcile they exist, and a create of an existing one would be a request more.
+        kube.ensure_child(state.api, child, isvc, force=child["kind"] == "Deployment", read_first=True)
     patch = kube.merge_diff(isvc.get("status"), plan.status.to_wire(), keep=frozenset({"kopf"}))
     if patch:
         kube.patch_status(state.api, namespace, name, patch, kind=INFERENCE_KIND)

@@ -5,13 +5,16 @@ batch Jobs or pods changes (the event handlers below poke it), and at least ever
 (to poll rank 0's /progress and to honour deadlines and TTLs) while the job may change by itself; a job with nothing
 to do and no pod on a node backs off, doubling up to `idle_reconcile_max_seconds` (loop.py `idle_interval`). The
 batch Jobs and pods are observed through kopf indexes (in-memory, kept current by watches), so a reconcile lists
-nothing; the ConfigMap, Service and NetworkPolicy are read only when the plan creates an attempt, to check that
-nothing else holds their names.
+nothing. The ConfigMap, Service and NetworkPolicy that every attempt shares are not watched: when the plan creates
+a batch Job, they are created first, and the creates are their observation (a create fails on an existing object,
+which only then is read); the plan is made again knowing whether anything else holds their names
+(policies/ownership.py). So a new job costs one request per child (a create-only server-side apply), and no read.
 
-The status is written before the actions run: a restart counted in this reconcile (a gang restart deletes the
-failed attempt's batch Job) must not be lost should the operator die between the two, since the deleted Job
+The status is written before the other actions run: a restart counted in this reconcile (a gang restart deletes
+the failed attempt's batch Job) must not be lost should the operator die between the two, since the deleted Job
 would take the evidence with it. Every action is derived again from what is observed, so a crash after the status
-write only delays them to the next reconcile.
+write only delays them to the next reconcile. (The shared children, made before the status write, are no
+evidence of anything: they are the job's own and the same at every attempt.)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import aiohttp
 import kopf
 from kubernetes import client
 
+from dreambooth_api.common import find_condition
 from dreambooth_api.constants import (
     ANNOTATION_COUNTED_PREEMPTIONS,
     GROUP,
@@ -37,10 +41,13 @@ from dreambooth_api.constants import (
     LABEL_JOB_NAME,
     TERMINAL_JOB_PHASES,
     VERSION,
+    JobConditionType,
     JobPhase,
+    Reason,
 )
 from dreambooth_operator import kube, podstate
 from dreambooth_operator.builders import build_batch_job, build_configmap, build_service
+from dreambooth_operator.evaluate_builders import build_evaluation_job
 from dreambooth_operator.handlers.loop import LoopKind, Pass, pods_wait, report_field_conflict, run_loop
 from dreambooth_operator.handlers.state import Key, OperatorState, inference_key, state_of, trim
 from dreambooth_operator.metrics import OperatorMetrics
@@ -48,6 +55,7 @@ from dreambooth_operator.networkpolicies import build_job_network_policy
 from dreambooth_operator.observed import Observed, ProgressSample, now_utc, owned_batch_jobs, parse_status
 from dreambooth_operator.ownership import ObservedChildren
 from dreambooth_operator.plan import ActionKind, Plan
+from dreambooth_operator.policies import evaluate_rerun
 from dreambooth_operator.preflight_builders import build_preflight_job
 from dreambooth_operator.reconcile import reconcile
 from dreambooth_operator.settings import OperatorSettings
@@ -117,6 +125,7 @@ def wake_on_job(
     key = (namespace or "", name or "")
     if type == "DELETED":
         state.metrics.set_phase(*key, None)
+        state.loop_locks.pop(key, None)
     state.wake(key)
     if type == "DELETED" or status.get("phase") in TERMINAL_JOB_PHASES:
         # A service waiting for this job's model serves it now, not at its next periodic reconcile.
@@ -151,11 +160,49 @@ async def job_loop(
             report_field_conflict(state, key, body, err)
             raise
         state.conflicts.pop(key, None)
-        # Idle (the periodic check backs off): nothing to do, and no pod that could change without an event.
-        idle = not plan.actions and pods_wait(pods_index.get(key, []))
+        # Idle (the periodic check backs off): nothing to do, and no pod that could change without an event; not
+        # while the batch Job it just created is awaited (that pass planned nothing: state.awaiting).
+        idle = not plan.actions and pods_wait(pods_index.get(key, [])) and key not in state.expected
         return Pass(finished=plan.finished, requeue_after=plan.requeue_after, idle=idle)
 
-    await run_loop(state, (namespace or "", name or ""), JOB_LOOP, once, stopped, logger)
+    async with state.loop_lock((namespace or "", name or "")):
+        await run_loop(state, (namespace or "", name or ""), JOB_LOOP, once, stopped, logger)
+
+
+@kopf.daemon(
+    GROUP,
+    VERSION,
+    JOB_PLURAL,
+    id="evaluation_request",
+    cancellation_timeout=5.0,
+    when=lambda body, **_: evaluate_rerun.pending(body),
+)
+async def evaluation_request_loop(
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str | None,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    logger: kopf.Logger,
+    **kwargs: Any,
+) -> None:
+    """Serve an evaluation request (annotation dreambooth.dev/evaluate) of a job whose own loop has ended (a finished
+    job). While the job's own loop runs, it serves the request itself and this one waits for the loop lock. kopf
+    runs this only while a request is pending and stops it once status.observedEvaluateRequest records it (a daemon
+    stopped by its filter is started again for the next request; one that returns by itself never is)."""
+    batch_jobs_index: kopf.Index[Key, Any] = kwargs["batch_jobs_by_owner"]
+    pods_index: kopf.Index[Key, Any] = kwargs["pods_by_owner"]
+    state = state_of(memo)
+    key = (namespace or "", name or "")
+
+    async def once() -> Pass:
+        plan = await reconcile_job(state, body, batch_jobs_index, pods_index, logger)
+        idle = not plan.actions and pods_wait(pods_index.get(key, []))
+        return Pass(finished=False, requeue_after=plan.requeue_after, idle=idle or plan.finished)
+
+    async with state.loop_lock(key):
+        await run_loop(state, key, JOB_LOOP, once, stopped, logger)
 
 
 async def reconcile_job(
@@ -169,6 +216,11 @@ async def reconcile_job(
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     key = (namespace, name)
+    waiting = state.awaiting(key, batch_jobs.get(key, []))
+    if waiting is not None:
+        # The index has not shown the batch Job this loop just created: nothing to plan from yet (its event wakes
+        # the loop).
+        return Plan(status=parse_status(job), requeue_after=waiting)
     if key in state.written and _own_writes(job) != state.written[key]:
         # The watch has not delivered the operator's last writes yet (status and counted-preemptions annotation):
         # a plan made from this older copy, or from the version between the two writes, could count a restart
@@ -193,10 +245,11 @@ async def reconcile_job(
         rules=state.settings.rules_for(namespace),
     )
     plan = reconcile(obs)
-    if any(a.kind in (ActionKind.CREATE_ATTEMPT, ActionKind.CREATE_PREFLIGHT) for a in plan.actions):
-        # About to create the children: read the ones that every attempt shares, and plan again knowing whether
-        # anything else holds their names (policies/ownership.py).
-        children = await asyncio.to_thread(observe_children, state, job)
+    creates = (ActionKind.CREATE_ATTEMPT, ActionKind.CREATE_PREFLIGHT, ActionKind.CREATE_EVALUATION)
+    if any(a.kind in creates for a in plan.actions):
+        # About to create a batch Job: create (or update) the children that every attempt shares, and plan again
+        # knowing whether anything else holds their names (policies/ownership.py).
+        children = await asyncio.to_thread(ensure_shared_children, state, job)
         plan = reconcile(replace(obs, children=children))
     # Status first (see the module's docstring), then the counted-preemptions annotation, then the events.
     patch = kube.merge_diff(job.get("status"), plan.status_wire(), keep=frozenset({"kopf"}))
@@ -224,7 +277,8 @@ async def reconcile_job(
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
         state.metrics.events.labels(type=event.type, reason=event.reason).inc()
     record_metrics(state.metrics, job, prev.phase, plan)
-    await asyncio.to_thread(execute, state, job, owned_batch_jobs(job, observed_jobs), plan)
+    created = await asyncio.to_thread(execute, state, job, owned_batch_jobs(job, observed_jobs), plan)
+    state.expect(key, created)
     return plan
 
 
@@ -246,14 +300,23 @@ def singletons(job: Mapping[str, Any], settings: OperatorSettings) -> list[dict[
     return children
 
 
-def observe_children(state: OperatorState, job: Mapping[str, Any]) -> ObservedChildren:
-    """The shared children as the API server has them, by (kind, name); None where none exists."""
-    return {
-        (c["kind"], c["metadata"]["name"]): kube.get(
-            state.api, c["apiVersion"], c["kind"], c["metadata"]["namespace"], c["metadata"]["name"]
-        )
-        for c in singletons(job, state.settings)
-    }
+def ensure_shared_children(state: OperatorState, job: Mapping[str, Any]) -> ObservedChildren:
+    """Create the children that every attempt shares (or update them, the job's own), in order, and return them as
+    the API server has them, by (kind, name). Once one turns out to be another object's, the rest are only read,
+    never created, so that the conflict names all of them and nothing more is made for a blocked job."""
+    found: dict[tuple[str, str], Any] = {}
+    blocked = False
+    for child in singletons(job, state.settings):
+        version, kind, meta = child["apiVersion"], child["kind"], child["metadata"]
+        key = (kind, meta["name"])
+        if blocked:
+            found[key] = kube.get(state.api, version, kind, meta["namespace"], meta["name"])
+            continue
+        try:
+            found[key] = kube.ensure_child(state.api, child, job)  # never touches another object of the name
+        except kube.ForeignChildError as err:
+            found[key], blocked = err.found, True
+    return found
 
 
 async def poll_progress(
@@ -308,22 +371,25 @@ async def _fetch_progress(
     state.samples[key] = ProgressSample(attempt, podstate.pod_uid(rank0), started, document, now_utc())
 
 
-def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]], plan: Plan) -> None:
-    """Carry out the plan's actions (blocking; runs in a worker thread). `batch_jobs`: those the job owns."""
+def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mapping[str, Any]], plan: Plan) -> list[str]:
+    """Carry out the plan's actions (blocking; runs in a worker thread). `batch_jobs`: those the job owns. Returns
+    the names of the batch Jobs it created."""
     api = state.api
     meta = job["metadata"]
     namespace, uid = meta["namespace"], str(meta.get("uid") or "")
     # Only the job's own batch Jobs are ever changed or deleted, each with its uid as precondition.
     owned = {str(j["metadata"]["name"]): str(j["metadata"].get("uid") or "") for j in batch_jobs}
+    created: list[str] = []
     for action in plan.actions:
-        if action.kind is ActionKind.CREATE_ATTEMPT:
-            for child in singletons(job, state.settings):
-                kube.ensure_child(api, child, job)  # raises ForeignChildError rather than touch another's object
-            kube.create(api, build_batch_job(job, action.attempt, state.settings))
-        elif action.kind is ActionKind.CREATE_PREFLIGHT:
-            for child in singletons(job, state.settings):
-                kube.ensure_child(api, child, job)
-            kube.create(api, build_preflight_job(job, state.settings))
+        # The shared children exist: reconcile_job made them before it planned these (ensure_shared_children).
+        if action.kind in (ActionKind.CREATE_ATTEMPT, ActionKind.CREATE_PREFLIGHT, ActionKind.CREATE_EVALUATION):
+            manifest = (
+                build_batch_job(job, action.attempt, state.settings)
+                if action.kind is ActionKind.CREATE_ATTEMPT
+                else one_pod_job(job, action.kind, state.settings)
+            )
+            if kube.create(api, manifest):
+                created.append(manifest["metadata"]["name"])
         elif action.kind is ActionKind.DELETE_BATCH_JOB and action.name in owned:
             # Foreground: the Job stays until its pods have stopped (and written their checkpoint).
             kube.delete(
@@ -342,6 +408,14 @@ def execute(state: OperatorState, job: Mapping[str, Any], batch_jobs: list[Mappi
             for child in singletons(job, state.settings):
                 child_meta = child["metadata"]
                 kube.delete_owned(api, child["apiVersion"], child["kind"], namespace, child_meta["name"], uid)
+    return created
+
+
+def one_pod_job(job: Mapping[str, Any], kind: ActionKind, settings: OperatorSettings) -> dict[str, Any]:
+    """The input check's or the re-evaluation's batch Job (one pod, no attempt's)."""
+    if kind is ActionKind.CREATE_EVALUATION:
+        return build_evaluation_job(job, evaluate_rerun.requested(job) or "", settings)
+    return build_preflight_job(job, settings)
 
 
 def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase: JobPhase | None, plan: Plan) -> None:
@@ -359,6 +433,10 @@ def record_metrics(metrics: OperatorMetrics, job: Mapping[str, Any], prev_phase:
     )
     if redone > 0:
         metrics.steps_redone.inc(redone)
+    reevaluated = find_condition(status.conditions, JobConditionType.REEVALUATED.value)
+    newly_served = status.observed_evaluate_request not in (None, prev.observed_evaluate_request)
+    if newly_served and reevaluated is not None and reevaluated.reason == Reason.REEVALUATED and status.outputs:
+        metrics.observe_evaluation(status.outputs.evaluation)  # the scores of a request served now
     if phase == prev_phase:
         return
     if phase in (JobPhase.SUCCEEDED, JobPhase.FAILED):

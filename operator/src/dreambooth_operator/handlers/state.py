@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,10 @@ from dreambooth_operator.metrics import OperatorMetrics
 from dreambooth_operator.observed import ProgressSample
 from dreambooth_operator.progress import ProgressPoller
 from dreambooth_operator.settings import OperatorSettings
+
+EXPECT_CREATED_SECONDS = 30.0
+"""How long a loop waits for the index to show a batch Job it created (`OperatorState.expect`) before it plans
+without it (a watch that lost the event; the create of an existing Job is a no-op then)."""
 
 Key = tuple[str, str]
 """A loop's wake-up key: (namespace, name) of a DreamBoothJob; InferenceServices use `inference_key`."""
@@ -39,6 +44,33 @@ class OperatorState:
     """Per job, the last state of each pod deleted since its last reconcile (by uid), for the usage ledger."""
     conflicts: dict[Key, str] = field(default_factory=dict)
     """Per loop, the last field conflict reported in an event (kube.FieldConflictError), so that it is reported once."""
+    loop_locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    """Per DreamBoothJob, held by the loop that reconciles it (its own loop, or the one that serves an evaluation
+    request once its own loop has ended), so that one writer at a time updates it."""
+
+    def loop_lock(self, key: Key) -> asyncio.Lock:
+        return self.loop_locks.setdefault(key, asyncio.Lock())
+
+    expected: dict[Key, tuple[frozenset[str], float]] = field(default_factory=dict)
+    """Per job, the batch Jobs its loop created that the index has not shown yet, and until when (monotonic) to
+    wait for them (`expect`, `awaiting`)."""
+
+    def expect(self, key: Key, names: list[str], seconds: float = EXPECT_CREATED_SECONDS) -> None:
+        """The loop of `key` just created the batch Jobs `names`: until the index shows them, a plan made from it
+        would create them again (its own write wakes the loop first: the status written before the create)."""
+        if names:
+            self.expected[key] = (frozenset(names), time.monotonic() + seconds)
+
+    def awaiting(self, key: Key, indexed: Iterable[Mapping[str, Any]]) -> float | None:
+        """Seconds left to wait for the batch Jobs the loop created to appear in `indexed` (the index's batch Jobs
+        of the job); None when it may plan (they are there, none were created, or the wait is over). Their watch
+        event wakes the loop. (The expectations of Kubernetes' own controllers, such as the ReplicaSet's.)"""
+        names, until = self.expected.get(key, (frozenset(), 0.0))
+        left = until - time.monotonic()
+        if not names or left <= 0 or names <= {str((j.get("metadata") or {}).get("name")) for j in indexed}:
+            self.expected.pop(key, None)
+            return None
+        return left
 
     def wake(self, key: Key) -> None:
         event = self.wakes.get(key)
@@ -52,6 +84,7 @@ class OperatorState:
         self.written.pop(key, None)
         self.gone_pods.pop(key, None)
         self.conflicts.pop(key, None)
+        self.expected.pop(key, None)
         poll = self.polls.pop(key, None)
         if poll is not None:
             poll.cancel()

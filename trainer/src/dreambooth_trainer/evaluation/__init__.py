@@ -2,12 +2,11 @@
 
 - `metrics`: DINO, CLIP-I and CLIP-T (pure tensor math, and the transformers models that embed images and text);
 - `fetch`, `tiny`: where the metric models come from (hub id, object-storage folder, or tiny ones built from configs);
-- `answers`: finding and validating the JSON object in a VLM's answer (pure);
-- `vlm`: the client of an OpenAI-compatible chat-completions endpoint (the official `openai` package);
-- `captions`: instance-image captions written by the VLM, as .txt sidecars;
 - `judge`: DreamBench++-style scores (concept preservation, prompt following) and the quality gate;
 - `outputs`: the sample files, the image grid and the result documents;
-- `runner`: `run_evaluation`, the one entry point.
+- `runner`: `run_evaluation`, the one entry point;
+- `stage`: the job runner's calls (captions before training, the prompts trained on, the evaluation after export).
 
-`answers`, `vlm`, `captions` and `judge` import neither torch nor diffusers.
+The VLM client, the answer parser and the caption rules are `dreambooth_api.vlm` (torch-free: the CLI's
+`submit --caption` uses them too). `judge` imports neither torch nor diffusers.
 """

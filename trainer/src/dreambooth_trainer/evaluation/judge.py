@@ -15,12 +15,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from statistics import fmean
+from typing import TYPE_CHECKING
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from dreambooth_api.evaluation import JudgeScores, JudgeStatus, QualityGate, SampleJudgement
-from dreambooth_trainer.evaluation.vlm import VlmAnswer, VlmClient, VlmTask
+from dreambooth_api.vlm.tasks import VlmAnswer, VlmTask
+
+if TYPE_CHECKING:
+    from dreambooth_api.vlm.client import VlmClient
 
 CONCEPT_TASK = "concept_preservation"
 PROMPT_TASK = "prompt_following"

@@ -30,11 +30,11 @@ from dreambooth_api.evaluation import (
     split_subject,
 )
 from dreambooth_api.exitcodes import InvalidInputError
+from dreambooth_api.vlm.client import VlmClient
 from dreambooth_trainer.components import model_cache_dir
 from dreambooth_trainer.evaluation.judge import judge_samples, quality_gate, summarize, unknown_judge
 from dreambooth_trainer.evaluation.metrics import Embeddings, MetricModels, load_metric_models, score
 from dreambooth_trainer.evaluation.outputs import make_grid, write_grid, write_result, write_samples
-from dreambooth_trainer.evaluation.vlm import VlmClient
 from dreambooth_trainer.imageio import decode_image, is_image_name
 from dreambooth_trainer.pipelines import autocast, generator_for
 from dreambooth_trainer.storage import ObjectStore

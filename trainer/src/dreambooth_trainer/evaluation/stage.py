@@ -2,8 +2,9 @@
 evaluation after export. `trainer/job.py` calls these three; each is a no-op when its feature is off.
 
 - `caption_stage` (rank 0, before the dataset is read): with `instanceImages.captions: auto`, the VLM writes a .txt
-  sidecar next to each instance image (existing ones kept unless `overwriteCaptions`). The other ranks read the
-  sidecars after rank 0 is done (the caller runs it through `on_rank0`, which every rank waits for).
+  sidecar next to each instance image (existing ones kept unless `overwriteCaptions`; even then, a resumed run keeps
+  the captions its earlier attempt recorded in captions.json). The other ranks read the sidecars after rank 0 is
+  done (the caller runs it through `on_rank0`, which every rank waits for).
 - `record_prompts` (rank 0): `<output>/captions.json`, the caption each instance image was trained with.
 - `evaluation_stage` (rank 0, after export): `run_evaluation` on the trained modules and on the base model (loaded
   again from the model cache: the same weights the run started from; after training, so the trained model's samples
@@ -24,16 +25,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from dreambooth_api.config import CAPTIONS_NEED_VLM, JobConfig, Sampler
-from dreambooth_api.evaluation import CaptionMode, CaptionsSpec, EvaluationResult, subject_from_prompt
+from dreambooth_api.evaluation import CaptionMode, CaptionsSpec, EvaluationResult
 from dreambooth_api.exitcodes import InvalidInputError
-from dreambooth_trainer.data import identifier_tokens, list_instance_uris
+from dreambooth_api.progress import TrainerPhase
+from dreambooth_api.vlm import captions as caption_rules
+from dreambooth_trainer.data import list_instance_uris
 from dreambooth_trainer.distributed import broadcast_object
 from dreambooth_trainer.evaluation.outputs import FOLDER
 from dreambooth_trainer.imageio import decode_image
 from dreambooth_trainer.storage import ObjectStore, join_uri
 
 if TYPE_CHECKING:
-    from dreambooth_trainer.evaluation.vlm import VlmClient
+    from dreambooth_api.vlm.client import VlmClient
+    from dreambooth_trainer.progress import Progress
 
 T = TypeVar("T")
 
@@ -51,18 +55,9 @@ def _short(text: str, limit: int = MAX_REASON) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _class_prompt(config: JobConfig) -> str | None:
-    return config.prior_preservation.class_prompt
-
-
 def subject_and_identifier(config: JobConfig) -> tuple[str, str | None]:
-    """What prompts call the subject ("sks dog") and its identifier ("sks"); the instance prompt itself when the
-    identifier is unknown (no `identifier` and no class prompt)."""
-    spec = config.instance_images
-    identifiers = identifier_tokens(spec, _class_prompt(config))
-    if not identifiers:
-        return spec.prompt, None
-    return subject_from_prompt(spec.prompt, identifiers[0]), identifiers[0]
+    """What prompts call the subject ("sks dog") and its identifier ("sks") (`captions.subject_and_identifier`)."""
+    return caption_rules.subject_and_identifier(config.instance_images, config.prior_preservation.class_prompt)
 
 
 def caption_stage(config: JobConfig, store: ObjectStore, log: Log, client: VlmClient | None = None) -> dict[str, int]:
@@ -79,14 +74,14 @@ def caption_stage(config: JobConfig, store: ObjectStore, log: Log, client: VlmCl
         raise InvalidInputError(
             "captions: auto needs the identifier token: set instanceImages.identifier (or a class prompt)"
         )
-    from dreambooth_trainer.evaluation.captions import write_captions
-    from dreambooth_trainer.evaluation.vlm import VlmClient
+    from dreambooth_api.vlm.client import VlmClient
 
     uris = list_instance_uris(spec, store)
+    recorded = recorded_prompts(config, store, log) if spec.overwrite_captions else {}
     own = client is None
     vlm = client or VlmClient(config.vlm)
     try:
-        outcomes = write_captions(
+        outcomes = caption_rules.write_captions(
             vlm,
             store,
             uris,
@@ -94,6 +89,8 @@ def caption_stage(config: JobConfig, store: ObjectStore, log: Log, client: VlmCl
             CaptionsSpec(overwrite=spec.overwrite_captions),
             fallback=spec.prompt,
             identifier=identifier,
+            decode=decode_image,
+            recorded=recorded,
         )
     finally:
         if own:
@@ -109,6 +106,22 @@ def caption_stage(config: JobConfig, store: ObjectStore, log: Log, client: VlmCl
         reason=_short(reasons.most_common(1)[0][0]) if reasons else None,
     )
     return {"vlm": counts["vlm"], "existing": counts["existing"], "fallback": counts["fallback"]}
+
+
+def recorded_prompts(config: JobConfig, store: ObjectStore, log: Log) -> dict[str, str]:
+    """`<output>/captions.json` of an earlier attempt of this run ({image URI: caption}); empty when there is none
+    or it cannot be read (then the images are captioned again, as on a first attempt)."""
+    uri = join_uri(config.output.uri, CAPTIONS_FILE)
+    try:
+        if not store.exists(uri):
+            return {}
+        doc = json.loads(store.read_bytes(uri))
+    except Exception as err:  # a record, not an input: caption again
+        log.warning("training_prompts_unreadable", uri=uri, error=_short(f"{type(err).__name__}: {err}"))
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def record_prompts(config: JobConfig, dataset: Any, store: ObjectStore) -> str:
@@ -182,8 +195,8 @@ def evaluation_stage(
     spec = config.evaluation
     if spec is None or not spec.enabled:
         return {}
+    from dreambooth_api.vlm.client import VlmClient
     from dreambooth_trainer.evaluation.runner import run_evaluation
-    from dreambooth_trainer.evaluation.vlm import VlmClient
     from dreambooth_trainer.validation import validation_autocast_dtype
 
     out_dir = Path(workdir) / "evaluation-output"
@@ -266,9 +279,20 @@ def record_prompts_of(fabric: Any, config: JobConfig, dataset: Any, store: Objec
 
 
 def evaluate_after_export(
-    fabric: Any, config: JobConfig, module: Any, store: ObjectStore, workdir: Path, cache_dir: Path, log: Log
+    fabric: Any,
+    config: JobConfig,
+    module: Any,
+    store: ObjectStore,
+    workdir: Path,
+    cache_dir: Path,
+    log: Log,
+    *,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """`evaluation_stage` on rank 0 (the others wait for it); the fields for the result document."""
+    """`evaluation_stage` on rank 0 (the others wait for it); the fields for the result document. Rank 0's
+    `/progress` (`progress`, the trainer's Progress) says Evaluating meanwhile."""
     if config.evaluation is None or not config.evaluation.enabled:
         return {}
+    if progress is not None and int(getattr(fabric, "global_rank", 0)) == 0:
+        progress.set_phase(TrainerPhase.EVALUATING)
     return _on_rank0(fabric, lambda: evaluation_stage(config, module, store, workdir, cache_dir, log))

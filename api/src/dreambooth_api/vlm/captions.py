@@ -8,21 +8,28 @@ Every caption is made to contain the subject text exactly (`ensure_subject`): th
 rewritten ("a dog", "Sks dog" -> "sks dog"), and the subject is put in front when it is missing, so that the
 identifier is always a whitespace-separated word (what the trainer's caption check requires). An image whose caption
 cannot be had from the VLM gets the instance prompt, with the reason reported; captioning never stops training.
+
+The trainer (`captions: auto`, on object storage) and `dreambooth submit --caption` (on the user's folder, before
+upload) run the same `write_captions`, so a caption is the same wherever it was written.
 """
 
 from __future__ import annotations
 
+import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from dreambooth_api.evaluation import CaptionsSpec, split_subject
-from dreambooth_trainer.evaluation.vlm import VlmAnswer, VlmClient, VlmTask
-from dreambooth_trainer.imageio import decode_image
+from dreambooth_api.config import InstanceImagesSpec
+from dreambooth_api.evaluation import CaptionsSpec, split_subject, subject_from_prompt
+from dreambooth_api.vlm.tasks import VlmAnswer, VlmTask
+
+if TYPE_CHECKING:
+    from dreambooth_api.vlm.client import VlmClient
 
 CAPTION_TASK = "caption"
 CAPTION_INSTRUCTION = (
@@ -45,7 +52,7 @@ class CaptionAnswer(BaseModel):
 
 
 class SidecarStore(Protocol):
-    """What captioning needs of object storage (`dreambooth_trainer.storage.ObjectStore` has it)."""
+    """What captioning needs of the images' storage (the trainer's `ObjectStore` has it; the CLI's local folder)."""
 
     def read_bytes(self, uri: str) -> bytes: ...
 
@@ -63,6 +70,43 @@ class CaptionOutcome:
     source: Literal["existing", "vlm", "fallback"]
     reason: str | None = None
     """Why the fallback was used."""
+
+
+ImageDecoder = Callable[[bytes, str], Image.Image]
+"""Decodes an image's bytes (named by its URI in errors): the trainer passes its `decode_image` (which refuses
+what training refuses); `open_image` is the default."""
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def open_image(data: bytes, name: str) -> Image.Image:
+    """A JPEG, PNG or WEBP image as RGB with its EXIF orientation applied (Pillow's decompression-bomb limit
+    holds); a ValueError naming `name` when it is none."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
+            return ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{name} is not a decodable image (jpg, jpeg, png, webp): {err}") from err
+
+
+def identifier_tokens(spec: InstanceImagesSpec, class_prompt: str | None) -> list[str]:
+    """The subject's identifier word(s): explicit, or the instance prompt's words that the class prompt lacks."""
+    if spec.identifier:
+        return [spec.identifier]
+    if class_prompt:
+        class_words = set(class_prompt.lower().split())
+        words = [w for w in spec.prompt.split() if w.lower() not in class_words]
+        if words:
+            return words
+    return []
+
+
+def subject_and_identifier(spec: InstanceImagesSpec, class_prompt: str | None) -> tuple[str, str | None]:
+    """What prompts call the subject ("sks dog") and its identifier ("sks"); the instance prompt itself when the
+    identifier is unknown (no `identifier` and no class prompt)."""
+    identifiers = identifier_tokens(spec, class_prompt)
+    if not identifiers:
+        return spec.prompt, None
+    return subject_from_prompt(spec.prompt, identifiers[0]), identifiers[0]
 
 
 def sidecar_uri(image_uri: str) -> str:
@@ -152,24 +196,32 @@ def write_captions(
     spec: CaptionsSpec,
     fallback: str,
     identifier: str | None = None,
+    decode: ImageDecoder = open_image,
+    recorded: Mapping[str, str] | None = None,
 ) -> list[CaptionOutcome]:
     """Caption every image that has no sidecar (every image with `overwrite`) and write the .txt sidecars.
 
-    `fallback` (the instance prompt) is written for an image the VLM could not caption. Images that cannot be read
-    or decoded raise the trainer's InvalidInputError, as training would.
+    `fallback` (the instance prompt) is written for an image the VLM could not caption. An image that cannot be
+    read or decoded raises what `decode` raises (the trainer's InvalidInputError, as training would).
+
+    `recorded` is what an earlier attempt of the same run trained on ({image URI: caption}, the run's
+    captions.json): with `overwrite`, an image whose sidecar still holds its recorded caption keeps it, so that a
+    resumed run trains on the prompts its checkpoint was trained on (a VLM seldom writes the same caption twice).
     """
+    recorded = recorded or {}
     outcomes: dict[str, CaptionOutcome] = {}
     todo: list[str] = []
     for uri in image_uris:
         sidecar = sidecar_uri(uri)
-        if not spec.overwrite and store.exists(sidecar):
+        if (not spec.overwrite or uri in recorded) and store.exists(sidecar):
             existing = " ".join(store.read_bytes(sidecar).decode("utf-8", errors="replace").split())
-            outcomes[uri] = CaptionOutcome(uri, existing, "existing")
-        else:
-            todo.append(uri)
+            if not spec.overwrite or existing == recorded[uri]:
+                outcomes[uri] = CaptionOutcome(uri, existing, "existing")
+                continue
+        todo.append(uri)
     images = []
     for uri in todo:
-        image = decode_image(store.read_bytes(uri), uri)
+        image = decode(store.read_bytes(uri), uri)
         image.thumbnail((client.spec.max_image_side, client.spec.max_image_side), Image.Resampling.LANCZOS)
         images.append(image)  # downscaled now: a dozen full-size photos would hold hundreds of MB
     for uri, (caption, reason) in zip(todo, caption_images(client, images, subject, spec, identifier), strict=True):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field
 
-from dreambooth_trainer.evaluation.answers import (
+from dreambooth_api.vlm.answers import (
     AnswerFormatError,
     answer_schema,
     extract_json_object,

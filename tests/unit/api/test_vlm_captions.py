@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dreambooth_api.evaluation import CaptionsSpec, VlmSpec
-from dreambooth_trainer.evaluation.captions import (
+from dreambooth_api.vlm.captions import (
     CAPTION_TASK,
     clean_caption,
     ensure_subject,
+    open_image,
     sidecar_uri,
     write_captions,
 )
-from dreambooth_trainer.evaluation.vlm import VlmClient
-from dreambooth_trainer.storage import ObjectStore
+from dreambooth_api.vlm.client import VlmClient
 from tests.infra.fake_vlm import FakeVlm, Reply, answer_text, error_reply, image_urls, vllm_reply
 
 
@@ -79,6 +79,19 @@ def server(module_server: FakeVlm) -> FakeVlm:
     return module_server
 
 
+class FileStore:
+    """The SidecarStore protocol over file:// URIs (the trainer's is its ObjectStore, the CLI's its folder)."""
+
+    def read_bytes(self, uri: str) -> bytes:
+        return Path(uri.removeprefix("file://")).read_bytes()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        Path(uri.removeprefix("file://")).write_bytes(data)
+
+    def exists(self, uri: str) -> bool:
+        return Path(uri.removeprefix("file://")).exists()
+
+
 def _images(folder: Path, count: int) -> list[str]:
     folder.mkdir(parents=True)
     uris = []
@@ -100,7 +113,7 @@ def test_write_captions_keeps_existing_sidecars(server: FakeVlm, tmp_path: Path)
     server.reset(responder=_caption_reply)
     spec = CaptionsSpec(instruction="Mention the furniture.")
     with VlmClient(VlmSpec(base_url=server.base_url, model="m", max_image_side=256)) as client:
-        outcomes = write_captions(client, ObjectStore(), uris, "sks dog", spec, fallback="a photo of sks dog")
+        outcomes = write_captions(client, FileStore(), uris, "sks dog", spec, fallback="a photo of sks dog")
 
     assert [o.source for o in outcomes] == ["vlm", "existing", "vlm"]
     assert outcomes[1].caption == "my own caption of sks dog"
@@ -126,9 +139,14 @@ def test_overwrite_and_fallback(server: FakeVlm, tmp_path: Path) -> None:
     server.script(vllm_reply('{"caption": "sks dog in the snow"}'))
     spec = CaptionsSpec(overwrite=True)
     with VlmClient(VlmSpec(base_url=server.base_url, model="m", max_retries=0, max_concurrency=1)) as client:
-        outcomes = write_captions(client, ObjectStore(), uris, "sks dog", spec, fallback="a photo of sks dog")
+        outcomes = write_captions(client, FileStore(), uris, "sks dog", spec, fallback="a photo of sks dog")
     assert [(o.source, o.caption) for o in outcomes] == [("vlm", "sks dog in the snow"),
                                                           ("fallback", "a photo of sks dog")]  # fmt: skip
     assert outcomes[1].reason == "the VLM endpoint answered HTTP 500: Error code: 500 - down"
     assert (tmp_path / "subject" / "img0.txt").read_text() == "sks dog in the snow\n"
     assert (tmp_path / "subject" / "img1.txt").read_text() == "a photo of sks dog\n"
+
+
+def test_open_image_names_what_it_cannot_decode() -> None:
+    with pytest.raises(ValueError, match=r"^notes\.png is not a decodable image"):
+        open_image(b"not an image", "notes.png")

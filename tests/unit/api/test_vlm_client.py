@@ -21,7 +21,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from dreambooth_api.evaluation import VLM_API_KEY_ENV, StructuredOutput, VlmSpec
-from dreambooth_trainer.evaluation.vlm import REPAIR_INSTRUCTION, VlmClient, VlmTask, image_data_url
+from dreambooth_api.vlm.client import REPAIR_INSTRUCTION, VlmClient, image_data_url
+from dreambooth_api.vlm.tasks import VlmTask
 from tests.infra.fake_vlm import (
     FakeVlm,
     Reply,
@@ -286,11 +287,14 @@ def test_image_data_url_keeps_the_aspect_ratio() -> None:
 
 
 def test_vlm_captions_and_judge_do_not_import_torch() -> None:
-    """They can run where torch is not installed (the user's machine for `dreambooth submit --caption`)."""
+    """They can run where torch is not installed (the user's machine for `dreambooth submit --caption`), and the
+    caption rules (which the trainer's data module imports) do not import the openai client."""
     code = (
         "import sys\n"
-        "import dreambooth_trainer.evaluation.captions, dreambooth_trainer.evaluation.judge\n"
+        "import dreambooth_api.vlm.captions\n"
+        "print('openai' in sys.modules)\n"
+        "import dreambooth_api.vlm.client, dreambooth_trainer.evaluation.judge\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split() == ["False", "[]"]

@@ -15,6 +15,10 @@ It is the official `openai` package (no hand-written HTTP), configured from `Vlm
 - nothing raises: after the retries, a failure is a `VlmAnswer` with no value and a reason. An unreachable endpoint
   or a refused credential fails the remaining tasks at once with the same reason;
 - `maxConcurrency` bounds the requests in flight (a semaphore; `ask_many` runs tasks on a thread pool).
+
+`probe_endpoint` is the pre-flight check of an endpoint (`models.list`, one try, a short timeout): it answers and
+serves the configured model, or the problem and whether it is permanent (a refused key, an unknown model) or may
+pass (a timeout, a 5xx).
 """
 
 from __future__ import annotations
@@ -24,18 +28,20 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import openai
 from PIL import Image
 from pydantic import BaseModel
 
 from dreambooth_api.evaluation import VLM_API_KEY_ENV, StructuredOutput, VlmSpec
-from dreambooth_trainer.evaluation.answers import AnswerFormatError, answer_schema, parse_answer
+from dreambooth_api.vlm.answers import AnswerFormatError, answer_schema, parse_answer
+from dreambooth_api.vlm.tasks import Part, VlmAnswer, VlmTask
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ T = TypeVar("T", bound=BaseModel)
 
 # The key sent when none is configured: vLLM and FastDeploy without --api-key accept any.
 NO_API_KEY = "EMPTY"
+PROBE_TIMEOUT_SECONDS = 10.0
+"""The pre-flight `models.list` request's timeout (at most the spec's `timeoutSeconds`)."""
 SCHEMA_INSTRUCTION = "Answer with only one JSON object, no other text, that follows this JSON schema:\n{schema}"
 REPAIR_INSTRUCTION = (
     "Your answer could not be used: {error}. Answer again with only one JSON object that follows the schema."
@@ -51,32 +59,6 @@ REPAIR_INSTRUCTION = (
 _FATAL = (openai.APIConnectionError, openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 # Errors with which an endpoint refuses `response_format` (with structuredOutput: auto, ask without it).
 _REFUSED = (openai.BadRequestError, openai.UnprocessableEntityError)
-
-Part = str | Image.Image
-
-
-@dataclass(frozen=True)
-class VlmTask(Generic[T]):
-    """One question: the content parts in order (text and images) and the answer's model."""
-
-    name: str
-    """The schema's name in `response_format` (letters, digits, _ and -)."""
-    parts: tuple[Part, ...]
-    answer: type[T]
-
-
-@dataclass(frozen=True)
-class VlmAnswer(Generic[T]):
-    """A validated answer, or None with the reason it is unknown."""
-
-    value: T | None
-    reason: str | None = None
-    content: str | None = None
-    """The last answer's `message.content` as received (for the logs)."""
-
-    @property
-    def ok(self) -> bool:
-        return self.value is not None
 
 
 def image_data_url(image: Image.Image, max_side: int) -> str:
@@ -115,6 +97,12 @@ def response_format(task: VlmTask[Any]) -> dict[str, Any]:
     }
 
 
+def resolve_api_key(explicit: str | None = None) -> str:
+    """The bearer token: `explicit`, else `DREAMBOOTH_VLM_API_KEY`, else "EMPTY" (what vLLM expects without a key).
+    A Secret's value often ends in a newline, which is no valid header character, so it is stripped."""
+    return (explicit or os.environ.get(VLM_API_KEY_ENV) or "").strip() or NO_API_KEY
+
+
 class BadResponseError(Exception):
     """A response that is not a chat completion (no choices: an HTML page, an unrelated JSON document)."""
 
@@ -148,11 +136,9 @@ class VlmClient:
     ) -> None:
         """`api_key` defaults to the `DREAMBOOTH_VLM_API_KEY` variable (no key: "EMPTY", as vLLM expects)."""
         self.spec = spec
-        # A Secret's value often ends in a newline, which is no valid header character.
-        key = (api_key or os.environ.get(VLM_API_KEY_ENV) or "").strip() or NO_API_KEY
         self._client = client or openai.OpenAI(
             base_url=spec.base_url,
-            api_key=key,
+            api_key=resolve_api_key(api_key),
             timeout=spec.timeout_seconds,
             max_retries=spec.max_retries,
         )
@@ -249,3 +235,69 @@ class VlmClient:
             raise BadResponseError(f"the VLM endpoint's response is not a chat completion: {_short(repr(completion))}")
         content = choices[0].message.content
         return content if isinstance(content, str) else None
+
+
+@dataclass(frozen=True)
+class EndpointProblem:
+    """Why an endpoint failed the pre-flight probe."""
+
+    message: str
+    permanent: bool
+    """True when retrying cannot help (the key is refused, the model is not served, baseUrl has no /models)."""
+    auth: bool = False
+    """The endpoint refused the API key (HTTP 401 or 403)."""
+
+
+def _status_message(err: openai.APIStatusError) -> str:
+    """The error envelope's message ("Invalid API key"), without the client's "Error code: 401 - " prefix."""
+    body = err.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return _short(body["message"])
+    return _short(re.sub(r"^Error code: \d+ - ", "", str(err.message)))
+
+
+def _probe_problem(spec: VlmSpec, err: Exception) -> EndpointProblem:
+    where = f"the VLM endpoint {spec.base_url}"
+    if isinstance(err, openai.AuthenticationError | openai.PermissionDeniedError):
+        return EndpointProblem(
+            f"{where} refused the API key (HTTP {err.status_code}): {_status_message(err)}", True, auth=True
+        )
+    if isinstance(err, openai.NotFoundError):
+        return EndpointProblem(
+            f"{where} has no /models (HTTP 404): is vlm.baseUrl the API's base URL, ending in /v1?", True
+        )
+    if isinstance(err, openai.APITimeoutError):
+        return EndpointProblem(f"{where} did not answer within the probe's timeout", False)
+    if isinstance(err, openai.APIConnectionError):
+        return EndpointProblem(f"{where} is unreachable: {_short(str(err.__cause__ or err))}", False)
+    if isinstance(err, openai.APIStatusError):
+        return EndpointProblem(f"{where} answered HTTP {err.status_code}: {_status_message(err)}", False)
+    return EndpointProblem(f"{where} did not answer with a model list: {type(err).__name__}: {_short(str(err))}", False)
+
+
+def probe_endpoint(
+    spec: VlmSpec, api_key: str | None = None, *, timeout: float = PROBE_TIMEOUT_SECONDS
+) -> EndpointProblem | None:
+    """`GET /models` through the openai client (one try, at most `timeout` seconds): None when the endpoint answers
+    and lists `spec.model`, else the problem. An unknown model is permanent; so are a refused key and a missing
+    /models; a timeout, a connection error, a 429 or a 5xx may pass."""
+    client = openai.OpenAI(
+        base_url=spec.base_url,
+        api_key=resolve_api_key(api_key),
+        timeout=min(timeout, spec.timeout_seconds),
+        max_retries=0,
+    )
+    try:
+        page = client.models.list()
+        served = [m.id for m in page.data if isinstance(getattr(m, "id", None), str)]
+    except Exception as err:  # every outcome is a problem to report, never a crash of the check
+        return _probe_problem(spec, err)
+    finally:
+        client.close()
+    if spec.model not in served:
+        listed = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
+        return EndpointProblem(
+            f"the VLM endpoint {spec.base_url} does not serve vlm.model {spec.model!r} (it serves: {listed or 'none'})",
+            True,
+        )
+    return None
