@@ -61,6 +61,10 @@ test-integration: install binaries ## Integration tests (real control plane, S3 
 test-e2e: install binaries ## End-to-end tests (node agent runs real trainer processes)
 	$(PY) -m pytest -m e2e tests $(PYTEST_ARGS)
 
+.PHONY: test-chaos
+test-chaos: install binaries ## The chaos suite alone (tests/chaos; `make test` runs it with the e2e tier; DBO_CHAOS_SEED=N)
+	$(PY) -m pytest -m chaos tests $(PYTEST_ARGS)
+
 .PHONY: test-gpu
 test-gpu: install ## GPU tests (skipped without CUDA)
 	$(PY) -m pytest -m gpu tests $(PYTEST_ARGS)

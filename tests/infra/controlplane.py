@@ -42,6 +42,22 @@ SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
+# The audit log (tests/e2e/test_rbac_audit.py compares the operator's requests with the chart's RBAC): request
+# metadata only, without the RequestReceived stage, and only of ServiceAccounts outside kube-system (the
+# controllers' own accounts would be most of the volume). JSON lines.
+AUDIT_LOG_NAME = "kube-apiserver-audit.jsonl"
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    userGroups: ["system:serviceaccounts:kube-system"]
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+"""
+
 ADMIN_USER = "dbo-admin"
 RESTRICTED_USER = "dbo-restricted"
 
@@ -76,6 +92,7 @@ class Cluster:
         ca_file: the CA that signed the apiserver serving certificate.
         log_dir: where every server logs (`<name>.log`).
         version: the server's gitVersion, e.g. "v1.36.3".
+        audit_log: the apiserver's audit log (JSON lines, AUDIT_POLICY), in `log_dir`.
     """
 
     server: str
@@ -91,6 +108,7 @@ class Cluster:
     admin_user: str = ADMIN_USER
     restricted_user: str = RESTRICTED_USER
     service_cluster_ip_range: str = SERVICE_CLUSTER_IP_RANGE
+    audit_log: Path | None = None
 
     def kubectl(
         self,
@@ -157,6 +175,22 @@ class Cluster:
     def stop(self) -> None:
         stop_all(self.processes)
 
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver alone (SIGTERM, SIGKILL after 10 s), as an upgrade or a crash of the control plane
+        would; etcd, the controllers and the scheduler keep running (tests/chaos/test_chaos_apiserver.py)."""
+        self._apiserver().stop()
+
+    def start_apiserver(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Start kube-apiserver again after `stop_apiserver`, with the same command line (port, etcd, flags), so
+        that every kubeconfig and client reaches it as before; return once /readyz says ok."""
+        old = self._apiserver()
+        new = start_process(old.name, old.args, log_dir=old.log_path.parent)
+        self.processes[self.processes.index(old)] = new
+        new.wait_ready(self.readyz, what="kube-apiserver to become ready again", timeout=timeout)
+
+    def _apiserver(self) -> ManagedProcess:
+        return next(p for p in self.processes if p.name == "kube-apiserver")
+
 
 class KubectlError(subprocess.CalledProcessError):
     """kubectl failed; `str()` shows the command, exit code, stdout and stderr."""
@@ -176,9 +210,17 @@ def apiserver_args(
     pki: ControlPlanePki,
     token_file: Path,
     cert_dir: Path,
+    audit_policy: Path | None = None,
+    audit_log: Path | None = None,
 ) -> list[str]:
-    """kube-apiserver flags for a loopback test server with RBAC and static tokens."""
+    """kube-apiserver flags for a loopback test server with RBAC and static tokens (and an audit log if given)."""
+    audit = (
+        [f"--audit-policy-file={audit_policy}", f"--audit-log-path={audit_log}", "--audit-log-format=json"]
+        if audit_policy and audit_log
+        else []
+    )
     return [
+        *audit,
         f"--etcd-servers={etcd_url}",
         "--bind-address=127.0.0.1",
         "--advertise-address=127.0.0.1",
@@ -292,6 +334,9 @@ def start_cluster(
     token_file = work_dir / "tokens.csv"
     token_file.write_text(token_auth_file([admin, restricted, kcm_user, sched_user]))
     token_file.chmod(0o600)
+    audit_policy = work_dir / "audit-policy.yaml"
+    audit_policy.write_text(AUDIT_POLICY)
+    audit_log = log_dir / AUDIT_LOG_NAME
     try:
         etcd.wait_ready(timeout)
     finally:
@@ -307,6 +352,8 @@ def start_cluster(
                 pki=pki,
                 token_file=token_file,
                 cert_dir=work_dir / "apiserver-certs",
+                audit_policy=audit_policy,
+                audit_log=audit_log,
             ),
         ],
         lambda port: _readyz(f"https://127.0.0.1:{port}", admin.token),
@@ -329,6 +376,7 @@ def start_cluster(
         pki=pki,
         etcd=etcd,
         processes=procs,
+        audit_log=audit_log,
     )
 
     kcm_config = write_kubeconfig(work_dir / "kcm.kubeconfig", server, pki.ca_cert, kcm_user.token, user=kcm_user.name)

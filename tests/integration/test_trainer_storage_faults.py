@@ -29,6 +29,7 @@ from dreambooth_trainer.checkpoint import CheckpointStore
 from dreambooth_trainer.checkpoint.store import CheckpointUnavailableError
 from dreambooth_trainer.storage import ObjectStore, StorageError
 from tests.infra.faultproxy import FaultProxy
+from tests.infra.reliability import record
 from tests.infra.s3 import S3Server
 from tests.integration.trainer_runs import TrainerRun, put_images, tiny_job
 
@@ -93,6 +94,8 @@ def test_a_run_completes_with_intact_checkpoints_at_ten_percent_faults(
     lora = _direct(s3).read_bytes(f"s3://{bucket}/faulty/lora/pytorch_lora_weights.safetensors")
     assert len(lora) > 0
     print(f"faults injected: {dict(proxy.injected)} of {proxy.requests} requests (seed {proxy.seed})")
+    for kind, count in proxy.injected.items():
+        record(f"storage.{kind}", injected=count, survived=count, dataLost=0, requests=proxy.requests, rate=0.10)
 
 
 def test_truncated_bodies_are_detected_retried_and_never_taken(
@@ -138,6 +141,8 @@ def test_truncated_bodies_are_detected_retried_and_never_taken(
     with pytest.raises(StorageError):  # the listing breaks off too: retryable, nothing skipped
         ckpt.load_latest()
     print(f"faults injected: {dict(proxy.injected)} of {proxy.requests} requests (seed {proxy.seed})")
+    truncated = proxy.injected["truncate"]  # every one detected: never taken for the object
+    record("storage.truncate-detected", injected=truncated, survived=truncated, dataLost=0)
 
 
 def test_an_outage_longer_than_the_retries_fails_the_attempt_and_the_next_resumes(
@@ -167,6 +172,8 @@ def test_an_outage_longer_than_the_retries_fails_the_attempt_and_the_next_resume
     assert [e["step"] for e in third.named("resumed")] == [max(before)]  # never from step 0
     assert third.termination()["steps"] == 40
     assert 40 in _verified_steps(s3, bucket, "outage")
+    reached = max(e["step"] for e in first.named("step"))  # steps past the newest surviving checkpoint: done again
+    record("storage.outage", injected=1, survived=1, stepsRedone=max(0, reached - max(before)), dataLost=0)
     print(f"outage: {proxy.injected['outage']} requests reset (seed {proxy.seed})")
 
 
@@ -186,3 +193,4 @@ def test_sigterm_during_faults_still_checkpoints(
     second = TrainerRun(config, tmp_path / "a1", s3.env(), extra_env={"OMP_NUM_THREADS": "1"}, name="a1")
     assert second.wait(timeout=600) == 0, f"{proxy!r}\n{second._details()}"
     assert [e["step"] for e in second.named("resumed")] == [stopped]
+    record("storage.preemption-during-faults", injected=1, survived=1, stepsRedone=0, dataLost=0)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import urllib3
 
 ApiException = kubernetes.client.ApiException
 
@@ -36,16 +37,22 @@ class Kube:
         content_type: str = "application/json",
         timeout: float = 30,
     ) -> dict[str, Any]:
-        response = self.api.call_api(
-            path,
-            method,
-            query_params=list((query or {}).items()),
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout,
-        )[0]
+        """One request. An API server that cannot be reached (stopped, restarting) raises `ApiException` with
+        status 0, like any other failed request, so that every caller retries it as the kubelet does instead of
+        taking it for a crash (a pod worker that crashes kills its pod's processes)."""
+        try:
+            response = self.api.call_api(
+                path,
+                method,
+                query_params=list((query or {}).items()),
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=timeout,
+            )[0]
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ApiException(status=0, reason=f"{method} {path}: {exc}") from exc
         data = response.data
         return json.loads(data) if data else {}
 
