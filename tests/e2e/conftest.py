@@ -15,6 +15,13 @@ import pytest
 from tests.infra.controlplane import Cluster
 from tests.infra.operator import OperatorProcess, running_operator
 
+RUNS_LAST = "test_rbac_audit.py"  # it reads the audit log of everything the session's operators did
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the RBAC audit comparison to the end of the session (after the integration tests too)."""
+    items.sort(key=lambda item: item.path.name == RUNS_LAST)  # stable: the others keep their order
+
 
 @pytest.fixture
 def op(cluster: Cluster, namespace: str, infra_log_dir: Path, node_agent: Any) -> Iterator[OperatorProcess]:

@@ -199,6 +199,13 @@ def test_rbac_is_least_privilege(chart_crds: Cluster, namespace: str, installed_
         ("watch", "networkpolicies.networking.k8s.io"),
         ("delete", "deployments.apps"),
         ("patch", "events"),
+        ("create", "events.events.k8s.io"),  # kopf posts core/v1 events only
+        # kopf lists and watches what it discovers and its peerings; it never reads one by name.
+        ("get", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("get", "namespaces"),
+        ("get", "kopfpeerings.kopf.dev"),
+        ("get", "clusterkopfpeerings.kopf.dev"),
+        ("get", "inferenceservices.dreambooth.dev"),  # only a DreamBoothJob is read again by name
         ("get", "pods"),
         ("get", "jobs.batch"),
         ("get", "dreamboothjobs.dreambooth.dev", "--subresource=status"),
