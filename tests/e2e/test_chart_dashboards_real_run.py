@@ -1,11 +1,12 @@
-"""End to end: a real Prometheus scrapes the real operator and the trainer pod of a real job (the node agent runs it),
-the way the chart's ServiceMonitor and PodMonitor would (honor_labels; the pod found by its labels and IP), and every
-query of the Fleet and Job dashboards returns data from that run: a job that succeeds, and one made to fail
-(InvalidInput: no photos) for the failure panels.
+"""End to end: a real Prometheus scrapes the real operator and the trainer pods of a real job (the node agent runs
+them), the way the chart's ServiceMonitor and PodMonitor would (honor_labels; each pod found by its labels and IP), and
+every query of the Fleet and Job dashboards returns data from that run: a job that is evicted once after a checkpoint
+(the restart panels), resumes, succeeds and is evaluated on the tiny metric models (the evaluation panels), and one
+made to fail (InvalidInput: no photos) for the failure panels.
 
 Gauges of a trainer are there only while its pod runs, so each query is evaluated at the last moment the trainer was
 seen training, and now (after both jobs ended, for what the operator observes at the end of a job); it passes when
-either answers. The targets that need a run this test does not make are listed in NEEDS_ANOTHER_RUN."""
+either answers. NEEDS_ANOTHER_RUN lists the targets that need a run this test does not make (none now)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client
 
 from tests.chart_queries import exported_metric_names, metric_names, panel_queries, substitute, variable_selectors
 from tests.e2e.test_operator_training import TRAIN_TIMEOUT, credentials_secret, example, phase, upload_images
@@ -26,12 +28,17 @@ from tests.infra.prometheus import PrometheusServer, Sample
 from tests.infra.s3 import S3Server
 
 STEPS = 120
-# (dashboard, panel title, target index) whose data needs a run this test does not make.
-NEEDS_ANOTHER_RUN = {
-    ("fleet", "Restarts by reason, and steps redone", 0): "a restarted job (preemption or a retried failure)",
-    # The operator's evaluation histogram: tests/e2e/test_evaluation_job.py reads it after an evaluated job.
-    ("fleet", "Evaluation scores (mean of the jobs evaluated)", 0): "a job with spec.evaluation",
-    ("job", "Evaluation scores (jobs evaluated in range)", 0): "a job with spec.evaluation",
+# (dashboard, panel title, target index) whose data needs a run this test does not make, each with why.
+NEEDS_ANOTHER_RUN: dict[tuple[str, str, int], str] = {}
+# The cheapest evaluation: one prompt, one image of 2 steps, the tiny DINO and CLIP models, no baseline or judge.
+EVALUATION = {
+    "enabled": True,
+    "prompts": ["a {} on the beach"],
+    "imagesPerPrompt": 1,
+    "numInferenceSteps": 2,
+    "baseline": False,
+    "dinoModel": {"tiny": True},
+    "clipModel": {"tiny": True},
 }
 
 
@@ -59,6 +66,11 @@ def _targets() -> list[tuple[str, str, int, str]]:
         if dashboard in ("fleet", "job"):
             out.append((dashboard, title, index, expr))
     return out
+
+
+def _expr(dashboard: str, title: str) -> str:
+    (expr,) = [e for d, t, _, e in _targets() if (d, t) == (dashboard, title)]
+    return expr
 
 
 def test_fleet_and_job_panels_answer_from_a_real_run(
@@ -90,18 +102,31 @@ def test_fleet_and_job_panels_answer_from_a_real_run(
     upload_images(s3, bucket, "subjects/dog/")
     credentials_secret(cluster, s3, namespace)
     job = example(s3, bucket)
-    job["spec"]["training"]["maxSteps"] = STEPS
+    job["spec"]["training"].update({"maxSteps": STEPS, "checkpoint": {"intervalSteps": 10, "intervalSeconds": None}})
+    job["spec"]["evaluation"] = EVALUATION
     name = job["metadata"]["name"]
     apply(cluster, job, namespace)
 
     selector = f'namespace="{namespace}", job="{name}", rank="0"'
     seen_training: list[float] = []
     scraped_pods: dict[str, str] = {}
+    evicted: list[str] = []
+
+    def evict_once_after_a_checkpoint(dbj: dict[str, Any] | None, pods: list[dict[str, Any]]) -> None:
+        """The restart: the trainer pod evicted (a preemption) once it has a checkpoint; the job resumes from it."""
+        checkpoint = (((dbj or {}).get("status") or {}).get("lastCheckpoint") or {}).get("step") or 0
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if evicted or phase(dbj) != "Running" or checkpoint < 10 or len(running) != 1:
+            return
+        pod = running[0]["metadata"]["name"]
+        with cluster.api_client() as api:
+            eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=namespace))
+            client.CoreV1Api(api).create_namespaced_pod_eviction(pod, namespace, eviction)
+        evicted.append(pod)
 
     def fetch() -> dict[str, Any] | None:
-        for pod in items(
-            cluster, "pods", namespace, f"dreambooth.dev/job-name={name},dreambooth.dev/component=trainer"
-        ):
+        pods = items(cluster, "pods", namespace, f"dreambooth.dev/job-name={name},dreambooth.dev/component=trainer")
+        for pod in pods:
             ip = (pod.get("status") or {}).get("podIP")
             pod_name = pod["metadata"]["name"]
             if ip and pod_name not in scraped_pods:
@@ -122,10 +147,16 @@ def test_fleet_and_job_panels_answer_from_a_real_run(
         )
         if training:
             seen_training.append(time.time())
-        return get(cluster, "dreamboothjob", name, namespace)
+        dbj = get(cluster, "dreamboothjob", name, namespace)
+        evict_once_after_a_checkpoint(dbj, pods)
+        return dbj
 
     dbj = wait_for("Succeeded", fetch, lambda j: phase(j) in ("Succeeded", "Failed"), TRAIN_TIMEOUT, fast_op)
     assert phase(dbj) == "Succeeded", json.dumps(dbj["status"], indent=1)
+    assert evicted, "the trainer was never evicted"
+    assert dbj["status"]["restarts"]["preemptions"] == 1, dbj["status"]["restarts"]
+    assert len(scraped_pods) == 2, scraped_pods  # the evicted pod and its replacement
+    assert set(dbj["status"]["outputs"]["evaluation"]) >= {"dino", "clipI", "clipT"}, dbj["status"]["outputs"]
     assert seen_training, f"Prometheus never saw {name} training (targets {scraped_pods}, {prom.targets()})"
     trained_at = seen_training[-1]
 
@@ -160,8 +191,17 @@ def test_fleet_and_job_panels_answer_from_a_real_run(
         if dashboard in ("fleet", "job"):
             values = _query_at(prom, f"count by ({variable}) ({substitute(query, variables)})", trained_at)
             assert variables[variable] in {s["metric"].get(variable) for s in values}, (dashboard, variable)
-    # And the values are this run's.
+    # And the values are this run's: its steps, its one restart (two trainer processes of rank 0; an eviction is a
+    # preemption), the scores it was evaluated with.
     (steps,) = _query_at(prom, f"max(dreambooth_trainer_total_steps{{{selector}}})", trained_at)
     assert float(steps["value"][1]) == STEPS
+    (restarts,) = _query_at(
+        prom, substitute(_expr("job", "Restarts (trainer processes in range)"), {**ranges, **variables}), None
+    )
+    assert float(restarts["value"][1]) == 1, restarts
+    by_reason = _query_at(prom, "sum by (reason) (dreambooth_operator_restarts_total)", None)
+    assert {s["metric"].get("reason"): float(s["value"][1]) for s in by_reason} == {"preemption": 1.0}, by_reason
+    scores = _query_at(prom, "sum by (metric) (dreambooth_operator_evaluation_score_count)", None)
+    assert {s["metric"]["metric"] for s in scores} >= {"dino", "clipI", "clipT"}, scores
     warnings = _query_at(prom, 'dreambooth_operator_events_total{type="Warning"}', None)
     assert warnings, "the failed job emitted no Warning event"

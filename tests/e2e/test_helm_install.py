@@ -2,9 +2,11 @@
 
 The chart goes in with `helm install` (CRDs, RBAC, ServiceAccount, Deployment, Service, peering, dashboards); the
 node agent runs the operator pod from the chart's own image entrypoint, env and probes, as the chart's ServiceAccount
-with a token from the TokenRequest API mounted where in-cluster config reads it (tests/infra/helm.py). A job applied
-afterwards succeeds; `helm upgrade` with a changed value rolls the operator to a new pod while the job trains, and the
-job keeps its steps; `helm uninstall` removes every object of the release and leaves the CRDs.
+with a token from the TokenRequest API mounted where in-cluster config reads it (tests/infra/helm.py). `helm test`
+runs the chart's test pod. A job applied afterwards succeeds; `helm upgrade` with a changed value rolls the operator to
+a new pod while the job trains, and the job keeps its steps; `helm uninstall` runs the pre-delete hook (the operator
+stopped, its finalizer taken off the job), removes every object of the release and leaves the CRDs and the job, which
+can then be deleted. The README's "Install on a cluster" lines are run exactly as written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from tests.e2e.test_operator_training import ONE_THREAD, credentials_secret, example, phase, upload_images
 from tests.infra.controlplane import Cluster
-from tests.infra.helm import HelmRelease, local_values
+from tests.infra.helm import HelmRelease, InstalledOperator, local_values, operator_pods, readme_helm_lines
 from tests.infra.kubeconfig import write_kubeconfig
 from tests.infra.operator import RESTRICTED, condition, get, items, wait_for
 from tests.infra.s3 import S3Server
@@ -25,16 +27,15 @@ TRAIN_TIMEOUT = 480.0
 STEPS = 60
 CRDS = ("dreamboothjobs.dreambooth.dev", "inferenceservices.dreambooth.dev", "kopfpeerings.kopf.dev")
 # Every kind the chart renders (with its defaults and watchNamespaces), to check that uninstall leaves none.
+# Every kind the chart renders (with its defaults and watchNamespaces, hooks included), to check that uninstall leaves
+# none.
 NAMESPACED_KINDS = (
-    *("deployments.apps", "replicasets.apps", "pods", "serviceaccounts", "services", "configmaps"),
+    *("deployments.apps", "replicasets.apps", "pods", "serviceaccounts", "services", "configmaps", "jobs.batch"),
     *("roles.rbac.authorization.k8s.io", "rolebindings.rbac.authorization.k8s.io", "kopfpeerings.kopf.dev"),
 )
 TRAINERS = "dreambooth.dev/job-name=minimal"
 CLUSTER_KINDS = ("clusterroles.rbac.authorization.k8s.io", "clusterrolebindings.rbac.authorization.k8s.io")
-
-
-def operator_pods(cluster: Cluster, release: HelmRelease) -> list[dict[str, Any]]:
-    return items(cluster, "pods", release.namespace, release.selector)
+FINALIZER = "dreambooth.dev/operator"  # the operator's (kopf's persistence setting); the uninstall hook removes it
 
 
 def ready(pod: dict[str, Any]) -> bool:
@@ -52,6 +53,14 @@ def leftovers(cluster: Cluster, release: HelmRelease, namespaces: list[str]) -> 
 
 def _empty(names: list[str]) -> bool:
     return not names
+
+
+def hook_pod(node_agent: Any, namespace: str, job: str) -> str:
+    """The name of the pod of a hook's Job, from the node agent's records (the pod itself is gone with its Job)."""
+    pods = (Path(node_agent.state_dir) / "pods" / namespace).iterdir()
+    names = [d.name for d in pods if d.name.rsplit("-", 1)[0] == job]
+    assert len(names) == 1, names
+    return str(names[0])
 
 
 def trainer_pod_uids(cluster: Cluster, namespace: str) -> set[str]:
@@ -83,22 +92,31 @@ def test_helm_install_runs_a_job_survives_an_upgrade_and_uninstalls_cleanly(
     # Installed exactly as the README's "Install on a cluster" says (plus the values a machine without pod networks
     # needs, tests/infra/helm.py local_values, and --wait).
     release = HelmRelease.from_readme(cluster.kubeconfig)
+    install, helm_test, uninstall = readme_helm_lines()
+    assert (install[0], helm_test[0], uninstall[0]) == ("install", "test", "uninstall")
     system = release.namespace
     cluster.kubectl("create", "namespace", system)
     for ns in (system, namespace):  # the operator's pod and the trainers' are admitted under Pod Security restricted
         cluster.kubectl("label", "--overwrite", "namespace", ns, *RESTRICTED)
 
-    def operator_log() -> str:
-        pods = operator_pods(cluster, release)
-        logs = [str(node_agent.logs(system, p["metadata"]["name"]))[-4000:] for p in pods]
-        return "\n".join([*logs, node_agent.log_tail()])
+    operator_log = InstalledOperator(cluster, node_agent, release).log_tail
 
     try:
         notes = release.install(local_values(watch=[namespace], reconcile_seconds=2))
         assert f"It watches the namespaces {namespace}" in notes
+        assert f"helm test {release.name} -n {system}" in notes  # the next commands: the test, and the uninstall
+        assert f"Uninstall: helm uninstall {release.name} -n {system}" in notes
         assert release.status()["info"]["status"] == "deployed"
         for crd in CRDS:
             cluster.kubectl("get", "crd", crd)
+        # `helm test`, as the README types it: the chart's test pod reads the operator's /healthz and /metrics
+        # through its Service and finds dreambooth.dev served (files/hooks/operator_up.py); it is deleted on success.
+        release.test(*helm_test)
+        (test_hook,) = [h for h in release.status()["hooks"] if h["events"] == ["test"] and h["kind"] == "Job"]
+        assert test_hook["last_run"]["phase"] == "Succeeded", test_hook
+        test_log = node_agent.logs(system, hook_pod(node_agent, system, test_hook["name"]))
+        assert "ok: operator pod dreambooth-operator-" in test_log, test_log
+        assert "ok: dreambooth.dev/v1alpha1 serves ['dreamboothjobs', 'inferenceservices']" in test_log, test_log
 
         # The operator pod: the chart's container, run from the operator image's entrypoint by the node agent.
         (pod,) = wait_for("the operator pod Ready", lambda: operator_pods(cluster, release), lambda p: len(p) == 1)
@@ -175,21 +193,42 @@ def test_helm_install_runs_a_job_survives_an_upgrade_and_uninstalls_cleanly(
         new_log = node_agent.logs(system, new["metadata"]["name"])
         assert "minimal" in new_log, new_log[-3000:]  # the new operator handled the job (verbose logs name it)
 
-        # Uninstall: no object of the release is left; the CRDs (and the user's job) stay, as Helm leaves them.
+        # A job the release still handles when it goes: queued for a LocalQueue that no Kueue serves, it stays Queued
+        # (its batch Job suspended, no pod) and holds the operator's finalizer (kopf drops it from finished jobs).
+        parked = example(s3, bucket)
+        parked["metadata"]["name"] = "parked"
+        parked["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "no-kueue-here"}
+        parked["spec"]["output"]["uri"] = f"s3://{bucket}/models/parked/"
+        parked["spec"]["runPolicy"] = {"preflight": False}
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(parked))
+        wait_for(
+            "parked Queued, with the operator's finalizer",
+            lambda: get(cluster, "dreamboothjob", "parked", namespace),
+            lambda j: phase(j) == "Queued" and FINALIZER in (j["metadata"].get("finalizers") or []),
+            60,
+        )
+
+        # Uninstall, as the README types it: the pre-delete hook stops the operator and takes its finalizer off the
+        # parked job; then no object of the release is left; the CRDs and the user's jobs stay, and can be deleted.
         assert leftovers(cluster, release, [system, namespace])  # (the check below can see them)
-        release.uninstall()
+        release.helm(*uninstall, "--wait", "--timeout=180s", timeout=240)
         # helm deletes the Deployment with background propagation: its ReplicaSet and pod go a moment later.
         wait_for("no object of the release", lambda: leftovers(cluster, release, [system, namespace]), _empty, 120)
         for crd in CRDS:
             cluster.kubectl("get", "crd", crd)
-        assert get(cluster, "dreamboothjob", "minimal", namespace) is not None
+        assert phase(get(cluster, "dreamboothjob", "minimal", namespace)) == "Succeeded"
+        kept = get(cluster, "dreamboothjob", "parked", namespace) or {}
+        assert FINALIZER not in (kept["metadata"].get("finalizers") or []), kept["metadata"]
+        assert phase(kept) == "Queued"  # untouched otherwise
+        hook_log = node_agent.logs(system, hook_pod(node_agent, system, f"{release.fullname}-uninstall"))
+        assert f"dreamboothjobs/parked in {namespace}: finalizer {FINALIZER} removed" in hook_log, hook_log
+        assert "nothing deleted" in hook_log, hook_log
         assert release.name not in cluster.kubectl("get", "secrets", "-n", system, "-o", "name").stdout
-        # The pod's token was bound to the pod: with the pod gone, the API server rejects it.
-        assert whoami(cluster, new_token, tmp_path) is None
+        # The pod's token was bound to the pod: with the pod gone, the API server rejects it (once its cache of
+        # recent authentications, 10 s, no longer holds the operator's last request).
+        wait_for("the token rejected", lambda: whoami(cluster, new_token, tmp_path) is None, bool, 30)
+        # With no operator and no finalizer, the jobs go at once (a finalizer left behind would hold them forever).
+        cluster.kubectl("delete", "dreamboothjob", "minimal", "parked", "-n", namespace, "--wait=true", "--timeout=30s")
     finally:
-        release.helm("uninstall", release.name, "-n", system, "--ignore-not-found")
-        # kopf's finalizer stays on the job once its operator is gone (as in any cluster): drop it, or the test
-        # namespace could never be deleted.
-        finalizers = ["patch", "dreamboothjob", "minimal", "-n", namespace, "--type=merge"]
-        cluster.kubectl(*finalizers, "-p", '{"metadata":{"finalizers":null}}', check=False)
+        release.helm("uninstall", release.name, "-n", system, "--ignore-not-found", "--no-hooks")
         cluster.kubectl("delete", "namespace", system, "--wait=false", check=False)

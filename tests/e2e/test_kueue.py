@@ -1,11 +1,15 @@
 """End to end with the real Kueue (tests/infra/kueue.py): DreamBoothJobs with the `kueue.x-k8s.io/queue-name` label
 are queued, admitted and preempted by Kueue's controller manager, built from its Go module, with the objects of
-examples/kueue/ applied as they are (only the cluster-scoped ClusterQueue is renamed per test).
+examples/kueue/ applied as they are (only the cluster-scoped ClusterQueue is renamed per test). The operator is the
+chart's: `helm install` into the test's namespace, its Deployment's pod run by the node agent as the chart's
+ServiceAccount (tests/infra/helm.py `installed_operator`), and `helm uninstall` after each test.
 
 - three 1-GPU jobs on a 2-GPU ClusterQueue: two run, the third is Queued (no pod) until one finishes;
 - an urgent job (WorkloadPriorityClass) preempts a running batch one, which checkpoints on its way out, is Queued
   again, is readmitted when the urgent one is done and resumes with no step redone;
-- a 2-node job is admitted as one unit: no rank runs while only one GPU is free, both run once two are.
+- a 2-node job is admitted as one unit: no rank runs while only one GPU is free, both run once two are; then an
+  urgent job preempts it as one unit (both ranks stopped together, one checkpoint), and once readmitted both ranks
+  resume from it with no step redone.
 
 Kueue is started once for this module and stopped after it: a running Kueue manages every queue-labelled batch
 Job of the cluster, so it would fight test_operator_suspend.py, which admits such a Job by hand.
@@ -14,7 +18,7 @@ Job of the cluster, so it would fight test_operator_suspend.py, which admits suc
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,8 +28,10 @@ import yaml
 
 from tests.e2e.test_operator_training import credentials_secret, example, phase, upload_images
 from tests.infra.controlplane import Cluster
+from tests.infra.helm import InstalledOperator, installed_operator
 from tests.infra.kueue import Kueue, running_kueue
-from tests.infra.operator import OperatorProcess, apply, condition, get, items, wait_for
+from tests.infra.operator import apply, condition, get, items
+from tests.infra.operator import wait_for as wait_for_value
 from tests.infra.paths import ROOT
 from tests.infra.processes import NotReadyError, wait_until
 from tests.infra.s3 import S3Server
@@ -36,6 +42,7 @@ PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 TIMEOUT = 600.0
 TRAINER = "dreambooth.dev/component=trainer"
 ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}]
+GANG_STEPS = 30
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +50,23 @@ def kueue(cluster: Cluster, infra_work_dir: Path, infra_log_dir: Path) -> Iterat
     with running_kueue(cluster, infra_work_dir / "kueue", infra_log_dir) as running:
         print(f"kueue {running.version} ready in {running.started_in_s}s")  # the start-up figure, in the -s output
         yield running
+
+
+@pytest.fixture
+def op(cluster: Cluster, namespace: str, node_agent: Any) -> Iterator[InstalledOperator]:
+    """The chart's operator in this test's namespace; a 30 s grace period for trainer pods, as the harness gives."""
+    with installed_operator(cluster, node_agent, namespace, "--set=trainer.terminationGraceSeconds=30") as operator:
+        yield operator
+
+
+def wait_for(
+    what: str, fetch: Callable[[], Any], predicate: Callable[[Any], bool], timeout: float, op: InstalledOperator
+) -> Any:
+    """tests/infra/operator.py's wait_for, with the chart operator's log in the error."""
+    try:
+        return wait_for_value(what, fetch, predicate, timeout)
+    except NotReadyError as err:
+        raise AssertionError(f"{err}\n{op.log_tail()}") from err
 
 
 def _docs(name: str) -> list[dict[str, Any]]:
@@ -113,6 +137,13 @@ def live_pods(cluster: Cluster, namespace: str, name: str | None = None) -> list
     ]
 
 
+def unfinished_pods(cluster: Cluster, namespace: str, batch_job: str) -> list[dict[str, Any]]:
+    """The pods of a batch Job whose containers have not exited, Terminating ones too (a preempted trainer logs
+    `preempted` only once its checkpoint is written, after its pod was marked for deletion)."""
+    pods = items(cluster, "pods", namespace, f"job-name={batch_job}")
+    return [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed")]
+
+
 def workload_of(kueue: Kueue, namespace: str, batch_job: str) -> dict[str, Any]:
     """The Workload Kueue made for a batch Job (owned by it)."""
     workloads = kueue.workloads(namespace)
@@ -133,26 +164,25 @@ def trainer_events(node_agent: Any, namespace: str, pod: str, event: str) -> lis
 
 
 def wait_all_finished(
-    cluster: Cluster, namespace: str, names: list[str], op: OperatorProcess, node_agent: Any, timeout: float = TIMEOUT
+    cluster: Cluster, namespace: str, names: list[str], op: InstalledOperator, node_agent: Any, timeout: float = TIMEOUT
 ) -> dict[str, dict[str, Any]]:
     try:
         return dict(
-            wait_for(
+            wait_for_value(
                 f"{names} finished",
                 lambda: jobs(cluster, namespace),
                 lambda js: all(phase(js.get(n)) in ("Succeeded", "Failed") for n in names),
                 timeout,
-                op,
             )
         )
     except NotReadyError as err:
         pods = items(cluster, "pods", namespace, "dreambooth.dev/job-name")
         logs = {p["metadata"]["name"]: node_agent.logs(namespace, p["metadata"]["name"])[-1500:] for p in pods}
-        raise AssertionError(f"{err}\n{json.dumps(logs, indent=1)}") from err
+        raise AssertionError(f"{err}\n{json.dumps(logs, indent=1)}\n{op.log_tail()}") from err
 
 
 def test_kueue_admits_two_of_three_jobs_on_a_two_gpu_queue(
-    cluster: Cluster, namespace: str, s3: S3Server, kueue: Kueue, op: OperatorProcess, node_agent: Any
+    cluster: Cluster, namespace: str, s3: S3Server, kueue: Kueue, op: InstalledOperator, node_agent: Any
 ) -> None:
     install_queues(cluster, kueue, namespace)
     bucket = staged_bucket(cluster, s3, namespace)
@@ -203,7 +233,7 @@ def test_kueue_admits_two_of_three_jobs_on_a_two_gpu_queue(
 
 
 def test_kueue_preempts_a_batch_job_for_an_urgent_one_which_resumes_without_redoing_steps(
-    cluster: Cluster, namespace: str, s3: S3Server, kueue: Kueue, op: OperatorProcess, node_agent: Any
+    cluster: Cluster, namespace: str, s3: S3Server, kueue: Kueue, op: InstalledOperator, node_agent: Any
 ) -> None:
     install_queues(cluster, kueue, namespace)
     bucket = staged_bucket(cluster, s3, namespace)
@@ -244,9 +274,9 @@ def test_kueue_preempts_a_batch_job_for_an_urgent_one_which_resumes_without_redo
     assert evicted_cond.get("reason") == "Preempted", wl["status"]
     # The operator's side: queued again, not failed, its pod gone after a checkpoint.
     requeued = wait_for(
-        "the victim queued again",
+        "the victim queued again, its pod stopped",
         lambda: get(cluster, "dreamboothjob", victim, namespace),
-        lambda j: phase(j) == "Queued" and not live_pods(cluster, namespace, victim),
+        lambda j: phase(j) == "Queued" and not unfinished_pods(cluster, namespace, f"{victim}-a0"),
         120,
         op,
     )
@@ -280,8 +310,8 @@ def test_kueue_preempts_a_batch_job_for_an_urgent_one_which_resumes_without_redo
     assert [e["step"] for e in resumed] == [stopped_step]
 
 
-def test_kueue_admits_a_two_node_job_as_one_unit(
-    cluster: Cluster, namespace: str, s3: S3Server, kueue: Kueue, op: OperatorProcess, node_agent: Any
+def test_kueue_admits_and_preempts_a_two_node_job_as_one_unit(
+    cluster: Cluster, namespace: str, s3: S3Server, kueue: Kueue, op: InstalledOperator, node_agent: Any
 ) -> None:
     install_queues(cluster, kueue, namespace)
     bucket = staged_bucket(cluster, s3, namespace)
@@ -289,7 +319,8 @@ def test_kueue_admits_a_two_node_job_as_one_unit(
     apply(cluster, queued_job(s3, bucket, "single", steps=2000, checkpoint_every=1000), namespace)
     wait_for("single Running", lambda: get(cluster, "dreamboothjob", "single", namespace),
              lambda j: phase(j) == "Running", TIMEOUT, op)  # fmt: skip
-    gang = queued_job(s3, bucket, "gang", steps=10)
+    # No periodic checkpoint: the gang can only resume from the one it writes when Kueue stops it.
+    gang = queued_job(s3, bucket, "gang", steps=GANG_STEPS, checkpoint_every=1000)
     gang["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 1}
     gang["spec"]["output"]["checkpointUri"] = f"s3://{bucket}/checkpoints/gang/"
     apply(cluster, gang, namespace)
@@ -315,17 +346,61 @@ def test_kueue_admits_a_two_node_job_as_one_unit(
     freed = datetime.now(UTC).replace(microsecond=0)
     cluster.kubectl("delete", "dreamboothjob", "single", "-n", namespace, "--wait=true", "--timeout=120s")
     wait_for("both ranks", lambda: live_pods(cluster, namespace, "gang"), lambda pods: len(pods) == 2, 180, op)
-
-    done = wait_all_finished(cluster, namespace, ["gang"], op, node_agent)
-    assert phase(done["gang"]) == "Succeeded", done["gang"]["status"]
-    # Admitted as one unit: one assignment for both ranks, two GPUs, after "single" gave its GPU back.
-    wl = workload_of(kueue, namespace, "gang-a0")
-    (assignment,) = wl["status"]["admission"]["podSetAssignments"]
-    assert assignment["count"] == 2, assignment
-    assert assignment["resourceUsage"]["nvidia.com/gpu"] == "2", assignment
     gang_job = get(cluster, "job.batch", "gang-a0", namespace) or {}
     assert parse_time(gang_job["status"]["startTime"]) >= freed, gang_job["status"]
+    wl = workload_of(kueue, namespace, "gang-a0")
+    (assignment,) = wl["status"]["admission"]["podSetAssignments"]
+    assert assignment["count"] == 2, assignment  # one assignment for both ranks: two GPUs, after "single" gave one back
+    assert assignment["resourceUsage"]["nvidia.com/gpu"] == "2", assignment
+
+    # An urgent 1-GPU job preempts the gang as one unit: Kueue evicts its Workload, the batch Job is suspended and
+    # both ranks stop together (rank 0 writes the checkpoint on its way out); it waits Queued, no rank running.
+    wait_for("the gang training (step >= 3)", lambda: get(cluster, "dreamboothjob", "gang", namespace),
+             lambda j: ((j["status"].get("progress") or {}).get("step") or 0) >= 3, TIMEOUT, op)  # fmt: skip
+    rank0 = next(
+        p["metadata"]["name"]
+        for p in live_pods(cluster, namespace, "gang")
+        if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "0"
+    )
+    urgent = queued_job(s3, bucket, "urgent", steps=10, priority="dreambooth-urgent")
+    urgent["spec"]["runPolicy"] = {"preflight": False}  # straight to Kueue (the gang has trained long enough)
+    apply(cluster, urgent, namespace)
+    requeued = wait_for(
+        "the gang queued again, both ranks stopped and gone",
+        lambda: get(cluster, "dreamboothjob", "gang", namespace),
+        lambda j: phase(j) == "Queued" and not unfinished_pods(cluster, namespace, "gang-a0"),
+        120,
+        op,
+    )
+    assert requeued["status"]["reason"] == "Preempted", requeued["status"]
+    assert requeued["status"]["restarts"]["preemptions"] == 1, requeued["status"]
+    evicted = condition(workload_of(kueue, namespace, "gang-a0"), "Evicted") or {}
+    assert evicted.get("reason") == "Preempted", evicted
+    stopped = trainer_events(node_agent, namespace, rank0, "preempted")
+    assert stopped, node_agent.logs(namespace, rank0)[-2000:]
+    stopped_step = stopped[0]["step"]
+    assert 3 <= stopped_step < GANG_STEPS
+
+    done = wait_all_finished(cluster, namespace, ["gang", "urgent"], op, node_agent)
+    assert {n: phase(done[n]) for n in ("gang", "urgent")} == {"gang": "Succeeded", "urgent": "Succeeded"}, done
+    status = done["gang"]["status"]
+    assert status["progressText"] == f"{GANG_STEPS}/{GANG_STEPS}"
+    assert status["progress"]["stepsRedone"] == 0, status["progress"]
+    assert status["restarts"] == {"preemptions": 1, "failures": 0, "total": 1}, status["restarts"]
+    assert status.get("attempt", 0) == 0  # the same batch Job, suspended and resumed by Kueue
+    # Readmitted as one unit once the urgent job gave its GPU back: two new ranks (indexes 0 and 1) that started
+    # after it finished, rank 0 resuming from the step the gang stopped at.
+    urgent_done = parse_time((get(cluster, "job.batch", "urgent-a0", namespace) or {})["status"]["completionTime"])
     pods = items(cluster, "pods", namespace, f"{TRAINER},dreambooth.dev/job-name=gang")
-    assert sorted(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
-    assert done["gang"]["status"]["restarts"]["total"] == 0, done["gang"]["status"]
-    assert done["gang"]["status"].get("attempt", 0) == 0
+    second = [p for p in pods if parse_time(p["metadata"]["creationTimestamp"]) >= urgent_done]
+    indexes = sorted(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] for p in second)
+    assert indexes == ["0", "1"], [(p["metadata"]["name"], p["metadata"]["creationTimestamp"]) for p in pods]
+    (resumed_rank0,) = [
+        p["metadata"]["name"]
+        for p in second
+        if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "0"
+    ]
+    resumed = trainer_events(node_agent, namespace, resumed_rank0, "resumed")
+    assert [e["step"] for e in resumed] == [stopped_step]
+    wl = workload_of(kueue, namespace, "gang-a0")
+    assert wl["status"]["admission"]["podSetAssignments"][0]["count"] == 2, wl["status"]

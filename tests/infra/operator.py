@@ -85,7 +85,12 @@ class ChartIdentity:
             timeout=60,
         )
         assert rendered.returncode == 0, rendered.stderr
-        objects = [d for d in yaml.safe_load_all(rendered.stdout) if d and d.get("kind") in RBAC_KINDS]
+        # The operator's own objects: not the hooks' (helm test, uninstall), which Helm creates only while they run.
+        objects = [
+            d
+            for d in yaml.safe_load_all(rendered.stdout)
+            if d and d.get("kind") in RBAC_KINDS and "helm.sh/hook" not in d["metadata"].get("annotations", {})
+        ]
         cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
         account = next(d for d in objects if d["kind"] == "ServiceAccount")["metadata"]["name"]
         token = cluster.kubectl("create", "token", account, "-n", home, "--duration=4h").stdout.strip()

@@ -41,11 +41,15 @@ requests the operator and kopf make (tests/integration/test_chart.py checks them
 "update" (PUT) except on finalizers: the operator and kopf only get, list, watch, create, patch (merge patches and
 server-side apply) and delete. */}}
 {{- define "dbo.namespacedRules" -}}
-# The custom resources: watch them (kopf lists and watches), read one again when the watch lags behind the
-# operator's own status write (get), write kopf's annotations, finalizer and the counted-preemptions annotation.
+# The custom resources: watch them (kopf lists and watches), write kopf's annotations, finalizer and the
+# counted-preemptions annotation; read a DreamBoothJob again when the watch lags behind the operator's own status
+# write (get: an InferenceService is never read by name).
 - apiGroups: [dreambooth.dev]
-  resources: [dreamboothjobs, inferenceservices]
+  resources: [dreamboothjobs]
   verbs: [get, list, watch, patch]
+- apiGroups: [dreambooth.dev]
+  resources: [inferenceservices]
+  verbs: [list, watch, patch]
 - apiGroups: [dreambooth.dev]
   resources: [dreamboothjobs/status, inferenceservices/status]
   verbs: [patch]
@@ -80,8 +84,38 @@ server-side apply) and delete. */}}
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch, delete]
-# kopf posts events (it never patches one).
-- apiGroups: ["", events.k8s.io]
+# kopf posts core/v1 events (it never patches one, and never uses events.k8s.io).
+- apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- end -}}
+
+{{/* Labels of the hooks' objects (helm test, uninstall): the release's, without app.kubernetes.io/name, so that a
+hook's pod never matches the operator Deployment's or Service's selector. The argument is (list $ "component"). */}}
+{{- define "dbo.hookLabels" -}}
+{{- $ := index . 0 -}}
+helm.sh/chart: {{ printf "%s-%s" $.Chart.Name $.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/instance: {{ $.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+app.kubernetes.io/version: {{ $.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $.Release.Service }}
+app.kubernetes.io/part-of: dreambooth
+{{- end -}}
+
+{{/* The hooks' pod spec fields, the same values as the operator's pod: pull secrets, placement, Pod Security. */}}
+{{- define "dbo.podPlacement" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- end -}}
