@@ -19,7 +19,7 @@ from typing import Annotated, Any, Self
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from dreambooth_api import env
+from dreambooth_api import env, yamlio
 from dreambooth_api.common import Bool, CamelModel, Float, Int, Uri
 from dreambooth_api.evaluation import CaptionMode, EvaluationSpec, VlmSpec, caption_mode
 
@@ -420,7 +420,7 @@ def _parse(text: str) -> Any:
             return json.loads(text)
         except json.JSONDecodeError:
             pass
-    return yaml.safe_load(text)
+    return yamlio.safe_load(text)
 
 
 def load_job_config(source: str | Path | None = None) -> JobConfig:

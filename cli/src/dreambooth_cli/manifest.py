@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from dreambooth_api import constants as api
+from dreambooth_api import yamlio
 from dreambooth_cli.errors import InputError
 from dreambooth_cli.openapi import validate
 
@@ -33,7 +34,7 @@ def load_yaml_documents(path: Path) -> list[Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read: {err}") from err
     try:
-        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        return [doc for doc in yamlio.safe_load_all(text) if doc is not None]
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
