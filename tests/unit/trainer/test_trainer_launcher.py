@@ -109,3 +109,53 @@ def test_a_failed_rank_fails_the_pod_with_its_code_and_the_hung_peer_is_killed(t
     _wait_ready(tmp_path, proc, ranks=1)
     assert proc.wait(timeout=60) == 10
     assert not (tmp_path / "checkpointed-0").exists()
+
+
+STUCK_RANK = textwrap.dedent(
+    """
+    import faulthandler, os, signal, sys, time
+    from pathlib import Path
+    from dreambooth_trainer.preemption import STACK_DUMP_SIGNAL
+    out = Path(os.environ["OUT"])
+    rank = os.environ["LOCAL_RANK"]
+    # Each rank's own file (in a pod they share the container's stderr); what the rank registers is the real call.
+    faulthandler.register(STACK_DUMP_SIGNAL, file=open(out / f"stderr-{rank}", "w"), all_threads=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a rank stuck in a collective: its handler never runs
+    (out / f"ready-{rank}").write_text("")
+    def stuck_in_a_collective():
+        time.sleep(120)
+    stuck_in_a_collective()
+    """
+)
+DUMPING_SUPERVISOR = textwrap.dedent(
+    """
+    import os, sys
+    from dreambooth_trainer.distributed import read_env
+    from dreambooth_trainer.launcher import Supervisor, rank_envs
+    dist = read_env()
+    envs = rank_envs(dist, os.environ)
+    sys.exit(Supervisor([[sys.executable, "-c", sys.argv[1]]] * dist.procs_per_node, envs, dump_after=0.5).run())
+    """
+)
+
+
+def test_a_rank_still_running_late_in_the_grace_period_dumps_its_stacks(tmp_path: Path) -> None:
+    import time
+
+    full = {**os.environ, "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "OUT": str(tmp_path)}
+    # Its own process group, so that the stuck ranks go with it at the end.
+    proc = subprocess.Popen([sys.executable, "-c", DUMPING_SUPERVISOR, STUCK_RANK], env=full, start_new_session=True)
+    try:
+        _wait_ready(tmp_path, proc)  # type: ignore[arg-type]
+        os.kill(proc.pid, signal.SIGTERM)  # forwarded; ignored by both ranks
+        dumps = [tmp_path / f"stderr-{rank}" for rank in (0, 1)]
+        deadline = time.monotonic() + 60
+        while not all("in stuck_in_a_collective" in f.read_text() for f in dumps):
+            assert proc.poll() is None, f"supervisor exited {proc.returncode}"
+            assert time.monotonic() < deadline, [f.read_text() for f in dumps]
+            time.sleep(0.05)
+        for f in dumps:  # the main thread's stack, as faulthandler writes it
+            assert "most recent call first" in f.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # as the kubelet does at the end of the grace period, to every process
+        proc.wait(timeout=30)

@@ -8,6 +8,7 @@ goes to the termination message (`TERMINATION_MESSAGE_PATH`) and, when the outpu
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import traceback
@@ -19,7 +20,7 @@ from dreambooth_api.config import ConfigError, JobConfig, load_job_config
 from dreambooth_api.exitcodes import ExitCode, TrainerError
 from dreambooth_trainer.lean_imports import keep_out, unused_packages
 from dreambooth_trainer.logging import log
-from dreambooth_trainer.preemption import Preemption
+from dreambooth_trainer.preemption import STACK_DUMP_SIGNAL, Preemption
 from dreambooth_trainer.result import RunResult, write_termination_message
 
 EXIT_BY_STATUS = {"succeeded": ExitCode.SUCCESS, "preempted": ExitCode.PREEMPTED}
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_trainer.launcher import supervise
 
         return supervise(sys.argv[1:] if argv is None else argv, read_env(), is_main=is_main)
+    # A rank's stacks on demand (the launcher asks when a rank outlives most of a preemption's grace period).
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
     config: JobConfig | None = None
     with Preemption() as preemption:
         try:

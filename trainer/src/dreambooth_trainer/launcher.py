@@ -12,6 +12,9 @@ instead (as torchrun's agent is):
 - it forwards SIGTERM and SIGINT to every child, so each rank's preemption handler runs;
 - a child that exits 0 or 12 is left to finish with the others; after any other exit the rest get
   `FAILURE_GRACE_SECONDS` to stop on their own (a peer's failure breaks their collectives) and are then killed;
+- a rank still running `dump_after` seconds after a forwarded SIGTERM (near the end of the grace period: a rank
+  stuck in a collective never reaches its preemption handler) gets `STACK_DUMP_SIGNAL`, on which each rank's
+  faulthandler writes every thread's stack to the pod log, so a hang that ends in SIGKILL leaves its cause behind;
 - its exit code is the first failure's (a death by signal counts as retryable, 11), else 12 if any rank was
   preempted, else 0 (`overall_exit`); when the ranks left no termination message it writes one.
 """
@@ -31,6 +34,7 @@ from types import FrameType
 from dreambooth_api.exitcodes import ExitCode
 from dreambooth_trainer.distributed import DistEnv
 from dreambooth_trainer.logging import log
+from dreambooth_trainer.preemption import EXIT_MARGIN_SECONDS, STACK_DUMP_SIGNAL, grace_seconds
 from dreambooth_trainer.result import (
     DEFAULT_TERMINATION_PATH,
     TERMINATION_ENV,
@@ -94,13 +98,19 @@ class Supervisor:
     commands: Sequence[Sequence[str]]
     envs: Sequence[Mapping[str, str]]
     failure_grace: float = FAILURE_GRACE_SECONDS
+    dump_after: float | None = None
+    """Seconds after a forwarded SIGTERM at which ranks still running get STACK_DUMP_SIGNAL (None: never)."""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     exits: list[tuple[int, int]] = field(default_factory=list)
     """(local rank, exit status) in the order the ranks exited."""
     _pending_signal: int | None = None
+    _signalled_at: float | None = None
+    _dumped: bool = False
 
     def _forward(self, signum: int, _frame: FrameType | None) -> None:
         self._pending_signal = signum
+        if self._signalled_at is None:
+            self._signalled_at = time.monotonic()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
@@ -132,6 +142,7 @@ class Supervisor:
         failed_at: float | None = None
         while len(self.exits) < len(self.procs):
             self._reap()
+            self._dump_stacks_when_late()
             if failed_at is None and any(normalise(code) not in CLEAN for _, code in self.exits):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > self.failure_grace:
@@ -146,12 +157,25 @@ class Supervisor:
                 time.sleep(POLL_SECONDS)
         return overall_exit([code for _, code in self.exits])
 
+    def _dump_stacks_when_late(self) -> None:
+        if self._dumped or self.dump_after is None or self._signalled_at is None:
+            return
+        if time.monotonic() - self._signalled_at < self.dump_after:
+            return
+        self._dumped = True
+        late = [rank for rank, proc in enumerate(self.procs) if proc.poll() is None]
+        if late:
+            log.warning("rank_stacks_dumped", localRanks=late, secondsSinceSignal=round(self.dump_after, 1))
+            for rank in late:
+                self.procs[rank].send_signal(STACK_DUMP_SIGNAL)
+
 
 def supervise(argv: Sequence[str], dist: DistEnv, *, is_main: bool) -> int:
     """Run one `dreambooth-train` child per local rank (same arguments) and return the pod's exit code."""
     command = [sys.executable, "-m", "dreambooth_trainer.cli", *argv]
     log.info("launching_local_ranks", procsPerNode=dist.procs_per_node, nodeRank=dist.node_rank)
-    supervisor = Supervisor([command] * dist.procs_per_node, rank_envs(dist, os.environ))
+    dump_after = max(grace_seconds() - EXIT_MARGIN_SECONDS - 2.0, 1.0)
+    supervisor = Supervisor([command] * dist.procs_per_node, rank_envs(dist, os.environ), dump_after=dump_after)
     code = supervisor.run()
     message_path = Path(os.environ.get(TERMINATION_ENV) or DEFAULT_TERMINATION_PATH)
     wrote_nothing = not message_path.is_file() or message_path.stat().st_size == 0

@@ -22,6 +22,9 @@ from dreambooth_api import env
 DEFAULT_GRACE_SECONDS = 25.0
 # Time kept back from the grace period for writing the result and exiting.
 EXIT_MARGIN_SECONDS = 3.0
+# Registered by every rank (cli.main) with faulthandler: dump all threads' stacks to stderr, even while the main
+# thread is blocked in C (a Python-level handler would never run there). SIGUSR1 is left to Lightning's SLURM hook.
+STACK_DUMP_SIGNAL = signal.SIGUSR2
 
 
 def grace_seconds() -> float:
