@@ -164,6 +164,21 @@ def container_resources(cpu: Any, memory: Any, gpu_resource: str, gpus: int) -> 
     return {"requests": requests, "limits": dict(requests)} if requests else {}
 
 
+def pod_metadata(spec: DreamBoothJobSpec, labels: Mapping[str, str]) -> dict[str, Any]:
+    """A child pod's metadata: the user's podTemplate labels and annotations, with `labels` (ours) over theirs."""
+    overrides = spec.pod_template
+    metadata: dict[str, Any] = {"labels": {**(overrides.labels if overrides and overrides.labels else {}), **labels}}
+    if overrides and overrides.annotations:
+        metadata["annotations"] = dict(overrides.annotations)
+    return metadata
+
+
+def trainer_image(spec: DreamBoothJobSpec, settings: OperatorSettings) -> str:
+    """The podTemplate's image, else the operator's trainer image."""
+    overrides = spec.pod_template
+    return overrides.image if overrides and overrides.image else settings.trainer_image
+
+
 def _resources(spec: DreamBoothJobSpec, settings: OperatorSettings) -> dict[str, Any]:
     res = spec.resources
     gpu_resource = res.gpu_resource_name or settings.gpu_resource_name
@@ -236,16 +251,12 @@ def build_pod_template(
     """The training pod of one attempt (every rank; the rank comes from the completion index)."""
     name = _name(job)
     overrides = spec.pod_template
-    labels = {**(overrides.labels if overrides and overrides.labels else {})}
-    labels.update({**child_labels(job), LABEL_ATTEMPT: str(attempt)})
-    metadata: dict[str, Any] = {"labels": labels}
-    if overrides and overrides.annotations:
-        metadata["annotations"] = dict(overrides.annotations)
+    metadata = pod_metadata(spec, {**child_labels(job), LABEL_ATTEMPT: str(attempt)})
     cache_volumes, cache_mounts, _ = model_cache(settings)
     shm_volume, shm_mount = shared_memory_volume(spec.resources.shared_memory)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": (overrides.image if overrides and overrides.image else settings.trainer_image),
+        "image": trainer_image(spec, settings),
         "command": list(settings.trainer_command),
         "env": _env(job, spec, attempt, settings),
         "ports": [

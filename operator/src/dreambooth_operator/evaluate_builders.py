@@ -29,8 +29,10 @@ from dreambooth_operator.builders import (
     is_queued_by_kueue,
     model_cache,
     parse_spec,
+    pod_metadata,
     pod_security_context,
     shared_memory_volume,
+    trainer_image,
 )
 from dreambooth_operator.layout import CONTAINER_NAME
 from dreambooth_operator.preflight_builders import DISTRIBUTED_ENV
@@ -50,16 +52,12 @@ def evaluation_env(job: Mapping[str, Any], settings: OperatorSettings) -> list[A
 def build_evaluation_pod_template(job: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
     spec = parse_spec(job)
     overrides = spec.pod_template
-    labels = {**(overrides.labels if overrides and overrides.labels else {})}
-    labels.update(child_labels(job, Component.EVALUATION))
-    metadata: dict[str, Any] = {"labels": labels}
-    if overrides and overrides.annotations:
-        metadata["annotations"] = dict(overrides.annotations)
+    metadata = pod_metadata(spec, child_labels(job, Component.EVALUATION))
     cache_volumes, cache_mounts, _ = model_cache(settings)
     shm_volume, shm_mount = shared_memory_volume(spec.resources.shared_memory)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": (overrides.image if overrides and overrides.image else settings.trainer_image),
+        "image": trainer_image(spec, settings),
         "command": list(settings.trainer_command),
         "args": [EVALUATE_FLAG],
         "env": evaluation_env(job, settings),

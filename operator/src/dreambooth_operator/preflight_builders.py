@@ -24,8 +24,10 @@ from dreambooth_operator.builders import (
     child_labels,
     invalid_input_rules,
     parse_spec,
+    pod_metadata,
     pod_security_context,
     pod_spec_hash,
+    trainer_image,
 )
 from dreambooth_operator.layout import CONTAINER_NAME, RESERVED_ENV
 from dreambooth_operator.settings import OperatorSettings
@@ -62,14 +64,10 @@ def preflight_env(job: Mapping[str, Any], settings: OperatorSettings) -> list[An
 def build_preflight_pod_template(job: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
     spec = parse_spec(job)
     overrides = spec.pod_template
-    labels = {**(overrides.labels if overrides and overrides.labels else {})}
-    labels.update(child_labels(job, Component.PREFLIGHT))
-    metadata: dict[str, Any] = {"labels": labels}
-    if overrides and overrides.annotations:
-        metadata["annotations"] = dict(overrides.annotations)
+    metadata = pod_metadata(spec, child_labels(job, Component.PREFLIGHT))
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": (overrides.image if overrides and overrides.image else settings.trainer_image),
+        "image": trainer_image(spec, settings),
         "command": list(settings.trainer_command),
         "args": [PREFLIGHT_FLAG],
         "env": preflight_env(job, settings),
