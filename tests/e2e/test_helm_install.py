@@ -21,6 +21,7 @@ from tests.infra.controlplane import Cluster
 from tests.infra.helm import HelmRelease, InstalledOperator, local_values, operator_pods, readme_helm_lines
 from tests.infra.kubeconfig import write_kubeconfig
 from tests.infra.operator import RESTRICTED, condition, get, items, wait_for
+from tests.infra.processes import wait_until
 from tests.infra.s3 import S3Server
 
 TRAIN_TIMEOUT = 480.0
@@ -169,13 +170,20 @@ def test_helm_install_runs_a_job_survives_an_upgrade_and_uninstalls_cleanly(
         (new,) = wait_for("one new operator pod", lambda: operator_pods(cluster, release), lambda p: len(p) == 1)
         assert new["metadata"]["name"] != name
         assert ready(new)
+        mid = fetch()
+        assert phase(mid) == "Running", f"the job was not in flight across the upgrade: {mid}"
         env = {e["name"]: e.get("value") for e in new["spec"]["containers"][0]["env"]}
         assert env["DREAMBOOTH_OPERATOR_VERBOSE"] == "true"
         assert release.status()["version"] == 2
-        assert whoami(cluster, token, tmp_path) is None  # the first pod is gone, and with it its token
+        # The first pod is gone, and with it its bound token: the API server refuses it once its cache of
+        # successful authentications (10 s) lets go of it.
+        wait_until(
+            lambda: whoami(cluster, token, tmp_path) is None,
+            what="the first pod's token to be refused",
+            timeout=60,
+            interval=1.0,
+        )
         new_token = pod_token(node_agent, new)
-        mid = fetch()
-        assert phase(mid) == "Running", f"the job was not in flight across the upgrade: {mid}"
 
         done = wait_for("the job finished", fetch, lambda j: phase(j) in ("Succeeded", "Failed"), TRAIN_TIMEOUT)
         status = done["status"]
