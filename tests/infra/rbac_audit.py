@@ -51,6 +51,10 @@ def used_permissions(lines: Iterable[str], user: Callable[[str], bool] = is_oper
             continue
         resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
         used.add(Permission(event["verb"], ref.get("apiGroup", ""), resource))
+        if event["verb"] == "patch" and (event.get("responseStatus") or {}).get("code") == 201:
+            # A server-side apply that created the object (201): the API server authorizes it as a create too, and
+            # the audit log records only the patch (the operator creates its children this way).
+            used.add(Permission("create", ref.get("apiGroup", ""), resource))
     return used
 
 

@@ -68,3 +68,20 @@ def test_granted_permissions_come_from_roles_bound_to_the_account() -> None:
         for group in ("", "apps", "batch")
         for resource in ("pods", "deployments/scale")
     }
+
+
+def test_an_apply_that_created_the_object_counts_as_a_create_too() -> None:
+    """The API server authorizes a server-side apply that creates an object as a create as well (patch.go's
+    create authorizer attributes), but the audit log records only the patch; its response code tells them apart."""
+    created = json.loads(_event(OPERATOR, "patch", "configmaps"))
+    created["responseStatus"] = {"code": 201}
+    updated = json.loads(_event(OPERATOR, "patch", "services"))
+    updated["responseStatus"] = {"code": 200}
+    refused = json.loads(_event(OPERATOR, "patch", "deployments", "apps"))
+    refused["responseStatus"] = {"code": 409}
+    assert used_permissions([json.dumps(e) for e in (created, updated, refused)]) == {
+        Permission("patch", "", "configmaps"),
+        Permission("create", "", "configmaps"),
+        Permission("patch", "", "services"),
+        Permission("patch", "apps", "deployments"),
+    }
