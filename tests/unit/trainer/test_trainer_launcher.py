@@ -159,3 +159,56 @@ def test_a_rank_still_running_late_in_the_grace_period_dumps_its_stacks(tmp_path
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # as the kubelet does at the end of the grace period, to every process
         proc.wait(timeout=30)
+
+
+TEARING_DOWN_RANK = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    out = Path(os.environ["OUT"])
+    rank = os.environ["LOCAL_RANK"]
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    (out / f"ready-{rank}").write_text("")
+    while not stop:
+        time.sleep(0.05)
+    # Preempted and done, but slow to leave (the interpreter's teardown): no stack-dump handler any more.
+    time.sleep(2.0)
+    sys.exit(12)
+    """
+)
+
+
+def test_the_stack_dump_signal_does_not_kill_a_rank_without_the_handler(tmp_path: Path) -> None:
+    """A rank past its result has no faulthandler any more; the late-rank dump must leave it to exit 12 (SIGUSR2
+    killed it: the pod exited 11, a failure, instead of 12)."""
+    full = {**os.environ, "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "OUT": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", DUMPING_SUPERVISOR, TEARING_DOWN_RANK], env=full, text=True)
+    _wait_ready(tmp_path, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 12
+
+
+EXITING_NOW = textwrap.dedent(
+    """
+    import atexit, sys
+    from dreambooth_trainer.cli import exit_now
+
+    class TornDown:
+        def __del__(self):
+            print("torn down", flush=True)
+
+    kept = TornDown()  # a module global: only the interpreter's teardown would delete it
+    atexit.register(lambda: print("atexit ran", flush=True))
+    sys.stdout.write("result written")  # unflushed: exit_now flushes it
+    exit_now(12)
+    """
+)
+
+
+def test_exit_now_runs_atexit_and_flushes_but_skips_the_teardown() -> None:
+    done = subprocess.run([sys.executable, "-c", EXITING_NOW], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 12, done.stderr
+    assert "result written" in done.stdout
+    assert "atexit ran" in done.stdout
+    assert "torn down" not in done.stdout

@@ -23,8 +23,10 @@ DEFAULT_GRACE_SECONDS = 25.0
 # Time kept back from the grace period for writing the result and exiting.
 EXIT_MARGIN_SECONDS = 3.0
 # Registered by every rank (cli.main) with faulthandler: dump all threads' stacks to stderr, even while the main
-# thread is blocked in C (a Python-level handler would never run there). SIGUSR1 is left to Lightning's SLURM hook.
-STACK_DUMP_SIGNAL = signal.SIGUSR2
+# thread is blocked in C (a Python-level handler would never run there). A signal whose default action is to be
+# ignored: a rank without the handler (still importing, or past its result and tearing down, when faulthandler is
+# gone) must not die of it. SIGUSR2 did kill such a rank (exit -12, the pod failed instead of preempted).
+STACK_DUMP_SIGNAL = signal.SIGURG
 
 
 def grace_seconds() -> float:
