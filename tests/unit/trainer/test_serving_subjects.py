@@ -127,3 +127,24 @@ def test_a_subject_whose_weights_are_gone_is_404(server: Server, root: Path) -> 
         client(server).images.generate(prompt=PROMPT, model="erin", size="32x32")
     assert "no LoRA weights" in caught.value.message
     assert generate(server, "alice", 1).shape == (32, 32, 3)  # the server goes on
+
+
+def test_a_subject_whose_weights_do_not_load_is_500_until_they_are_fixed(server: Server, root: Path) -> None:
+    """A failed load forgets the download: once the weights in storage are good again, the next request downloads
+    and serves them (the failed folder was reused before, and the subject failed until the pod restarted)."""
+    server.engine.max_delay = 0.0
+    good = lora_subject(root, 3)
+    stored = root / "frank"
+    shutil.copytree(good, stored)
+    (weights,) = stored.glob("*.safetensors")
+    weights.write_bytes(b"not a safetensors file")
+    subjects = root / "subjects.json"
+    staged = root / "subjects.json.new"
+    staged.write_text(json.dumps({**json.loads(subjects.read_text()), "frank": stored.as_uri()}))
+    staged.replace(subjects)
+    for _ in range(2):  # the same answer again: nothing half-loaded stays behind
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(server, timeout=120).images.generate(prompt=PROMPT, model="frank", size="32x32")
+        assert "adapter_load_failed" in str(caught.value.body), caught.value.body
+    shutil.copyfile(next(good.glob("*.safetensors")), weights)
+    assert generate(server, "frank", 1).shape == (32, 32, 3)

@@ -174,6 +174,8 @@ class AdapterCache:
             pipe.load_lora_weights(str(folder), adapter_name=subject.name)
         except Exception as err:
             self._forget(subject.name, folder)
+            with self._lock:  # the folder is gone: the next request downloads again (the weights may be fixed)
+                self._downloads.pop(subject, None)
             raise SubjectLoadError(subject, err) from err
         size = adapter_bytes(pipe, subject.name)
         with self._lock:
