@@ -1,0 +1,73 @@
+"""tests/infra/podmonitor.py: the chart's PodMonitor, translated as the Prometheus Operator does, is a scrape config
+Prometheus accepts; label selectors become its keep/drop rules; a field the translation does not know is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.infra.podmonitor import chart_pod_monitor, pod_monitor_scrape_configs, selector_relabelings
+from tests.infra.prometheus import prometheus_config, run_promtool
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_charts_pod_monitor_becomes_a_config_promtool_accepts(tmp_path: Path) -> None:
+    monitor = chart_pod_monitor()
+    configs = pod_monitor_scrape_configs(monitor, tmp_path / "targets.json")
+    assert [c["job_name"] for c in configs] == [
+        f"podMonitor/{monitor['metadata']['namespace']}/{monitor['metadata']['name']}/{i}"
+        for i in range(len(monitor["spec"]["podMetricsEndpoints"]))
+    ]
+    for config, endpoint in zip(configs, monitor["spec"]["podMetricsEndpoints"], strict=True):
+        assert config["honor_labels"] is bool(endpoint.get("honorLabels", False))
+        targets = {r.get("target_label") for r in config["relabel_configs"]}
+        assert {"namespace", "pod", "container", "job", "endpoint"} <= targets
+    path = tmp_path / "prometheus.yml"
+    path.write_text(
+        json.dumps(
+            prometheus_config(scrape_configs=configs, rule_files=[], scrape_interval="1s", evaluation_interval="1s")
+        )
+    )
+    checked = run_promtool("check", "config", path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_label_selectors_become_keep_and_drop_rules() -> None:
+    rules = selector_relabelings(
+        {
+            "matchLabels": {"app.kubernetes.io/part-of": "dreambooth"},
+            "matchExpressions": [
+                {"key": "dreambooth.dev/component", "operator": "In", "values": ["trainer", "server"]},
+                {"key": "skip", "operator": "DoesNotExist"},
+            ],
+        }
+    )
+    assert rules == [
+        {
+            "action": "keep",
+            "source_labels": [
+                "__meta_kubernetes_pod_label_app_kubernetes_io_part_of",
+                "__meta_kubernetes_pod_labelpresent_app_kubernetes_io_part_of",
+            ],
+            "regex": "(dreambooth);true",
+        },
+        {
+            "action": "keep",
+            "source_labels": [
+                "__meta_kubernetes_pod_label_dreambooth_dev_component",
+                "__meta_kubernetes_pod_labelpresent_dreambooth_dev_component",
+            ],
+            "regex": "(trainer|server);true",
+        },
+        {"action": "drop", "source_labels": ["__meta_kubernetes_pod_labelpresent_skip"], "regex": "true"},
+    ]
+
+
+def test_a_field_the_translation_does_not_know_is_refused(tmp_path: Path) -> None:
+    monitor = chart_pod_monitor()
+    monitor["spec"]["podMetricsEndpoints"][0]["relabelings"] = [{"action": "drop"}]
+    with pytest.raises(AssertionError, match="relabelings"):
+        pod_monitor_scrape_configs(monitor, tmp_path / "targets.json")
