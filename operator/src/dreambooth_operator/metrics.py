@@ -20,6 +20,26 @@ GPU_SECONDS_BUCKETS: Final = (60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, 14
 SCORE_BUCKETS: Final = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 
+# The label values of the labelled counters and histograms, created at zero when the operator starts. A child born
+# at its first event has no earlier sample, so Prometheus's increase() and rate() never count that event: after each
+# operator start the first failure, preemption or score would be missing from the dashboards and alerts (a real run
+# showed increase() of 3 for 4 failures and 0 for 1 preemption).
+JOB_PHASES: Final = ("Pending", "Queued", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
+FINAL_PHASES: Final = ("Succeeded", "Failed")
+RESTART_REASONS: Final = ("preemption", "failure")
+POLL_RESULTS: Final = ("ok", "error")
+SCORE_METRICS: Final = (
+    "dino",
+    "clipI",
+    "clipT",
+    "baseDino",
+    "baseClipI",
+    "baseClipT",
+    "conceptPreservation",
+    "promptFollowing",
+)
+
+
 class OperatorMetrics:
     """All metrics of one operator process (a fresh registry each, so tests can run several)."""
 
@@ -97,6 +117,17 @@ class OperatorMetrics:
             registry=r,
         )
         self._phases: dict[tuple[str, str], str] = {}
+        for known in JOB_PHASES:
+            self.jobs.labels(phase=known).set(0)
+        for reason in RESTART_REASONS:
+            self.restarts.labels(reason=reason)
+        for final in FINAL_PHASES:
+            self.job_duration.labels(phase=final)
+            self.job_gpu_seconds.labels(phase=final)
+        for metric in SCORE_METRICS:
+            self.evaluation_score.labels(metric=metric)
+        for result in POLL_RESULTS:
+            self.progress_polls.labels(result=result)
 
     def set_phase(self, namespace: str, name: str, phase: str | None) -> None:
         """Record a job's phase (None forgets the job) and refresh the jobs-by-phase gauge."""
@@ -106,7 +137,7 @@ class OperatorMetrics:
         else:
             self._phases[key] = phase
         counts = Tally(self._phases.values())
-        for known in ("Pending", "Queued", "Initializing", "Running", "Succeeded", "Failed", "Suspended"):
+        for known in JOB_PHASES:
             self.jobs.labels(phase=known).set(counts.get(known, 0))
 
     def observe_evaluation(self, scores: Mapping[str, float] | None) -> None:
