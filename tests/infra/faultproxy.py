@@ -13,8 +13,10 @@ injects one fault of `kinds`:
 - `truncate`: the response's head (with its real Content-Length), half its body, then a reset; a response
   without a body (a PUT's) is lost whole, after the server acted on the request.
 
-`down = True` is an outage: every request is reset until it is False again. `injected` counts the faults by
-kind, `requests` every request seen.
+`down = True` is an outage: every request is reset until it is False again. `deny_writes_under` ("/bucket/prefix")
+answers every write (PUT, POST, DELETE) whose path starts with it `403 AccessDenied`, which botocore does not retry:
+a bucket policy that denies a prefix (counted as `denied`). `injected` counts the faults by kind, `requests` every
+request seen.
 
 Bounded: loopback only, at most `max_connections` client connections at once (the others wait to be accepted), a
 request head of at most 64 KiB, bodies of at most `max_body` bytes (413 beyond), and every read from the client
@@ -157,6 +159,8 @@ class FaultProxy:
     timeout: float = 60.0
     down: bool = False
     """An outage: every request is reset while True."""
+    deny_writes_under: str | None = None
+    """A path prefix ("/bucket/key-prefix") under which every write is refused with 403 AccessDenied."""
     injected: Counter[str] = field(default_factory=Counter)
     requests: int = 0
     port: int = 0
@@ -257,6 +261,17 @@ class FaultProxy:
             self.down = False
 
     # ----- one request ------------------------------------------------------------------------------------
+    def _denied(self, request: _Message) -> bool:
+        if self.deny_writes_under is None:
+            return False
+        method, target = request.first.split(b" ")[:2]
+        if method.upper() not in (b"PUT", b"POST", b"DELETE") or not target.startswith(self.deny_writes_under.encode()):
+            return False
+        with self._lock:
+            self.requests += 1
+            self.injected["denied"] += 1
+        return True
+
     def _draw(self) -> str | None:
         with self._lock:
             self.requests += 1
@@ -301,6 +316,10 @@ class FaultProxy:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await writer.drain()
         await _read_body(reader, request, self.max_body, self.timeout, response=False)
+        if self._denied(request):
+            writer.write(_error(403, "Forbidden", "AccessDenied", "writes under this prefix are denied"))
+            await writer.drain()
+            return True
         kind = self._draw()
         if kind in ("reset", "outage"):
             raise _ResetError

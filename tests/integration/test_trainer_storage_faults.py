@@ -194,3 +194,22 @@ def test_sigterm_during_faults_still_checkpoints(
     assert second.wait(timeout=600) == 0, f"{proxy!r}\n{second._details()}"
     assert [e["step"] for e in second.named("resumed")] == [stopped]
     record("storage.preemption-during-faults", injected=1, survived=1, stepsRedone=0, dataLost=0)
+
+
+def test_denied_writes_under_a_prefix_are_refused_and_not_retried(s3: S3Server, bucket: str, aws: None) -> None:
+    """The proxy's bucket policy: writes under the prefix get 403 AccessDenied at once (botocore does not retry it),
+    reads there and writes elsewhere pass."""
+    from botocore.exceptions import ClientError
+
+    with FaultProxy(s3.endpoint, seed=SEED, deny_writes_under=f"/{bucket}/locked/") as proxy:
+        client = s3.client()
+        client.put_object(Bucket=bucket, Key="locked/seed", Body=b"before")  # directly, not through the proxy
+        through = _through(proxy, s3)
+        with pytest.raises(ClientError) as denied:
+            through.s3.put_object(Bucket=bucket, Key="locked/new", Body=b"x")
+        assert denied.value.response["Error"]["Code"] == "AccessDenied"
+        assert proxy.injected["denied"] == 1  # one attempt: not retried
+        assert through.s3.get_object(Bucket=bucket, Key="locked/seed")["Body"].read() == b"before"
+        through.s3.put_object(Bucket=bucket, Key="open/new", Body=b"y")
+        assert client.get_object(Bucket=bucket, Key="open/new")["Body"].read() == b"y"
+        assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="locked/new")
