@@ -4,7 +4,10 @@ An alert watches hours (`[1h]`, `[6h]`) and waits minutes (`for: 15m`); an e2e r
 real run that each alert's metric names, labels, joins and arithmetic match what the operator, the trainers and the
 sampling servers export, the e2e tests load the chart's own rules into the run's Prometheus with:
 
-- `for` dropped (promtool's unit tests, promtool/alerts_test.yaml, check every `for` and threshold);
+- `for` dropped (promtool's unit tests, promtool/alerts_test.yaml, check every `for` and threshold), or shortened as
+  `holds` says (one mapping for the whole file, like `ranges`): a short window alone makes a stall or an absence hold
+  for a moment where the chart's `for` would wait (a step that takes a second longer than usual), so a run that
+  asserts an alert never fired for a healthy job keeps a short `for` and asks `fired(..., state="firing")`;
 - each range window replaced as `ranges` says (one mapping for the whole file, so every alert is shortened alike);
 - the thresholds a short run cannot reach (ten preemptions, twenty seconds of latency) replaced, each replacement
   named with its reason by the caller; each must match the expression exactly once.
@@ -49,8 +52,10 @@ def short_run_rules(
     alerts: Collection[str],
     ranges: Mapping[str, str],
     thresholds: Mapping[str, Mapping[str, str]] | None = None,
+    holds: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A rules document with the chart's `alerts` (by name; each must exist), shortened (see the module docstring)."""
+    """A rules document with the chart's `alerts` (by name; each must exist), shortened (see the module docstring):
+    each `for` dropped, or replaced by `holds[for]` when `holds` is given (a `for` missing from it is an error)."""
     rules = {rule["alert"]: rule for rule in alert_rules()}
     unknown = set(alerts) - set(rules)
     if unknown:
@@ -62,6 +67,11 @@ def short_run_rules(
     out = []
     for name in alerts:
         rule = {k: v for k, v in rules[name].items() if k != "for"}
+        if holds is not None and "for" in rules[name]:
+            wait = rules[name]["for"]
+            if wait not in holds:
+                raise KeyError(f"no short `for` for {wait!r} of {name}")
+            rule = {**rule, "for": holds[wait]}
         rule["expr"] = shorten(rule["expr"], ranges, thresholds.get(name, {}))
         out.append(rule)
     return {"groups": [{"name": "dreambooth-operator-short-run", "interval": "1s", "rules": out}]}
@@ -72,12 +82,21 @@ def write_short_run_rules(
     alerts: Collection[str],
     ranges: Mapping[str, str],
     thresholds: Mapping[str, Mapping[str, str]] | None = None,
+    holds: Mapping[str, str] | None = None,
 ) -> Path:
-    path.write_text(yaml.safe_dump(short_run_rules(alerts, ranges, thresholds), sort_keys=False))
+    path.write_text(yaml.safe_dump(short_run_rules(alerts, ranges, thresholds, holds), sort_keys=False))
     return path
 
 
-def fired(prom: Any, alert: str, within: str = "1h") -> dict[str, str] | None:
-    """The labels of one `ALERTS` sample of `alert` (pending or firing) in the last `within`, else None."""
-    result = prom.query(f'max_over_time(ALERTS{{alertname="{alert}"}}[{within}])')
-    return dict(result[0]["metric"]) if result else None
+def fired(prom: Any, alert: str, within: str = "1h", state: str | None = None) -> dict[str, str] | None:
+    """The labels of one `ALERTS` sample of `alert` (pending or firing; only `state` if given) in the last `within`,
+    else None."""
+    return next(iter(fired_all(prom, alert, within, state)), None)
+
+
+def fired_all(prom: Any, alert: str, within: str = "1h", state: str | None = None) -> list[dict[str, str]]:
+    """The labels of every `ALERTS` series of `alert` (pending or firing; only `state` if given) in the last
+    `within`: one per label set the alert held for (a job, a namespace)."""
+    selector = f'alertname="{alert}"' + (f', alertstate="{state}"' if state else "")
+    result = prom.query(f"max_over_time(ALERTS{{{selector}}}[{within}])")
+    return [dict(sample["metric"]) for sample in result]

@@ -54,3 +54,12 @@ def test_unknown_alerts_and_stray_thresholds_are_refused() -> None:
         short_run_rules(["NoSuchAlert"], RANGES)
     with pytest.raises(KeyError, match="DreamBoothOperatorDown"):
         short_run_rules(["DreamBoothJobsFailing"], RANGES, {"DreamBoothOperatorDown": {"5m": "1m"}})
+
+
+def test_holds_shorten_every_for_and_refuse_a_missing_one() -> None:
+    holds = {"5m": "2s", "10m": "3s", "15m": "4s", "30m": "5s"}
+    (group,) = short_run_rules([rule["alert"] for rule in alert_rules()], RANGES, holds=holds)["groups"]
+    waits = {r["alert"]: r.get("for") for r in group["rules"]}
+    assert waits == {r["alert"]: holds[r["for"]] if "for" in r else None for r in alert_rules()}
+    with pytest.raises(KeyError, match="DreamBoothJobsFailing"):
+        short_run_rules(["DreamBoothJobsFailing"], RANGES, holds={"10m": "3s"})
