@@ -1,7 +1,8 @@
 """End to end: a real Prometheus scrapes the real operator and the trainer pods of real jobs (the node agent runs
-them), the way the chart's ServiceMonitor and PodMonitor would (honor_labels; each pod found by its labels and IP),
-and loads the chart's own training and operator alerts (files/alerts.yaml, shortened by tests/alert_rules.py). One
-run proves two things:
+them): the pods through the chart's own PodMonitor, translated as the Prometheus Operator does
+(tests/infra/podmonitor.py: its selector, ports, honorLabels and the namespace/pod labels), the operator (a process
+here, not a pod) by a static target with honor_labels, as its ServiceMonitor would; and it loads the chart's own
+training and operator alerts (files/alerts.yaml, shortened by tests/alert_rules.py). One run proves two things:
 
 1. every query of the Fleet and Job dashboards returns data from the run;
 2. each training and operator alert fires because of something the run really did, and names the job that did it.
@@ -60,6 +61,7 @@ from tests.infra.controlplane import Cluster
 from tests.infra.faultproxy import FaultProxy
 from tests.infra.fixtures import PrometheusFactory
 from tests.infra.operator import OperatorProcess, apply, running_operator, wait_for
+from tests.infra.podmonitor import chart_pod_monitor, pod_monitor_scrape_configs, write_targets
 from tests.infra.prometheus import PrometheusServer, Sample
 from tests.infra.s3 import S3Server
 
@@ -207,8 +209,10 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
     tmp_path: Path,
 ) -> None:
     rules = write_short_run_rules(tmp_path / "alerts.yaml", ALERTS, RANGES, THRESHOLDS, HOLDS)
-    # The trainer pods' targets, written as the pods appear (what the PodMonitor's pod discovery does).
-    targets_file = tmp_path / "trainer-targets.json"
+    # The trainer pods through the chart's own PodMonitor, translated as the Prometheus Operator does
+    # (tests/infra/podmonitor.py); their targets written as the pods appear (what its pod discovery does).
+    monitor = chart_pod_monitor()
+    targets_file = tmp_path / "pod-targets.json"
     targets_file.write_text("[]")
     prom = prometheus(
         scrape_configs=[
@@ -217,11 +221,7 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
                 "honor_labels": True,
                 "static_configs": [{"targets": [f"127.0.0.1:{fast_op.metrics_port}"]}],
             },
-            {
-                "job_name": "workloads",
-                "honor_labels": True,
-                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
-            },
+            *pod_monitor_scrape_configs(monitor, targets_file),
         ],
         rule_files=[rules],
     )
@@ -271,21 +271,13 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
 
         def scrape_new_pods(pods: list[dict[str, Any]]) -> None:
-            for pod in pods:
-                ip = (pod.get("status") or {}).get("podIP")
-                pod_name = pod["metadata"]["name"]
-                if ip and pod_name not in scraped_pods:
-                    container = pod["spec"]["containers"][0]
-                    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
-                    scraped_pods[pod_name] = f"{ip}:{port}"
-                    targets_file.write_text(
-                        json.dumps(
-                            [
-                                {"targets": [target], "labels": {"namespace": namespace, "pod": scraped}}
-                                for scraped, target in scraped_pods.items()
-                            ]
-                        )
-                    )
+            """Discovery: the targets file follows the pods (a new IP, a phase change, a pod gone)."""
+            status = {p["metadata"]["name"]: p.get("status") or {} for p in pods}
+            now = {name: f"{st.get('podIP')} {st.get('phase')}" for name, st in status.items() if st.get("podIP")}
+            if now != scraped_pods:
+                scraped_pods.clear()
+                scraped_pods.update(now)
+                write_targets(pods, monitor, targets_file)
 
         def evict_after_checkpoints(dbj: dict[str, Any] | None, pods: list[dict[str, Any]]) -> None:
             """The restarts: the trainer pod evicted (a preemption) once it has a checkpoint (a newer one each time);

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +111,11 @@ def pod_monitor_scrape_configs(monitor: Mapping[str, Any], targets_file: Path) -
     return configs
 
 
-def pod_targets(cluster: Cluster, namespace_selector: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """What kubernetes_sd's pod role discovers: one target per container port of every pod with an IP (in the
-    namespaces the PodMonitor's namespaceSelector names, or all), with the `__meta_kubernetes_*` labels it sets."""
+def discovered(pods: Sequence[Mapping[str, Any]], namespace_selector: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What kubernetes_sd's pod role discovers among `pods` (as the API returns them): one target per container port
+    of every pod with an IP (in the namespaces the PodMonitor's namespaceSelector names, or all), with the
+    `__meta_kubernetes_*` labels it sets."""
     names = None if namespace_selector.get("any") else set(namespace_selector.get("matchNames") or [])
-    pods = json.loads(cluster.kubectl("get", "pods", "--all-namespaces", "-o", "json").stdout)["items"]
     groups: list[dict[str, Any]] = []
     for pod in pods:
         meta, status = pod["metadata"], pod.get("status") or {}
@@ -152,8 +152,14 @@ def pod_targets(cluster: Cluster, namespace_selector: Mapping[str, Any]) -> list
     return groups
 
 
-def write_pod_targets(cluster: Cluster, monitor: Mapping[str, Any], targets_file: Path) -> None:
-    """The pods as discovery sees them now, for file_sd (written whole, then renamed: never read half-written)."""
+def write_targets(pods: Sequence[Mapping[str, Any]], monitor: Mapping[str, Any], targets_file: Path) -> None:
+    """`pods` as discovery sees them, for file_sd (written whole, then renamed: never read half-written)."""
     tmp = targets_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(pod_targets(cluster, monitor["spec"].get("namespaceSelector") or {})))
+    tmp.write_text(json.dumps(discovered(pods, monitor["spec"].get("namespaceSelector") or {})))
     tmp.replace(targets_file)
+
+
+def write_pod_targets(cluster: Cluster, monitor: Mapping[str, Any], targets_file: Path) -> None:
+    """Every pod of the cluster now, as discovery sees it, for file_sd."""
+    pods = json.loads(cluster.kubectl("get", "pods", "--all-namespaces", "-o", "json").stdout)["items"]
+    write_targets(pods, monitor, targets_file)

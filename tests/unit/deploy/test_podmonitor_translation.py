@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.podmonitor import chart_pod_monitor, pod_monitor_scrape_configs, selector_relabelings
+from tests.infra.podmonitor import chart_pod_monitor, discovered, pod_monitor_scrape_configs, selector_relabelings
 from tests.infra.prometheus import prometheus_config, run_promtool
 
 pytestmark = pytest.mark.unit
@@ -71,3 +71,30 @@ def test_a_field_the_translation_does_not_know_is_refused(tmp_path: Path) -> Non
     monitor["spec"]["podMetricsEndpoints"][0]["relabelings"] = [{"action": "drop"}]
     with pytest.raises(AssertionError, match="relabelings"):
         pod_monitor_scrape_configs(monitor, tmp_path / "targets.json")
+
+
+METRICS_PORT = {"name": "metrics", "containerPort": 9}
+
+
+def test_discovery_gives_each_port_of_each_pod_with_an_ip_its_meta_labels() -> None:
+    def pod(name: str, namespace: str, ip: str | None) -> dict[str, object]:
+        return {
+            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "labels": {"a.b/c": "x"}},
+            "spec": {
+                "nodeName": "n",
+                "containers": [{"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9}]}],
+            },
+            "status": {"podIP": ip, "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+
+    pods = [pod("a", "team", "10.0.0.1"), pod("b", "team", None), pod("c", "other", "10.0.0.3")]
+    (group,) = discovered(pods, {"matchNames": ["team"]})
+    assert group["targets"] == ["10.0.0.1:9"]
+    labels = group["labels"]
+    assert labels["__meta_kubernetes_namespace"] == "team"
+    assert labels["__meta_kubernetes_pod_name"] == "a"
+    assert labels["__meta_kubernetes_pod_label_a_b_c"] == "x"
+    assert labels["__meta_kubernetes_pod_labelpresent_a_b_c"] == "true"
+    assert labels["__meta_kubernetes_pod_container_port_name"] == "metrics"
+    assert labels["__meta_kubernetes_pod_ready"] == "true"
+    assert len(discovered(pods, {"any": True})) == 2
