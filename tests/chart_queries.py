@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Mapping
 from functools import cache
@@ -76,6 +77,19 @@ def helm_path() -> str:
     helm = shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")
     assert Path(helm).exists(), "helm is missing: make binaries"
     return helm
+
+
+def render_chart(*sets: str, release: str = "dbo", namespace: str = "ops") -> list[dict[str, Any]]:
+    """`helm template` of the chart with `sets` (`--set=...` flags): its non-empty documents."""
+    result = subprocess.run(
+        [helm_path(), "template", release, str(CHART), "--namespace", namespace, *sets],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
 def dashboard(name: str) -> dict[str, Any]:

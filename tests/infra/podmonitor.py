@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tests.chart_queries import CHART, helm_path
+from tests.chart_queries import render_chart
 from tests.infra.controlplane import Cluster
 
 # The chart as installed with its PodMonitor on; the interval is the chart's own value, at 1 s for a short run.
@@ -29,15 +26,9 @@ MONITOR_VALUES = ("--set=metrics.trainerPodMonitor.enabled=true", "--set=metrics
 
 def chart_pod_monitor() -> dict[str, Any]:
     """The chart's PodMonitor for training and serving pods (templates/monitors.yaml), rendered by helm."""
-    rendered = subprocess.run(
-        [helm_path(), "template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, *MONITOR_VALUES],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    (monitor,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "PodMonitor"]
-    return dict(monitor)
+    rendered = render_chart(*MONITOR_VALUES, release=RELEASE, namespace=RELEASE_NAMESPACE)
+    (monitor,) = [d for d in rendered if d["kind"] == "PodMonitor"]
+    return monitor
 
 
 PORT_META = "__meta_kubernetes_pod_container_port"

@@ -5,13 +5,12 @@ runbook_url that points at its entry in docs/runbook.md (what it means, how to c
 from __future__ import annotations
 
 import re
-import subprocess
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.chart_queries import CHART, ROOT, alert_rules, helm_path
+from tests.chart_queries import CHART, ROOT, alert_rules, render_chart
 from tests.infra.prometheus import run_promtool
 
 RULES = alert_rules()
@@ -88,20 +87,7 @@ def test_the_runbook_has_no_entry_without_an_alert() -> None:
 
 
 def test_the_prometheus_rule_object_is_the_alert_file() -> None:
-    out = subprocess.run(
-        [
-            helm_path(),
-            "template",
-            "dbo",
-            str(CHART),
-            "--set=prometheusRule.enabled=true",
-            "--set=prometheusRule.labels.release=kps",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    (rule,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "PrometheusRule"]
+    rendered = render_chart("--set=prometheusRule.enabled=true", "--set=prometheusRule.labels.release=kps")
+    (rule,) = [d for d in rendered if d["kind"] == "PrometheusRule"]
     assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
     assert rule["metadata"]["labels"]["release"] == "kps"

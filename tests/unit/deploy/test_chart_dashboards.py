@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.chart_queries import CHART, DASHBOARD_NAMES, ROOT, build_module, dashboard, helm_path, panels
+from tests.chart_queries import CHART, DASHBOARD_NAMES, ROOT, build_module, dashboard, helm_path, panels, render_chart
 
 BUILD = build_module()
 
@@ -145,15 +144,7 @@ def test_inference_dashboard_covers_its_views() -> None:
 
 
 def _render(*sets: str) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [helm_path(), "template", "dbo", str(CHART), "--namespace", "ops", *sets],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return [d for d in yaml.safe_load_all(result.stdout) if d]
+    return render_chart(*sets)
 
 
 def test_each_dashboard_ships_as_a_configmap_for_the_grafana_sidecar() -> None:
