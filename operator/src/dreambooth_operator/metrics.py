@@ -9,6 +9,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from dreambooth_api.constants import JobPhase
+
 # Buckets for minutes-to-hours durations (time to Running and job duration).
 DURATION_BUCKETS: Final = (5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400)
 
@@ -24,8 +26,8 @@ SCORE_BUCKETS: Final = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 
 # at its first event has no earlier sample, so Prometheus's increase() and rate() never count that event: after each
 # operator start the first failure, preemption or score would be missing from the dashboards and alerts (a real run
 # showed increase() of 3 for 4 failures and 0 for 1 preemption).
-JOB_PHASES: Final = ("Pending", "Queued", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
-FINAL_PHASES: Final = ("Succeeded", "Failed")
+JOB_PHASES: Final = tuple(phase.value for phase in JobPhase)
+FINAL_PHASES: Final = (JobPhase.SUCCEEDED.value, JobPhase.FAILED.value)
 RESTART_REASONS: Final = ("preemption", "failure")
 POLL_RESULTS: Final = ("ok", "error")
 SCORE_METRICS: Final = (

@@ -43,7 +43,6 @@ class Preemption:
     def __init__(self, grace: float | None = None, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.grace = grace_seconds() if grace is None else grace
         self._signals = signals
-        self._requested = False
         self._received_at: float | None = None
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
@@ -51,12 +50,12 @@ class Preemption:
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         # Runs between two bytecodes of the main thread, and again inside itself when another signal comes meanwhile
         # (Python handlers nest): a rank gets the container's SIGTERM and, microseconds later, the supervisor's
-        # forwarded copy. So it only assigns attributes. It used to set a threading.Event, whose lock a nested call
-        # then waited for forever while its own outer call held it: the multi-rank pod that hung until SIGKILL.
+        # forwarded copy. So it only assigns attributes (`requested` is `_received_at` set). It used to set a
+        # threading.Event, whose lock a nested call then waited for forever while its own outer call held it: the
+        # multi-rank pod that hung until SIGKILL.
         if self._received_at is None:
             self._received_at = time.monotonic()
             self.signal_name = signal.Signals(signum).name
-        self._requested = True
 
     def install(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
@@ -80,11 +79,10 @@ class Preemption:
         if self._received_at is None:
             self._received_at = time.monotonic()
             self.signal_name = name
-        self._requested = True
 
     @property
     def requested(self) -> bool:
-        return self._requested
+        return self._received_at is not None
 
     def deadline(self) -> float:
         """The monotonic time by which the checkpoint upload must be done (now + grace when not requested)."""
