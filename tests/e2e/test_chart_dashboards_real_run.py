@@ -267,6 +267,7 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
     stopped_pids: list[int] = []
     stopped_at_step: list[float] = []
     stuck_alone: list[float] = []
+    stall_misses: list[str] = []
     with cluster.api_client() as api:
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
 
@@ -299,17 +300,24 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
             evicted.append(pod)
 
         def stall_after_a_failed_checkpoint(pods: list[dict[str, Any]]) -> None:
-            """Once a checkpoint upload of `stalled` failed, SIGSTOP its rank-1 process: rank 0 waits for it."""
-            if stopped_pids or not _value(
-                prom, f"dreambooth_trainer_checkpoint_upload_failures_total{{{stalled_selector}}}"
+            """Once a checkpoint upload of the running `stalled` pod failed, SIGSTOP its rank-1 process: rank 0
+            waits for it."""
+            running = [p["metadata"]["name"] for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+            if stopped_pids or len(running) != 1:
+                return  # not yet, or the listing lags: at the next poll
+            (pod,) = running
+            # This pod's own failures: a series of an earlier pod (Prometheus keeps it for a while) says nothing
+            # about this one's ranks.
+            if not _value(
+                prom, f'dreambooth_trainer_checkpoint_upload_failures_total{{{stalled_selector}, pod="{pod}"}}'
             ):
                 return
-            running = [p["metadata"]["name"] for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-            if len(running) != 1:
-                return  # the listing lags the scrape: at the next poll
-            (pod,) = running
             pids = _local_rank_pids(node_agent, namespace, pod, 1)
-            assert pids, f"no LOCAL_RANK=1 process in pod {pod}"
+            if not pids:
+                # Listed Running but its ranks are gone (the agent reports an exit at its next sync): kept for the
+                # failure message, and the next poll looks again.
+                stall_misses.append(f"{pod}: {node_agent.logs(namespace, pod, tail_lines=20)}")
+                return
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             stopped_pids.extend(pids)
@@ -340,7 +348,7 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
             past_pending = all(phase(j) not in (None, "Pending") for j in dbjs.values())
             if stuck and past_pending and _value(prom, 'sum(dreambooth_operator_jobs{phase="Pending"})') == 1:
                 stuck_alone.append(time.time())
-            return {"jobs": dbjs, "firing": _ever_fired(prom)}
+            return {"firing": _ever_fired(prom), "stall_misses": stall_misses[-3:], "jobs": dbjs}
 
         def done(state: dict[str, Any]) -> bool:
             dbjs = state["jobs"]
