@@ -62,6 +62,7 @@ from tests.infra.faultproxy import FaultProxy
 from tests.infra.fixtures import PrometheusFactory
 from tests.infra.operator import OperatorProcess, apply, running_operator, wait_for
 from tests.infra.podmonitor import chart_pod_monitor, pod_monitor_scrape_configs, write_targets
+from tests.infra.processes import NotReadyError
 from tests.infra.prometheus import PrometheusServer, Sample
 from tests.infra.s3 import S3Server
 
@@ -177,19 +178,27 @@ def _value(prom: PrometheusServer, expr: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def _local_rank_pids(node_agent: Any, namespace: str, pod: str, local_rank: int) -> list[int]:
-    """The processes of the pod (their working directory is its own, as the node agent runs them) started for one
-    local rank (LOCAL_RANK in their environment, set by the trainer's local-rank supervisor)."""
+def _pod_processes(node_agent: Any, namespace: str, pod: str) -> list[tuple[int, str, str | None]]:
+    """(pid, state, LOCAL_RANK) of the pod's processes: those whose working directory is the pod's (as the node agent
+    runs them); LOCAL_RANK is in the environment of each rank the trainer's local-rank supervisor starts."""
     workdir = Path(node_agent.workdir(namespace, pod)).resolve()
-    marker = f"LOCAL_RANK={local_rank}".encode()
-    pids = []
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if (proc / "cwd").readlink() == workdir and marker in (proc / "environ").read_bytes().split(b"\0"):
-                pids.append(int(proc.name))
-    return pids
+            if (proc / "cwd").readlink() != workdir:
+                continue
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            env = (proc / "environ").read_bytes().split(b"\0")
+            rank = next((v.removeprefix(b"LOCAL_RANK=").decode() for v in env if v.startswith(b"LOCAL_RANK=")), None)
+            found.append((int(proc.name), state, rank))
+    return found
+
+
+def _local_rank_pids(node_agent: Any, namespace: str, pod: str, local_rank: int) -> list[int]:
+    """The processes of the pod started for one local rank."""
+    return [pid for pid, _, rank in _pod_processes(node_agent, namespace, pod) if rank == str(local_rank)]
 
 
 def _ever_fired(prom: PrometheusServer) -> set[str]:
@@ -316,7 +325,7 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
             if not pids:
                 # Listed Running but its ranks are gone (the agent reports an exit at its next sync): kept for the
                 # failure message, and the next poll looks again.
-                stall_misses.append(f"{pod}: {node_agent.logs(namespace, pod, tail_lines=20)}")
+                stall_misses.append(f"{pod}: {_pod_processes(node_agent, namespace, pod)}")
                 return
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
@@ -359,8 +368,30 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
             alerts = set(TRAINING_ALERTS) <= state["firing"] and bool(stuck_alone)
             return phase(healthy) == "Succeeded" and len(failed) == FAILING and alerts
 
+        def diagnosis() -> str:
+            """What was missing, and what the stalled pod's processes were doing: appended at the end of a timeout's
+            message, where a CI log's tail shows it."""
+            firing = _ever_fired(prom)
+            failures = f"dreambooth_trainer_checkpoint_upload_failures_total{{{stalled_selector}}}"
+            lines = [
+                f"missing alerts: {sorted(set(TRAINING_ALERTS) - firing)}; StuckPending alone: {bool(stuck_alone)}; "
+                f"rank 1 stopped: {stopped_pids}; polls without rank 1: {len(stall_misses)}",
+                f"stalled's upload failures: {prom.query(failures)}",
+            ]
+            listed = core.list_namespaced_pod(namespace, label_selector="dreambooth.dev/job-name=stalled").items
+            for pod in listed:
+                pod_name = pod.metadata.name
+                lines.append(
+                    f"pod {pod_name} {pod.status.phase}: processes {_pod_processes(node_agent, namespace, pod_name)}"
+                )
+                lines.append(node_agent.logs(namespace, pod_name, tail_lines=15))
+            return "\n".join(lines)
+
         try:
-            state = wait_for("the run's alerts", fetch, done, TRAIN_TIMEOUT + STALL_TIMEOUT, fast_op)
+            try:
+                state = wait_for("the run's alerts", fetch, done, TRAIN_TIMEOUT + STALL_TIMEOUT, fast_op)
+            except NotReadyError as err:
+                raise AssertionError(f"{err}\n--- diagnosis ---\n{diagnosis()}") from None
             dbj = state["jobs"][name]
             assert phase(dbj) == "Succeeded", json.dumps(dbj["status"], indent=1)
             assert len(evicted) == EVICTIONS, f"the trainer was evicted {len(evicted)} times"
