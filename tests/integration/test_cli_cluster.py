@@ -21,6 +21,7 @@ from PIL import Image
 
 from dreambooth_api import constants as api
 from dreambooth_api.evaluation import VLM_API_KEY_ENV
+from dreambooth_cli.client import DreamBoothClient
 from dreambooth_cli.errors import ExitStatus
 from tests.infra.fake_vlm import FakeVlm, task_responder
 from tests.infra.paths import ROOT
@@ -404,3 +405,67 @@ def test_report_of_a_job_reads_its_outputs_from_s3(
     assert html.count("<polyline") == 3
     assert "step-00000020" in html
     assert "<th>GPU time (all pods and attempts)</th><td>10.0 GPU-min (1 pod(s) x 4 GPU(s), 150 pod-s)</td>" in html
+
+
+@pytest.mark.usefixtures("crds")
+def test_the_client_evaluate_sets_a_fresh_request_and_returns_the_operators_outcome(
+    cluster: Any, namespace: str, storage: dict[str, Any]
+) -> None:
+    """DreamBoothClient.evaluate (what `dreambooth evaluate NAME` runs): the annotation gets a fresh token, the
+    progress lines are the operator's messages about this request, and it returns once the operator served it, with
+    the outcome and the new scores (the test writes the status the operator would)."""
+    create_job(cluster, namespace, job_manifest("evaluated", storage["bucket"], storage["spec"]))
+    patch_status(cluster, namespace, "evaluated", {"phase": "Succeeded", "outputs": {"modelUri": "s3://m"}})
+    client = DreamBoothClient(cluster.kubeconfig, namespace=namespace)
+    heard: list[str] = []
+    served: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: served.append(client.evaluate("evaluated", timeout=60, interval=0.2, on_progress=heard.append)),
+        daemon=True,
+    )
+    worker.start()
+
+    def requested() -> str:
+        job = json.loads(cluster.kubectl("get", "dbj", "evaluated", "-n", namespace, "-o", "json").stdout)
+        return str((job["metadata"].get("annotations") or {}).get(api.ANNOTATION_EVALUATE) or "")
+
+    wait_until(lambda: bool(requested()), timeout=60, what="the evaluation request")
+    token = requested()
+
+    def reevaluated(reason: str, status: str, message: str) -> dict[str, Any]:
+        now = "2026-12-06T12:00:00Z"
+        return {
+            "type": "Reevaluated",
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now,
+        }
+
+    running = f"request {token}: evaluating the exported model again (Job evaluated-eval)"
+    patch_status(cluster, namespace, "evaluated", {"conditions": [reevaluated("Reevaluating", "False", running)]})
+    progress = "evaluating the exported model again (Job evaluated-eval)"
+    wait_until(lambda: progress in heard, timeout=60, what="the operator's progress line")
+    scores = {"dino": 0.75, "clipI": 0.5}
+    done = f"request {token}: dino 0.75"
+    patch_status(
+        cluster,
+        namespace,
+        "evaluated",
+        {
+            "observedEvaluateRequest": token,
+            "conditions": [reevaluated("Reevaluated", "True", done)],
+            "outputs": {"modelUri": "s3://m", "evaluation": scores, "qualityGate": "passed"},
+        },
+    )
+    worker.join(timeout=60)
+    assert served, "evaluate did not return"
+    (result,) = served
+    assert result.token == token
+    assert result.outcome.ok, result.outcome
+    assert result.outcome.message == done
+    assert result.job.raw["status"]["outputs"]["evaluation"] == scores
+    # The request, then each new line of the operator's about it, once (waiting, if read before it wrote one), the
+    # outcome's last.
+    assert heard[0] == f"evaluation requested ({api.ANNOTATION_EVALUATE}={token})"
+    assert heard[1:] in ([progress, "dino 0.75"], ["waiting for the operator", progress, "dino 0.75"]), heard

@@ -300,20 +300,13 @@ def evaluate(
         _evaluate_local(Path(source))
         return
     client = DreamBoothClient(kubeconfig, context, namespace).connect()
-    token = evaluation.new_token()
-    evaluation.request(client.target, source, token)
-    err_console.print(f"{source}: evaluation requested ({api.ANNOTATION_EVALUATE}={token})", markup=False)
-    last: JobInfo | None = None
-    shown = ""
-    for job in evaluation.wait(client.target, source, token, timeout=timeout, interval=interval):
-        line = evaluation.progress_line(job.raw, token)
-        if line != shown:
-            err_console.print(f"{source}: {line}", markup=False)
-            shown = line
-        last = job
-    assert last is not None  # wait yields at least one read, or raises
-    result = evaluation.outcome(last.raw, token)
-    assert result is not None  # wait returns once the request is served
+    done = client.evaluate(
+        source,
+        timeout=timeout,
+        interval=interval,
+        on_progress=lambda line: err_console.print(f"{source}: {line}", markup=False),
+    )
+    result, last = done.outcome, done.job
     if result.reason == api.Reason.REEVALUATION_NOT_POSSIBLE:
         raise InputError(f"{source}: {result.message}")
     if not result.ok:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dreambooth_api import constants as api
+from dreambooth_cli import evaluate as evaluation
 from dreambooth_cli import images, kube, localrun, manifest, present
 from dreambooth_cli.errors import ApiError, CliError, ExitStatus, InputError
 from dreambooth_cli.jobinfo import JobInfo
@@ -80,7 +81,7 @@ def _log_retry(name: str) -> Callable[[ApiError, float], None]:
 
 
 class DreamBoothClient:
-    """DreamBoothJobs on one cluster: submit (with photos), get, list, watch, logs and report.
+    """DreamBoothJobs on one cluster: submit (with photos), get, list, watch, logs, evaluate and report.
 
     `kubeconfig`, `context` and `namespace` mean what kubectl's flags mean: without a kubeconfig, $KUBECONFIG or
     ~/.kube/config is read, else the in-cluster service account; the namespace defaults to the context's.
@@ -383,6 +384,40 @@ class DreamBoothClient:
             return base64.b64decode(value).decode().strip()
         except (binascii.Error, UnicodeDecodeError) as err:
             raise CliError(f"the Secret {secret_name}'s key {key!r} is not a token: pass --token") from err
+
+    def evaluate(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        interval: float = WATCH_INTERVAL_SECONDS,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> evaluation.Evaluation:
+        """Evaluate a finished job's exported model again, in the cluster, and wait until the operator has served the
+        request (it runs the Job `<name>-eval`): `dreambooth evaluate NAME`.
+
+        The outcome is returned, not raised: `.outcome.ok`, `.outcome.reason` (Reevaluated, ReevaluationFailed, or
+        ReevaluationNotPossible for a job that is not Succeeded or has no spec.evaluation) and `.outcome.message`;
+        the new scores and the quality gate are in `.job`. `on_progress` hears the request's token and each new
+        progress line of the operator. A request not served within `timeout` seconds raises a CliError.
+        """
+        target = self.target
+        token = evaluation.new_token()
+        evaluation.request(target, name, token)
+        tell = on_progress or (lambda _line: None)
+        tell(f"evaluation requested ({api.ANNOTATION_EVALUATE}={token})")
+        shown = ""
+        last: JobInfo | None = None
+        for job in evaluation.wait(target, name, token, timeout=timeout, interval=interval):
+            line = evaluation.progress_line(job.raw, token)
+            if line != shown:
+                tell(line)
+                shown = line
+            last = job
+        assert last is not None  # wait yields at least one read, or raises
+        served = evaluation.outcome(last.raw, token)
+        assert served is not None  # wait returns once the request is served
+        return evaluation.Evaluation(token, last, served)
 
     def report(self, name: str, output: str | Path | None = None) -> Path:
         """Write the job's self-contained HTML report (from its outputs in storage) to `output`; returns the path.

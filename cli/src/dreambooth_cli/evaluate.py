@@ -49,6 +49,16 @@ class Outcome:
         return self.reason == api.Reason.REEVALUATED
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """A served request (`DreamBoothClient.evaluate`): its token, the job as read when the operator had served it (the
+    new scores in `job.status.outputs`, `job.quality_gate_failed`), and the outcome."""
+
+    token: str
+    job: JobInfo
+    outcome: Outcome
+
+
 def outcome(job: dict[str, Any], token: str) -> Outcome | None:
     """The outcome of request `token`, None while the operator has not served it."""
     status = present.status_of(job)
