@@ -75,6 +75,23 @@ def is_notable(event: dict[str, Any]) -> bool:
     return event.get("level") in ("warning", "error", "critical") or event.get("event") in NOTABLE_EVENTS
 
 
+def evaluation_note(event: dict[str, Any]) -> str | None:
+    """A line for the trainer's evaluation after the export (sampling and scoring take minutes on a real model, with
+    the training bar finished): its start, each stage's first and last item, its scores. None for other events."""
+    name = event.get("event")
+    if name == "evaluation_started":
+        return f"evaluating: {event.get('prompts')} prompt(s) x {event.get('imagesPerPrompt')} image(s)"
+    if name == "evaluation_progress":
+        done, total = event.get("done"), event.get("total")
+        return f"evaluating: {event.get('stage')} {done}/{total}" if done in (1, total) else ""
+    if name == "evaluation":
+        raw = event.get("scores")
+        scores: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(scores.items()))
+        return f"evaluated: {shown or 'no scores'}; quality gate {event.get('qualityGate')}"
+    return None
+
+
 def describe_event(event: dict[str, Any]) -> str:
     details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("ts", "level", "event"))
     return f"[{event.get('level', 'info')}] {event.get('event', '')} {details}".rstrip()

@@ -25,10 +25,11 @@ from urllib.parse import unquote, urlparse
 
 from dreambooth_api import env as trainer_env
 from dreambooth_api.exitcodes import ExitCode
+from dreambooth_api.progress import TrainerPhase
 from dreambooth_api.trainer_config import build_trainer_config
 from dreambooth_cli.display import ProgressDisplay
 from dreambooth_cli.errors import CliError, ExitStatus, InputError
-from dreambooth_cli.events import Progress, describe_event, is_notable, parse_line
+from dreambooth_cli.events import Progress, describe_event, evaluation_note, is_notable, parse_line
 from dreambooth_cli.report.data import read_json
 
 TRAINER_COMMAND = "dreambooth-train"
@@ -260,8 +261,15 @@ def _follow(process: subprocess.Popen[str], log: TextIO, display: ProgressDispla
         event = parse_line(line)
         if event is None:
             continue
+        evaluating = evaluation_note(event)
         if progress.update(event):
             display.update(progress)
+        elif evaluating is not None:
+            if progress.phase != TrainerPhase.EVALUATING:
+                progress.phase = TrainerPhase.EVALUATING  # the bar's title, after the last step
+                display.update(progress, force=True)
+            if evaluating:
+                display.note(evaluating)
         elif is_notable(event):
             display.note(describe_event(event))
     exit_code = process.wait()
