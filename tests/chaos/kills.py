@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 from tests.infra.operator import OperatorProcess
@@ -14,14 +13,10 @@ from tests.infra.operator import OperatorProcess
 
 def pod_process_groups(node_agent: Any, namespace: str, pod: str) -> set[int]:
     """The process groups of the pod's running containers (each container run leads its own group)."""
-    workdir = Path(node_agent.workdir(namespace, pod)).resolve()
     groups: set[int] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if (proc / "cwd").readlink() == workdir:
-                groups.add(os.getpgid(int(proc.name)))
+    for pid in node_agent.pids(namespace, pod):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(pid))
     return groups
 
 

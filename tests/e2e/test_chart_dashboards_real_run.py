@@ -179,26 +179,16 @@ def _value(prom: PrometheusServer, expr: str) -> float | None:
 
 
 def _pod_processes(node_agent: Any, namespace: str, pod: str) -> list[tuple[int, str, str | None]]:
-    """(pid, state, LOCAL_RANK) of the pod's processes: those whose working directory is the pod's (as the node agent
-    runs them); LOCAL_RANK is in the environment of each rank the trainer's local-rank supervisor starts."""
-    workdir = Path(node_agent.workdir(namespace, pod)).resolve()
+    """(pid, state, LOCAL_RANK) of the pod's processes; LOCAL_RANK is in the environment of each rank the trainer's
+    local-rank supervisor starts."""
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in node_agent.pids(namespace, pod):
         with contextlib.suppress(OSError):
-            if (proc / "cwd").readlink() != workdir:
-                continue
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            env = (proc / "environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             rank = next((v.removeprefix(b"LOCAL_RANK=").decode() for v in env if v.startswith(b"LOCAL_RANK=")), None)
-            found.append((int(proc.name), state, rank))
+            found.append((pid, state, rank))
     return found
-
-
-def _local_rank_pids(node_agent: Any, namespace: str, pod: str, local_rank: int) -> list[int]:
-    """The processes of the pod started for one local rank."""
-    return [pid for pid, _, rank in _pod_processes(node_agent, namespace, pod) if rank == str(local_rank)]
 
 
 def _ever_fired(prom: PrometheusServer) -> set[str]:
@@ -321,11 +311,12 @@ def test_fleet_and_job_panels_and_training_alerts_answer_from_a_real_run(
                 prom, f'dreambooth_trainer_checkpoint_upload_failures_total{{{stalled_selector}, pod="{pod}"}}'
             ):
                 return
-            pids = _local_rank_pids(node_agent, namespace, pod, 1)
+            processes = _pod_processes(node_agent, namespace, pod)
+            pids = [pid for pid, _, rank in processes if rank == "1"]
             if not pids:
                 # Listed Running but its ranks are gone (the agent reports an exit at its next sync): kept for the
                 # failure message, and the next poll looks again.
-                stall_misses.append(f"{pod}: {_pod_processes(node_agent, namespace, pod)}")
+                stall_misses.append(f"{pod}: {processes}")
                 return
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)

@@ -11,6 +11,7 @@ reported Failed with a ``DisruptionTarget`` condition, nodes and the ``/etc/host
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -125,6 +126,18 @@ class NodeAgent:
 
     def workdir(self, namespace: str, pod: str) -> Path:
         return self.pod_dir(namespace, pod) / "work"
+
+    def pids(self, namespace: str, pod: str) -> list[int]:
+        """The running processes of the pod's containers: those whose working directory is the pod's (every
+        container process, and every process they start, runs there)."""
+        workdir = self.workdir(namespace, pod).resolve()
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if (proc / "cwd").readlink() == workdir:
+                        found.append(int(proc.name))
+        return found
 
     def logs(
         self,

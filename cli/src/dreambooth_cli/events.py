@@ -77,7 +77,8 @@ def is_notable(event: dict[str, Any]) -> bool:
 
 def evaluation_note(event: dict[str, Any]) -> str | None:
     """A line for the trainer's evaluation after the export (sampling and scoring take minutes on a real model, with
-    the training bar finished): its start, each stage's first and last item, its scores. None for other events."""
+    the training bar finished): its start, each stage's first and last item, its scores; "" for an evaluation event
+    not worth a line (a stage's middle items); None for any other event."""
     name = event.get("event")
     if name == "evaluation_started":
         return f"evaluating: {event.get('prompts')} prompt(s) x {event.get('imagesPerPrompt')} image(s)"

@@ -143,12 +143,8 @@ def test_inference_dashboard_covers_its_views() -> None:
     ]
 
 
-def _render(*sets: str) -> list[dict[str, Any]]:
-    return render_chart(*sets)
-
-
 def test_each_dashboard_ships_as_a_configmap_for_the_grafana_sidecar() -> None:
-    maps = {d["metadata"]["name"]: d for d in _render() if d["kind"] == "ConfigMap"}
+    maps = {d["metadata"]["name"]: d for d in render_chart() if d["kind"] == "ConfigMap"}
     for name in DASHBOARD_NAMES:
         cm = maps[f"dbo-dreambooth-operator-dashboard-{name}"]
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -156,7 +152,7 @@ def test_each_dashboard_ships_as_a_configmap_for_the_grafana_sidecar() -> None:
         (key,) = cm["data"]
         assert key == f"dreambooth-{name}.json"
         assert json.loads(cm["data"][key]) == dashboard(name)
-    moved = _render(
+    moved = render_chart(
         "--set=dashboards.namespace=monitoring", '--set-json=dashboards.annotations={"grafana_folder":"DreamBooth"}'
     )
     moved_maps = [d for d in moved if d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"]]
@@ -164,7 +160,7 @@ def test_each_dashboard_ships_as_a_configmap_for_the_grafana_sidecar() -> None:
     for cm in moved_maps:
         assert cm["metadata"]["namespace"] == "monitoring"
         assert cm["metadata"]["annotations"] == {"grafana_folder": "DreamBooth"}
-    off = _render("--set=dashboards.enabled=false")
+    off = render_chart("--set=dashboards.enabled=false")
     assert not [d for d in off if d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"]]
 
 

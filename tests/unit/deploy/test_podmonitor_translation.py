@@ -73,9 +73,6 @@ def test_a_field_the_translation_does_not_know_is_refused(tmp_path: Path) -> Non
         pod_monitor_scrape_configs(monitor, tmp_path / "targets.json")
 
 
-METRICS_PORT = {"name": "metrics", "containerPort": 9}
-
-
 def test_discovery_gives_each_port_of_each_pod_with_an_ip_its_meta_labels() -> None:
     def pod(name: str, namespace: str, ip: str | None) -> dict[str, object]:
         return {

@@ -53,9 +53,7 @@ class Preemption:
         # forwarded copy. So it only assigns attributes (`requested` is `_received_at` set). It used to set a
         # threading.Event, whose lock a nested call then waited for forever while its own outer call held it: the
         # multi-rank pod that hung until SIGKILL.
-        if self._received_at is None:
-            self._received_at = time.monotonic()
-            self.signal_name = signal.Signals(signum).name
+        self.trigger(signal.Signals(signum).name)
 
     def install(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
@@ -75,7 +73,8 @@ class Preemption:
         self.uninstall()
 
     def trigger(self, name: str = "manual") -> None:
-        """Request preemption without a signal (tests, and a peer rank's request)."""
+        """Request preemption without a signal (tests, and a peer rank's request); the signal handler's body, so it
+        only assigns attributes (the first request's time and name stay)."""
         if self._received_at is None:
             self._received_at = time.monotonic()
             self.signal_name = name
